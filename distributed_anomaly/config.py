@@ -1,0 +1,79 @@
+"""Typed, validated configuration of one training run; stored in RUN_DIR/config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.models.backbones import DEFAULT_BACKBONE, get_spec, validate_layers
+from distributed_anomaly.models import stfpm as stfpm_defaults
+
+MODELS = ("padim", "stfpm")
+DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100}
+DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 8}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What defines the network and its outputs; enough to rebuild the module from a state dict."""
+
+    model: str = "padim"
+    backbone: str = DEFAULT_BACKBONE
+    layers: tuple[str, ...] = ()
+    n_features: int | None = None  # PADIM only; None -> the backbone's paper default
+    image_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        spec = get_spec(self.backbone)
+        object.__setattr__(self, "layers", validate_layers(spec, self.layers or spec.default_layers))
+        if not 32 <= self.image_size <= 2048:
+            raise UserError(f"image size must be between 32 and 2048, got {self.image_size}")
+        if self.model == "stfpm" and self.n_features is not None:
+            raise UserError("--n-features applies to PADIM only")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the model is fitted; does not change what a saved model computes."""
+
+    epochs: int = 0  # 0 -> the model's default
+    lr: float = stfpm_defaults.DEFAULT_LR
+    momentum: float = stfpm_defaults.DEFAULT_MOMENTUM
+    weight_decay: float = stfpm_defaults.DEFAULT_WEIGHT_DECAY
+    patience: int = stfpm_defaults.DEFAULT_PATIENCE
+    batch_size: int = 0  # 0 -> the model's default
+    val_fraction: float = 0.1
+    pretrained: bool = True
+    weights_file: str | None = None
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    calibrate_on_test: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 0 or self.patience < 1:
+            raise UserError("epochs and batch size must be >= 0 (0 = default) and patience >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+    def resolved(self, model: str) -> "TrainConfig":
+        return replace(self, epochs=self.epochs or DEFAULT_EPOCHS[model],
+                       batch_size=self.batch_size or DEFAULT_BATCH_SIZE[model])
+
+
+def to_dict(obj: Any) -> dict:
+    d = asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -1,0 +1,164 @@
+"""In-process fitting and scoring: what is computed, independent of where (Ray code calls these pieces)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from distributed_anomaly.data.loader import Progress, iter_batches
+from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.stfpm import Stfpm
+from distributed_anomaly.stats import GaussianStats, accumulation_dtype
+
+
+def empty_stats(model: Padim) -> GaussianStats:
+    return GaussianStats.empty(model.n_positions, model.n_features,
+                               accumulation_dtype(model.n_positions, model.n_features))
+
+
+def fit_padim(model: Padim, records: Sequence[Record], batch_size: int = 32, progress: bool = True) -> GaussianStats:
+    """One pass of the frozen backbone over the normal images; memory independent of their number."""
+    if len(records) < 2:
+        raise ValueError(f"PADIM needs at least 2 training images, got {len(records)}")
+    stats = empty_stats(model)
+    bar = Progress(len(records), "fit padim", progress)
+    model.eval()
+    with torch.inference_mode():
+        for chunk, x in iter_batches(records, model.image_size, batch_size):
+            stats.update(model.embed(x))
+            bar.update(len(chunk))
+    bar.close()
+    model.set_gaussian(stats)
+    return stats
+
+
+def anomaly_maps(model: torch.nn.Module, records: Sequence[Record], image_size: int, batch_size: int = 32,
+                 progress: bool = True, what: str = "score") -> np.ndarray:
+    """(N, S, S) float32 raw anomaly maps, in record order."""
+    out = np.empty((len(records), image_size, image_size), dtype=np.float32)
+    bar = Progress(len(records), what, progress)
+    model.eval()
+    i = 0
+    with torch.inference_mode():
+        for chunk, x in iter_batches(records, image_size, batch_size):
+            out[i: i + len(chunk)] = model(x)[:, 0].numpy()
+            i += len(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the monitored loss has not improved for `patience` epochs; remembers the best epoch."""
+
+    patience: int
+    best: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def step(self, epoch: int, value: float) -> bool:
+        """Record this epoch's value; True if it is the new best."""
+        if value < self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def make_optimizer(model: Stfpm, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def stfpm_epoch(model: Stfpm | torch.nn.Module, batches, optimizer: torch.optim.Optimizer,
+                loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+    """One pass of SGD over the batches; returns (mean loss per image, images seen)."""
+    loss_fn = loss_fn or model.loss
+    model.train()
+    total, n = 0.0, 0
+    for x in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(x)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        n += x.shape[0]
+    return total / max(n, 1), n
+
+
+def stfpm_val_loss(model: Stfpm, batches) -> float:
+    """Mean loss per image on held-out normal images (no anomalies needed for model selection)."""
+    model.eval()
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for x in batches:
+            total += float(model.loss(x))
+            n += x.shape[0]
+    return total / max(n, 1)
+
+
+@dataclass
+class StfpmResult:
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+
+def train_stfpm(model: Stfpm, train: Sequence[Record], val: Sequence[Record], *, epochs: int, batch_size: int,
+                lr: float, momentum: float, weight_decay: float, patience: int, seed: int = 0,
+                progress: bool = True) -> StfpmResult:
+    """Train the student in-process; keep the weights of the epoch with the lowest validation loss.
+
+    Without validation images, the last epoch's weights are kept and training runs all `epochs`.
+    """
+    optimizer = make_optimizer(model, lr, momentum, weight_decay)
+    stopper = EarlyStopping(patience)
+    result = StfpmResult()
+    best_state = None
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        order = [train[i] for i in rng.permutation(len(train))]
+        batches = (x for _, x in iter_batches(order, model.image_size, batch_size))
+        train_loss, n = stfpm_epoch(model, batches, optimizer)
+        val_loss = (stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))
+                    if val else None)
+        seconds = time.perf_counter() - start
+        result.history.append(EpochResult(epoch, train_loss, val_loss, n / seconds, seconds))
+        if val_loss is not None and stopper.step(epoch, val_loss):
+            best_state = copy.deepcopy(model.student.state_dict())
+        if progress:
+            print(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
+                  + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+                  + f", {n / seconds:.1f} images/s", file=sys.stderr, flush=True)
+        if val_loss is not None and stopper.should_stop:
+            result.stopped_early = True
+            break
+    if best_state is not None:
+        model.student.load_state_dict(best_state)
+        result.best_epoch = stopper.best_epoch
+    else:
+        result.best_epoch = len(result.history) - 1
+    model.eval()
+    return result

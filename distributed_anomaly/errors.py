@@ -1,0 +1,21 @@
+"""Errors users can act on. The CLI prints their message without a stack trace."""
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+class DatasetLayoutError(UserError):
+    """The dataset folder does not follow the MVTec AD layout."""
+
+
+class ImageReadError(UserError):
+    """An image or mask file cannot be decoded."""
+
+
+class WeightsUnavailableError(UserError):
+    """Pretrained backbone weights are neither cached nor downloadable."""
+
+
+class RunDirError(UserError):
+    """A run directory is missing files or holds files this version cannot read."""

@@ -1,0 +1,102 @@
+"""PADIM (Defard et al., 2020, "PaDiM: a Patch Distribution Modeling Framework"), pure torch.
+
+A frozen pretrained CNN embeds each patch position by concatenating its feature taps (deeper taps upsampled
+to the first tap's grid), keeps a seeded random subset of channels, and models each position with a
+Gaussian. The anomaly map is the Mahalanobis distance of each patch to its position's Gaussian (Eq. 2),
+upsampled to the input and smoothed with a Gaussian blur (sigma = 4); the image score is the map's maximum.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.models.backbones import FeatureExtractor, get_spec
+from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
+
+BLUR_SIGMA = 4.0
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) maps, kernel 2*int(4*sigma+0.5)+1, reflect padding."""
+    radius = int(4.0 * sigma + 0.5)
+    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    pad = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if pad < radius:  # reflect padding needs pad < size; fall back to replicate for tiny maps
+        x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    else:
+        x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
+    """sqrt((x - mu)^T Sigma^-1 (x - mu)) per patch: embedding (B, C, P), mean (P, C), inv_cov (P, C, C) -> (B, P)."""
+    delta = embedding.permute(2, 0, 1) - mean[:, None, :]  # (P, B, C)
+    dist = (torch.bmm(delta, inv_cov) * delta).sum(-1)  # (P, B)
+    return dist.clamp_min(0).sqrt().transpose(0, 1)
+
+
+class Padim(nn.Module):
+    """Feature extractor + random channel index + per-position Gaussian (mean, inverse covariance)."""
+
+    def __init__(self, backbone: str = "resnet18", layers: Sequence[str] | None = None, n_features: int | None = None,
+                 image_size: int = 256, *, pretrained: bool = True, weights_file: str | os.PathLike | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        spec = get_spec(backbone)
+        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file,
+                                          seed=seed)
+        self.extractor.eval().requires_grad_(False)
+        self.image_size = int(image_size)
+        first_stride = self.extractor.strides[0]
+        if self.image_size % max(self.extractor.strides) != 0:
+            raise UserError(f"image size {image_size} must be a multiple of {max(self.extractor.strides)} "
+                            f"for layers {','.join(self.extractor.layers)}")
+        self.grid = (self.image_size // first_stride, self.image_size // first_stride)
+        n_total = sum(self.extractor.channels)
+        self.n_features = int(n_features if n_features is not None else min(spec.default_n_features, n_total))
+        if not 0 < self.n_features <= n_total:
+            raise UserError(f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
+                            f"{','.join(self.extractor.layers)} on {backbone}), got {self.n_features}")
+        generator = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n_total, generator=generator)[: self.n_features].sort().values
+        # Stored as buffers so a saved model repeats its channel choice exactly.
+        self.register_buffer("idx", idx)
+        n_pos = self.grid[0] * self.grid[1]
+        self.register_buffer("mean", torch.zeros(n_pos, self.n_features))
+        self.register_buffer("inv_cov", torch.zeros(n_pos, self.n_features, self.n_features))
+
+    @property
+    def n_positions(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> (B, n_features, P) embeddings."""
+        feats = self.extractor(images)
+        maps = [feats[l] for l in self.extractor.layers]
+        size = maps[0].shape[-2:]
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode="nearest") for m in maps[1:]]
+        emb = torch.cat(maps, dim=1).index_select(1, self.idx)
+        return emb.flatten(2)
+
+    def set_gaussian(self, stats: GaussianStats, eps: float = COVARIANCE_EPS) -> None:
+        mean, inv_cov = stats.finalize(eps)
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"statistics of shape {tuple(mean.shape)} do not fit this model {tuple(self.mean.shape)}")
+        self.mean.copy_(mean)
+        self.inv_cov.copy_(inv_cov)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> anomaly maps (B, 1, S, S)."""
+        emb = self.embed(images)
+        dist = mahalanobis(emb, self.mean, self.inv_cov).reshape(-1, 1, *self.grid)
+        dist = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return gaussian_blur(dist)

@@ -1,0 +1,115 @@
+"""PADIM and STFPM against direct, naive computations of the papers' formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.models.padim import Padim, gaussian_blur, mahalanobis
+from distributed_anomaly.models.stfpm import Stfpm, anomaly_map, stfpm_loss
+from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
+
+
+def _tiny_padim(**kw) -> Padim:
+    torch.manual_seed(0)
+    return Padim("resnet18", ("layer1", "layer2"), kw.pop("n_features", 20), image_size=32, pretrained=False, **kw)
+
+
+def test_padim_map_equals_naive_mahalanobis() -> None:
+    model = _tiny_padim().eval()
+    gen = torch.Generator().manual_seed(1)
+    train = torch.randn(12, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        model.set_gaussian(GaussianStats.from_batch(model.embed(train)))
+        test = torch.randn(2, 3, 32, 32, generator=gen)
+        got = model(test)
+        # Naive: per position, numpy mean/cov over the training embeddings, explicit inverse, explicit sqrt form.
+        emb_train = model.embed(train).double().numpy()
+        emb_test = model.embed(test).double().numpy()
+    n_pos = emb_train.shape[2]
+    dist = np.zeros((2, n_pos))
+    for p in range(n_pos):
+        mu = emb_train[:, :, p].mean(0)
+        cov = np.cov(emb_train[:, :, p], rowvar=False) + COVARIANCE_EPS * np.eye(20)
+        inv = np.linalg.inv(cov)
+        for b in range(2):
+            d = emb_test[b, :, p] - mu
+            dist[b, p] = np.sqrt(d @ inv @ d)
+    naive = torch.from_numpy(dist).float().reshape(2, 1, *model.grid)
+    naive = gaussian_blur(F.interpolate(naive, size=(32, 32), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(got, naive, rtol=1e-4, atol=1e-4)
+
+
+def test_padim_embedding_layout_and_seeded_channels() -> None:
+    a, b, c = _tiny_padim(seed=3), _tiny_padim(seed=3), _tiny_padim(seed=4)
+    assert torch.equal(a.idx, b.idx) and not torch.equal(a.idx, c.idx)
+    assert len(set(a.idx.tolist())) == 20 and int(a.idx.max()) < 64 + 128
+    with torch.no_grad():
+        emb = a.embed(torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 20, (32 // 4) ** 2)
+
+
+def test_padim_validates_n_features_and_image_size() -> None:
+    with pytest.raises(UserError, match="0 < n_features <= 192"):
+        _tiny_padim(n_features=193)
+    with pytest.raises(UserError, match="multiple of 8"):
+        Padim("resnet18", ("layer1", "layer2"), 10, image_size=36, pretrained=False)
+
+
+def test_mahalanobis_with_identity_covariance_is_euclidean() -> None:
+    emb = torch.randn(3, 4, 5)
+    mean = torch.randn(5, 4)
+    inv = torch.eye(4).expand(5, 4, 4).contiguous()
+    expected = (emb - mean.T[None]).pow(2).sum(1).sqrt()
+    torch.testing.assert_close(mahalanobis(emb, mean, inv), expected)
+
+
+def test_gaussian_blur_preserves_constants_and_mass_centre() -> None:
+    const = torch.full((1, 1, 40, 40), 3.0)
+    torch.testing.assert_close(gaussian_blur(const), const)
+    spike = torch.zeros(1, 1, 41, 41)
+    spike[0, 0, 20, 20] = 1.0
+    out = gaussian_blur(spike)
+    assert out.argmax() == 20 * 41 + 20 and abs(float(out.sum()) - 1.0) < 1e-5
+
+
+def test_stfpm_loss_and_map_match_paper_formulas() -> None:
+    gen = torch.Generator().manual_seed(0)
+    t = {"a": torch.randn(2, 4, 6, 6, generator=gen), "b": torch.randn(2, 8, 3, 3, generator=gen)}
+    s = {k: torch.randn(v.shape, generator=gen) for k, v in t.items()}
+    expected_loss = 0.0
+    maps = []
+    for k in t:
+        tn = t[k] / t[k].norm(dim=1, keepdim=True)
+        sn = s[k] / s[k].norm(dim=1, keepdim=True)
+        sq = ((tn - sn) ** 2).sum(1)  # (B, h, w)
+        h, w = sq.shape[-2:]
+        expected_loss += float(0.5 / (h * w) * sq.sum())
+        maps.append(F.interpolate(0.5 * sq[:, None], size=(12, 12), mode="bilinear", align_corners=False))
+    assert abs(float(stfpm_loss(t, s)) - expected_loss) < 1e-4
+    torch.testing.assert_close(anomaly_map(t, s, (12, 12)), maps[0] * maps[1])
+
+
+def test_stfpm_teacher_frozen_student_trainable() -> None:
+    model = Stfpm("resnet18", ("layer1", "layer2"), image_size=32, pretrained=False, seed=0)
+    model.train()
+    assert not model.teacher.training and model.student.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.1)
+    model.loss(torch.randn(2, 3, 32, 32)).backward()
+    opt.step()
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k  # batch-norm running stats included
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_stfpm_student_init_is_seeded() -> None:
+    a = Stfpm("resnet18", ("layer1",), image_size=32, pretrained=False, seed=5)
+    b = Stfpm("resnet18", ("layer1",), image_size=32, pretrained=False, seed=5)
+    for (k, v), w in zip(a.student.state_dict().items(), b.student.state_dict().values()):
+        assert torch.equal(v, w), k
