@@ -39,7 +39,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=0, help="STFPM epochs (default 100, early stopping on validation loss)")
     p.add_argument("--lr", type=float, default=0.4, help="STFPM SGD learning rate (default 0.4)")
     p.add_argument("--patience", type=int, default=10, help="STFPM early-stopping patience in epochs (default 10)")
-    p.add_argument("--batch-size", type=int, default=0, help="default 32 for PADIM, 8 for STFPM")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default 32)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of train/good held out for thresholds and early stopping (default 0.1; 0 fits on all "
                    "and reports threshold-dependent metrics only with --threshold)")

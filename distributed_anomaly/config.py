@@ -11,7 +11,7 @@ from distributed_anomaly.models import stfpm as stfpm_defaults
 
 MODELS = ("padim", "stfpm")
 DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100}
-DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 8}
+DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 32}  # stfpm: anomalib's default, same loss scale
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class ModelConfig:
             raise UserError(f"image size must be between 32 and 2048, got {self.image_size}")
         if self.model == "stfpm" and self.n_features is not None:
             raise UserError("--n-features applies to PADIM only")
+        n_total = sum(spec.taps[layer][0] for layer in self.layers)
+        if self.n_features is not None and not 0 < self.n_features <= n_total:
+            raise UserError(f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
+                            f"{','.join(self.layers)} on {self.backbone}), got {self.n_features}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,11 @@ Thresholds (the rule, also in the README):
 - normal-only (the default, since calibration images come from train/good): the image threshold is
   mean + 3 standard deviations of the normal calibration image scores (a Shewhart 3-sigma limit: about 0.1 %
   false alarms if scores are Gaussian), and the pixel threshold is the same value, so an image is labelled
-  anomalous exactly when its mask is non-empty.
+  anomalous exactly when its mask is non-empty. That limit says *whether* a region is abnormal, not *where*
+  it ends: blurred maps exceed it well beyond the defect. So masks then also keep only pixels at least
+  MASK_PEAK_FRACTION (0.7, about half the peak of the squared distance) of the image's peak value. On the
+  demo washer this raised PADIM's pixel F1 from 0.16 to 0.55 and box F1 from 0.0 to 0.49; it is not applied
+  to F1-optimal or user thresholds, which already say where to cut.
 
 Normalisation maps a raw value x to clip((x - threshold) / (max - min) + 0.5, 0, 1), with min and max taken
 over the calibration maps, so 0.5 always means "at the threshold" whatever the model's raw scale.
@@ -28,6 +32,7 @@ from scipy import ndimage
 from distributed_anomaly import metrics
 
 SIGMA_K = 3.0
+MASK_PEAK_FRACTION = 0.7
 DEFAULT_MIN_REGION_FRACTION = 2.5e-4  # components smaller than this share of the image are dropped (4x4 px at 256)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -61,6 +66,7 @@ class PostProcessor:
     norm_max: float
     threshold_source: str  # "user", "f1_optimal", "normal_3sigma" or "none"
     min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION
+    mask_peak_fraction: float = 0.0  # > 0: masks keep only pixels >= this share of the image's peak
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -85,6 +91,8 @@ class PostProcessor:
         if self.pixel_threshold is None:
             return None
         mask = raw_map >= self.pixel_threshold
+        if self.mask_peak_fraction > 0:
+            mask &= raw_map >= self.mask_peak_fraction * raw_map.max()
         return remove_small_regions(mask, max(1, int(round(self.min_region_fraction * mask.size))))
 
     def __call__(self, raw_map: np.ndarray) -> Prediction:
@@ -154,7 +162,8 @@ def fit_postprocessor(image_scores: np.ndarray, image_labels: np.ndarray, maps: 
         img_t = pix_t = float(normal.mean() + SIGMA_K * std)
         extra.update(normal_mean=float(normal.mean()), normal_std=std)
         source = "normal_3sigma"
-    return PostProcessor(float(img_t), float(pix_t), norm_min, norm_max, source, min_region_fraction, extra)
+    peak = MASK_PEAK_FRACTION if source == "normal_3sigma" else 0.0
+    return PostProcessor(float(img_t), float(pix_t), norm_min, norm_max, source, min_region_fraction, peak, extra)
 
 
 def no_threshold_postprocessor(maps: np.ndarray, min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION) -> PostProcessor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,12 +47,67 @@ def resize_map(raw_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+@runtime_checkable
+class ModelRunner(Protocol):
+    """What scoring needs from a runtime (torch module, OpenVINO IR, ...); post-processing is shared.
+
+    `raw_maps` takes the (B, 3, S, S) float32 ImageNet-normalised batch of `data.images.to_tensor` and
+    returns the (B, S, S) float32 raw anomaly maps.
+    """
+
+    image_size: int
+    postprocessor: PostProcessor
+
+    def raw_maps(self, batch: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchRunner:
+    """A torch module (PADIM or STFPM) as a ModelRunner."""
+
+    def __init__(self, model: torch.nn.Module, postprocessor: PostProcessor, image_size: int) -> None:
+        self.model = model.eval()
+        self.postprocessor = postprocessor
+        self.image_size = int(image_size)
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike) -> "TorchRunner":
+        cfg, model, post = rundir.load_model(run_dir)
+        return cls(model, post, cfg.image_size)
+
+    def raw_maps(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(batch)[:, 0].numpy()
+
+
+def is_ir_dir(path: str | os.PathLike) -> bool:
+    """An exported OpenVINO folder (model.xml inside) rather than a run directory."""
+    return (Path(path) / "model.xml").is_file()
+
+
+def load_runner(model_dir: str | os.PathLike, num_threads: int | None = None) -> ModelRunner:
+    """A run directory gives the torch runner, an exported IR folder (model.xml) the OpenVINO one."""
+    if is_ir_dir(model_dir):
+        from distributed_anomaly.inference import OpenVINOInferencer
+
+        return OpenVINOInferencer(model_dir, num_threads=num_threads)
+    return TorchRunner.from_run(model_dir)
+
+
+def predict_images(runner: ModelRunner, images: Sequence[np.ndarray]) -> list[Prediction]:
+    """The one scoring path of every runtime: to_tensor -> raw maps -> resize to each image -> post-process.
+
+    Predictions are in each image's own coordinates (maps resized back before masks and boxes).
+    """
+    if len(images) == 0:
+        return []
+    maps = runner.raw_maps(to_tensor(list(images), runner.image_size))
+    return [runner.postprocessor(resize_map(m, img.shape[:2])) for m, img in zip(maps, images)]
+
+
 def predict_arrays(model: torch.nn.Module, post: PostProcessor, images: Sequence[np.ndarray],
                    image_size: int) -> list[Prediction]:
-    """Predictions in each image's own coordinates (maps resized back before masks and boxes)."""
-    with torch.inference_mode():
-        maps = model(to_tensor(list(images), image_size))[:, 0].numpy()
-    return [post(resize_map(m, img.shape[:2])) for m, img in zip(maps, images)]
+    """Torch predictions in each image's own coordinates (see predict_images)."""
+    return predict_images(TorchRunner(model, post, image_size), images)
 
 
 _JET = None
@@ -94,10 +149,14 @@ def _save_png(path: Path, img: Image.Image) -> None:
 
 def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
             task: str = "segmentation", batch_size: int = 8) -> list[dict]:
-    """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation)."""
+    """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation).
+
+    MODEL_DIR is a run directory (torch) or a folder written by `export` (OpenVINO, detected by its
+    model.xml); both go through the same pre- and post-processing.
+    """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    cfg, model, post = rundir.load_model(model_dir)
+    runner = load_runner(model_dir)
     paths = collect_images(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +174,7 @@ def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
             chunk_names.append(name)
         if not images:
             continue
-        for p, name, img, pred in zip(chunk, chunk_names, images, predict_arrays(model, post, images, cfg.image_size)):
+        for p, name, img, pred in zip(chunk, chunk_names, images, predict_images(runner, images)):
             record = {"image": str(p), "task": task, **pred.to_json(task)}
             if task == "segmentation" and pred.mask is not None:
                 _save_png(out / f"{name}_mask.png", Image.fromarray(pred.mask.astype(np.uint8) * 255))

@@ -83,3 +83,16 @@ def test_without_threshold_only_normalises() -> None:
 def test_round_trip_dict() -> None:
     post = fit_postprocessor(np.array([1.0, 2.0, 3.0]), np.zeros(3, bool), np.ones((3, 2, 2)))
     assert PostProcessor.from_dict(post.to_dict()) == post
+
+
+def test_normal_only_masks_keep_the_core_of_the_response() -> None:
+    post = fit_postprocessor(np.array([1.0, 1.2, 0.8]), np.zeros(3, bool), np.ones((3, 4, 4)))
+    assert post.mask_peak_fraction == pytest.approx(0.7)
+    post.min_region_fraction = 0.0
+    raw = np.zeros((9, 9), np.float32)
+    raw[2:7, 2:7] = 5.0  # broad shoulder above the threshold ...
+    raw[4, 4] = 10.0  # ... around a sharp peak
+    pred = post(raw)
+    assert pred.label == 1 and pred.mask.sum() == 1 and pred.boxes[:, :4].tolist() == [[4, 4, 5, 5]]
+    labelled = fit_postprocessor(np.array([0.1, 0.9]), np.array([0, 1], bool), np.ones((2, 4, 4)))
+    assert labelled.mask_peak_fraction == 0.0  # F1-optimal thresholds already say where to cut

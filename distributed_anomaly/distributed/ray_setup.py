@@ -1,0 +1,94 @@
+"""Starting or joining Ray: one local node by default, an existing cluster with an address.
+
+Token authentication (Ray >= 2.59 turns it on by default for local clusters):
+
+* local (no address): `ray.init` creates a token at ~/.ray/auth_token if none exists and uses it; nothing to do.
+* join (`auto` or HOST:PORT): Ray only enables token mode for a driver by itself with `auto`. A cluster started
+  with `RAY_AUTH_MODE=token ray start ...` needs the same token in the driver, from `RAY_AUTH_TOKEN`,
+  `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token. When one of these exists and `RAY_AUTH_MODE` is unset we switch
+  the driver to token mode (a token-mode driver also connects to a cluster without authentication), and turn
+  Ray's 20 s "Failed to connect" into a message that says what to set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from distributed_anomaly.errors import UserError
+
+LOCAL_ADDRESSES = (None, "", "local")
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def _enable_token_mode_for_join() -> bool:
+    """Use token authentication when joining if the user has a token and did not choose a mode; True if on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    if not _token_available():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import; refresh it the way ray.init does for local clusters.
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception:  # pragma: no cover - private API moved; the env var still reaches new processes
+        pass
+    return True
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Make this process a Ray driver. Returns True if this call started/joined Ray (the caller shuts it down).
+
+    address None/""/"local": start a single-node Ray here with `num_cpus` logical CPUs (None: the machine's).
+    address "auto" or HOST:PORT: join a running cluster (`num_cpus` does not apply). Already initialised: no-op.
+    Worker logs are not forwarded to this terminal (log_to_driver=False); errors still reach the driver.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = dict(log_to_driver=False, logging_level=logging.WARNING)
+    if address in LOCAL_ADDRESSES:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+        return True
+    if num_cpus is not None:
+        logging.getLogger(__name__).warning("num_cpus=%s ignored: joining the existing cluster at %s", num_cpus,
+                                            address)
+    token_mode = _enable_token_mode_for_join()
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as exc:
+        hint = ("the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token may not be the cluster's"
+                if token_mode else
+                "if the cluster uses token authentication, set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
+                "(`ray get-auth-token` on the head node prints it)")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {exc} (is it running and reachable? "
+                        f"{hint})") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "AuthenticationError":
+            raise UserError(f"Ray cluster at {address} refused this driver's credentials: {exc}") from exc
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """`with ray_session(addr):` -- ensure_ray, and shut Ray down afterwards only if this block started it."""
+    started = ensure_ray(address, num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

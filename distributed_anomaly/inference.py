@@ -1,0 +1,113 @@
+"""OpenVINO inference of an exported IR folder (see `export`), through the same post-processing as torch.
+
+    inf = OpenVINOInferencer("ir/tile_padim", num_threads=2)
+    preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as predict.predict_arrays
+    maps = inf.anomaly_maps(to_tensor(images, inf.image_size))   # (B, S, S) raw maps
+
+The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
+replica its share of the cores); None leaves OpenVINO's default (all cores). On CPU and GPU the inference
+precision hint is f32 unless `config` says otherwise, so an fp32 (or fp16-weights) IR scores like torch even
+on CPUs whose default would be bf16. Calls are thread-safe (one infer request per calling thread).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from distributed_anomaly.errors import RunDirError, UserError
+from distributed_anomaly.export import BIN, FORMAT, INPUT_NAME, METADATA, OUTPUT_NAME, POSTPROCESS, XML
+from distributed_anomaly.fileio import read_json
+from distributed_anomaly.postprocess import PostProcessor, Prediction
+
+
+class OpenVINOInferencer:
+    """An exported IR folder as a `predict.ModelRunner`: `image_size`, `postprocessor`, `raw_maps`."""
+
+    def __init__(self, ir_dir: str | os.PathLike, num_threads: int | None = None, device: str = "CPU",
+                 config: dict[str, Any] | None = None) -> None:
+        import openvino as ov
+
+        self.ir_dir = Path(ir_dir)
+        if not self.ir_dir.is_dir():
+            raise RunDirError(f"{self.ir_dir} is not a folder (expected an OpenVINO export with {XML})")
+        missing = [n for n in (XML, BIN, METADATA, POSTPROCESS) if not (self.ir_dir / n).is_file()]
+        if missing:
+            raise RunDirError(f"OpenVINO export {self.ir_dir} is missing {', '.join(missing)} "
+                              "(was the export interrupted or copied partially? re-run `export`)")
+        self.metadata = self._read_json(METADATA)
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT:
+            raise RunDirError(f"{self.ir_dir / METADATA} is not metadata written by `export`")
+        try:
+            self.image_size = int(self.metadata["image_size"])
+            self.postprocessor = PostProcessor.from_dict(self._read_json(POSTPROCESS))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"cannot read the metadata of {self.ir_dir}: {exc}") from exc
+        if num_threads is not None and num_threads < 1:
+            raise UserError(f"num_threads must be >= 1, got {num_threads}")
+        self.num_threads = num_threads
+        self.device = device
+
+        core = ov.Core()
+        try:
+            model = core.read_model(self.ir_dir / XML, self.ir_dir / BIN)
+        except RuntimeError as exc:
+            raise RunDirError(f"OpenVINO cannot read {self.ir_dir / XML}: {exc}") from exc
+        ins, outs = [set(p.get_names()) for p in model.inputs], [set(p.get_names()) for p in model.outputs]
+        if len(ins) != 1 or INPUT_NAME not in ins[0] or len(outs) != 1 or OUTPUT_NAME not in outs[0]:
+            raise RunDirError(f"{self.ir_dir / XML} has inputs {ins} and outputs {outs}; expected one input "
+                              f"'{INPUT_NAME}' and one output '{OUTPUT_NAME}' (not a model written by `export`?)")
+        props: dict[str, Any] = {}
+        if device.split(".")[0] in ("CPU", "GPU"):
+            props["INFERENCE_PRECISION_HINT"] = "f32"
+        if num_threads is not None:
+            props["INFERENCE_NUM_THREADS"] = int(num_threads)
+        props.update(config or {})
+        try:
+            self.compiled = core.compile_model(model, device, props)
+        except RuntimeError as exc:
+            raise UserError(f"OpenVINO cannot compile {self.ir_dir / XML} for {device}: {exc}") from exc
+        self._local = threading.local()
+
+    def _read_json(self, name: str) -> Any:
+        try:
+            return read_json(self.ir_dir / name)
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"cannot read {self.ir_dir / name}: {exc}") from exc
+
+    @property
+    def precision(self) -> str:
+        return str(self.metadata.get("precision", "fp32"))
+
+    def _request(self):
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        return req
+
+    def anomaly_maps(self, batch) -> np.ndarray:
+        """(B, 3, S, S) float32 normalised batch (torch tensor or numpy, as `to_tensor` gives) -> (B, S, S) raw maps."""
+        x = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
+            raise UserError(f"expected a (B, 3, {self.image_size}, {self.image_size}) batch, got {tuple(x.shape)}")
+        if len(x) == 0:
+            return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
+        result = self._request().infer({INPUT_NAME: x})
+        return np.array(result[self.compiled.output(0)][:, 0], dtype=np.float32)  # copy: the buffer is reused
+
+    raw_maps = anomaly_maps  # the predict.ModelRunner method name
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """RGB uint8 (H, W, 3) images -> Predictions in each image's own coordinates (same path as torch)."""
+        from distributed_anomaly.predict import predict_images
+
+        return predict_images(self, images)
+
+    def __repr__(self) -> str:
+        return (f"OpenVINOInferencer({str(self.ir_dir)!r}, model={self.metadata.get('model')}, "
+                f"precision={self.precision}, device={self.device}, num_threads={self.num_threads})")
