@@ -48,6 +48,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-on-test", action="store_true",
                    help="fit thresholds on the test images (optimistic metrics; recorded in metrics.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--report", action="store_true", help="also write RUN_DIR/report.html: metrics, curves, score "
+                   "distributions, galleries of missed defects and false alarms (self-contained HTML)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_train)
 
@@ -61,9 +64,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     tcfg = TrainConfig(epochs=a.epochs, lr=a.lr, patience=a.patience, batch_size=a.batch_size,
                        val_fraction=a.val_fraction, pretrained=not a.no_pretrained, weights_file=a.weights,
                        threshold=a.threshold, pixel_threshold=a.pixel_threshold, calibrate_on_test=a.calibrate_on_test)
-    metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet)
+    metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report)
     print(format_metrics(metrics))
-    print(f"run written to {a.out}")
+    print(f"run written to {a.out}" + (f"; report: {metrics['report']}" if a.report else ""))
     return 0
 
 
@@ -73,6 +76,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="category folder (default: the one the run was trained on)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--report", action="store_true", help="also write RUN_DIR/report.html: metrics, curves, score "
+                   "distributions, galleries of missed defects and false alarms (self-contained HTML)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -81,8 +86,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from distributed_anomaly.evaluation import format_metrics
     from distributed_anomaly.training import evaluate_run
 
-    metrics = evaluate_run(a.run, a.data, a.batch_size, progress=not a.quiet)
+    metrics = evaluate_run(a.run, a.data, a.batch_size, progress=not a.quiet, report=a.report)
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
+    if a.report and not a.json:
+        print(f"report: {metrics['report']}")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +42,27 @@ def calibrate(model, cfg: ModelConfig, tcfg: TrainConfig, calib: list[Record], f
 
 
 def evaluate_model(model, cfg: ModelConfig, post: PostProcessor, test: list[Record], batch_size: int,
-                   progress: bool) -> tuple[dict, np.ndarray]:
+                   progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics, raw maps and ground-truth masks of the test split (maps and masks feed the report)."""
     maps = engine.anomaly_maps(model, test, cfg.image_size, batch_size, progress, "evaluate")
-    return compute_metrics(maps, test, load_masks(test, cfg.image_size), post), maps
+    masks = load_masks(test, cfg.image_size)
+    return compute_metrics(maps, test, masks, post), maps, masks
+
+
+def _finish(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
+            post: PostProcessor, report: bool) -> None:
+    write_json(Path(run) / rundir.METRICS, metrics)
+    if report:
+        from distributed_anomaly.report import write_report
+
+        metrics["report"] = str(write_report(run, test, maps, masks, post, metrics))
 
 
 def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
-          progress: bool = True) -> dict:
+          progress: bool = True, overwrite: bool = False, report: bool = False) -> dict:
     """Fit, calibrate, evaluate and save; returns the metrics (also in RUN_DIR/metrics.json)."""
+    if (Path(out) / rundir.CONFIG).exists() and not overwrite:
+        raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
     tcfg = tcfg.resolved(cfg.model)
     records = load_dataset(data)
     test = records_of_split(records, "test")
@@ -73,15 +86,15 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     if tcfg.calibrate_on_test:
         log("warning: --calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic")
     post = calibrate(model, cfg, tcfg, calib, fit_records, progress)
-    metrics, _ = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress)
+    metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
     rundir.save_model(out, cfg, tcfg, model, post, info)
-    write_json(Path(out) / rundir.METRICS, metrics)
+    _finish(out, metrics, test, maps, masks, post, report)
     return metrics
 
 
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, report: bool = False) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds."""
     cfg, model, post = rundir.load_model(run)
     _, tcfg, info = rundir.load_config(run)
@@ -89,7 +102,7 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
     test = records_of_split(load_dataset(data), "test")
-    metrics, _ = evaluate_model(model, cfg, post, test, batch_size, progress)
+    metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")
-    write_json(Path(run) / rundir.METRICS, metrics)
+    _finish(run, metrics, test, maps, masks, post, report)
     return metrics

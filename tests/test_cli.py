@@ -39,6 +39,13 @@ def test_train_writes_a_complete_run_dir(padim_run: Path) -> None:
     assert config["info"]["images_counted"] == config["info"]["num_train_images"] == 22  # 24 minus 10 % held out
 
 
+def test_train_refuses_to_overwrite_a_model(padim_run: Path, demo_category: Path, capsys) -> None:
+    weights_before = (padim_run / "model.safetensors").read_bytes()
+    assert main(["train", "--data", str(demo_category), "--out", str(padim_run), *TRAIN_PADIM]) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (padim_run / "model.safetensors").read_bytes() == weights_before
+
+
 def test_evaluate_reproduces_train_metrics(padim_run: Path, capsys) -> None:
     before = json.loads((padim_run / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(padim_run), "--json", "--quiet"]) == 0

@@ -10,7 +10,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from distributed_anomaly.data.images import is_image_file
 from distributed_anomaly.errors import DatasetLayoutError
