@@ -49,6 +49,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="fit thresholds on the test images (optimistic metrics; recorded in metrics.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray workers: PADIM feature-extraction actors or STFPM data-parallel trainers (default 0: "
+                   "in this process, no Ray). With N >= 1 and no --address a local single-node Ray is started")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (token auth: set RAY_AUTH_TOKEN)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
+                   "instead of stopping")
+    p.add_argument("--storage", help="Ray STFPM: checkpoint storage, local path or URI (default RUN_DIR/ray_train)")
     p.add_argument("--report", action="store_true", help="also write RUN_DIR/report.html: metrics, curves, score "
                    "distributions, galleries of missed defects and false alarms (self-contained HTML)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -58,13 +66,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(a: argparse.Namespace) -> int:
     from distributed_anomaly.config import ModelConfig, TrainConfig
     from distributed_anomaly.evaluation import format_metrics
-    from distributed_anomaly.training import train
+    from distributed_anomaly.training import Execution, train
 
     cfg = ModelConfig(a.model, a.backbone, a.layers, a.n_features, a.image_size, a.seed)
     tcfg = TrainConfig(epochs=a.epochs, lr=a.lr, patience=a.patience, batch_size=a.batch_size,
                        val_fraction=a.val_fraction, pretrained=not a.no_pretrained, weights_file=a.weights,
                        threshold=a.threshold, pixel_threshold=a.pixel_threshold, calibrate_on_test=a.calibrate_on_test)
-    metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report)
+    run = Execution(a.workers, a.address, a.skip_corrupt, a.storage)
+    metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report, run=run)
     print(format_metrics(metrics))
     print(f"run written to {a.out}" + (f"; report: {metrics['report']}" if a.report else ""))
     return 0
@@ -139,6 +148,39 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a run to an OpenVINO IR folder (fp32, fp16 or int8) that scores like torch",
+        description="Convert a run directory's model with openvino.convert_model (no ONNX step) into IR_DIR: "
+        "model.xml/.bin with input 'image' (float32 [N, 3, S, S], RGB / 255 ImageNet-normalised, dynamic batch) "
+        "and output 'anomaly_map' (float32 [N, 1, S, S], raw map), plus postprocess.json and metadata.json. "
+        "The thresholds and normalisation also go into the IR's runtime info, so OpenVINO Model API's "
+        "AnomalyDetection wrapper loads it directly. Use it with `predict --model IR_DIR`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  distributed-anomaly export --run runs/tile_padim --out ir/tile_padim\n"
+        "  distributed-anomaly export --run runs/tile_stfpm --out ir/tile_stfpm_int8 --precision int8")
+    p.add_argument("--run", required=True, help="run directory written by train")
+    p.add_argument("--out", required=True, metavar="IR_DIR", help="folder to write (replaced if an earlier export)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp32 (default; same maps as torch), fp16 (fp16 weights, half the size, maps within ~1%% "
+                   "of their range) or int8 (NNCF post-training quantization on the run's training images; "
+                   "image AUROC within 0.01)")
+    p.add_argument("--calibration-images", type=int, default=300,
+                   help=f"int8: number of training images to calibrate on (default 300)")
+    p.add_argument("--data", help="int8: dataset folder for calibration (default: the one the run was trained on)")
+    p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="segmentation",
+                   help="task recorded for OpenVINO Model API (default segmentation)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from distributed_anomaly.export import export_run
+
+    out = export_run(a.run, a.out, a.precision, a.calibration_images, task=a.task, data=a.data)
+    print(f"exported {a.run} ({a.precision}) to {out}")
+    return 0
+
+
 def _add_weights(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="show or install pretrained backbone weights for offline use",
                        description="Lists each backbone's torchvision weights file and whether it is in "
@@ -174,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distributed-anomaly", description="Train, evaluate and use visual anomaly detectors (PADIM, STFPM) "
         "learned from normal images only.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_evaluate, _add_predict, _add_weights):
+    for add in (_add_synth, _add_train, _add_evaluate, _add_predict, _add_export, _add_weights):
         add(sub)
     return parser
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,39 @@ def _finish(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.
         metrics["report"] = str(write_report(run, test, maps, masks, post, metrics))
 
 
+@dataclass(frozen=True)
+class Execution:
+    """Where the fit runs; does not change what is computed (tests check the Ray and in-process fits agree).
+
+    workers 0 and no address: in this process. workers >= 1 or an address: on Ray (a local single-node Ray when
+    no address is given; `auto` or HOST:PORT joins a cluster).
+    """
+
+    workers: int = 0
+    address: str | None = None
+    skip_corrupt: bool = False
+    storage: str | None = None
+    resume: str | None = None
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.workers > 0 or bool(self.address) or self.resume is not None
+
+
+def _maybe_ray(run: Execution):
+    if not run.uses_ray:
+        return contextlib.nullcontext()
+    from distributed_anomaly.distributed.ray_setup import ray_session
+
+    return ray_session(run.address)
+
+
 def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
-          progress: bool = True, overwrite: bool = False, report: bool = False) -> dict:
+          progress: bool = True, overwrite: bool = False, report: bool = False,
+          run: Execution = Execution()) -> dict:
     """Fit, calibrate, evaluate and save; returns the metrics (also in RUN_DIR/metrics.json)."""
+    if run.skip_corrupt and not run.uses_ray:
+        raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
     if (Path(out) / rundir.CONFIG).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
     tcfg = tcfg.resolved(cfg.model)
@@ -71,16 +102,34 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     start = time.perf_counter()
     info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records),
-                  "num_val_images": len(val)}
-    if cfg.model == "padim":
-        stats = engine.fit_padim(model, fit_records, tcfg.batch_size, progress)
-        info["images_counted"] = stats.count
-    else:
-        result = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                                    lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
-                                    patience=tcfg.patience, seed=cfg.seed, progress=progress)
-        info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), stopped_early=result.stopped_early)
-        write_json(Path(out) / rundir.HISTORY, [asdict(h) for h in result.history])
+                  "num_val_images": len(val), "workers": run.workers, "ray": run.uses_ray}
+    with _maybe_ray(run):
+        if cfg.model == "padim" and run.uses_ray:
+            from distributed_anomaly.distributed.padim_fit import fit_padim_ray
+
+            stats, ray_info = fit_padim_ray(model, fit_records, batch_size=tcfg.batch_size, workers=max(run.workers, 1),
+                                            progress=progress, skip_corrupt=run.skip_corrupt)
+            info["images_counted"] = stats.count
+            info["ray_fit"] = ray_info
+        elif cfg.model == "padim":
+            info["images_counted"] = engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count
+        elif run.uses_ray:
+            from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
+
+            model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
+                                              storage=run.storage or str(Path(out).resolve() / "ray_train"),
+                                              resume_from=run.resume, progress=progress)
+            history = ray_info.pop("history")
+            info.update(best_epoch=ray_info.get("best_epoch"), epochs_run=ray_info.get("epochs_run"),
+                        stopped_early=ray_info.get("stopped_early"), ray_train=ray_info)
+            write_json(Path(out) / rundir.HISTORY, history)
+        else:
+            result = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                                        lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
+                                        patience=tcfg.patience, seed=cfg.seed, progress=progress)
+            info.update(best_epoch=result.best_epoch, epochs_run=len(result.history),
+                        stopped_early=result.stopped_early)
+            write_json(Path(out) / rundir.HISTORY, [asdict(h) for h in result.history])
     info["fit_seconds"] = round(time.perf_counter() - start, 3)
     calib = test if tcfg.calibrate_on_test else val
     if tcfg.calibrate_on_test:

@@ -34,3 +34,54 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_category(demo_root: Path) -> Path:
     """The aligned-object category: the one real ImageNet features separate well at 128 px."""
     return demo_root / "washer"
+
+
+# --- Ray: one local cluster per test session (only started if a test asks for it), shut down at the end. ---
+# (Here rather than in a tests/ray_fixture.py plugin: `pytest_plugins = ["tests.ray_fixture"]` needs the
+# repository root on sys.path, which `python -m pytest` gives but the `pytest` script does not.)
+# 4 logical CPUs, over-declared on small machines, so a pool of up to 3 actors plus decode tasks can run.
+# Token authentication (on by default for local clusters since Ray 2.59) needs nothing: ray.init makes the token.
+RAY_TEST_CPUS = 4
+
+
+def _ray_processes_of_this_session() -> list:
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name().startswith("ray::") or "ray" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local single-node Ray (distributed.ensure_ray); yields the `ray` module. Leaves no process running."""
+    import time
+
+    import psutil
+    import ray
+
+    from distributed_anomaly.distributed import ensure_ray
+
+    started = ensure_ray(None, num_cpus=RAY_TEST_CPUS)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+        deadline = time.monotonic() + 20
+        while _ray_processes_of_this_session() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in _ray_processes_of_this_session():  # ours (children of this process), by pid
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+# Unverified tests of open issues (see tests/pending/README.md); not part of the suite until moved back.
+collect_ignore = ["pending"]

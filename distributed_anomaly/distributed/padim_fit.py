@@ -1,33 +1,36 @@
 """PADIM fitting and scoring as Ray Data pipelines: exact statistics, memory independent of the dataset.
 
     driver: manifest (paths) --from_items--> [decode tasks: read_image + to_tensor]
-            --> [actor pool: backbone + partial GaussianStats] --> one small row per image back to the driver
+            --> [actor pool: backbone] --embeddings--> [NodePartials actor of that node: one partial per worker]
+            --> one small row per image back to the driver; at the end the driver merges the partials.
 
-Each pool actor folds its share of the images into its own partial `GaussianStats` (stats.py: exact Chan
-updates). Ray Data gives a callable class no "end of input" call, so the partial leaves the actor when Ray
-Data retires it: `__ray_shutdown__` deletes the UDF, and `__del__` hands the partial to the driver through a
-small collector actor, one chunk of patch positions at a time, each chunk waiting for the driver's ack (the
-chunk lives in the actor's object store until then; `ray.put(_owner=)` no longer exists). A driver thread
-merges the chunks into one accumulator as they arrive. Nothing is trusted blindly: every image must come back
-exactly once as a row naming the actor that counted it, and each actor's partial must carry exactly the
-count of its rows, else the fit fails with a message (never a silently smaller fit).
+Getting state out of a Ray Data actor pool: a callable class gets no "end of input" call and Ray Data retires
+the actors itself, so the partial statistics do not live in the pool actors. Each pool actor, when it starts,
+asks the fit's PartialRegistry (an actor owned by the driver) for the NodePartials actor of its own node, and
+folds each batch's embeddings into its partial there (exact Chan updates, stats.py), waiting for the fold
+before it returns the batch's rows. The partials thus outlive the pool, and the driver reads them back with
+ordinary method calls, one chunk of patch positions at a time, merging into one accumulator. Flushing from the
+pool actor's `__del__` does not work: objects it creates there (ray.put, large task arguments) get the same
+ObjectID in every actor (nil task context at shutdown, Ray 2.60), so partials silently overwrite each other.
 
-Memory: the driver holds the manifest, one row per image (ints/short strings), one accumulator of
-(P, C, C) and one chunk (<= CHUNK_BYTES); an actor holds the backbone, its partial and, while flushing, one
-chunk; Ray Data's object-store budget for decoded batches is capped (see `_object_store_budget`).
-None of this grows with the number of images. See README.md, "Distributed PADIM fitting".
+Nothing is trusted blindly: every image must come back exactly once as a row naming the worker that folded
+it, and each worker's partial must hold exactly that many images, else the fit fails with a message (never a
+silently smaller fit). Memory: the driver holds the manifest, one row per image, one accumulator (P, C, C)
+and two chunks (<= CHUNK_BYTES each); a node holds its workers' backbones and partials and a batch of
+embeddings per worker; Ray Data's object-store budget for decoded batches is capped (`_object_store_budget`)
+and decoding runs in at most workers + 1 tasks. None of this grows with the number of images.
+See README.md, "Distributed PADIM fitting".
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import sys
-import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
@@ -49,8 +52,6 @@ from distributed_anomaly.stats import GaussianStats
 CHUNK_BYTES = 64 << 20
 # Logical CPUs of one decode task; differs from the actors' so Ray Data does not fuse decoding into them.
 DECODE_CPUS = 0.5
-# After the last image, how long the driver waits for a partial that makes no progress before failing.
-FLUSH_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------------------------- model transfer
@@ -117,49 +118,85 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-class PadimPartial:
-    """Pool actor (map_batches callable class): runs the backbone and folds its images into a partial."""
+class NodePartials:
+    """The partial GaussianStats of the pool actors on one node, one per worker (a threaded actor). Created by
+    the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive the pool actors."""
 
-    def __init__(self, payload: Any, collector: Any, threads: int) -> None:
+    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
+        _set_threads(threads)
+        self.shape = (n_positions, n_features)
+        self.dtype = getattr(torch, dtype)
+        self.partials: dict[str, GaussianStats] = {}
+
+    def update(self, worker: str, embeddings: np.ndarray) -> int:
+        """Fold a batch of embeddings (B, C, P) into `worker`'s partial. Each worker calls this serially."""
+        stats = self.partials.get(worker)
+        if stats is None:
+            stats = self.partials.setdefault(worker, GaussianStats.empty(*self.shape, self.dtype))
+        with warnings.catch_warnings():  # a read-only object-store buffer; from_batch only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(embeddings)
+        stats.update(x)
+        return stats.count
+
+    def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Positions [p0, p1) of `worker`'s partial as (count, mean, m2), in the accumulation dtype."""
+        stats = self.partials[worker]
+        return stats.count, stats.mean[p0:p1].numpy(), stats.m2[p0:p1].numpy()
+
+    def drop(self, worker: str) -> None:
+        self.partials.pop(worker, None)
+
+
+class PartialRegistry:
+    """One per fit, owned by the driver: gives each pool actor the NodePartials actor of its node."""
+
+    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
+        self.args = (n_positions, n_features, dtype, threads)
+        self.node_stores: dict[str, Any] = {}
+        self.worker_node: dict[str, str] = {}
+
+    def store_for(self, worker_id: str, node_id: str) -> list:
+        if node_id not in self.node_stores:
+            self.node_stores[node_id] = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(
+                NodePartials).options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True)
+                                      ).remote(*self.args)
+        self.worker_node[worker_id] = node_id
+        return [self.node_stores[node_id]]  # in a list: a handle, not something to resolve
+
+    def all(self) -> dict[str, tuple[str, list]]:
+        return {w: (node, [self.node_stores[node]]) for w, node in self.worker_node.items()}
+
+    def release(self) -> None:
+        for store in self.node_stores.values():
+            ray.kill(store)
+        self.node_stores.clear()
+
+
+class PadimEmbedder:
+    """Pool actor (map_batches callable class): runs the backbone on its share of the images and folds the
+    embeddings into its own partial (in its node's NodePartials), waiting for each fold before it reports
+    the images."""
+
+    def __init__(self, payload: Any, registry: Any, threads: int) -> None:
         _set_threads(threads)
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
         self.model = build_from_payload(payload)
-        self.stats = engine.empty_stats(self.model)
         self.worker_id = uuid.uuid4().hex
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.collector = collector
+        self.store = ray.get(registry.store_for.remote(self.worker_id, self.node_id))[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             with torch.inference_mode():
-                self.stats.update(self.model.embed(x))
+                emb = self.model.embed(x).contiguous().numpy()
+            ray.get(self.store.update.remote(self.worker_id, emb))  # folded before these rows are reported: exact accounting
         n = len(ok)
         return {"idx": batch["idx"], "ok": ok, "error": batch["error"],
                 "worker": np.full(n, self.worker_id), "node": np.full(n, self.node_id)}
-
-    def __del__(self) -> None:
-        # Ray Data retires the actor (all its tasks done) -> hand the partial over. Any failure here shows up
-        # on the driver as a missing partial, with a message, never as a silently smaller fit.
-        try:
-            self._flush()
-        except Exception:
-            pass
-
-    def _flush(self) -> None:
-        stats = getattr(self, "stats", None)
-        if stats is None or stats.count == 0:
-            return
-        bounds = chunk_bounds(stats.mean.shape[0], stats.mean.shape[1], stats.dtype)
-        for i, (p0, p1) in enumerate(bounds):
-            ref = ray.put({"mean": stats.mean[p0:p1].numpy(), "m2": stats.m2[p0:p1].numpy()})
-            item = {"worker": self.worker_id, "node": self.node_id, "count": stats.count, "chunk": i,
-                    "n_chunks": len(bounds), "p0": p0, "p1": p1, "ref": [ref]}  # nested: not resolved en route
-            if not ray.get(self.collector.push.remote(item)):
-                return  # the driver gave up (error elsewhere); nothing more to send
-            del ref
 
 
 class ModelScorer:
@@ -181,106 +218,6 @@ class ModelScorer:
         return {"idx": batch["idx"], "ok": ok, "error": batch["error"], "map": maps}
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class PartialCollector:
-    """Rendezvous between retiring pool actors and the driver: a queue of chunks, each acked once merged."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue | None = None
-        self._acks: dict[tuple[str, int], asyncio.Event] = {}
-        self._aborted = False
-
-    def _q(self) -> asyncio.Queue:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-        return self._queue
-
-    async def push(self, item: dict) -> bool:
-        """Called by an actor; returns once the driver has merged the chunk (True) or gave up (False)."""
-        if self._aborted:
-            return False
-        event = asyncio.Event()
-        self._acks[(item["worker"], item["chunk"])] = event
-        await self._q().put(item)
-        await event.wait()
-        return not self._aborted
-
-    async def take(self, timeout: float) -> dict | None:
-        try:
-            return await asyncio.wait_for(self._q().get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    async def ack(self, worker: str, chunk: int) -> None:
-        event = self._acks.pop((worker, chunk), None)
-        if event is not None:
-            event.set()
-
-    async def abort(self) -> None:
-        self._aborted = True
-        for event in self._acks.values():
-            event.set()
-        self._acks.clear()
-
-
-class _Merger(threading.Thread):
-    """Driver thread: takes chunks from the collector and merges each into the accumulator, exactly once."""
-
-    def __init__(self, collector: Any, acc: GaussianStats) -> None:
-        super().__init__(name="padim-partial-merger", daemon=True)
-        self.collector = collector
-        self.acc = acc
-        self.bounds = chunk_bounds(acc.mean.shape[0], acc.mean.shape[1], acc.dtype)
-        # One GaussianStats view per chunk of positions: chunks of different workers may arrive interleaved,
-        # so each position range keeps its own count.
-        self.views = [GaussianStats(0, acc.mean[p0:p1], acc.m2[p0:p1]) for p0, p1 in self.bounds]
-        self.chunks_done: dict[str, set[int]] = {}
-        self.counts: dict[str, int] = {}
-        self.n_chunks: dict[str, int] = {}
-        self.error: BaseException | None = None
-        self.last_progress = time.monotonic()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                item = ray.get(self.collector.take.remote(0.5))
-                if item is not None:
-                    self._merge(item)
-                    ray.get(self.collector.ack.remote(item["worker"], item["chunk"]))
-        except BaseException as exc:  # reported by the main thread
-            self.error = exc
-
-    def _merge(self, item: dict) -> None:
-        worker, chunk, count = item["worker"], int(item["chunk"]), int(item["count"])
-        with self.lock:
-            if chunk in self.chunks_done.get(worker, set()):
-                raise RuntimeError(f"partial statistics chunk {chunk} of worker {worker} arrived twice")
-            if self.bounds[chunk] != (item["p0"], item["p1"]) or item["n_chunks"] != len(self.bounds):
-                raise RuntimeError(f"worker {worker} sent chunk {chunk} = positions {item['p0']}:{item['p1']}, "
-                                   f"expected {self.bounds[chunk]} of {len(self.bounds)}")
-        part = ray.get(item["ref"][0])
-        other = GaussianStats(count, torch.from_numpy(np.array(part["mean"])), torch.from_numpy(np.array(part["m2"])))
-        del part
-        view = self.views[chunk]
-        if view.count == 0:  # merge_ would rebind the view to a copy; write into the accumulator instead
-            view.mean.copy_(other.mean)
-            view.m2.copy_(other.m2)
-            view.count = other.count
-        else:
-            view.merge_(other)  # in place: add_/baddbmm_ into the accumulator's slices
-        with self.lock:
-            self.chunks_done.setdefault(worker, set()).add(chunk)
-            self.counts[worker] = count
-            self.n_chunks[worker] = int(item["n_chunks"])
-            self.last_progress = time.monotonic()
-
-    def complete(self, worker: str) -> bool:
-        with self.lock:
-            return worker in self.n_chunks and len(self.chunks_done[worker]) == self.n_chunks[worker]
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 @contextlib.contextmanager
@@ -289,8 +226,8 @@ def _pipeline(records: Sequence[Record], image_size: int, batch_size: int, worke
     """Run paths -> decode tasks -> actor pool `udf`; yields an iterator over its output batches (numpy dicts).
 
     Blocks of at most `batch_size` consecutive images are the unit of work end to end (no batch_size
-    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset). While the
-    block runs, Ray Data's progress bars and INFO logs are off and its object-store budget is capped.
+    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset). Inside the
+    with-block, Ray Data's progress bars and INFO logs are off and its object-store budget is capped.
     """
     from ray.data import DataContext, ExecutionResources
 
@@ -298,7 +235,7 @@ def _pipeline(records: Sequence[Record], image_size: int, batch_size: int, worke
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits)
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
-    batches = None
+    it = None
     try:
         data_logger.setLevel(logging.ERROR)
         ctx.enable_progress_bars = False
@@ -307,14 +244,17 @@ def _pipeline(records: Sequence[Record], image_size: int, batch_size: int, worke
             object_store_memory=_object_store_budget(image_size, batch_size, workers))
         items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+        # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed, and
+        # bound the number of decode worker processes (each imports torch: ~0.3 GB).
         ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=None,
-                            batch_format="numpy", num_cpus=DECODE_CPUS)
+                            batch_format="numpy", num_cpus=DECODE_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=workers + 1))
         ds = ds.map_batches(udf, fn_constructor_args=ctor_args, batch_size=None, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker)
-        batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
-        yield iter(batches)
+        it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        yield it
     finally:
-        close = getattr(batches, "close", None)
+        close = getattr(it, "close", None)  # stops the execution now (not at garbage collection) on errors
         if close is not None:
             with contextlib.suppress(Exception):
                 close()
@@ -359,7 +299,8 @@ def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, w
     workers: size of the actor pool running the backbone; each actor reserves `cpus_per_worker` logical CPUs
     and runs torch with `threads_per_worker` threads (default: cpus_per_worker).
     skip_corrupt: an unreadable image is skipped with a warning (listed in info) instead of stopping the fit.
-    info: images (counted), skipped (paths), workers [{worker, node, images}], nodes, seconds, images_per_s.
+    info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images}],
+    nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype.
     """
     if len(records) < 2:
         raise UserError(f"PADIM needs at least 2 training images, got {len(records)}")
@@ -369,23 +310,26 @@ def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, w
     start = time.perf_counter()
     model.eval()
     acc = engine.empty_stats(model)
-    payload = ray.put(model_payload(model, with_gaussian=False))
-    # Next to the driver: it only relays chunk references; the chunks go from each actor's node to the driver.
-    collector = PartialCollector.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
-    merger = _Merger(collector, acc)
-    merger.start()
     threads = _default_threads(cpus_per_worker, threads_per_worker)
+    payload = ray.put(model_payload(model, with_gaussian=False))
+    registry = ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    ).remote(model.n_positions, model.n_features, str(acc.dtype).replace("torch.", ""), threads)
     seen = np.zeros(len(records), dtype=bool)
-    rows_per_worker: Counter[str] = Counter()  # images each worker counted (ok rows)
+    rows_per_worker: Counter[str] = Counter()  # images each worker folded in (readable rows)
     node_of: dict[str, str] = {}
     skipped: list[str] = []
     bar = Progress(len(records), f"fit padim (ray, {workers} workers)", progress)
-    finished = False
+    first_out = last_out = None  # times of the first and last output batch: start-up vs steady state
+    n_first = n_out = 0
     try:
-        with _pipeline(records, model.image_size, batch_size, workers, cpus_per_worker, PadimPartial,
-                       (payload, collector, threads)) as batches:
+        with _pipeline(records, model.image_size, batch_size, workers, cpus_per_worker, PadimEmbedder,
+                       (payload, registry, threads)) as batches:
             for out in batches:
+                last_out = time.perf_counter()
+                n_out += 1
+                if first_out is None:
+                    first_out, n_first = last_out, len(out["idx"])
                 for idx, ok, err, worker, node in zip(out["idx"], out["ok"], out["error"], out["worker"],
                                                       out["node"]):
                     if seen[idx]:
@@ -400,65 +344,76 @@ def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, w
                     else:
                         raise ImageReadError(f"{err} (use --skip-corrupt to leave unreadable images out of the fit)")
                 bar.update(len(out["idx"]))
-                if merger.error is not None:
-                    raise merger.error
         bar.close()
         if not seen.all():
             missing = np.flatnonzero(~seen)
             raise RuntimeError(f"{len(missing)} images never came back from the pipeline (first: "
                                f"{records[missing[0]].path})")
-        _wait_for_partials(merger, rows_per_worker, node_of)
-        finished = True
+        n_images = len(records) - len(skipped)
+        if n_images < 2:
+            raise UserError(f"PADIM needs at least 2 readable training images, got {n_images} "
+                            f"({len(skipped)} unreadable skipped)")
+        _merge_partials(registry, rows_per_worker, node_of, acc)
     finally:
-        merger.stop.set()
-        if not finished:
-            with contextlib.suppress(Exception):
-                ray.get(collector.abort.remote(), timeout=10)
-        merger.join(timeout=30)
-        ray.kill(collector)
-    n_images = len(records) - len(skipped)
-    if n_images < 2:
-        raise UserError(f"PADIM needs at least 2 readable training images, got {n_images} "
-                        f"({len(skipped)} unreadable skipped)")
-    acc.count = n_images
+        with contextlib.suppress(Exception):
+            ray.get(registry.release.remote(), timeout=30)
+        ray.kill(registry)
     if skipped:
         _warn(f"{len(skipped)} of {len(records)} training images were unreadable and left out of the fit")
     model.set_gaussian(acc)
     seconds = time.perf_counter() - start
-    info = {"images": n_images, "manifest_images": len(records), "skipped": skipped, "num_skipped": len(skipped),
+    info = {"images": acc.count, "manifest_images": len(records), "skipped": skipped, "num_skipped": len(skipped),
             "workers": [{"worker": w, "node": node_of[w], "images": n} for w, n in sorted(rows_per_worker.items())],
-            "nodes": sorted(set(node_of[w] for w in rows_per_worker)), "seconds": round(seconds, 3),
-            "images_per_s": round(len(records) / seconds, 2), "dtype": str(acc.dtype).replace("torch.", "")}
+            "nodes": sorted({node_of[w] for w in rows_per_worker}), "seconds": round(seconds, 3),
+            "images_per_s": round(len(records) / seconds, 2),
+            # Start-up (actors, model load) until the first batch is out; then the pipeline's steady rate.
+            "startup_s": round(first_out - start, 3),
+            "steady_images_per_s": (round((len(records) - n_first) / (last_out - first_out), 2)
+                                    if n_out >= 4 and last_out > first_out else None),
+            "dtype": str(acc.dtype).replace("torch.", "")}
     return acc, info
 
 
-def _wait_for_partials(merger: _Merger, rows_per_worker: Counter, node_of: dict[str, str]) -> None:
-    """Block until every worker that counted images has delivered its whole partial, with matching counts."""
+def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, str], acc: GaussianStats) -> None:
+    """Merge every worker's partial into `acc` (empty), one chunk of positions at a time, checking counts.
+
+    Each chunk is the return value of an ordinary method call, so the driver owns it; at most two chunks
+    (the one merged and the next, prefetched) exist at once.
+    """
+    stores = ray.get(registry.all.remote())
     expected = {w: n for w, n in rows_per_worker.items() if n > 0}
-    wait_start = time.monotonic()
-    while True:
-        if merger.error is not None:
-            raise merger.error
-        pending = [w for w in expected if not merger.complete(w)]
-        if not pending:
-            break
-        if time.monotonic() - max(merger.last_progress, wait_start) > FLUSH_TIMEOUT_S:
-            w = pending[0]
-            raise RuntimeError(
-                f"the statistics of {len(pending)} worker(s) never arrived (first: worker {w} on node {node_of[w]}, "
-                f"{expected[w]} images): the actor died or could not hand over its partial; the fit is incomplete")
-        time.sleep(0.02)
-    for w, n in expected.items():
-        if merger.counts[w] != n:
-            raise RuntimeError(f"worker {w} on node {node_of[w]} returned {n} images but its statistics count "
-                               f"{merger.counts[w]}: the fit is inconsistent")
-    extra = set(merger.counts) - set(expected)
-    if extra:
-        raise RuntimeError(f"statistics arrived from worker(s) {sorted(extra)} that returned no images")
-    total = sum(expected.values())
-    if any(v.count != total for v in merger.views):
-        raise RuntimeError(f"position chunks hold image counts {sorted({v.count for v in merger.views})}, "
-                           f"expected {total}")
+    missing = sorted(set(expected) - set(stores))
+    if missing:
+        raise RuntimeError(f"worker {missing[0]} on node {node_of[missing[0]]} has no statistics store")
+    bounds = chunk_bounds(acc.mean.shape[0], acc.mean.shape[1], acc.dtype)
+    total = 0
+    for worker, n in sorted(expected.items()):
+        store = stores[worker][1][0]
+        refs = [store.chunk.remote(worker, p0, p1) for p0, p1 in bounds[:2]]
+        for i, (p0, p1) in enumerate(bounds):
+            try:
+                count, mean, m2 = ray.get(refs[i])
+            except ray.exceptions.RayActorError as exc:
+                raise RuntimeError(f"the statistics of worker {worker} on node {node_of[worker]} ({n} images) "
+                                   f"were lost: {exc}") from exc
+            refs[i] = None  # release the chunk once merged
+            if i + 2 < len(bounds):
+                refs.append(store.chunk.remote(worker, *bounds[i + 2]))
+            if count != n:
+                raise RuntimeError(f"worker {worker} on node {node_of[worker]} reported {n} images but its "
+                                   f"statistics count {count}: the fit is inconsistent")
+            part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
+            del mean, m2
+            # A view of the accumulator's positions [p0, p1): merge_ updates it in place (add_/baddbmm_).
+            view = GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1])
+            if total == 0:
+                view.mean.copy_(part.mean)
+                view.m2.copy_(part.m2)
+            else:
+                view.merge_(part)
+        store.drop.remote(worker)  # free it on its node as soon as it is merged
+        total += n
+    acc.count = total
 
 
 def anomaly_maps_ray(model: torch.nn.Module, records: Sequence[Record], image_size: int, batch_size: int = 32,

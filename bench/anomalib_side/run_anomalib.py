@@ -1,0 +1,200 @@
+"""anomalib's side of bench/compare_anomalib.py: runs INSIDE the anomalib venv (bench/.anomalib-venv).
+
+Fits anomalib's own PADIM or STFPM (its Lightning module, torch model, loss, optimizer, data module,
+pre-processor and Engine) with a torchvision backbone whose weights come from a state-dict file, so both
+tools see bit-identical features. Writes OUT/result.json (timings) and OUT/maps.npz (raw anomaly maps of
+the test split, keyed by image path) for the orchestrator, which computes every metric the same way for
+both tools.
+
+What is swapped in, and why:
+* backbone: anomalib builds timm models by name and downloads ImageNet weights from a model hub. Its
+  TimmFeatureExtractor also accepts an nn.Module (it then uses torchvision's create_feature_extractor with
+  the given node names), so we pass a torchvision network with the shared weights file loaded and the same
+  taps as ours (features.3/6/13 or layer1/2/3).
+* PADIM's random channel index: its `idx` buffer is overwritten with ours (same subset; order is
+  irrelevant to the Mahalanobis distance).
+* STFPM's student: anomalib builds it from the same backbone *name* with random timm init; with an
+  nn.Module backbone it would share the teacher's parameters, so it is replaced by a torchvision network of
+  the same architecture initialised from --student-init (the exact initial weights of our student).
+Everything else (training loop, loss, optimizer hyper-parameters, scoring) is anomalib's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+
+def build_backbone(name: str, weights_file: str) -> torch.nn.Module:
+    net = getattr(torchvision.models, name)(weights=None)
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    net.load_state_dict(state.get("state_dict", state), strict=True)
+    return net.eval()
+
+
+def make_datamodule(data: Path, batch_size: int, workers: int, seed: int):
+    from anomalib.data import MVTecAD
+
+    dm = MVTecAD(root=str(data.parent), category=data.name, train_batch_size=batch_size,
+                 eval_batch_size=batch_size, num_workers=workers, val_split_mode="none", seed=seed)
+    dm.setup()
+    return dm
+
+
+def check_features(a: argparse.Namespace, layers: list[str]) -> None:
+    """Save the pre-processed first test image and the teacher's feature maps for the orchestrator."""
+    from anomalib.models.components import TimmFeatureExtractor
+    from anomalib.models.image.padim import Padim
+
+    dm = make_datamodule(Path(a.data), 1, 0, a.seed)
+    item = dm.test_data[0]
+    pre = Padim.configure_pre_processor((a.image_size, a.image_size))
+    image = pre.transform(item.image[None])
+    fx = TimmFeatureExtractor(backbone=build_backbone(a.backbone, a.weights), layers=layers, pre_trained=False).eval()
+    with torch.no_grad():
+        feats = fx(image)
+    out = {"input": image.numpy()}
+    out.update({f"feat:{k}": v.numpy() for k, v in feats.items()})
+    if a.student_init:
+        sx = TimmFeatureExtractor(backbone=build_backbone(a.backbone, a.student_init), layers=layers,
+                                  pre_trained=False).eval()
+        with torch.no_grad():
+            out.update({f"student:{k}": v.numpy() for k, v in sx(image).items()})
+    np.savez(Path(a.out) / "features.npz", path=np.array(str(item.image_path)), **out)
+
+
+class FitTimer:
+    """Lightning callback: wall time from the first training batch setup to the end of fitting."""
+
+    def __init__(self) -> None:
+        from lightning.pytorch import Callback
+
+        class _CB(Callback):
+            def on_train_start(cb, trainer, pl_module) -> None:  # noqa: N805
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+            def on_train_end(cb, trainer, pl_module) -> None:  # noqa: N805
+                self.end, self.cpu_end = time.perf_counter(), time.process_time()
+
+        self.start = self.end = self.cpu_start = self.cpu_end = None
+        self.callback = _CB()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.cpu_end - self.cpu_start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", choices=("padim", "stfpm"), required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", required=True, help="torchvision state dict of the (teacher) backbone")
+    p.add_argument("--layers", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--n-features", type=int)
+    p.add_argument("--idx", help=".npy with PADIM's channel index to use instead of anomalib's randperm")
+    p.add_argument("--student-init", help="torchvision state dict of the initial STFPM student")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--check-features", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    layers = [x for x in a.layers.split(",") if x]
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("anomalib").setLevel(logging.ERROR)
+    if a.check_features:
+        check_features(a, layers)
+        return 0
+
+    from anomalib.engine import Engine
+    from anomalib.models import Padim, Stfpm
+    from anomalib.models.components import TimmFeatureExtractor
+    from lightning.pytorch import seed_everything
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+
+    import anomalib
+
+    seed_everything(a.seed, workers=True, verbose=False)
+    pre = Padim.configure_pre_processor((a.image_size, a.image_size))
+    common = dict(pre_processor=pre, post_processor=False, evaluator=False, visualizer=False)
+    teacher = build_backbone(a.backbone, a.weights)
+    if a.model == "padim":
+        model = Padim(backbone=teacher, layers=layers, pre_trained=False, n_features=a.n_features, **common)
+        if a.idx:
+            idx = torch.from_numpy(np.load(a.idx)).long()
+            if idx.numel() != model.model.idx.numel():
+                raise SystemExit(f"--idx has {idx.numel()} entries, model expects {model.model.idx.numel()}")
+            model.model.idx = idx
+        max_epochs = 1
+    else:
+        model = Stfpm(backbone=teacher, layers=layers, **common)
+        student = build_backbone(a.backbone, a.student_init) if a.student_init else \
+            getattr(torchvision.models, a.backbone)(weights=None)
+        # A fresh torchvision student (see the module docstring); anomalib's own code trains it.
+        model.model.student_model = TimmFeatureExtractor(backbone=student, layers=layers, pre_trained=False,
+                                                         requires_grad=True)
+        max_epochs = a.epochs
+    dm = make_datamodule(Path(a.data), a.batch_size, a.workers, a.seed)
+    timer = FitTimer()
+    # save_top_k=0: anomalib's default checkpoint (written at the end of fit) is disk I/O, not fitting.
+    no_ckpt = ModelCheckpoint(dirpath=str(out / "anomalib_results"), save_top_k=0)
+    engine = Engine(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
+                    callbacks=[timer.callback, no_ckpt], default_root_dir=str(out / "anomalib_results"),
+                    enable_progress_bar=False, enable_model_summary=False)
+    t0 = time.perf_counter()
+    engine.fit(model=model, train_dataloaders=dm.train_dataloader())
+    fit_total = time.perf_counter() - t0
+    fit_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    preds = engine.predict(model=model, dataloaders=dm.test_dataloader(), return_predictions=True)
+    infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0
+    paths, maps = [], []
+    for batch in preds:
+        paths += [str(Path(p).resolve()) for p in batch.image_path]
+        maps.append(batch.anomaly_map.detach().reshape(len(batch.image_path), a.image_size, a.image_size)
+                    .float().numpy())
+    np.savez(out / "maps.npz", paths=np.array(paths), maps=np.concatenate(maps).astype(np.float32))
+    result = {
+        "tool": f"anomalib {anomalib.__version__}", "model": a.model, "backbone": a.backbone,
+        "num_train_images": len(dm.train_data), "num_test_images": len(paths),
+        "fit_seconds": timer.seconds, "fit_cpu_seconds": timer.cpu_seconds, "fit_seconds_with_setup": fit_total,
+        "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
+        "epochs": max_epochs, "fit_peak_rss_mb_self": fit_rss_kb / 1024,
+        "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+    if a.model == "stfpm":
+        opt = model.configure_optimizers()
+        result["optimizer"] = {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool))}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Our side of bench/compare_anomalib.py: runs in the project venv, through the package's Python API.
+
+Builds the model with `rundir.build_model` and fits it with `engine.fit_padim` / `engine.train_stfpm`, the
+calls `distributed-anomaly train` makes, timing the fit step alone (wall and CPU); then scores the test
+split with `engine.anomaly_maps` and writes the raw maps to OUT/maps.npz and the timings to OUT/result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", choices=("padim", "stfpm"), required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--layers", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--n-features", type=int)
+    p.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, help="STFPM weight decay (default: the package default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from distributed_anomaly import engine, rundir
+    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
+
+    # The same steps as distributed_anomaly.training.train (what `distributed-anomaly train` runs), minus
+    # calibration/evaluation/saving, which would only add inference passes that anomalib's side does not do.
+    layers = tuple(x for x in a.layers.split(",") if x)
+    cfg = ModelConfig(a.model, a.backbone, layers, a.n_features if a.model == "padim" else None, a.image_size, a.seed)
+    extra = {} if a.weight_decay is None else {"weight_decay": a.weight_decay}
+    tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, val_fraction=a.val_fraction, weights_file=a.weights,
+                       **extra).resolved(cfg.model)
+    records = load_dataset(a.data)
+    test = records_of_split(records, "test")
+    fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
+    model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
+    info: dict = {"num_train_images": len(fit_records)}
+    w0, c0 = time.perf_counter(), time.process_time()
+    if cfg.model == "padim":
+        engine.fit_padim(model, fit_records, tcfg.batch_size, progress=False)
+    else:
+        res = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr,
+                                 momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
+                                 seed=cfg.seed, progress=False)
+        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch)
+    timing = {"fit_seconds": time.perf_counter() - w0, "fit_cpu_seconds": time.process_time() - c0,
+              "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    tcfg_saved = tcfg
+    w0, c0 = time.perf_counter(), time.process_time()
+    maps = engine.anomaly_maps(model, test, cfg.image_size, tcfg.batch_size, progress=False)
+    infer_s, infer_cpu = time.perf_counter() - w0, time.process_time() - c0
+    np.savez(out / "maps.npz", paths=np.array([str(Path(r.path).resolve()) for r in test]), maps=maps)
+    if a.model == "padim":
+        np.save(out / "idx.npy", model.idx.numpy())
+    result = {
+        "tool": "ours", "model": a.model, "backbone": a.backbone,
+        "num_train_images": info.get("num_train_images"), "num_test_images": len(test),
+        **timing, "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
+        "epochs": info.get("epochs_run", 1), "best_epoch": info.get("best_epoch"),
+        "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+        "optimizer": {"lr": tcfg_saved.lr, "momentum": tcfg_saved.momentum, "weight_decay": tcfg_saved.weight_decay},
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Benchmark: PADIM fit in process (engine.fit_padim) vs on Ray (fit_padim_ray), N and 4N training images.
+
+    .venv/bin/python bench/padim_fit.py                      # default: N=100 at 256 px, 1 and 2 workers
+    .venv/bin/python bench/padim_fit.py --n 200 --workers 1,2,4 --num-cpus 8
+
+Each configuration runs in a fresh subprocess, so memory figures do not mix. Peak memory is sampled every
+0.1 s over the process and all its descendants (for Ray: the driver plus the local cluster it started --
+gcs, raylet, agents, pool actors, statistics actors, decode workers): the sum of RSS (counts shared
+object-store pages once per process that maps them) and the sum of PSS (shared pages split between the
+processes: the honest total). "delta" is the peak minus the same sum just before the fit call (for Ray:
+the idle cluster). Throughput: images / seconds of the fit call ("e2e": includes Ray Data start-up,
+actor start and model load in the actors) and, for Ray, the steady rate after the first batch is out.
+
+Images come from the demo generator (distributed_anomaly.data.synthetic), the backbone is mobilenet_v2
+with pretrained weights if cached (`distributed-anomaly weights`), else a seeded random resnet18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """(sum RSS, sum PSS) in bytes over root and its descendants."""
+    rss = pss = 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = [root]
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+            rss += m.rss
+            pss += getattr(m, "pss", m.rss)
+        except psutil.Error:
+            pass
+    return rss, pss
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process()
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            rss, pss = tree_memory(self.root)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            time.sleep(self.interval)
+
+    def finish(self) -> tuple[int, int]:
+        self.stop.set()
+        self.join()
+        rss, pss = tree_memory(self.root)
+        return max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+
+def build_model(image_size: int):
+    from distributed_anomaly.models.backbones import checkpoint_dir, get_spec, weights_filename
+    from distributed_anomaly.models.padim import Padim
+
+    if (checkpoint_dir() / weights_filename(get_spec("mobilenet_v2"))).is_file():
+        return Padim("mobilenet_v2", image_size=image_size, pretrained=True), "mobilenet_v2 (pretrained)"
+    return Padim("resnet18", image_size=image_size, pretrained=False, seed=0), "resnet18 (random, seed 0)"
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration, in this (fresh) process; returns the measurements."""
+    import torch
+
+    from distributed_anomaly import engine
+    from distributed_anomaly.data.mvtec import load_category, records_of_split
+
+    torch.set_num_threads(args.threads)
+    records = sorted(records_of_split(load_category(args.data), "train"), key=lambda r: r.path)[: args.images]
+    model, backbone = build_model(args.image_size)
+    result = {"mode": args.one, "images": len(records), "workers": args.workers, "backbone": backbone}
+    if args.one == "inproc":
+        base = tree_memory(psutil.Process())
+        sampler = PeakSampler()
+        sampler.start()
+        t = time.perf_counter()
+        stats = engine.fit_padim(model, records, args.batch_size, progress=False)
+        seconds = time.perf_counter() - t
+        peak = sampler.finish()
+        result.update(count=stats.count, seconds=seconds, images_per_s=len(records) / seconds, steady=None)
+    else:
+        import ray
+
+        from distributed_anomaly.distributed import ensure_ray, fit_padim_ray
+
+        ensure_ray(None, args.num_cpus)
+        time.sleep(2)  # let the idle cluster settle before taking its baseline
+        base = tree_memory(psutil.Process())
+        sampler = PeakSampler()
+        sampler.start()
+        stats, info = fit_padim_ray(model, records, batch_size=args.batch_size, workers=args.workers,
+                                    progress=False, threads_per_worker=max(1, args.threads // args.workers))
+        peak = sampler.finish()
+        result.update(count=stats.count, seconds=info["seconds"], images_per_s=info["images_per_s"],
+                      steady=info["steady_images_per_s"], startup_s=info["startup_s"])
+        ray.shutdown()
+    result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100, help="N: the small run; the large run uses 4N images")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", default="1,2", help="comma-separated Ray pool sizes")
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray node (over-declared)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads in process; split between the Ray workers")
+    ap.add_argument("--data", default="/tmp/distributed_anomaly_bench", help="where the demo images are generated")
+    ap.add_argument("--one", choices=["inproc", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        args.workers = int(args.workers)
+        print(json.dumps(run_one(args)), flush=True)
+        return 0
+
+    from distributed_anomaly.data.synthetic import generate
+
+    data = Path(args.data) / "washer"
+    train = data / "train" / "good"
+    if not train.is_dir() or len(list(train.iterdir())) < 4 * args.n:
+        t = time.perf_counter()
+        generate(args.data, seed=0, categories=["washer"], image_size=args.image_size, n_train=4 * args.n,
+                 n_test_good=1, n_per_defect=1)
+        print(f"generated {4 * args.n} training images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    configs = [("inproc", 1)] + [("ray", int(w)) for w in args.workers.split(",")]
+    rows = []
+    for images in (args.n, 4 * args.n):
+        for mode, workers in configs:
+            cmd = [sys.executable, __file__, "--one", mode, "--workers", str(workers), "--images", str(images),
+                   "--data", str(data), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+                   "--num-cpus", str(args.num_cpus), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  {mode} w={workers} n={images}: {r['images_per_s']:.1f} images/s", file=sys.stderr)
+    mib = 1 << 20
+    print(f"backbone {rows[0]['backbone']}, {args.image_size} px, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores, torch threads {args.threads} (split over Ray workers), "
+          f"load average at end {os.getloadavg()[0]:.1f}")
+    head = (f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'img/s steady':>12} | {'vs in-proc':>10} | "
+            f"{'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | {'PSS vs N':>8} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        name = "in-process" if r["mode"] == "inproc" else f"ray, {r['workers']} worker" + ("s" if r["workers"] > 1 else "")
+        ref = next(x for x in rows if x["mode"] == "inproc" and x["images"] == r["images"])
+        small = next(x for x in rows if x["mode"] == r["mode"] and x["workers"] == r["workers"]
+                     and x["images"] == args.n)
+        rate = r["steady"] if r["steady"] else r["images_per_s"]
+        print(f"| {name:<18} | {r['images']:>6} | {r['images_per_s']:>9.1f} | "
+              f"{(r['steady'] or float('nan')):>12.1f} | {rate / ref['images_per_s']:>9.2f}x | "
+              f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | {r['delta_pss'] / mib:>13.0f} | "
+              f"{r['peak_pss'] / small['peak_pss']:>7.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
