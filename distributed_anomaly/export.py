@@ -6,7 +6,7 @@ TorchScript; no ONNX detour, so no 2 GiB protobuf limit for PADIM's per-position
 IR_DIR layout (every file written into a temp folder next to IR_DIR, then renamed into place):
 
     IR_DIR/model.xml, model.bin  the network
-    IR_DIR/postprocess.json      thresholds and normalisation (copied from the run, read by `inference`)
+    IR_DIR/postprocess.json      thresholds and normalisation (the run's; int8: refitted), read by `inference`
     IR_DIR/metadata.json         model type, task, thresholds, normalisation, image size, backbone, layers,
                                  precision, source run, package version, input/output description
 
@@ -32,8 +32,10 @@ Precisions and tolerances (shares of the range of the torch maps over a test set
           the anomaly head (PADIM's gather, Mahalanobis matmul and blur; STFPM's normalised differences and
           product) stays in float, since 8-bit activations there swamp the differences it measures. Not
           pixel-exact: image scores measured within ~10 % (tested 15 %), normal images biased slightly up by
-          quantization noise; image AUROC within 0.01 (same near-tie rule). Thresholds are the torch ones:
-          check labels on your own validation images before deploying int8.
+          quantization noise; image AUROC within 0.01 (same near-tie rule). That bias would move labels
+          under the torch thresholds, so an int8 export refits thresholds and normalisation on its own maps
+          of the run's calibration images, by the training rule (see `recalibrate`; user thresholds kept):
+          int8 postprocess.json differs from the run's, fp32/fp16 copy it.
 
 OpenVINO Model API (`openvino-model-api`, `model_api.models.AnomalyDetection`) reads the IR's runtime info
 under `model_info`: model_type, task, labels, image_threshold, pixel_threshold, normalization_scale (and
@@ -64,7 +66,7 @@ import numpy as np
 from distributed_anomaly import __version__, rundir
 from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.fileio import read_json, write_json
+from distributed_anomaly.fileio import write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 TASKS = ("classification", "detection", "segmentation")
@@ -223,6 +225,47 @@ def quantize_int8(ov_model, calibration: list[np.ndarray]):
         nncf_logger.setLevel(level)
 
 
+class _CompiledAsModule:
+    """A compiled OpenVINO model behind the torch-module interface `engine.anomaly_maps` expects."""
+
+    def __init__(self, compiled) -> None:
+        self.compiled = compiled
+
+    def eval(self) -> "_CompiledAsModule":
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        return torch.from_numpy(np.array(self.compiled({INPUT_NAME: x.numpy()})[0]))
+
+
+def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike | None):
+    """Thresholds and normalisation refitted on the quantized model's own maps, by the training rule.
+
+    int8 shifts normal scores (quantization noise adds Mahalanobis distance): with the torch thresholds
+    a third of the demo washer's test images changed label. The run's calibration images are rebuilt
+    exactly as `train` chose them (same split seed and fraction; test split for --calibrate-on-test);
+    user-set thresholds stay as they are.
+    """
+    import openvino as ov
+
+    from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
+    from distributed_anomaly.training import calibrate
+
+    _, tcfg, info = rundir.load_config(run_dir)
+    tcfg = tcfg.resolved(cfg.model)
+    records = load_dataset(data or info["data"], require_test=tcfg.calibrate_on_test)
+    fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
+    calib = records_of_split(records, "test") if tcfg.calibrate_on_test else val
+    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    post = calibrate(_CompiledAsModule(compiled), cfg, tcfg, calib, fit_records, progress=False)
+    post.min_region_fraction = old_post.min_region_fraction
+    post.extra = {**post.extra, "recalibrated_for": "int8", "torch_image_threshold": old_post.image_threshold,
+                  "torch_pixel_threshold": old_post.pixel_threshold}
+    return post
+
+
 def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision: str = "fp32",
                calibration_images: int = DEFAULT_CALIBRATION_IMAGES, *, task: str = "segmentation",
                data: str | os.PathLike | None = None) -> Path:
@@ -251,6 +294,7 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
     ov_model = convert(module, cfg.image_size)
     if precision == "int8":
         ov_model = quantize_int8(ov_model, calibration)
+        post = recalibrate(ov_model, run_dir, cfg, post, data)
     for key, value in model_api_info(post, cfg.image_size, task).items():
         ov_model.set_rt_info(value, ["model_info", key])
     for key, value in (("model", cfg.model), ("backbone", cfg.backbone), ("precision", precision),
@@ -282,7 +326,7 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
     tmp = Path(tempfile.mkdtemp(prefix=f".{ir_dir.name}.", suffix=".tmp", dir=ir_dir.parent))
     try:
         ov.save_model(ov_model, tmp / XML, compress_to_fp16=(precision == "fp16"))
-        write_json(tmp / POSTPROCESS, read_json(run_dir / rundir.POSTPROCESS))
+        write_json(tmp / POSTPROCESS, post.to_dict())
         write_json(tmp / METADATA, metadata)  # last: its presence marks a complete export
         for name in IR_FILES:
             with open(tmp / name, "rb") as f:
