@@ -161,8 +161,9 @@ def main() -> int:
     print(f"backbone {rows[0]['backbone']}, {args.image_size} px, batch {args.batch_size}, "
           f"{os.cpu_count()} cores, torch threads {args.threads} (split over Ray workers), "
           f"load average at end {os.getloadavg()[0]:.1f}")
-    head = (f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'img/s steady':>12} | {'vs in-proc':>10} | "
-            f"{'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | {'PSS vs N':>8} |")
+    head = (f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'e2e vs in-proc':>14} | {'img/s steady':>12} | "
+            f"{'steady vs in-proc':>17} | {'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | "
+            f"{'PSS vs N':>8} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
@@ -170,9 +171,11 @@ def main() -> int:
         ref = next(x for x in rows if x["mode"] == "inproc" and x["images"] == r["images"])
         small = next(x for x in rows if x["mode"] == r["mode"] and x["workers"] == r["workers"]
                      and x["images"] == args.n)
-        rate = r["steady"] if r["steady"] else r["images_per_s"]
+        steady = r["steady"] if r["mode"] == "ray" else r["images_per_s"]
+        steady_s = f"{steady:>12.1f}" if steady else f"{'-':>12}"
+        ratio_s = f"{steady / ref['images_per_s']:>16.2f}x" if steady else f"{'-':>17}"
         print(f"| {name:<18} | {r['images']:>6} | {r['images_per_s']:>9.1f} | "
-              f"{(r['steady'] or float('nan')):>12.1f} | {rate / ref['images_per_s']:>9.2f}x | "
+              f"{r['images_per_s'] / ref['images_per_s']:>13.2f}x | {steady_s} | {ratio_s} | "
               f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | {r['delta_pss'] / mib:>13.0f} | "
               f"{r['peak_pss'] / small['peak_pss']:>7.2f}x |")
     return 0

@@ -87,7 +87,14 @@ class FitTimer:
             def on_train_end(cb, trainer, pl_module) -> None:  # noqa: N805
                 self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
+            def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: N805
+                if isinstance(outputs, dict) and "loss" in outputs:
+                    epoch = trainer.current_epoch
+                    tot, n = self.losses.get(epoch, (0.0, 0))
+                    self.losses[epoch] = (tot + float(outputs["loss"]), n + len(batch.image))
+
         self.start = self.end = self.cpu_start = self.cpu_end = None
+        self.losses: dict[int, tuple[float, int]] = {}
         self.callback = _CB()
 
     @property
@@ -155,6 +162,10 @@ def main() -> int:
         model = Stfpm(backbone=teacher, layers=layers, **common)
         student = build_backbone(a.backbone, a.student_init) if a.student_init else \
             getattr(torchvision.models, a.backbone)(weights=None)
+        # Train mode, as anomalib's own timm student is created. Lightning >= 2.2 no longer calls .train() on
+        # the module at fit start (it only warns about submodules in eval mode), so a student left in eval
+        # mode would train with frozen batch-norm statistics: a different algorithm from anomalib's.
+        student.train()
         # A fresh torchvision student (see the module docstring); anomalib's own code trains it.
         model.model.student_model = TimmFeatureExtractor(backbone=student, layers=layers, pre_trained=False,
                                                          requires_grad=True)
@@ -186,6 +197,7 @@ def main() -> int:
         "fit_seconds": timer.seconds, "fit_cpu_seconds": timer.cpu_seconds, "fit_seconds_with_setup": fit_total,
         "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
         "epochs": max_epochs, "fit_peak_rss_mb_self": fit_rss_kb / 1024,
+        "train_loss_per_epoch": [round(t / n, 5) for _, (t, n) in sorted(timer.losses.items())] or None,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }

@@ -63,7 +63,8 @@ def main() -> int:
         res = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr,
                                  momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
                                  seed=cfg.seed, progress=False)
-        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch)
+        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch,
+                    train_loss=[round(h.train_loss, 5) for h in res.history])
     timing = {"fit_seconds": time.perf_counter() - w0, "fit_cpu_seconds": time.process_time() - c0,
               "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     tcfg_saved = tcfg
@@ -78,6 +79,7 @@ def main() -> int:
         "num_train_images": info.get("num_train_images"), "num_test_images": len(test),
         **timing, "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
         "epochs": info.get("epochs_run", 1), "best_epoch": info.get("best_epoch"),
+        "train_loss_per_epoch": info.get("train_loss"),
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "optimizer": {"lr": tcfg_saved.lr, "momentum": tcfg_saved.momentum, "weight_decay": tcfg_saved.weight_decay},
