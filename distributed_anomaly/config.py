@@ -56,6 +56,7 @@ class TrainConfig:
     threshold: float | None = None
     pixel_threshold: float | None = None
     calibrate_on_test: bool = False
+    bn_recompute: bool = True  # STFPM: exact student batch-norm statistics of the kept weights (engine)
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 0 or self.patience < 1:

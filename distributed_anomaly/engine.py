@@ -118,6 +118,41 @@ def stfpm_val_loss(model: Stfpm, batches) -> float:
     return total / max(n, 1)
 
 
+BN_RECOMPUTE_MAX_IMAGES = 512  # a seeded sample; population statistics need hundreds of images, not all
+
+
+def recompute_batchnorm(model: Stfpm, records: Sequence[Record], batch_size: int = 32, seed: int = 0,
+                        max_images: int = BN_RECOMPUTE_MAX_IMAGES) -> int:
+    """Replace the student's batch-norm running statistics by exact ones of its final weights.
+
+    During training the running statistics are a moving average over batches seen with *earlier* weights
+    (and a short run has taken few steps), so the eval-mode student differs from the one the loss was
+    minimised with. One no-grad pass in train mode with a cumulative average (momentum None) gives the
+    statistics of the weights that are kept. Returns the number of images used (0: no batch norm).
+    """
+    bn = [m for m in model.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bn or not records:
+        return 0
+    if len(records) > max_images:
+        idx = np.sort(np.random.default_rng(seed).choice(len(records), max_images, replace=False))
+        records = [records[i] for i in idx]
+    saved = [m.momentum for m in bn]
+    model.eval()
+    for m in bn:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for _, x in iter_batches(records, model.image_size, batch_size):
+                model.student(x)
+    finally:
+        for m, momentum in zip(bn, saved):
+            m.momentum = momentum
+        model.eval()
+    return len(records)
+
+
 @dataclass
 class StfpmResult:
     history: list[EpochResult] = field(default_factory=list)

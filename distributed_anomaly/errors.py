@@ -19,3 +19,7 @@ class WeightsUnavailableError(UserError):
 
 class RunDirError(UserError):
     """A run directory is missing files or holds files this version cannot read."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped part-way (workers lost beyond the allowed restarts); its checkpoints are kept."""

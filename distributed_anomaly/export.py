@@ -110,14 +110,9 @@ def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
 
 def synthetic_defect(image: np.ndarray, rng: np.random.Generator, n_patches: int = 3) -> np.ndarray:
     """A copy of a normal RGB uint8 image with a few random rectangles of flat colour or noise pasted in."""
-    out = image.copy()
-    h, w = out.shape[:2]
-    for _ in range(n_patches):
-        ph, pw = int(rng.integers(max(1, h // 16), max(2, h // 4))), int(rng.integers(max(1, w // 16), max(2, w // 4)))
-        y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-        out[y: y + ph, x: x + pw] = (rng.integers(0, 256, 3) if rng.random() < 0.5
-                                     else rng.integers(0, 256, (ph, pw, 3)))
-    return out
+    from distributed_anomaly.data.synthetic import paste_patches
+
+    return paste_patches(image, rng, n_patches)[0]
 
 
 def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None,

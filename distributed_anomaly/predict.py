@@ -90,6 +90,10 @@ def load_runner(model_dir: str | os.PathLike, num_threads: int | None = None) ->
         from distributed_anomaly.inference import OpenVINOInferencer
 
         return OpenVINOInferencer(model_dir, num_threads=num_threads)
+    if num_threads is not None:
+        if num_threads < 1:
+            raise UserError(f"num_threads must be >= 1, got {num_threads}")
+        torch.set_num_threads(num_threads)
     return TorchRunner.from_run(model_dir)
 
 
@@ -148,7 +152,7 @@ def _save_png(path: Path, img: Image.Image) -> None:
 
 
 def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-            task: str = "segmentation", batch_size: int = 8) -> list[dict]:
+            task: str = "segmentation", batch_size: int = 8, num_threads: int | None = None) -> list[dict]:
     """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation).
 
     MODEL_DIR is a run directory (torch) or a folder written by `export` (OpenVINO, detected by its
@@ -156,7 +160,7 @@ def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    runner = load_runner(model_dir)
+    runner = load_runner(model_dir, num_threads)
     paths = collect_images(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@
     RUN_DIR/postprocess.json   thresholds and normalisation
     RUN_DIR/metrics.json       test-split metrics
     RUN_DIR/history.json       per-epoch losses (STFPM)
+    RUN_DIR/request.json       the train call itself, written first: what `train --resume RUN_DIR` continues
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm
 from distributed_anomaly.postprocess import PostProcessor
 
-CONFIG, WEIGHTS, POSTPROCESS, METRICS, HISTORY = (
-    "config.json", "model.safetensors", "postprocess.json", "metrics.json", "history.json")
+CONFIG, WEIGHTS, POSTPROCESS, METRICS, HISTORY, REQUEST = (
+    "config.json", "model.safetensors", "postprocess.json", "metrics.json", "history.json", "request.json")
 
 
 def build_model(cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None) -> Padim | Stfpm:

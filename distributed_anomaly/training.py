@@ -6,18 +6,20 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from distributed_anomaly import engine, rundir
-from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.config import ModelConfig, TrainConfig, from_dict, to_dict
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
-from distributed_anomaly.errors import UserError
+from distributed_anomaly.errors import TrainingInterrupted, UserError
 from distributed_anomaly.evaluation import compute_metrics
-from distributed_anomaly.fileio import write_json
+from distributed_anomaly.fileio import read_json, write_json
 from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, no_threshold_postprocessor
 
 
@@ -25,17 +27,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N, S, S) raw maps
+
+
+def in_process_scorer(model, image_size: int, batch_size: int, progress: bool) -> Scorer:
+    return lambda records, what: engine.anomaly_maps(model, records, image_size, batch_size, progress, what)
+
+
 def calibrate(model, cfg: ModelConfig, tcfg: TrainConfig, calib: list[Record], fit_records: list[Record],
-              progress: bool) -> PostProcessor:
+              progress: bool, score: Scorer | None = None) -> PostProcessor:
     """Thresholds and normalisation from the calibration images (see postprocess for the rule)."""
+    score = score or in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress)
     if calib:
-        maps = engine.anomaly_maps(model, calib, cfg.image_size, tcfg.batch_size, progress, "calibrate")
+        maps = score(calib, "calibrate")
         labels = np.array([r.label for r in calib], dtype=bool)
         masks = load_masks(calib, cfg.image_size) if labels.any() else None
         return fit_postprocessor(maps.reshape(len(maps), -1).max(1), labels, maps, masks,
                                  user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
     # No calibration images: normalise with the training images' own maps.
-    maps = engine.anomaly_maps(model, fit_records, cfg.image_size, tcfg.batch_size, progress, "normalise")
+    maps = score(fit_records, "normalise")
     if tcfg.threshold is not None:
         return fit_postprocessor(maps.reshape(len(maps), -1).max(1), np.zeros(len(maps), bool), maps,
                                  user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
@@ -43,9 +53,9 @@ def calibrate(model, cfg: ModelConfig, tcfg: TrainConfig, calib: list[Record], f
 
 
 def evaluate_model(model, cfg: ModelConfig, post: PostProcessor, test: list[Record], batch_size: int,
-                   progress: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+                   progress: bool, score: Scorer | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics, raw maps and ground-truth masks of the test split (maps and masks feed the report)."""
-    maps = engine.anomaly_maps(model, test, cfg.image_size, batch_size, progress, "evaluate")
+    maps = (score or in_process_scorer(model, cfg.image_size, batch_size, progress))(test, "evaluate")
     masks = load_masks(test, cfg.image_size)
     return compute_metrics(maps, test, masks, post), maps, masks
 
@@ -70,8 +80,10 @@ class Execution:
     workers: int = 0
     address: str | None = None
     skip_corrupt: bool = False
-    storage: str | None = None
-    resume: str | None = None
+    storage: str | None = None  # Ray STFPM checkpoints; default RUN_DIR/ray_train
+    resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
+    run_name: str | None = None  # that folder's name under storage; default a fresh unique one
+    max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
 
     @property
     def uses_ray(self) -> bool:
@@ -94,12 +106,19 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
         raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
     if (Path(out) / rundir.CONFIG).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
+    if (Path(out) / rundir.REQUEST).exists() and not overwrite and run.resume is None:
+        raise UserError(f"{out} holds an unfinished (interrupted?) training run: continue it with "
+                        f"`train --resume {out}` (Ray STFPM runs) or pass --overwrite to start again")
     tcfg = tcfg.resolved(cfg.model)
+    if cfg.model == "stfpm" and run.uses_ray and run.run_name is None:
+        run = replace(run, run_name=f"stfpm-{uuid.uuid4().hex[:8]}")
     records = load_dataset(data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
     log(f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images")
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
+    if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
+        _write_request(out, data, cfg, tcfg, run)
     start = time.perf_counter()
     info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records),
                   "num_val_images": len(val), "workers": run.workers, "ray": run.uses_ray}
@@ -116,9 +135,14 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
         elif run.uses_ray:
             from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
 
-            model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
-                                              storage=run.storage or str(Path(out).resolve() / "ray_train"),
-                                              resume_from=run.resume, progress=progress)
+            try:
+                model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
+                                                  storage=_storage(out, run), run_name=run.run_name,
+                                                  resume_from=run.resume, progress=progress,
+                                                  max_failures=run.max_failures)
+            except RuntimeError as exc:
+                raise TrainingInterrupted(f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
+                                          f"continue with `distributed-anomaly train --resume {out}`") from exc
             history = ray_info.pop("history")
             info.update(best_epoch=ray_info.get("best_epoch"), epochs_run=ray_info.get("epochs_run"),
                         stopped_early=ray_info.get("stopped_early"), ray_train=ray_info)
@@ -130,16 +154,64 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
             info.update(best_epoch=result.best_epoch, epochs_run=len(result.history),
                         stopped_early=result.stopped_early)
             write_json(Path(out) / rundir.HISTORY, [asdict(h) for h in result.history])
-    info["fit_seconds"] = round(time.perf_counter() - start, 3)
-    calib = test if tcfg.calibrate_on_test else val
-    if tcfg.calibrate_on_test:
-        log("warning: --calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic")
-    post = calibrate(model, cfg, tcfg, calib, fit_records, progress)
-    metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress)
+        if cfg.model == "stfpm" and tcfg.bn_recompute:
+            info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
+        info["fit_seconds"] = round(time.perf_counter() - start, 3)
+        calib = test if tcfg.calibrate_on_test else val
+        if tcfg.calibrate_on_test:
+            log("warning: --calibrate-on-test fits thresholds on the test images; threshold-dependent metrics "
+                "are optimistic")
+        score = _ray_scorer(model, cfg, tcfg, run, progress) if run.uses_ray else None
+        post = calibrate(model, cfg, tcfg, calib, fit_records, progress, score)
+        metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
     rundir.save_model(out, cfg, tcfg, model, post, info)
     _finish(out, metrics, test, maps, masks, post, report)
     return metrics
+
+
+def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, progress: bool) -> Scorer:
+    """Scoring as Ray Data batch inference over the same pool size as the fit (PADIM and STFPM alike)."""
+    from distributed_anomaly.distributed.padim_fit import anomaly_maps_ray
+
+    return lambda records, what: anomaly_maps_ray(model, records, cfg.image_size, tcfg.batch_size,
+                                                  workers=max(run.workers, 1), progress=progress, what=what)
+
+
+def _storage(out: str | os.PathLike, run: Execution) -> str:
+    return run.storage or str(Path(out).resolve() / "ray_train")
+
+
+def _write_request(out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
+                   run: Execution) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / rundir.REQUEST, {"data": str(Path(data).resolve()), "model": to_dict(cfg),
+                                            "train": to_dict(tcfg), "execution": asdict(run)})
+
+
+def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, address: str | None = None) -> dict:
+    """Continue an interrupted `train` run from its latest checkpoint (Ray STFPM runs keep checkpoints).
+
+    The arguments are those the run was started with (RUN_DIR/request.json); only the cluster `address`
+    may change (a restarted cluster). Returns the metrics, as `train`.
+    """
+    out = Path(out)
+    if (out / rundir.CONFIG).exists():
+        raise UserError(f"{out} is a finished run (config.json is there): nothing to resume")
+    if not (out / rundir.REQUEST).is_file():
+        raise UserError(f"{out} holds no interrupted run: {rundir.REQUEST} is missing (is it the --out of a train?)")
+    try:
+        req = read_json(out / rundir.REQUEST)
+        cfg, tcfg = from_dict(ModelConfig, req["model"]), from_dict(TrainConfig, req["train"])
+        run = Execution(**req["execution"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"cannot read {out / rundir.REQUEST}: {exc}") from exc
+    if cfg.model != "stfpm" or not run.uses_ray or not run.run_name:
+        raise UserError(f"{out} was a {cfg.model} run {'on Ray' if run.uses_ray else 'in this process'}, which keeps "
+                        "no checkpoints: start it again with --overwrite (STFPM runs with --workers N >= 1 resume)")
+    run = replace(run, address=address or run.address, resume=f"{_storage(out, run).rstrip('/')}/{run.run_name}")
+    log(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
+    return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run)
 
 
 def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,

@@ -83,5 +83,3 @@ def ray_local():
                 pass
 
 
-# Unverified tests of open issues (see tests/pending/README.md); not part of the suite until moved back.
-collect_ignore = ["pending"]

@@ -9,19 +9,14 @@ authentication, driven from a subprocess).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -29,6 +24,7 @@ from distributed_anomaly import engine
 from distributed_anomaly.data.mvtec import Record, load_category, records_of_split
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.models.padim import Padim
+from ray_cluster import two_node_cluster
 
 RTOL = 1e-6
 
@@ -173,103 +169,16 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _start_node(ray_bin: str, temp_dir: str, ports: list[int], env: dict, log: Path, head_port: int | None,
-                resources: dict) -> subprocess.Popen:
-    """`ray start --block` in its own process group: SIGTERM to it stops exactly this node's processes."""
-    common = [f"--temp-dir={temp_dir}", "--num-cpus=3", f"--resources={json.dumps(resources)}",
-              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
-              f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 60}", "--disable-usage-stats"]
-    if head_port is None:
-        args = ["start", "--head", "--block", f"--port={ports[7]}", "--include-dashboard=false",
-                f"--dashboard-port={ports[8]}", f"--ray-client-server-port={ports[9]}", *common]
-    else:
-        args = ["start", "--block", f"--address=127.0.0.1:{head_port}", *common]
-    return subprocess.Popen([ray_bin, *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "ray start exited early"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
-
-
-def _processes_of(temp_dir: str, token: str) -> list[psutil.Process]:
-    """Processes of the test cluster: their command line names its temp dir, or (workers rename themselves
-    `ray::...`) their environment holds its unique token. Nothing else on the machine matches."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_AUTH_TOKEN") == token:
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 @pytest.mark.slow
 def test_two_node_cluster_fit_equals_in_process(train_records, demo_category, reference, tmp_path):
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    # Short temp dirs (Unix socket paths are limited to ~107 bytes), unique so that only our processes match.
-    base = tempfile.mkdtemp(prefix="dapd", dir="/tmp")
-    token = os.urandom(32).hex()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
-    ports = _free_ports(20)
-    head_ports, worker_ports = ports[:10], ports[10:]
-    nodes: list[subprocess.Popen] = []
-    try:
-        nodes.append(_start_node(ray_bin, f"{base}/h", head_ports, env, tmp_path / "head.log", None,
-                                 {"node_a": 1}))
-        _wait_port(head_ports[7], nodes[0], 120)
-        nodes.append(_start_node(ray_bin, f"{base}/w", worker_ports, env, tmp_path / "worker.log",
-                                 head_ports[7], {"node_b": 1}))
-        address = f"127.0.0.1:{head_ports[7]}"
+    with two_node_cluster(tmp_path) as cluster:
         # The driver gets only the token: ensure_ray must turn token mode on itself (Ray does not, for an
         # explicit address).
-        driver_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-        driver = subprocess.run([sys.executable, "-c", DRIVER, address, str(demo_category), str(tmp_path)],
-                                env=driver_env, capture_output=True, text=True, timeout=600)
+        driver = subprocess.run([sys.executable, "-c", DRIVER, cluster.address, str(demo_category), str(tmp_path)],
+                                env=cluster.client_env, capture_output=True, text=True, timeout=600)
         assert driver.returncode == 0, driver.stderr[-3000:]
         info = json.loads((tmp_path / "info.json").read_text())
         saved = np.load(tmp_path / "stats.npz")
-    finally:
-        for proc in reversed(nodes):  # worker node first, then the head
-            with_signal(proc, signal.SIGTERM)
-        for proc in reversed(nodes):
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with_signal(proc, signal.SIGKILL)
-                proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _processes_of(base, token) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = _processes_of(base, token)
-        for p in leftovers:  # ours: their command lines name our temp dir
-            with_signal_pid(p.pid, signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
-    assert not leftovers, f"processes of the test cluster outlived it: {[p.pid for p in leftovers]}"
 
     ref_stats, _ = reference
     assert int(saved["count"]) == info["images"] == len(train_records)
@@ -281,13 +190,23 @@ def test_two_node_cluster_fit_equals_in_process(train_records, demo_category, re
     assert rel_err(m2 / (len(train_records) - 1), ref_stats.covariance()) < RTOL
 
 
-def with_signal(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        with_signal_pid(proc.pid, sig)
+def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path):
+    """`train --workers 2`: Ray Data fit, calibration and test scoring give the in-process run's model and metrics."""
+    from distributed_anomaly import rundir
+    from distributed_anomaly.cli import main
 
-
-def with_signal_pid(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    common = ["train", "--data", str(demo_category), "--model", "padim", "--no-pretrained", "--layers",
+              "layer1,layer2", "--n-features", "20", "--image-size", "64", "--batch-size", "5", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    local = json.loads((tmp_path / "local" / rundir.METRICS).read_text())
+    on_ray = json.loads((tmp_path / "ray" / rundir.METRICS).read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1"):
+        assert on_ray[key] == pytest.approx(local[key], abs=1e-6), key
+    _, _, info = rundir.load_config(tmp_path / "ray")
+    assert info["ray"] and info["images_counted"] == info["num_train_images"]
+    assert info["ray_fit"]["num_skipped"] == 0
+    assert sum(w["images"] for w in info["ray_fit"]["workers"]) == info["num_train_images"]
+    post_local = json.loads((tmp_path / "local" / rundir.POSTPROCESS).read_text())
+    post_ray = json.loads((tmp_path / "ray" / rundir.POSTPROCESS).read_text())
+    assert post_ray["image_threshold"] == pytest.approx(post_local["image_threshold"], rel=1e-5)

@@ -113,3 +113,34 @@ def test_stfpm_student_init_is_seeded() -> None:
     b = Stfpm("resnet18", ("layer1",), image_size=32, pretrained=False, seed=5)
     for (k, v), w in zip(a.student.state_dict().items(), b.student.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_batchnorm_recompute_gives_exact_statistics_of_the_kept_weights(demo_category) -> None:
+    """After training, the student's running statistics are replaced by those of its final weights."""
+    from distributed_anomaly.data.loader import load_batch
+    from distributed_anomaly.data.mvtec import load_dataset, records_of_split
+    from distributed_anomaly.engine import recompute_batchnorm
+
+    records = records_of_split(load_dataset(demo_category), "train")[:6]
+    model = Stfpm("resnet18", ("layer1",), image_size=32, pretrained=False, seed=0)
+    bns = [m for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # stale statistics, as a moving average over earlier weights leaves them
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(7.0)
+    weights = {k: v.clone() for k, v in model.student.named_parameters()}
+    captured: list[torch.Tensor] = []
+    hook = bns[0].register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    with torch.no_grad():  # the first batch norm's input does not depend on any batch-norm statistics
+        model.student(load_batch(records, 32))
+    hook.remove()
+    x = captured[0]
+
+    assert recompute_batchnorm(model, records, batch_size=len(records)) == len(records)
+    torch.testing.assert_close(bns[0].running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bns[0].running_var, x.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert all(not torch.equal(m.running_mean, torch.full_like(m.running_mean, 3.0)) for m in bns)
+    assert all(m.momentum == 0.1 for m in bns) and not model.training and not model.teacher.training
+    for k, v in model.student.named_parameters():
+        assert torch.equal(v, weights[k]), k  # only statistics change
+    # a cap draws a seeded subset
+    assert recompute_batchnorm(model, records, batch_size=2, max_images=4) == 4

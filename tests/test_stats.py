@@ -95,3 +95,14 @@ def test_state_round_trip_and_too_few_images() -> None:
 def test_accumulation_dtype_switches_to_float32_only_for_huge_models() -> None:
     assert accumulation_dtype(64 * 64, 100) == torch.float64  # resnet18/100 at 256 px: 0.33 GB
     assert accumulation_dtype(64 * 64, 550) == torch.float32  # wide_resnet50_2/550: 9.9 GB in float64
+
+
+def test_finalize_in_chunks_equals_one_shot_inverse() -> None:
+    """Chunking over patch positions (7 positions, chunks of 3: a ragged last chunk) changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    stats = GaussianStats.from_batch(torch.randn(12, 5, 7, generator=g))
+    mean, inv = stats.finalize(chunk_positions=3)
+    cov = stats.covariance() + COVARIANCE_EPS * torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(inv, torch.linalg.inv(cov).to(torch.float32), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean, stats.mean.to(torch.float32))
+    assert inv.dtype == torch.float32 and inv.shape == (7, 5, 5)

@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, help="STFPM weight decay (default: the package default)")
+    p.add_argument("--no-bn-recompute", action="store_true", help="STFPM: keep training's BN running averages")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -63,7 +64,9 @@ def main() -> int:
         res = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr,
                                  momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
                                  seed=cfg.seed, progress=False)
-        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch,
+        if not a.no_bn_recompute:  # as training.train does (TrainConfig.bn_recompute)
+            engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
+        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch, bn_recompute=not a.no_bn_recompute,
                     train_loss=[round(h.train_loss, 5) for h in res.history])
     timing = {"fit_seconds": time.perf_counter() - w0, "fit_cpu_seconds": time.process_time() - c0,
               "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -79,6 +82,7 @@ def main() -> int:
         "num_train_images": info.get("num_train_images"), "num_test_images": len(test),
         **timing, "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
         "epochs": info.get("epochs_run", 1), "best_epoch": info.get("best_epoch"),
+        "bn_recompute": info.get("bn_recompute"),
         "train_loss_per_epoch": info.get("train_loss"),
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),

@@ -180,12 +180,13 @@ class PadimEmbedder:
 
     def __init__(self, payload: Any, registry: Any, threads: int) -> None:
         _set_threads(threads)
+        self.worker_id = uuid.uuid4().hex
+        self.node_id = ray.get_runtime_context().get_node_id()
+        store = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model is built
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
         self.model = build_from_payload(payload)
-        self.worker_id = uuid.uuid4().hex
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.store = ray.get(registry.store_for.remote(self.worker_id, self.node_id))[0]
+        self.store = ray.get(store)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)

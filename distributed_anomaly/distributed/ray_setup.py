@@ -46,12 +46,13 @@ def _enable_token_mode_for_join() -> bool:
     return True
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Make this process a Ray driver. Returns True if this call started/joined Ray (the caller shuts it down).
 
     address None/""/"local": start a single-node Ray here with `num_cpus` logical CPUs (None: the machine's).
     address "auto" or HOST:PORT: join a running cluster (`num_cpus` does not apply). Already initialised: no-op.
     Worker logs are not forwarded to this terminal (log_to_driver=False); errors still reach the driver.
+    dashboard: a local Ray also starts its dashboard (on 127.0.0.1; `tune` does, to watch a search).
     """
     import ray
 
@@ -59,7 +60,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     common = dict(log_to_driver=False, logging_level=logging.WARNING)
     if address in LOCAL_ADDRESSES:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+        # Ray Train gives a worker group 60 s to start; on a small, busy machine importing torch in new worker
+        # processes can take longer, which would count as a failure. A local node inherits this environment.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                 **({"dashboard_host": "127.0.0.1"} if dashboard else {}), **common)
         return True
     if num_cpus is not None:
         logging.getLogger(__name__).warning("num_cpus=%s ignored: joining the existing cluster at %s", num_cpus,
@@ -82,9 +87,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
     """`with ray_session(addr):` -- ensure_ray, and shut Ray down afterwards only if this block started it."""
-    started = ensure_ray(address, num_cpus)
+    started = ensure_ray(address, num_cpus, dashboard)
     try:
         yield
     finally:

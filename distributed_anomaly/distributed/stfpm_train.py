@@ -42,7 +42,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import ray
@@ -322,6 +322,8 @@ def _stfpm_train_loop(config: dict) -> dict:
                    "stopped_early": stopped_early}
         if val_loss is not None:
             metrics["val_loss"] = val_loss
+        if config.get("epoch_eval") is not None and rank == 0:  # e.g. a search objective (tuning.objective)
+            metrics.update(config["epoch_eval"](model, epoch))
         with tempfile.TemporaryDirectory(prefix="stfpm-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
@@ -471,7 +473,8 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
                     run_name: str = "stfpm", resume_from: str | None = None, progress: bool = True,
                     model: Stfpm | None = None, use_gpu: bool | None = None, cpus_per_worker: float = 1.0,
                     max_failures: int = 3, num_to_keep: int = 2, batch_norm: str = "replica",
-                    decode_tasks: int | None = None) -> tuple[Stfpm, dict]:
+                    decode_tasks: int | None = None, epoch_eval: Callable[[Stfpm, int], dict] | None = None,
+                    callbacks: Sequence[Any] = ()) -> tuple[Stfpm, dict]:
     """Train STFPM's student with Ray Train (Ray must be initialised: see ensure_ray); returns (model, info).
 
     workers: W >= 1 Ray Train workers (DDP over gloo on CPU, NCCL on GPU); 0 runs the same loop in this
@@ -488,6 +491,11 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
     cpus_per_worker: logical CPUs each worker reserves (torch threads: its integer part, at least 1);
         decode_tasks: Ray Data decode tasks in flight at most (default 2 per worker, DECODE_CPUS each);
         max_failures: worker-group restarts from the latest checkpoint; num_to_keep: best checkpoints kept.
+    epoch_eval: a picklable callable (model, epoch) -> {name: number} run on rank 0 after every epoch; its values
+        join that epoch's reported metrics (hyperparameter search scores each epoch with it). It must leave the
+        model as it found it. callbacks: Ray Train UserCallbacks of the run (e.g. Tune's TuneReportCallback,
+        which forwards the per-epoch metrics to the Tune trial that called this; Ray Train's local mode,
+        workers=0, runs none).
     info: history (engine.EpochResult dicts, each epoch once), images_per_epoch, empty_steps_per_epoch (steps a
         rank took without images, summed over ranks), best_epoch, best_val_loss, epochs_run,
         stopped_early, failures (worker-group restarts from a checkpoint, all calls of this run), resumes
@@ -550,7 +558,8 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
               "momentum": tcfg.momentum, "weight_decay": tcfg.weight_decay, "patience": tcfg.patience,
               "epochs": tcfg.epochs, "per_worker_batch": per_worker, "image_size": model_cfg.image_size,
               "has_val": bool(val_records), "num_to_keep": num_to_keep, "local_store": run_path if local else None,
-              "progress": progress, "progress_queue": queue, "faults": faults, "fit_id": uuid.uuid4().hex}
+              "progress": progress, "progress_queue": queue, "faults": faults, "fit_id": uuid.uuid4().hex,
+              "epoch_eval": epoch_eval}
     checkpoint_config = (CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute="val_loss",
                                           checkpoint_score_order="min") if val_records
                          else CheckpointConfig(num_to_keep=num_to_keep))
@@ -560,7 +569,7 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu and not local,  # + 1 GPU per worker
                                      resources_per_worker=None if local else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage, checkpoint_config=checkpoint_config,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures), callbacks=list(callbacks)),
         datasets=_datasets(fit_records, val_records, model_cfg.image_size, per_worker, model_cfg.seed,
                            decode_tasks or 2 * world),
         dataset_config=_data_config())

@@ -67,8 +67,9 @@ def exports(runs, tmp_path_factory):
     def get(model: str, precision: str) -> Path:
         if (model, precision) not in cache:
             cache[model, precision] = export_run(runs[model], root / f"{model}_{precision}", precision,
-                                                 calibration_images=16)
+                                                 calibration_images=8)
         return cache[model, precision]
+    get.runs = runs
     return get
 
 
@@ -131,8 +132,14 @@ def test_reduced_precision_within_tolerance(model, precision, exports, test_spli
     ref_scores, got_scores = ref.reshape(len(ref), -1).max(1), got.reshape(len(got), -1).max(1)
     assert np.abs(got_scores - ref_scores).max() <= SCORE_TOL[precision] * scale
     assert_auroc_close(ref_scores, got_scores, labels, AUROC_TOL[precision], SCORE_TOL[precision] * scale)
-    if model == "padim":  # separable: the tolerance above is the plain one
+    if model == "padim":  # separable: the tolerance above is the plain one, and labels agree
         assert metrics.auroc(got_scores, labels) == pytest.approx(metrics.auroc(ref_scores, labels), abs=0.01)
+        torch_post = predict.TorchRunner.from_run(exports.runs[model]).postprocessor
+        assert [p.label for p in inf.postprocessor.predict_batch(got)] == [
+            p.label for p in torch_post.predict_batch(ref)]
+    if precision == "int8":  # thresholds refitted on the quantized model's own maps
+        assert inf.postprocessor.extra["recalibrated_for"] == "int8"
+        assert inf.postprocessor.threshold_source == inf.metadata["threshold_source"]
 
 
 def test_export_files_metadata_and_io(runs, exports) -> None:

@@ -63,7 +63,8 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_local, norm
         got = _student(model)
         assert not torch.equal(got["stages.s0.0.weight"], initial["stages.s0.0.weight"])
         for k, v in expected.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{workers} workers, {k}: {m}")
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, w=workers, k=k: f"{w} workers, {k}: {m}")
         # the reported training loss is the per-image loss before the step, whatever the sharding
         assert info["history"][0]["train_loss"] == pytest.approx(loss.item() / 8, rel=1e-4)
 
@@ -136,3 +137,33 @@ def _check_best(model, info, val) -> None:
     assert info["best_epoch"] == losses.index(min(losses)) and info["best_val_loss"] == min(losses)
     with torch.inference_mode():
         assert model.loss(load_batch(val, CFG.image_size)).item() / len(val) == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category, tmp_path, monkeypatch, capsys):
+    """`train --workers 1 --max-failures 0` stops at an injected fault; `train --resume RUN_DIR` finishes it."""
+    from distributed_anomaly.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
+            "--layers", "layer1,layer2", "--image-size", "64", "--epochs", "3", "--batch-size", "8",
+            "--workers", "1", "--max-failures", "0", "--quiet"]
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"action": "raise", "rank": 0, "epoch": 2,
+                                              "marker": str(tmp_path / "interrupted")}))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (tmp_path / "interrupted").is_file(), f"stopped before the injected fault:\n{err[-3000:]}"
+    assert f"train --resume {out}" in err
+    monkeypatch.delenv(FAULT_ENV)
+    assert (out / rundir.REQUEST).is_file() and not (out / rundir.CONFIG).exists()
+    assert main(argv) == 2  # an interrupted run is neither silently restarted nor overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "5"]) == 2  # the arguments are the run's own
+    assert "drop --epochs" in capsys.readouterr().err
+
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    _, _, info = rundir.load_config(out)
+    assert info["epochs_run"] == 3 and info["ray_train"]["resumes"] == 1 and info["ray_train"]["resumed"]
+    assert [h["epoch"] for h in json.loads((out / rundir.HISTORY).read_text())] == [0, 1, 2]
+    assert info["batchnorm_recomputed_on"] == info["num_train_images"]
+    assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume
+    assert "finished run" in capsys.readouterr().err

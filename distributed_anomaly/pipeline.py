@@ -1,0 +1,213 @@
+"""`pipeline`: search -> best run -> OpenVINO export -> (optionally) Ray Serve, as one idempotent job.
+
+What `ray job submit ... -- distributed-anomaly pipeline ...` runs on a cluster, and the README's main command
+runs locally. Every stage writes into OUT and is skipped when a rerun finds it finished (it says so):
+
+    OUT/tune/           the search (tuning.search): results.csv, report.html, study.db, search/ (TensorBoard),
+                        best/ = the best trial's complete run directory with held-out metrics
+    OUT/model/          best/ exported to OpenVINO (export.export_run), what Serve loads
+    OUT/pipeline.json   the stages done, the paths, the endpoint (rewritten after each stage)
+
+An interrupted search continues (Tuner.restore) instead of starting over; a finished one is reused only if it
+was asked for with the same settings (else a clear error: use another OUT). With `--storage URI` the finished
+OUT is also copied there through pyarrow's filesystems (local path, NFS mount, s3://, gs://, hdfs://), so a
+multi-node run leaves its results where every node and the user can reach them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.fileio import read_json, write_json
+
+TUNE, MODEL, RECORD = "tune", "model", "pipeline.json"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    api_key: str | None = None
+    proxy_location: str | None = None  # None: Serve's default (EveryNode)
+
+
+def _same_search(stored: dict, asked: dict) -> list[str]:
+    """The settings that differ between a stored search request and a new one (paths compared resolved)."""
+    keys = ("space_text", "samples", "fixes", "objective", "workers", "seed", "val_fraction", "search_fraction",
+            "synthetic_copies", "pretrained")
+    differ = [k for k in keys if stored.get(k) != asked.get(k)]
+    if Path(stored.get("data", "")).resolve() != Path(asked.get("data", "")).resolve():
+        differ.insert(0, "data")
+    return differ
+
+
+def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress: bool) -> dict:
+    """Run, continue or reuse the search in tune_dir; returns its summary (with "rows")."""
+    from distributed_anomaly.tuning.search import BEST, REQUEST, SUMMARY, TuneRequest, tune_search
+
+    asked = request.to_dict()
+    if (tune_dir / REQUEST).is_file():
+        stored = read_json(tune_dir / REQUEST)
+        # tune_search stores the data path resolved and the objective resolved from "auto"; compare like for like
+        if asked.get("objective") == "auto":
+            asked = {**asked, "objective": stored.get("objective")}
+        differ = _same_search(stored, asked)
+        if differ:
+            raise UserError(f"{tune_dir} holds a search with other settings ({', '.join(differ)} differ): "
+                            "choose another --out, or rerun with the settings it was started with")
+        summary_file = tune_dir / SUMMARY
+        if summary_file.is_file() and (tune_dir / BEST / "config.json").is_file():
+            summary = read_json(summary_file)
+            if not summary.get("interrupted"):
+                log(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
+                return {**summary, "rows": None, "skipped": True}
+        log(f"search: continuing the interrupted search in {tune_dir}")
+        return tune_search(None, tune_dir, address=address, resume=True, progress=progress)
+    assert isinstance(request, TuneRequest)
+    return tune_search(request, tune_dir, address=address, progress=progress)
+
+
+def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
+    """Export best/ to ir_dir unless an export of that very run at that precision is there; True if exported."""
+    from distributed_anomaly.export import METADATA, export_run
+
+    meta_file = ir_dir / METADATA
+    if meta_file.is_file():
+        meta = read_json(meta_file)
+        same_run = Path(meta.get("source_run", "")).resolve() == best.resolve()
+        newer = (best / "config.json").stat().st_mtime > meta_file.stat().st_mtime
+        if same_run and meta.get("precision") == precision and not newer:
+            log(f"export: {ir_dir} already holds {precision} of {best}, skipping")
+            return False
+    log(f"export: {best} -> {ir_dir} ({precision})")
+    export_run(best, ir_dir, precision)
+    return True
+
+
+def publish(out: Path, storage: str) -> str:
+    """Copy OUT to STORAGE/<OUT name> through pyarrow's filesystems; returns the destination URI or path."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = pafs.FileSystem.from_uri(storage)
+    except (pafs.ArrowInvalid, ValueError):  # a plain local path
+        fs, base = pafs.LocalFileSystem(), str(Path(storage).resolve())
+    dest = f"{base.rstrip('/')}/{out.name}"
+    fs.create_dir(dest, recursive=True)
+    pafs.copy_files(str(out.resolve()), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return storage.rstrip("/") + f"/{out.name}" if "://" in storage else dest
+
+
+def _dashboards(tune_dir: Path, dashboard_url: str | None) -> dict[str, str]:
+    from distributed_anomaly.tuning.search import EXPERIMENT, STUDY_DB
+
+    return {"ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
+            "tensorboard": f"tensorboard --logdir {tune_dir / EXPERIMENT}",
+            "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}"}
+
+
+def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = None, storage: str | None = None,
+                 precision: str = "fp32", serve: ServeOptions | None = None, progress: bool = True) -> dict:
+    """Search, export the best model, optionally deploy it; returns the record written to OUT/pipeline.json.
+
+    serve needs a Ray that outlives this command: a cluster (`address`, e.g. "auto" inside `ray job submit`
+    or after `ray start --head`). The application stays deployed when the command ends (`serve shutdown`
+    or `ray stop` removes it).
+    """
+    from distributed_anomaly.tuning.search import BEST, REPORT
+
+    if serve is not None and not address:
+        raise UserError("--serve deploys to a Ray cluster that outlives this command: start one (`ray start --head`, "
+                        "or a cluster from cluster/) and pass --address auto (inside `ray job submit` too)")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tune_dir, ir_dir = out / TUNE, out / MODEL
+    record: dict[str, Any] = {"out": str(out), "stages": {}}
+    if (out / RECORD).is_file():
+        record["stages"] = dict(read_json(out / RECORD).get("stages", {}))
+    started = time.time()
+
+    summary = run_search_stage(request, tune_dir, address, progress)
+    if summary.get("interrupted"):
+        raise UserError(f"the search in {tune_dir} was interrupted; rerun the same pipeline command to continue it")
+    if summary.get("best") is None:
+        raise UserError(f"no trial of the search in {tune_dir} completed; see {tune_dir / 'results.csv'}")
+    best = tune_dir / BEST
+    record["stages"]["search"] = {"dir": str(tune_dir), "best": summary["best"],
+                                  "heldout_metrics": summary.get("heldout_metrics"),
+                                  "report": str(tune_dir / REPORT), "run_dir": str(best)}
+    write_json(out / RECORD, record)
+
+    run_export_stage(best, ir_dir, precision)
+    record["stages"]["export"] = {"dir": str(ir_dir), "precision": precision}
+    write_json(out / RECORD, record)
+
+    dashboard_url = None
+    if serve is not None:
+        record["stages"]["serve"] = _deploy(ir_dir, serve, address)
+        dashboard_url = record["stages"]["serve"].get("dashboard")
+    record["dashboards"] = _dashboards(tune_dir, dashboard_url)
+    record["seconds"] = round(time.time() - started, 1)
+    write_json(out / RECORD, record)
+    if storage:
+        record["published"] = publish(out, storage)
+        write_json(out / RECORD, record)
+        log(f"published: {out} -> {record['published']}")
+    return record
+
+
+def _deploy(ir_dir: Path, opts: ServeOptions, address: str) -> dict:
+    """Deploy the model on the cluster's Serve and leave it running; returns the endpoint."""
+    import ray
+
+    from distributed_anomaly.serve.protocol import AppConfig
+    from distributed_anomaly.serve.server import start_server
+
+    cfg = AppConfig(models=[str(ir_dir)], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
+                    api_key=opts.api_key)
+    cfg.validate()
+    server = start_server(cfg, opts.host, opts.port, address, proxy_location=opts.proxy_location)
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        dash = get_dashboard_url()
+    except Exception:
+        dash = None
+    if server.started_ray:
+        ray.shutdown()  # disconnect this driver only: Serve's controller and the application are detached
+    log(f"serve: {server.url} (models: {', '.join(server.models)})")
+    return {"url": server.url, "predict": f"{server.url}/predict", "models": server.models,
+            "dashboard": (dash if not dash or dash.startswith("http") else f"http://{dash}")}
+
+
+def format_record(record: dict) -> str:
+    """The closing lines: where the model, the metrics, the dashboards and the endpoint are."""
+    s = record["stages"]
+    held = s["search"].get("heldout_metrics") or {}
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in held.items() if isinstance(v, float))
+    lines = [f"best run:   {s['search']['run_dir']}  ({metrics or 'no held-out metrics'})",
+             f"metrics:    {Path(s['search']['run_dir']) / 'metrics.json'}; search report {s['search']['report']}",
+             f"model:      {s['export']['dir']} (OpenVINO {s['export']['precision']})"]
+    d = record["dashboards"]
+    lines += [f"dashboards: Ray {d['ray']}", f"            TensorBoard: {d['tensorboard']}",
+              f"            Optuna: {d['optuna']}"]
+    if "serve" in s:
+        lines.append(f"endpoint:   POST {s['serve']['predict']}  (GET {s['serve']['url']}/metadata, /docs)")
+    else:
+        lines.append(f"endpoint:   not deployed; `distributed-anomaly serve --model {s['export']['dir']}` serves it "
+                     "(or rerun with --serve --address auto on a cluster)")
+    if record.get("published"):
+        lines.append(f"published:  {record['published']}")
+    return "\n".join(lines)

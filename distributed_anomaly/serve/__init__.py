@@ -1,0 +1,49 @@
+"""Ray Serve: exported OpenVINO models behind a deployment handle and an HTTP endpoint.
+
+    distributed-anomaly serve --model ir/washer ir/tile --port 8000          # the CLI (blocks until Ctrl-C)
+    serve run distributed_anomaly.serve:app models=ir/washer,ir/tile        # Ray's CLI, same application
+    serve deploy cluster/serve_config.yaml                                  # a running cluster
+
+    from distributed_anomaly.serve import AppConfig, start_server
+    server = start_server(AppConfig(models=["ir/washer"]), port=8000)
+    server.handle.predict.remote(rgb_array, "detection").result()          # same JSON as POST /predict
+    server.stop()
+
+`protocol` holds the Ray-free rules (registry, parsing, responses); `deployments` the Serve deployments and
+the application builder; `server` starting and stopping. Ray and FastAPI are imported only when the
+deployments are used, so `protocol` stays importable (and testable) without them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed_anomaly.serve.protocol import (
+    AppConfig,
+    HTTPError,
+    ModelEntry,
+    discover_models,
+)
+
+_LAZY = {
+    "app": "distributed_anomaly.serve.deployments",
+    "build_app": "distributed_anomaly.serve.deployments",
+    "AnomalyModel": "distributed_anomaly.serve.deployments",
+    "AnomalyIngress": "distributed_anomaly.serve.deployments",
+    "APP_NAME": "distributed_anomaly.serve.deployments",
+    "MODEL_DEPLOYMENT": "distributed_anomaly.serve.deployments",
+    "start_server": "distributed_anomaly.serve.server",
+    "serve_forever": "distributed_anomaly.serve.server",
+    "RunningServer": "distributed_anomaly.serve.server",
+}
+
+__all__ = ["APP_NAME", "MODEL_DEPLOYMENT", "AnomalyIngress", "AnomalyModel", "AppConfig", "HTTPError", "ModelEntry",
+           "RunningServer", "app", "build_app", "discover_models", "serve_forever", "start_server"]
+
+
+def __getattr__(name: str) -> Any:  # `serve run distributed_anomaly.serve:app` resolves `app` through this
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""A real multi-node Ray cluster on this machine for tests: `ray start` processes with token authentication.
+
+    with two_node_cluster(tmp_path, dashboard=True) as c:
+        subprocess.run([...], env=c.client_env)   # c.address (GCS), c.dashboard (job API), c.token
+
+Each node is `ray start --block` in its own process group with its own ports and temp dir, so stopping the
+cluster stops exactly its processes; anything left over (matched by temp dir or token) is killed, and the
+context manager fails the test if processes outlived it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Cluster:
+    address: str  # 127.0.0.1:GCS_PORT
+    token: str
+    client_env: dict  # environment of a client/driver: the token, no RAY_ADDRESS
+    dashboard: str | None = None  # http://127.0.0.1:PORT (job submission API) when started with dashboard=True
+    nodes: list = field(default_factory=list)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_node(temp_dir: str, ports: list[int], env: dict, log: Path, head_port: int | None, resources: dict,
+                cpus: int, dashboard: bool) -> subprocess.Popen:
+    common = [f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
+              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
+              f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 60}", "--disable-usage-stats"]
+    if head_port is None:
+        args = ["start", "--head", "--block", f"--port={ports[7]}", f"--include-dashboard={str(dashboard).lower()}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[8]}",
+                f"--ray-client-server-port={ports[9]}", *common]
+    else:
+        args = ["start", "--block", f"--address=127.0.0.1:{head_port}", *common]
+    return subprocess.Popen([RAY_BIN, *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start exited early"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _processes_of(temp_dir: str, token: str) -> list[psutil.Process]:
+    """Processes of the test cluster: their command line names its temp dir, or (workers rename themselves
+    `ray::...`) their environment holds its unique token. Nothing else on the machine matches."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_AUTH_TOKEN") == token:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+@contextlib.contextmanager
+def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extra_env: dict | None = None
+                     ) -> Iterator[Cluster]:
+    """Head (resource node_a) + worker (node_b), token auth on; yields once both are up; stops them all."""
+    base = tempfile.mkdtemp(prefix="dapd", dir="/tmp")  # short: Unix socket paths are limited to ~107 bytes
+    token = os.urandom(32).hex()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
+    ports = free_ports(20)
+    head_ports, worker_ports = ports[:10], ports[10:]
+    nodes: list[subprocess.Popen] = []
+    leftovers: list[psutil.Process] = []
+    try:
+        nodes.append(_start_node(f"{base}/h", head_ports, env, logs / "head.log", None, {"node_a": 1}, cpus,
+                                 dashboard))
+        wait_port(head_ports[7], nodes[0], 120)
+        if dashboard:
+            wait_port(head_ports[8], nodes[0], 120)
+        nodes.append(_start_node(f"{base}/w", worker_ports, env, logs / "worker.log", head_ports[7],
+                                 {"node_b": 1}, cpus, False))
+        client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        yield Cluster(address=f"127.0.0.1:{head_ports[7]}", token=token, client_env=client_env,
+                      dashboard=f"http://127.0.0.1:{head_ports[8]}" if dashboard else None, nodes=nodes)
+    finally:
+        for proc in reversed(nodes):  # worker node first, then the head
+            if proc.poll() is None:
+                _signal(proc.pid, signal.SIGTERM)
+        for proc in reversed(nodes):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _signal(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _processes_of(base, token) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = _processes_of(base, token)
+        for p in leftovers:  # ours: their command lines name our temp dir, or they hold our token
+            _signal(p.pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+    assert not leftovers, f"processes of the test cluster outlived it: {[p.pid for p in leftovers]}"

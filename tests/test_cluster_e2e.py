@@ -1,0 +1,82 @@
+"""End to end on a real two-node Ray cluster (token auth on): `ray job submit` the pipeline, follow it, check its
+outputs, get a correct answer from the model it deployed on Serve over HTTP, rerun it (finished stages are
+skipped), and stop every process the test started (tests/ray_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from distributed_anomaly.data.images import read_image
+from distributed_anomaly.data.mvtec import load_dataset, records_of_split
+from ray_cluster import RAY_BIN, free_ports, two_node_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY_BIN, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _submit(cluster, env: dict, pipeline_args: list[str]) -> tuple[str, str]:
+    """Submit, follow the logs to the end, return (final status line, logs)."""
+    sub = _ray(["job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+                "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--no-wait", "--",
+                "distributed-anomaly", "pipeline", *pipeline_args], env, 300)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+    job = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr)
+    assert job, sub.stdout + sub.stderr
+    logs = _ray(["job", "logs", "--address", cluster.dashboard, "--follow", job.group(0)], env, 1200)
+    status = _ray(["job", "status", "--address", cluster.dashboard, job.group(0)], env, 120)
+    return status.stdout + status.stderr, logs.stdout + logs.stderr
+
+
+@pytest.mark.slow
+def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pipeline"
+    port = free_ports(1)[0]
+    path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    args = ["--data", str(demo_category), "--space", "search_spaces/padim.yaml", "--samples", "2",
+            "--fix", "backbone=resnet18", "--fix", "image_size=128", "--no-pretrained", "--out", str(out),
+            "--address", "auto", "--quiet"]
+    serve_args = ["--serve", "--host", "127.0.0.1", "--port", str(port), "--proxy-location", "HeadOnly"]
+    with two_node_cluster(tmp_path, cpus=3, dashboard=True, extra_env=path_env) as cluster:
+        # Ray's CLI clients (ray job ...) need token mode on as well as the token (cluster/README.md)
+        env = {**cluster.client_env, "RAY_AUTH_MODE": "token", **path_env}
+        status, logs = _submit(cluster, env, [*args, *serve_args])
+        assert "succeeded" in status.lower(), f"{status}\n{logs[-5000:]}"
+
+        # outputs: the search, its best run, the OpenVINO model, the record of it all
+        record = json.loads((out / "pipeline.json").read_text())
+        summary = json.loads((out / "tune" / "summary.json").read_text())
+        assert summary["trials"] == 2 and summary["completed"] >= 1 and summary["best"] is not None
+        assert json.loads((out / "tune" / "best" / "metrics.json").read_text())["image_auroc"] is not None
+        assert (out / "model" / "model.xml").is_file() and record["stages"]["export"]["dir"] == str(out / "model")
+        url = record["stages"]["serve"]["url"]
+        assert url == f"http://127.0.0.1:{port}" and "endpoint:" in logs and url in logs
+
+        # the deployed model answers over HTTP as the same IR does in this process
+        from distributed_anomaly.inference import OpenVINOInferencer
+
+        defect = next(r for r in records_of_split(load_dataset(demo_category), "test") if r.label)
+        body = Path(defect.path).read_bytes()
+        req = urllib.request.Request(f"{url}/predict?task=detection", data=body, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+            answer = json.loads(resp.read())
+        local = OpenVINOInferencer(out / "model").predict([read_image(defect.path)])[0]
+        assert answer["score"] == pytest.approx(local.score, abs=1e-5)
+        assert answer["label"] == local.label and len(answer["boxes"]) == len(local.boxes)
+
+        # a rerun of the same job finds every stage done and says so
+        status, logs = _submit(cluster, env, args)
+        assert "succeeded" in status.lower(), f"{status}\n{logs[-5000:]}"
+        assert "search: already finished" in logs and "export:" in logs and "skipping" in logs
