@@ -4,7 +4,7 @@
     .venv/bin/python bench/padim_fit.py --n 200 --workers 1,2,4 --num-cpus 8
 
 Each configuration runs in a fresh subprocess, so memory figures do not mix. Peak memory is sampled every
-0.1 s over the process and all its descendants (for Ray: the driver plus the local cluster it started --
+0.5 s over the process and all its descendants (for Ray: the driver plus the local cluster it started --
 gcs, raylet, agents, pool actors, statistics actors, decode workers): the sum of RSS (counts shared
 object-store pages once per process that maps them) and the sum of PSS (shared pages split between the
 processes: the honest total). "delta" is the peak minus the same sum just before the fit call (for Ray:
@@ -47,7 +47,11 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
 
 
 class PeakSampler(threading.Thread):
-    def __init__(self, interval: float = 0.1) -> None:
+    """Peak memory of this process tree. Reading PSS parses /proc/PID/smaps_rollup of every process, which
+    costs CPU in proportion to the number of processes (a Ray fit has ~20): sampled every 0.5 s, it takes a
+    few % of a core instead of half of one (at 0.1 s it biased the throughput against the Ray runs)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.root = psutil.Process()
         self.interval = interval

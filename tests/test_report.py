@@ -291,6 +291,23 @@ def test_report_for_run_writes_run_dir_report(run_report: Path, run: Path, score
 # a real browser
 # --------------------------------------------------------------------------------------------------------
 
+def run_chromium(commands: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+    """Run headless Chromium commands side by side; {name: (stdout, stderr)}, each asserted to exit 0."""
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in commands.items()}
+    out = {}
+    try:
+        for k, p in procs.items():
+            out[k] = p.communicate(timeout=90)
+            assert p.returncode == 0, f"chromium {k} failed ({p.returncode}): {out[k][1][-2000:]}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
 PROBE = """<script>
 window.addEventListener("load", () => {
   const imgs = Array.from(document.images);
@@ -319,18 +336,7 @@ def test_report_renders_in_headless_chromium(run_report: Path, chromium: str, tm
         "dom": [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
                 "--virtual-time-budget=5000", "--dump-dom", probe_page.resolve().as_uri()],
     }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
-    out = {}
-    try:
-        for k, p in procs.items():
-            out[k] = p.communicate(timeout=90)
-            assert p.returncode == 0, f"chromium {k} failed ({p.returncode}): {out[k][1][-2000:]}"
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    out = run_chromium(commands)
 
     dom = out["dom"][0]
     m = re.search(r'<div id="probe"([^>]*)>', dom)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from distributed_anomaly.models.backbones import get_spec, validate_layers
 from distributed_anomaly.tuning import objective as O
 from distributed_anomaly.tuning import results as R
 from distributed_anomaly.tuning.space import SpaceError, load_space, parse_space, preview, trial_configs
-from test_report import CHROMIUM_FLAGS, PROBE, chromium  # noqa: F401  (chromium: the session fixture)
+from test_report import CHROMIUM_FLAGS, PROBE, chromium, run_chromium  # noqa: F401  (chromium: the session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -235,17 +236,18 @@ def test_objectives_match_the_evaluation_code_and_the_epoch_hook_leaves_the_mode
     records = load_dataset(demo_category)
     fit, val = split_train_val(records, 0.2, 0)
     search, _ = O.split_test(records_of_split(records, "test"), 0.5, 0)
-    data = O.ObjectiveData(tuple(search), tuple(val), copies=2, seed=0)
-    padim = rundir.build_model(ModelConfig("padim", "mobilenet_v2", image_size=64), weights_file=str(mobilenet_weights))
+    data = O.ObjectiveData(tuple(search), tuple(val[:2]), copies=2, seed=0)
+    layers = ("features.3", "features.6")
+    padim = rundir.build_model(ModelConfig("padim", "mobilenet_v2", layers, 32, image_size=64),
+                               weights_file=str(mobilenet_weights))
     engine.fit_padim(padim, fit, 8, progress=False)
-    values = data.evaluate(padim, batch_size=8)
+    values = data.evaluate(padim, batch_size=5)  # batches that do not divide the sets
     maps = engine.anomaly_maps(padim, search, 64, 8, progress=False)
     labels = np.array([r.label for r in search], bool)
     assert values["val_auroc"] == pytest.approx(metrics.auroc(maps.reshape(len(maps), -1).max(1), labels))
     assert 0.0 <= values["synthetic_auroc"] <= 1.0 and 0.0 <= values["synthetic_pixel_auroc"] <= 1.0
-    assert data.evaluate(padim, batch_size=3) == pytest.approx(values)  # batching does not matter
 
-    stfpm = rundir.build_model(ModelConfig("stfpm", "mobilenet_v2", ("features.3", "features.6"), image_size=64),
+    stfpm = rundir.build_model(ModelConfig("stfpm", "mobilenet_v2", layers, image_size=64),
                                weights_file=str(mobilenet_weights))
     stfpm.train()
     before = {k: v.clone() for k, v in stfpm.state_dict().items()}
@@ -316,8 +318,8 @@ def _study(db: Path) -> list[tuple[int, str, str]]:
     return [(n, s, params.get(n, "")) for n, s in rows]
 
 
-def _interrupt_after_first_completed_trial(db: Path, done: threading.Event, seen: dict) -> None:
-    """Ctrl-C for this process (Tune catches it and stops gracefully) once the study has a COMPLETE trial."""
+def _interrupt_after_first_completed_trial(db: Path, done: threading.Event, seen: dict, pid: int) -> None:
+    """Ctrl-C for the `tune` process (Tune catches it and stops gracefully) once the study has a COMPLETE trial."""
     deadline = time.monotonic() + 1200
     while not done.is_set() and time.monotonic() < deadline:
         if db.exists():
@@ -327,7 +329,7 @@ def _interrupt_after_first_completed_trial(db: Path, done: threading.Event, seen
                 states = []
             if any(s == "COMPLETE" for _, s, _ in states):
                 seen["at_interrupt"] = states
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(pid, signal.SIGINT)
                 return
         time.sleep(0.3)
 
@@ -341,21 +343,31 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
     out = work / "tune_out"
     argv = ["tune", "--data", str(demo_category), "--space", str(space), "--samples", "3", "--out", str(out),
             "--weights", f"mobilenet_v2={mobilenet_weights}", "--seed", "0"]
+    # The search runs as the CLI in its own process (its own local Ray), as a user runs it: the Ctrl-C goes to
+    # that process, not to pytest's, which holds the session's Ray, OpenVINO and torch threads.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "distributed_anomaly"]
     done, seen = threading.Event(), {}
-    watcher = threading.Thread(target=_interrupt_after_first_completed_trial, args=(out / "study.db", done, seen),
-                               daemon=True)
     start = time.monotonic()
+    proc = subprocess.Popen([*cmd, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = threading.Thread(target=_interrupt_after_first_completed_trial,
+                               args=(out / "study.db", done, seen, proc.pid), daemon=True)
     watcher.start()
     try:
-        first_rc = cli.main(argv)
+        log, _ = proc.communicate(timeout=1500)
     finally:
         done.set()
         watcher.join(timeout=5)
-    first = {"rc": first_rc, "seconds": time.monotonic() - start,
+        if proc.poll() is None:
+            proc.kill()
+    first = {"rc": proc.returncode, "seconds": time.monotonic() - start, "log": log,
              "summary": json.loads((out / "summary.json").read_text()),
              "trial_results": {p.parent.name: p.read_bytes() for p in (out / "search").glob("trial_*/result.json")},
              "checkpoints": {p.parent.name: p.stat().st_mtime for p in (out / "search").glob("trial_*/checkpoint_*")}}
-    resumed_rc = cli.main(["tune", "--out", str(out), "--resume"])
+    resumed = subprocess.run([*cmd, "tune", "--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=1500)
+    resumed_rc = resumed.returncode
+    first["resume_log"] = resumed.stdout + resumed.stderr
     return {"out": out, "first": first, "seen": seen, "resumed_rc": resumed_rc, "seconds": time.monotonic() - start,
             "data": demo_category}
 
@@ -363,10 +375,10 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_repeating_finished_trials(search) -> None:
     out, first = search["out"], search["first"]
-    assert first["rc"] == 130, "the first run should stop on the interrupt and say how to resume"
+    assert first["rc"] == 130, f"the first run should stop on the interrupt and say how to resume:\n{first['log'][-3000:]}"
     assert first["summary"]["interrupted"] and first["summary"]["completed"] == 1
     assert [s for _, s, _ in search["seen"]["at_interrupt"]].count("COMPLETE") == 1
-    assert search["resumed_rc"] == 0
+    assert search["resumed_rc"] == 0, first["resume_log"][-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["interrupted"] and summary["trials"] == 3 and summary["completed"] == 3
     # the trial finished before the interrupt was not run again: its results and checkpoint are untouched
@@ -402,6 +414,7 @@ def test_tiny_search_end_to_end_study_best_and_outputs(search, tmp_path: Path) -
     result_file = out / "search" / f"trial_{stfpm['trial']}" / "result.json"
     lines = [json.loads(line) for line in result_file.read_text().splitlines()]
     assert [l.get("epoch") for l in lines] == [0, 1, None] and all("objective" in l for l in lines)
+    assert all(l.get("train_placement_group") for l in lines[:2])  # what a stopped trial's cleanup releases
     assert not (out / "search" / f"trial_{stfpm['trial']}" / "ray_train").exists()  # nested checkpoints removed
     # TensorBoard logs per trial
     assert all(list(d.glob("events.out.tfevents.*")) for d in (out / "search").glob("trial_*"))
@@ -433,18 +446,9 @@ def _render(browser: str, page: Path, tmp_path: Path) -> tuple[dict, np.ndarray]
                                page.resolve().as_uri()],
                 "dom": [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--virtual-time-budget=5000",
                         "--dump-dom", probe_page.resolve().as_uri()]}
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
-    out = {}
     try:
-        for k, p in procs.items():
-            out[k] = p.communicate(timeout=90)
-            assert p.returncode == 0, f"chromium {k} failed ({p.returncode}): {out[k][1][-2000:]}"
+        out = run_chromium(commands)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         probe_page.unlink(missing_ok=True)
     m = re.search(r'<div id="probe"([^>]*)>', out["dom"][0])
     assert m, "the probe did not run: " + out["dom"][0][-500:]
@@ -475,6 +479,55 @@ def test_tune_report_renders_in_headless_chromium(search, chromium: str, tmp_pat
     assert img.std() > 20, "screenshot looks blank"
     assert (img < 200).mean() > 0.03, "too little content drawn"
     assert img[:1200].std() > 10, "summary and trials not drawn"
+
+
+def test_searcher_records_completed_pruned_and_failed_trials_in_the_study() -> None:
+    """Tune trial outcomes as Optuna states: final report -> COMPLETE, stopped by ASHA before it -> PRUNED with
+    the value it was stopped on, an exception -> FAIL; the define-by-run config carries the Optuna number."""
+    import optuna
+
+    from distributed_anomaly.tuning.search import DefineByRun, PrunedAwareOptunaSearch
+
+    space = parse_space(TINY_SPACE, "tiny.yaml")
+    searcher = PrunedAwareOptunaSearch(space=DefineByRun(space), metric="objective", mode="max",
+                                       sampler=optuna.samplers.TPESampler(seed=0), study_name="s")
+    configs = {t: searcher.suggest(t) for t in ("done", "pruned", "failed")}
+    assert [c["optuna_trial"] for c in configs.values()] == [0, 1, 2]
+    assert all(c["backbone"] == "mobilenet_v2" and c["image_size"] == 64 for c in configs.values())
+    searcher.on_trial_result("done", {"objective": 0.6, "training_iteration": 1})
+    searcher.on_trial_complete("done", {"objective": 0.7, "training_iteration": 2, "final": 1})
+    searcher.on_trial_result("pruned", {"objective": 0.3, "training_iteration": 1})
+    searcher.on_trial_complete("pruned", {"objective": 0.2, "training_iteration": 2})  # ASHA's last word
+    searcher.on_trial_complete("failed", None, error=True)
+    trials = searcher._ot_study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials[0].value == 0.7 and trials[1].intermediate_values == {1: 0.3, 2: 0.2} and trials[1].value == 0.2
+    assert trials[0].user_attrs["config"]["backbone"] == "mobilenet_v2"  # fixed settings recorded per trial
+
+
+@pytest.mark.slow
+def test_a_stopped_trials_train_placement_group_is_released(ray_local) -> None:
+    """ASHA's stop kills a trial with its Ray Train controller; the workers' placement group it reported is
+    removed by the driver (else it holds CPUs the next trials wait for)."""
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from distributed_anomaly.tuning.search import TRAIN_PG_KEY, TrialProgress
+
+    pg = placement_group([{"CPU": 0.5}])
+    ray_local.get(pg.ready(), timeout=120)
+
+    class Trial:
+        trial_id = "t"
+
+        def __init__(self, **result) -> None:
+            self.last_result = {TRAIN_PG_KEY: pg.id.hex(), "objective": 0.5, **result}
+
+    progress = TrialProgress(quiet=True)
+    assert not progress.release_train_resources(Trial(final=1))  # a finished trial's run released it itself
+    assert placement_group_table(pg)["state"] == "CREATED"
+    assert progress.release_train_resources(Trial())
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert not progress.release_train_resources(Trial())
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ TUNE_INFO = "tune.json"  # in best/: which trial, why, on which images
 STUDY_NAME = "distributed-anomaly"
 TRIAL_DRIVER_CPUS = 1.0
 OBJECTIVE_KEY = "objective"  # the Tune / Optuna metric; the named objective is reported under its name too
+TRAIN_PG_KEY = "train_placement_group"  # an STFPM trial's Ray Train placement group (EpochReport)
 
 
 def log(msg: str) -> None:
@@ -233,10 +234,13 @@ def run_trial(config: dict, request: dict, out: str) -> None:
 
         nested = trial_dir / "ray_train"  # a trial restarted after an interrupted search trains from scratch
         shutil.rmtree(nested, ignore_errors=True)
-        hook = EpochObjective(obj_data, objective, tuple(data.fit), tcfg.batch_size, cfg.seed, tcfg.bn_recompute)
+        hook = EpochReport(EpochObjective(obj_data, objective, tuple(data.fit), tcfg.batch_size, cfg.seed,
+                                          tcfg.bn_recompute))
+        # max_failures=0: a trial whose worker dies fails (and the search goes on) rather than restarting its
+        # worker group, which would also reserve a new placement group behind TrialProgress's back.
         model, ray_info = train_stfpm_ray(cfg, tcfg, data.fit, data.val, workers=req.workers, model=model,
                                           storage=str(nested), run_name="stfpm", progress=False, epoch_eval=hook,
-                                          callbacks=[TuneReportCallback()])
+                                          callbacks=[TuneReportCallback()], max_failures=0)
         history = ray_info.pop("history")
         epochs_run = ray_info["epochs_run"]
         info.update(best_epoch=ray_info["best_epoch"], epochs_run=epochs_run, stopped_early=ray_info["stopped_early"],
@@ -261,6 +265,42 @@ def run_trial(config: dict, request: dict, out: str) -> None:
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+class EpochReport:
+    """The per-epoch objective, plus the placement group of the Train worker that computed it (rank 0).
+
+    When ASHA stops an STFPM trial, Tune kills the trial's process, and with it the Ray Train controller it
+    started, before the controller can release its workers' placement group: the group is scoped to the job,
+    not to the controller, and Ray Train's own cleaner needs the state API (the dashboard, and a single Ray
+    instance per machine), which a test cluster or a shared machine may not have. Left there, it holds
+    `workers` CPUs until the search ends, and the next trials' decode tasks can wait for them forever.
+    Reporting its id lets TrialProgress remove it.
+    """
+
+    def __init__(self, hook: EpochObjective) -> None:
+        self.hook = hook
+
+    def __call__(self, model: Any, epoch: int) -> dict:
+        import ray
+
+        out = self.hook(model, epoch)
+        pg = ray.get_runtime_context().get_placement_group_id()
+        if pg:
+            out[TRAIN_PG_KEY] = pg
+        return out
+
+
+def release_placement_group(pg_hex: str) -> bool:
+    """Remove a placement group by its hex id unless it is already gone; True if this call removed it."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg = PlacementGroup(PlacementGroupID.from_hex(pg_hex))
+    if placement_group_table(pg).get("state", "REMOVED") == "REMOVED":
+        return False
+    remove_placement_group(pg)
+    return True
+
+
 # --------------------------------------------------------------------------------------------- driver side
 
 
@@ -283,8 +323,12 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result and not error and not result.get("final") and trial_id in self._ot_trials \
                 and trial_id not in self._completed_trials:
+            ot_trial = self._ot_trials[trial_id]
             try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                if result.get(self.metric) is not None and result.get("training_iteration") is not None:
+                    # The result ASHA stopped on reaches the searcher here, not through on_trial_result.
+                    ot_trial.report(result[self.metric], result["training_iteration"])
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             except Exception as exc:  # as OptunaSearch does: bookkeeping never stops the search
                 logging.getLogger(__name__).warning(exc)
             self._completed_trials.add(trial_id)
@@ -297,10 +341,24 @@ def trial_dirname(trial: Any) -> str:
 
 
 class TrialProgress(Callback):
-    """One line per trial start, completion, early stop or failure (Tune's own status table is off)."""
+    """One line per trial start, completion, early stop or failure (Tune's own status table is off); and the
+    Train placement group of a trial stopped before its end released (see EpochReport)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
+
+    def release_train_resources(self, trial: Any) -> bool:
+        r = trial.last_result or {}
+        if r.get("final") or not r.get(TRAIN_PG_KEY):
+            return False
+        path = str(getattr(trial, "path", "") or "")
+        if path and "://" not in path:  # its student checkpoints: the trial did not get to remove them
+            shutil.rmtree(Path(path) / "ray_train", ignore_errors=True)
+        try:
+            return release_placement_group(r[TRAIN_PG_KEY])
+        except Exception as exc:  # never let cleanup stop the search; say what may now be held
+            log(f"warning: could not release placement group {r[TRAIN_PG_KEY]} of trial {trial.trial_id}: {exc}")
+            return False
 
     @staticmethod
     def _params(trial: Any) -> str:
@@ -311,6 +369,7 @@ class TrialProgress(Callback):
             log(f"trial {trial.trial_id} started: {self._params(trial)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.release_train_resources(trial)
         if self.quiet:
             return
         r = trial.last_result or {}
@@ -322,6 +381,7 @@ class TrialProgress(Callback):
                 f"(objective {r[OBJECTIVE_KEY]:.4f})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.release_train_resources(trial)
         if self.quiet:
             return
         error = None
@@ -344,8 +404,8 @@ def _new_tuner(request: TuneRequest, space: SearchSpace, out: Path, budget: Budg
                        ("fixes", list(request.fixes)), ("samples", request.samples)):
         study.set_user_attr(key, value)
     searcher = PrunedAwareOptunaSearch(space=DefineByRun(space), metric=OBJECTIVE_KEY, mode="max",
-                                sampler=optuna.samplers.TPESampler(seed=request.seed), storage=storage,
-                                study_name=STUDY_NAME)
+                                       sampler=optuna.samplers.TPESampler(seed=request.seed), storage=storage,
+                                       study_name=STUDY_NAME)
     max_epochs = space.max_epochs()
     if max_epochs:  # STFPM trials report every epoch (+ once at the end); ASHA compares them at the same epoch
         scheduler = ASHAScheduler(metric=OBJECTIVE_KEY, mode="max", time_attr="training_iteration",
