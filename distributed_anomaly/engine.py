@@ -7,7 +7,7 @@ import sys
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -130,12 +130,23 @@ def recompute_batchnorm(model: Stfpm, records: Sequence[Record], batch_size: int
     minimised with. One no-grad pass in train mode with a cumulative average (momentum None) gives the
     statistics of the weights that are kept. Returns the number of images used (0: no batch norm).
     """
-    bn = [m for m in model.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bn or not records:
+    if not records or not _batchnorms(model):
         return 0
     if len(records) > max_images:
         idx = np.sort(np.random.default_rng(seed).choice(len(records), max_images, replace=False))
         records = [records[i] for i in idx]
+    batchnorm_statistics_from(model, (x for _, x in iter_batches(records, model.image_size, batch_size)))
+    return len(records)
+
+
+def _batchnorms(model: Stfpm) -> list[torch.nn.Module]:
+    return [m for m in model.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_statistics_from(model: Stfpm, batches: Iterable[torch.Tensor]) -> None:
+    """The core of recompute_batchnorm for batches already prepared (e.g. on a device): reset, cumulative
+    average over `batches`, momentum restored, model left in eval mode."""
+    bn = _batchnorms(model)
     saved = [m.momentum for m in bn]
     model.eval()
     for m in bn:
@@ -144,13 +155,12 @@ def recompute_batchnorm(model: Stfpm, records: Sequence[Record], batch_size: int
         m.train()
     try:
         with torch.no_grad():
-            for _, x in iter_batches(records, model.image_size, batch_size):
+            for x in batches:
                 model.student(x)
     finally:
         for m, momentum in zip(bn, saved):
             m.momentum = momentum
         model.eval()
-    return len(records)
 
 
 @dataclass

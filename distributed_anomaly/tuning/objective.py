@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from distributed_anomaly import metrics
+from distributed_anomaly import engine, metrics
 from distributed_anomaly.data.images import read_image, resize_mask, to_tensor
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record
@@ -145,22 +145,6 @@ class ObjectiveData:
         return out
 
 
-def recompute_batchnorm_on_device(model: torch.nn.Module, images: Iterator[torch.Tensor]) -> None:
-    """engine.recompute_batchnorm's exact (cumulative) student BN statistics, for batches already on the device."""
-    bn = [m for m in model.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bn:
-        return
-    model.eval()
-    for m in bn:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for x in images:
-            model.student(x)
-    model.eval()
-
-
 @dataclass(frozen=True)
 class EpochObjective:
     """stfpm_train's `epoch_eval` hook: the objective of the model as it is after an epoch, on rank 0.
@@ -187,7 +171,7 @@ class EpochObjective:
             device, size = _device(scored), int(scored.image_size)
             batches = (to_tensor([read_image(r.path) for r in records[i: i + self.batch_size]], size).to(device)
                        for i in range(0, len(records), self.batch_size))
-            recompute_batchnorm_on_device(scored, batches)
+            engine.batchnorm_statistics_from(scored, batches)
         values = self.data.evaluate(scored, self.batch_size)
         out = {k: v for k, v in values.items() if v is not None}
         if values.get(self.objective) is not None:
