@@ -29,8 +29,12 @@ from pathlib import Path
 import psutil
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_anomalib import TreeMonitor  # noqa: E402  (its cheap smaps_rollup PSS reader)
+
+
 def tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """(sum RSS, sum PSS) in bytes over root and its descendants."""
+    """(sum RSS, sum PSS) in bytes over root and its descendants (PSS falls back to RSS where unreadable)."""
     rss = pss = 0
     try:
         procs = [root, *root.children(recursive=True)]
@@ -38,18 +42,18 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
         procs = [root]
     for p in procs:
         try:
-            m = p.memory_full_info()
-            rss += m.rss
-            pss += getattr(m, "pss", m.rss)
+            r = p.memory_info().rss
         except psutil.Error:
-            pass
+            continue
+        rss += r
+        pss += TreeMonitor._pss(p.pid) or r
     return rss, pss
 
 
 class PeakSampler(threading.Thread):
-    """Peak memory of this process tree. Reading PSS parses /proc/PID/smaps_rollup of every process, which
-    costs CPU in proportion to the number of processes (a Ray fit has ~20): sampled every 0.5 s, it takes a
-    few % of a core instead of half of one (at 0.1 s it biased the throughput against the Ray runs)."""
+    """Peak memory of this process tree, sampled every 0.5 s. Each sample reads every process's memory (a Ray fit
+    has ~20 processes); psutil's memory_full_info, which parses the whole smaps file, took half a core at 0.1 s
+    and biased the throughput against the Ray runs, so PSS now comes from smaps_rollup."""
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__(daemon=True)

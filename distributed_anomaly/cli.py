@@ -199,7 +199,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "of their range) or int8 (NNCF post-training quantization on the run's training images; "
                    "image AUROC within 0.01)")
     p.add_argument("--calibration-images", type=int, default=300,
-                   help=f"int8: number of training images to calibrate on (default 300)")
+                   help="int8: number of training images to calibrate on (default 300)")
     p.add_argument("--data", help="int8: dataset folder for calibration (default: the one the run was trained on)")
     p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="segmentation",
                    help="task recorded for OpenVINO Model API (default segmentation)")

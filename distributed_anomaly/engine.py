@@ -7,7 +7,7 @@ import sys
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -107,46 +107,36 @@ def stfpm_epoch(model: Stfpm | torch.nn.Module, batches, optimizer: torch.optim.
     return total / max(n, 1), n
 
 
-def stfpm_val_loss(model: Stfpm, batches) -> float:
-    """Mean loss per image on held-out normal images (no anomalies needed for model selection)."""
+def stfpm_val_loss(model: Stfpm, batches) -> tuple[float, int]:
+    """(mean loss per image, images seen) on held-out normal images (no anomalies needed for model selection)."""
     model.eval()
     total, n = 0.0, 0
     with torch.inference_mode():
         for x in batches:
             total += float(model.loss(x))
             n += x.shape[0]
-    return total / max(n, 1)
+    return total / max(n, 1), n
 
 
 BN_RECOMPUTE_MAX_IMAGES = 512  # a seeded sample; population statistics need hundreds of images, not all
 
 
 def recompute_batchnorm(model: Stfpm, records: Sequence[Record], batch_size: int = 32, seed: int = 0,
-                        max_images: int = BN_RECOMPUTE_MAX_IMAGES) -> int:
+                        max_images: int = BN_RECOMPUTE_MAX_IMAGES, device: torch.device | None = None) -> int:
     """Replace the student's batch-norm running statistics by exact ones of its final weights.
 
     During training the running statistics are a moving average over batches seen with *earlier* weights
     (and a short run has taken few steps), so the eval-mode student differs from the one the loss was
-    minimised with. One no-grad pass in train mode with a cumulative average (momentum None) gives the
-    statistics of the weights that are kept. Returns the number of images used (0: no batch norm).
+    minimised with. One no-grad pass in train mode with a cumulative average (momentum None) over a seeded
+    sample of at most `max_images` images (on `device`, default CPU) gives the statistics of the weights that
+    are kept; the model is left in eval mode. Returns the number of images used (0: no batch norm).
     """
-    if not records or not _batchnorms(model):
+    bn = batchnorms(model.student)
+    if not records or not bn:
         return 0
     if len(records) > max_images:
         idx = np.sort(np.random.default_rng(seed).choice(len(records), max_images, replace=False))
         records = [records[i] for i in idx]
-    batchnorm_statistics_from(model, (x for _, x in iter_batches(records, model.image_size, batch_size)))
-    return len(records)
-
-
-def _batchnorms(model: Stfpm) -> list[torch.nn.Module]:
-    return [m for m in model.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-def batchnorm_statistics_from(model: Stfpm, batches: Iterable[torch.Tensor]) -> None:
-    """The core of recompute_batchnorm for batches already prepared (e.g. on a device): reset, cumulative
-    average over `batches`, momentum restored, model left in eval mode."""
-    bn = _batchnorms(model)
     saved = [m.momentum for m in bn]
     model.eval()
     for m in bn:
@@ -155,12 +145,18 @@ def batchnorm_statistics_from(model: Stfpm, batches: Iterable[torch.Tensor]) -> 
         m.train()
     try:
         with torch.no_grad():
-            for x in batches:
-                model.student(x)
+            for _, x in iter_batches(records, model.image_size, batch_size):
+                model.student(x if device is None else x.to(device))
     finally:
         for m, momentum in zip(bn, saved):
             m.momentum = momentum
         model.eval()
+    return len(records)
+
+
+def batchnorms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The batch-norm layers of `module` (the student's, for STFPM)."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 @dataclass
@@ -187,7 +183,7 @@ def train_stfpm(model: Stfpm, train: Sequence[Record], val: Sequence[Record], *,
         order = [train[i] for i in rng.permutation(len(train))]
         batches = (x for _, x in iter_batches(order, model.image_size, batch_size))
         train_loss, n = stfpm_epoch(model, batches, optimizer)
-        val_loss = (stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))
+        val_loss = (stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))[0]
                     if val else None)
         seconds = time.perf_counter() - start
         result.history.append(EpochResult(epoch, train_loss, val_loss, n / seconds, seconds))

@@ -67,9 +67,9 @@ from distributed_anomaly import __version__, rundir
 from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
+from distributed_anomaly.postprocess import TASKS
 
 PRECISIONS = ("fp32", "fp16", "int8")
-TASKS = ("classification", "detection", "segmentation")
 INPUT_NAME, OUTPUT_NAME = "image", "anomaly_map"
 XML, BIN, METADATA, POSTPROCESS = "model.xml", "model.bin", "metadata.json", rundir.POSTPROCESS
 IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
@@ -220,21 +220,6 @@ def quantize_int8(ov_model, calibration: list[np.ndarray]):
         nncf_logger.setLevel(level)
 
 
-class _CompiledAsModule:
-    """A compiled OpenVINO model behind the torch-module interface `engine.anomaly_maps` expects."""
-
-    def __init__(self, compiled) -> None:
-        self.compiled = compiled
-
-    def eval(self) -> "_CompiledAsModule":
-        return self
-
-    def __call__(self, x):
-        import torch
-
-        return torch.from_numpy(np.array(self.compiled({INPUT_NAME: x.numpy()})[0]))
-
-
 def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike | None):
     """Thresholds and normalisation refitted on the quantized model's own maps, by the training rule.
 
@@ -254,7 +239,15 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
     calib = records_of_split(records, "test") if tcfg.calibrate_on_test else val
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    post = calibrate(_CompiledAsModule(compiled), cfg, tcfg, calib, fit_records, progress=False)
+
+    def score(recs, what: str) -> np.ndarray:  # training.Scorer: the quantized model's raw maps
+        from distributed_anomaly.data.loader import iter_batches
+
+        maps = [np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
+                for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)]
+        return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
+
+    post = calibrate(None, cfg, tcfg, calib, fit_records, progress=False, score=score)
     post.min_region_fraction = old_post.min_region_fraction
     post.extra = {**post.extra, "recalibrated_for": "int8", "torch_image_threshold": old_post.image_threshold,
                   "torch_pixel_threshold": old_post.pixel_threshold}

@@ -70,7 +70,7 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
         summary_file = tune_dir / SUMMARY
         if summary_file.is_file() and (tune_dir / BEST / "config.json").is_file():
             summary = read_json(summary_file)
-            if not summary.get("interrupted"):
+            if not summary.get("interrupted") and summary.get("best"):
                 log(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
                 return {**summary, "rows": None, "skipped": True}
         log(f"search: continuing the interrupted search in {tune_dir}")

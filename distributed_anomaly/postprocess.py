@@ -29,6 +29,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+# The three task types: the same maps, post-processed into a label, boxes or a mask.
+TASKS = ("classification", "detection", "segmentation")
+
 from distributed_anomaly import metrics
 
 SIGMA_K = 3.0

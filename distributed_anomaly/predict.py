@@ -15,9 +15,8 @@ from distributed_anomaly import rundir
 from distributed_anomaly.data.images import is_image_file, read_image, to_tensor
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.fileio import atomic_write, write_json
-from distributed_anomaly.postprocess import PostProcessor, Prediction
+from distributed_anomaly.postprocess import TASKS, PostProcessor, Prediction
 
-TASKS = ("classification", "detection", "segmentation")
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

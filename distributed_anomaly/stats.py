@@ -62,10 +62,10 @@ class GaussianStats:
             return self
         if self.mean.shape != other.mean.shape:
             raise ValueError(f"cannot merge statistics of shapes {tuple(self.mean.shape)} and {tuple(other.mean.shape)}")
-        if self.count == 0:
+        if self.count == 0:  # in place, so a view of a larger accumulator (padim_fit's chunked merge) stays one
             self.count = other.count
-            self.mean = other.mean.to(self.dtype).clone()
-            self.m2 = other.m2.to(self.dtype).clone()
+            self.mean.copy_(other.mean)
+            self.m2.copy_(other.m2)
             return self
         n_a, n_b = self.count, other.count
         n = n_a + n_b

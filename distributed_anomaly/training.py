@@ -60,8 +60,9 @@ def evaluate_model(model, cfg: ModelConfig, post: PostProcessor, test: list[Reco
     return compute_metrics(maps, test, masks, post), maps, masks
 
 
-def _finish(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
-            post: PostProcessor, report: bool) -> None:
+def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
+               post: PostProcessor, report: bool) -> None:
+    """metrics.json, and with `report` the HTML report beside it (its path added to `metrics`)."""
     write_json(Path(run) / rundir.METRICS, metrics)
     if report:
         from distributed_anomaly.report import write_report
@@ -119,44 +120,19 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
         _write_request(out, data, cfg, tcfg, run)
-    start = time.perf_counter()
     info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records),
                   "num_val_images": len(val), "workers": run.workers, "ray": run.uses_ray}
     with _maybe_ray(run):
-        if cfg.model == "padim" and run.uses_ray:
-            from distributed_anomaly.distributed.padim_fit import fit_padim_ray
-
-            stats, ray_info = fit_padim_ray(model, fit_records, batch_size=tcfg.batch_size, workers=max(run.workers, 1),
-                                            progress=progress, skip_corrupt=run.skip_corrupt)
-            info["images_counted"] = stats.count
-            info["ray_fit"] = ray_info
-        elif cfg.model == "padim":
-            info["images_counted"] = engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count
-        elif run.uses_ray:
-            from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
-
-            try:
-                model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
-                                                  storage=_storage(out, run), run_name=run.run_name,
-                                                  resume_from=run.resume, progress=progress,
-                                                  max_failures=run.max_failures)
-            except RuntimeError as exc:
-                raise TrainingInterrupted(f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
-                                          f"continue with `distributed-anomaly train --resume {out}`") from exc
-            history = ray_info.pop("history")
-            info.update(best_epoch=ray_info.get("best_epoch"), epochs_run=ray_info.get("epochs_run"),
-                        stopped_early=ray_info.get("stopped_early"), ray_train=ray_info)
+        try:
+            model, fit_info, history = fit_model(model, cfg, tcfg, fit_records, val, run, _storage(out, run), progress)
+        except RuntimeError as exc:
+            if not (cfg.model == "stfpm" and run.uses_ray):
+                raise
+            raise TrainingInterrupted(f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
+                                      f"continue with `distributed-anomaly train --resume {out}`") from exc
+        info.update(fit_info)
+        if history is not None:
             write_json(Path(out) / rundir.HISTORY, history)
-        else:
-            result = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                                        lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
-                                        patience=tcfg.patience, seed=cfg.seed, progress=progress)
-            info.update(best_epoch=result.best_epoch, epochs_run=len(result.history),
-                        stopped_early=result.stopped_early)
-            write_json(Path(out) / rundir.HISTORY, [asdict(h) for h in result.history])
-        if cfg.model == "stfpm" and tcfg.bn_recompute:
-            info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
-        info["fit_seconds"] = round(time.perf_counter() - start, 3)
         calib = test if tcfg.calibrate_on_test else val
         if tcfg.calibrate_on_test:
             log("warning: --calibrate-on-test fits thresholds on the test images; threshold-dependent metrics "
@@ -166,8 +142,48 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
         metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
     rundir.save_model(out, cfg, tcfg, model, post, info)
-    _finish(out, metrics, test, maps, masks, post, report)
+    finish_run(out, metrics, test, maps, masks, post, report)
     return metrics
+
+
+def fit_model(model, cfg: ModelConfig, tcfg: TrainConfig, fit_records: list[Record], val: list[Record],
+              run: Execution, storage: str, progress: bool, **stfpm_ray_options) -> tuple:
+    """Fit `model` where `run` says (Ray must be up if run.uses_ray); returns (model, info, history or None).
+
+    The one fitting step of `train` and of a `tune` trial: PADIM's Gaussians (Ray Data actors or in process) or
+    STFPM's student (Ray Train or in process) followed by the batch-norm recompute; `stfpm_ray_options` go to
+    train_stfpm_ray (a search's per-epoch hook and callbacks). A Ray STFPM failure is a RuntimeError.
+    """
+    start = time.perf_counter()
+    info: dict = {}
+    history = None
+    if cfg.model == "padim" and run.uses_ray:
+        from distributed_anomaly.distributed.padim_fit import fit_padim_ray
+
+        stats, ray_info = fit_padim_ray(model, fit_records, batch_size=tcfg.batch_size, workers=max(run.workers, 1),
+                                        progress=progress, skip_corrupt=run.skip_corrupt)
+        info.update(images_counted=stats.count, ray_fit=ray_info)
+    elif cfg.model == "padim":
+        info["images_counted"] = engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count
+    elif run.uses_ray:
+        from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
+
+        model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
+                                          storage=storage, run_name=run.run_name or "stfpm", resume_from=run.resume,
+                                          progress=progress, max_failures=run.max_failures, **stfpm_ray_options)
+        history = ray_info.pop("history")
+        info.update(best_epoch=ray_info["best_epoch"], epochs_run=ray_info["epochs_run"],
+                    stopped_early=ray_info["stopped_early"], ray_train=ray_info)
+    else:
+        result = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                                    lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
+                                    patience=tcfg.patience, seed=cfg.seed, progress=progress)
+        info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), stopped_early=result.stopped_early)
+        history = [asdict(h) for h in result.history]
+    if cfg.model == "stfpm" and tcfg.bn_recompute:
+        info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
+    info["fit_seconds"] = round(time.perf_counter() - start, 3)
+    return model, info, history
 
 
 def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, progress: bool) -> Scorer:
@@ -225,5 +241,5 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, 
     test = records_of_split(load_dataset(data), "test")
     metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")
-    _finish(run, metrics, test, maps, masks, post, report)
+    finish_run(run, metrics, test, maps, masks, post, report)
     return metrics

@@ -95,11 +95,7 @@ def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_i
                         progress=False)
     model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=1, storage=None, run_name="ignored",
                                   resume_from=str(tmp_path), progress=False, decode_tasks=1)  # finds ray_train/run
-    assert info["resumes"] == 1 and info["resumed"]
-    if markers[1].is_file():  # the restarted group ran epoch 1 and reached epoch 2: its restart was counted
-        assert info["failures"] >= 1
-    # (else, on a saturated machine, the restarted group itself failed to start -- one more failure that used the
-    # last retry -- and the run resumed from epoch 0's checkpoint; the resume below is checked the same way)
+    assert info["failures"] >= 1 and info["resumes"] == 1 and info["resumed"]
     assert info["run_path"] == str(storage / "run")
     assert [h["epoch"] for h in info["history"]] == [0, 1, 2]
     assert info["images_per_epoch"] == [5, 5, 5]

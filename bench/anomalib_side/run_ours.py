@@ -51,7 +51,7 @@ def main() -> int:
     cfg = ModelConfig(a.model, a.backbone, layers, a.n_features if a.model == "padim" else None, a.image_size, a.seed)
     extra = {} if a.weight_decay is None else {"weight_decay": a.weight_decay}
     tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, val_fraction=a.val_fraction, weights_file=a.weights,
-                       **extra).resolved(cfg.model)
+                       bn_recompute=not a.no_bn_recompute, **extra).resolved(cfg.model)
     records = load_dataset(a.data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
@@ -64,13 +64,12 @@ def main() -> int:
         res = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr,
                                  momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
                                  seed=cfg.seed, progress=False)
-        if not a.no_bn_recompute:  # as training.train does (TrainConfig.bn_recompute)
+        if tcfg.bn_recompute:  # as training.train does
             engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
-        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch, bn_recompute=not a.no_bn_recompute,
+        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch, bn_recompute=tcfg.bn_recompute,
                     train_loss=[round(h.train_loss, 5) for h in res.history])
     timing = {"fit_seconds": time.perf_counter() - w0, "fit_cpu_seconds": time.process_time() - c0,
               "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    tcfg_saved = tcfg
     w0, c0 = time.perf_counter(), time.process_time()
     maps = engine.anomaly_maps(model, test, cfg.image_size, tcfg.batch_size, progress=False)
     infer_s, infer_cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -86,7 +85,7 @@ def main() -> int:
         "train_loss_per_epoch": info.get("train_loss"),
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
-        "optimizer": {"lr": tcfg_saved.lr, "momentum": tcfg_saved.momentum, "weight_decay": tcfg_saved.weight_decay},
+        "optimizer": {"lr": tcfg.lr, "momentum": tcfg.momentum, "weight_decay": tcfg.weight_decay},
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0

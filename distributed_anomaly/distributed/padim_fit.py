@@ -124,6 +124,9 @@ class NodePartials:
 
     def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
         _set_threads(threads)
+        # Embeddings arrive as read-only object-store buffers that from_batch only reads: once, for this actor's
+        # process (catch_warnings per call would race between the concurrent calls of this threaded actor).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.shape = (n_positions, n_features)
         self.dtype = getattr(torch, dtype)
         self.partials: dict[str, GaussianStats] = {}
@@ -133,10 +136,7 @@ class NodePartials:
         stats = self.partials.get(worker)
         if stats is None:
             stats = self.partials.setdefault(worker, GaussianStats.empty(*self.shape, self.dtype))
-        with warnings.catch_warnings():  # a read-only object-store buffer; from_batch only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(embeddings)
-        stats.update(x)
+        stats.update(torch.from_numpy(embeddings))
         return stats.count
 
     def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -269,16 +269,22 @@ def _object_store_budget(image_size: int, batch_size: int, workers: int) -> int:
     return int(max(256 << 20, 4 * (workers + 1) * batch_bytes))
 
 
-def _check_args(records: Sequence[Record], batch_size: int, workers: int, cpus_per_worker: float) -> None:
+def check_cluster_cpus(workers: int, cpus_per_worker: float, decode_cpus: float) -> None:
+    """Refuse up front a pool the cluster cannot hold (it would wait for CPUs forever)."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = workers * cpus_per_worker + decode_cpus
+    if total < need:
+        raise UserError(f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} CPUs "
+                        f"plus {decode_cpus:g} for decoding need {need:g} (use fewer workers, fewer CPUs per worker, "
+                        "or add nodes)")
+
+
+def _check_args(batch_size: int, workers: int, cpus_per_worker: float) -> None:
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = workers * cpus_per_worker + DECODE_CPUS
-    if total < need:
-        raise UserError(f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} CPUs "
-                        f"plus {DECODE_CPUS:g} for decoding need {need:g} (use fewer workers or add nodes)")
+    check_cluster_cpus(workers, cpus_per_worker, DECODE_CPUS)
 
 
 def _default_threads(cpus_per_worker: float, threads_per_worker: int | None) -> int:
@@ -307,7 +313,7 @@ def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, w
         raise UserError(f"PADIM needs at least 2 training images, got {len(records)}")
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call distributed_anomaly.distributed.ensure_ray() first")
-    _check_args(records, batch_size, workers, cpus_per_worker)
+    _check_args(batch_size, workers, cpus_per_worker)
     start = time.perf_counter()
     model.eval()
     acc = engine.empty_stats(model)
@@ -405,13 +411,8 @@ def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, 
                                    f"statistics count {count}: the fit is inconsistent")
             part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
             del mean, m2
-            # A view of the accumulator's positions [p0, p1): merge_ updates it in place (add_/baddbmm_).
-            view = GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1])
-            if total == 0:
-                view.mean.copy_(part.mean)
-                view.m2.copy_(part.m2)
-            else:
-                view.merge_(part)
+            # A view of the accumulator's positions [p0, p1): merge_ updates it in place.
+            GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1]).merge_(part)
         store.drop.remote(worker)  # free it on its node as soon as it is merged
         total += n
     acc.count = total
@@ -426,7 +427,7 @@ def anomaly_maps_ray(model: torch.nn.Module, records: Sequence[Record], image_si
         return out
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call distributed_anomaly.distributed.ensure_ray() first")
-    _check_args(records, batch_size, workers, cpus_per_worker)
+    _check_args(batch_size, workers, cpus_per_worker)
     model.eval()
     payload = ray.put(model_payload(model, with_gaussian=True))
     threads = _default_threads(cpus_per_worker, threads_per_worker)

@@ -52,7 +52,8 @@ import torch.distributed as dist
 from distributed_anomaly import engine
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.padim_fit import build_from_payload, decode_batch, model_payload
+from distributed_anomaly.distributed.padim_fit import (build_from_payload, check_cluster_cpus, decode_batch,
+                                                      model_payload)
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.models.stfpm import Stfpm, stfpm_loss
@@ -82,10 +83,6 @@ def _sum_allreduce_hook(process_group, bucket):  # no annotations: DDP checks th
     return fut.then(lambda f: f.value()[0])
 
 
-def _bn_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
 def _tensor_batches(shard: Any, batch_size: int, device: torch.device, what: str) -> Iterator[torch.Tensor]:
     """Decoded (B, 3, S, S) batches of this rank's shard; an unreadable image stops training with its name."""
     for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1, drop_last=False):
@@ -111,12 +108,6 @@ def _lockstep(batches: Iterator[torch.Tensor], device: torch.device, image_size:
         yield empty if x is None else x
 
 
-def _counting(batches: Iterator[torch.Tensor], counter: list[int]) -> Iterator[torch.Tensor]:
-    for x in batches:
-        counter[0] += int(x.shape[0])
-        yield x
-
-
 def _all_reduce(values: Sequence[float], device: torch.device, distributed: bool, op: str = "sum") -> list[float]:
     if not distributed:
         return [float(v) for v in values]
@@ -130,8 +121,7 @@ def _state_dict(model: Stfpm, optimizer: torch.optim.Optimizer, stopper: engine.
                 fit_id: str) -> dict:
     return {"student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
             "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "stopper": {"patience": stopper.patience, "best": stopper.best, "best_epoch": stopper.best_epoch,
-                        "bad_epochs": stopper.bad_epochs},
+            "stopper": asdict(stopper),
             "history": history, "images_per_epoch": images, "empty_steps_per_epoch": empty,
             "restores": restores, "fit_id": fit_id,
             "stopped_early": stopped_early,
@@ -242,9 +232,7 @@ def _stfpm_train_loop(config: dict) -> dict:
             state = load_state(ckpt_dir)
             model.student.load_state_dict(state["student"])
             optimizer.load_state_dict(state["optimizer"])
-            for k, v in state["stopper"].items():
-                setattr(stopper, k, v)
-            stopper.patience = config["patience"]
+            stopper = engine.EarlyStopping(**{**state["stopper"], "patience": config["patience"]})
             history, images_per_epoch = list(state["history"]), list(state["images_per_epoch"])
             empty_steps_per_epoch = list(state["empty_steps_per_epoch"])
             start_epoch, stopped_early = state["epoch"] + 1, state["stopped_early"]
@@ -260,7 +248,7 @@ def _stfpm_train_loop(config: dict) -> dict:
 
         student = DistributedDataParallel(model.student, device_ids=[device.index] if device.type == "cuda" else None)
         student.register_comm_hook(None, _sum_allreduce_hook)
-    bn = _bn_modules(model.student)
+    bn = engine.batchnorms(model.student)
     frozen_bn = config["batch_norm"] == "frozen"
     sync_bn = config["batch_norm"] == "sync" and distributed
 
@@ -303,10 +291,8 @@ def _stfpm_train_loop(config: dict) -> dict:
         train_loss = total / max(n_all, 1)
         val_loss = None
         if val_shard is not None:
-            counter = [0]
-            v = engine.stfpm_val_loss(model, _counting(_tensor_batches(val_shard, per_worker, device, "validation"),
-                                                       counter))
-            v_total, v_n = _all_reduce([v * counter[0], counter[0]], device, distributed)
+            v, v_n = engine.stfpm_val_loss(model, _tensor_batches(val_shard, per_worker, device, "validation"))
+            v_total, v_n = _all_reduce([v * v_n, v_n], device, distributed)
             val_loss = v_total / max(v_n, 1)
         seconds = _all_reduce([time.perf_counter() - start], device, distributed, op="max")[0]
         improved = val_loss is not None and stopper.step(epoch, val_loss)
@@ -523,12 +509,7 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
     world = max(workers, 1)
     per_worker = max(1, math.ceil(tcfg.batch_size / world))
     if not local:
-        total = ray.cluster_resources().get("CPU", 0.0)
-        need = workers * cpus_per_worker + DECODE_CPUS
-        if total < need:
-            raise UserError(f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} "
-                            f"CPUs plus {DECODE_CPUS:g} for decoding need {need:g} (use fewer workers, a smaller "
-                            "cpus_per_worker, or add nodes)")
+        check_cluster_cpus(workers, cpus_per_worker, DECODE_CPUS)
 
     resumed = resume_from is not None
     if resumed:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from distributed_anomaly.errors import ImageReadError, UserError
+from distributed_anomaly.postprocess import TASKS
 
-TASKS = ("classification", "detection", "segmentation")
 DEFAULT_TASK = "segmentation"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # 20 MB: a 12-megapixel PNG fits, a stray video does not
 API_KEY_ENV = "DISTRIBUTED_ANOMALY_API_KEY"
@@ -32,7 +32,6 @@ MODEL_HEADER = "x-model"
 SERVE_MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's own multiplexing header, also accepted
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SCORE_THRESHOLD = 0.5  # normalised scores always put the image threshold here (postprocess.py)
-_IR_REQUIRED = ("model.xml", "model.bin", "metadata.json", "postprocess.json")
 _VERSION_FILES = ("metadata.json", "postprocess.json", "model.xml")
 
 
@@ -92,10 +91,6 @@ class ModelEntry:
         return {"name": self.name, "version": self.version, "path": self.path, **self.info}
 
 
-def is_ir_folder(path: Path) -> bool:
-    return (path / "model.xml").is_file()
-
-
 def model_version(ir_dir: Path) -> str:
     """12 hex digits of SHA-256 over metadata, thresholds and graph: every re-export changes it (exported_at),
     copies of one export share it. model.bin is left out so that start-up does not read gigabytes."""
@@ -108,18 +103,18 @@ def model_version(ir_dir: Path) -> str:
 
 def describe_ir(ir_dir: Path) -> dict[str, Any]:
     """The metadata a client needs to interpret answers, read from an export's metadata.json."""
-    from distributed_anomaly.export import FORMAT
+    from distributed_anomaly.export import FORMAT, IR_FILES, METADATA
     from distributed_anomaly.fileio import read_json
 
-    missing = [n for n in _IR_REQUIRED if not (ir_dir / n).is_file()]
+    missing = [n for n in IR_FILES if not (ir_dir / n).is_file()]
     if missing:
         raise UserError(f"OpenVINO export {ir_dir} is missing {', '.join(missing)} (re-run `export`)")
     try:
-        meta = read_json(ir_dir / "metadata.json")
+        meta = read_json(ir_dir / METADATA)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {ir_dir / 'metadata.json'}: {exc}") from exc
+        raise UserError(f"cannot read {ir_dir / METADATA}: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{ir_dir / 'metadata.json'} is not metadata written by `export`")
+        raise UserError(f"{ir_dir / METADATA} is not metadata written by `export`")
     keys = ("model", "backbone", "image_size", "precision", "task", "image_threshold", "pixel_threshold",
             "threshold_source", "norm_min", "norm_max", "exported_at", "version")
     info = {k: meta.get(k) for k in keys}
@@ -142,18 +137,20 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
     factory serving one model per product names the folders after the products. Duplicate or unusable
     names are refused here, at start-up, rather than by a confusing 404 later.
     """
+    from distributed_anomaly.predict import is_ir_dir
+
     entries: dict[str, ModelEntry] = {}
     for spec in specs:
         name, raw = _split_named(os.fspath(spec))
         path = Path(raw).expanduser()
         if not path.is_dir():
             raise UserError(f"--model {raw}: no such folder (expected an IR folder written by `export`)")
-        if is_ir_folder(path):
+        if is_ir_dir(path):
             found = [(name or path.resolve().name, path)]
         else:
             if name is not None:
                 raise UserError(f"--model {spec}: {raw} is not an IR folder (no model.xml); NAME= names one export")
-            found = [(p.name, p) for p in sorted(path.iterdir()) if p.is_dir() and is_ir_folder(p)]
+            found = [(p.name, p) for p in sorted(path.iterdir()) if p.is_dir() and is_ir_dir(p)]
             if not found:
                 raise UserError(f"--model {raw}: neither an IR folder (model.xml) nor a folder of IR folders")
         for model_name, ir in found:

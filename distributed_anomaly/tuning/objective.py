@@ -163,15 +163,9 @@ class EpochObjective:
 
     def __call__(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
         scored = copy.deepcopy(model)
-        if self.bn_recompute and self.bn_records:
-            records = list(self.bn_records)
-            if len(records) > EPOCH_BN_IMAGES:
-                pick = np.sort(np.random.default_rng(self.seed).choice(len(records), EPOCH_BN_IMAGES, replace=False))
-                records = [records[i] for i in pick]
-            device, size = _device(scored), int(scored.image_size)
-            batches = (to_tensor([read_image(r.path) for r in records[i: i + self.batch_size]], size).to(device)
-                       for i in range(0, len(records), self.batch_size))
-            engine.batchnorm_statistics_from(scored, batches)
+        if self.bn_recompute:
+            engine.recompute_batchnorm(scored, list(self.bn_records), self.batch_size, self.seed,
+                                       max_images=EPOCH_BN_IMAGES, device=_device(scored))
         values = self.data.evaluate(scored, self.batch_size)
         out = {k: v for k, v in values.items() if v is not None}
         if values.get(self.objective) is not None:

@@ -217,40 +217,27 @@ def run_trial(config: dict, request: dict, out: str) -> None:
                   "num_val_images": len(data.val), "workers": req.workers, "ray": True,
                   "tune": {"trial": tune.get_context().get_trial_id(), "optuna_trial": config.get("optuna_trial"),
                            "objective": objective}}
-    history = None
-    start = time.perf_counter()
-    if cfg.model == "padim":
-        from distributed_anomaly.distributed.padim_fit import fit_padim_ray
+    from distributed_anomaly.training import Execution, calibrate, fit_model
 
-        stats, ray_info = fit_padim_ray(model, data.fit, batch_size=tcfg.batch_size, workers=req.workers,
-                                        progress=False)
-        info.update(images_counted=stats.count, ray_fit=ray_info)
-        epochs_run = 1
-    else:
+    nested = trial_dir / "ray_train"  # STFPM checkpoints; a trial restarted after an interrupted search starts over
+    shutil.rmtree(nested, ignore_errors=True)
+    stfpm_options: dict = {}
+    if cfg.model == "stfpm":
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from distributed_anomaly import engine
-        from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
-
-        nested = trial_dir / "ray_train"  # a trial restarted after an interrupted search trains from scratch
-        shutil.rmtree(nested, ignore_errors=True)
-        hook = EpochReport(EpochObjective(obj_data, objective, tuple(data.fit), tcfg.batch_size, cfg.seed,
-                                          tcfg.bn_recompute))
-        # max_failures=0: a trial whose worker dies fails (and the search goes on) rather than restarting its
-        # worker group, which would also reserve a new placement group behind TrialProgress's back.
-        model, ray_info = train_stfpm_ray(cfg, tcfg, data.fit, data.val, workers=req.workers, model=model,
-                                          storage=str(nested), run_name="stfpm", progress=False, epoch_eval=hook,
-                                          callbacks=[TuneReportCallback()], max_failures=0)
-        history = ray_info.pop("history")
-        epochs_run = ray_info["epochs_run"]
-        info.update(best_epoch=ray_info["best_epoch"], epochs_run=epochs_run, stopped_early=ray_info["stopped_early"],
-                    ray_train={k: v for k, v in ray_info.items() if k != "run_path"})
-        if tcfg.bn_recompute:
-            info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, data.fit, tcfg.batch_size, cfg.seed)
-        shutil.rmtree(nested, ignore_errors=True)  # the kept weights are in the run directory below
-    info["fit_seconds"] = round(time.perf_counter() - start, 3)
-    from distributed_anomaly.training import calibrate
-
+        stfpm_options = {"epoch_eval": EpochReport(EpochObjective(obj_data, objective, tuple(data.fit),
+                                                                  tcfg.batch_size, cfg.seed, tcfg.bn_recompute)),
+                         "callbacks": [TuneReportCallback()]}
+    # max_failures=0: a trial whose worker dies fails (and the search goes on) rather than restarting its worker
+    # group, which would also reserve a new placement group behind TrialProgress's back.
+    model, fit_info, history = fit_model(model, cfg, tcfg, data.fit, data.val,
+                                         Execution(workers=req.workers, run_name="stfpm", max_failures=0),
+                                         str(nested), False, **stfpm_options)
+    shutil.rmtree(nested, ignore_errors=True)  # the kept weights are in the run directory below
+    if "ray_train" in fit_info:
+        fit_info["ray_train"].pop("run_path", None)
+    info.update(fit_info)
+    epochs_run = fit_info.get("epochs_run", 1)
     post = calibrate(model, cfg, tcfg, data.val, data.fit, progress=False)
     values = obj_data.evaluate(model, tcfg.batch_size)
     if values.get(objective) is None:
@@ -477,8 +464,7 @@ def _importances(out: Path) -> tuple[dict[str, float] | None, str]:
 
 def _write_best(out: Path, request: TuneRequest, data: SearchData, row: dict, result: Any, progress: bool) -> dict:
     """TUNE_DIR/best: the best trial's run directory, evaluated on the held-out part of the test split."""
-    from distributed_anomaly.report import write_report
-    from distributed_anomaly.training import evaluate_model
+    from distributed_anomaly.training import evaluate_model, finish_run
 
     tmp = out / ".best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -492,8 +478,7 @@ def _write_best(out: Path, request: TuneRequest, data: SearchData, row: dict, re
         metrics["calibrated_on"] = "validation"
         metrics["evaluated_on"] = (f"held-out part of the test split: {len(data.heldout)} of {len(data.test)} test "
                                    f"images (the search scored its objective on the other {len(data.search_part)})")
-        write_json(tmp / rundir.METRICS, metrics)
-        write_report(tmp, data.heldout, maps, masks, post, metrics)
+        finish_run(tmp, metrics, data.heldout, maps, masks, post, report=True)
     write_json(tmp / TUNE_INFO, {
         "trial": row["trial"], "optuna_trial": row["optuna_trial"], "objective": request.objective,
         "search_metrics": search_metrics, "params": {k: row.get(k) for k in SETTINGS if row.get(k) is not None},
