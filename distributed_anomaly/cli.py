@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from distributed_anomaly.errors import TrainingInterrupted, UserError
@@ -69,7 +70,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-corrupt", action="store_true",
                    help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
                    "instead of stopping")
-    p.add_argument("--storage", help="Ray STFPM: checkpoint storage, local path or URI (default RUN_DIR/ray_train)")
+    p.add_argument("--storage", metavar="PATH_OR_URI",
+                   help="shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
+                   "prefix, gs://, hdfs://). Ray STFPM checkpoints go to STORAGE/<RUN_DIR name>/ray_train (written "
+                   "and read by every node) and the finished run directory is copied to STORAGE/<RUN_DIR name>. "
+                   "Default: RUN_DIR only (checkpoints in RUN_DIR/ray_train)")
     p.add_argument("--max-failures", type=int, default=3,
                    help="Ray STFPM: restarts of the worker group from the latest checkpoint after a worker dies, "
                    "before the run stops (it can then be continued with --resume; default 3)")
@@ -258,7 +263,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "  curl -s --data-binary @part.png 'http://127.0.0.1:8000/predict?task=detection&model=washer_padim'")
     p.add_argument("--model", nargs="+", required=True, metavar="IR_DIR",
                    help="IR folders written by `export`, folders of them, or NAME=IR_DIR; a model is named after "
-                   "its folder unless NAME= is given")
+                   "its folder unless NAME= is given. An IR folder may be a storage URI (s3://bucket/runs/washer/model, "
+                   "see --storage of pipeline): each replica, on whichever node, downloads it once to its local cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -330,6 +336,13 @@ def _search_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
     p.add_argument("--grace-epochs", type=int, default=2,
                    help="ASHA: epochs every STFPM trial runs before it can be stopped (default 2)")
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor (default 3)")
+    where = "TUNE_DIR" if resumable else "OUT"
+    p.add_argument("--storage", metavar="PATH_OR_URI",
+                   help=f"shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
+                   f"prefix, gs://, hdfs://; s3 options in the query string, e.g. ?endpoint_override=HOST:PORT&"
+                   f"scheme=http). Trials write their results and checkpoints to STORAGE/<{where} name>/"
+                   + ("" if resumable else "tune/") + "search directly, from whichever node runs them; the "
+                   f"driver copies the rest of {where} there when it ends. Default: {where} only (single node)")
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -367,8 +380,9 @@ def _weights_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _tune_request(a: argparse.Namespace):
-    """The search request of `tune` / `pipeline` options; a bad space or --fix fails here, before anything starts."""
+def _tune_request(a: argparse.Namespace, storage: str | None = None):
+    """The search request of `tune` / `pipeline` options; a bad space or --fix fails here, before anything starts.
+    storage: the shared counterpart of the search's folder (tune: STORAGE/<TUNE_DIR name>)."""
     from distributed_anomaly.tuning.search import TuneRequest
     from distributed_anomaly.tuning.space import load_space
 
@@ -378,7 +392,7 @@ def _tune_request(a: argparse.Namespace):
                        max_concurrent=a.max_concurrent, seed=a.seed, val_fraction=a.val_fraction,
                        search_fraction=a.search_fraction, synthetic_copies=a.synthetic_copies,
                        pretrained=not a.no_pretrained, weights=_weights_pairs(a.weights),
-                       grace_epochs=a.grace_epochs, reduction_factor=a.reduction_factor)
+                       grace_epochs=a.grace_epochs, reduction_factor=a.reduction_factor, storage=storage)
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
@@ -399,9 +413,6 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     _search_arguments(p, resumable=False)
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="OpenVINO precision of the exported model (default fp32: the same scores as torch)")
-    p.add_argument("--storage", metavar="PATH_OR_URI",
-                   help="also copy the finished OUT here through pyarrow's filesystems: a shared path, s3://, gs://, "
-                   "hdfs:// (default: OUT only)")
     p.add_argument("--serve", action="store_true",
                    help="deploy the model on the cluster's Ray Serve (needs --address: a Ray that outlives the job)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: HTTP address if Serve is not running yet")
@@ -461,7 +472,10 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     else:
         if not a.data or not a.space:
             raise UserError("tune needs --data and --space (or --resume with --out)")
-        summary = tune_search(_tune_request(a), a.out, address=a.address, progress=not a.quiet)
+        from distributed_anomaly import storage
+
+        shared = storage.join(storage.normalize(a.storage), Path(a.out).resolve().name) if a.storage else None
+        summary = tune_search(_tune_request(a, shared), a.out, address=a.address, progress=not a.quiet)
     rows = summary["rows"]
     print(R.format_table(rows, summary["objective"]))
     print(R.summary_line(rows))

@@ -9,9 +9,13 @@ runs locally. Every stage writes into OUT and is skipped when a rerun finds it f
     OUT/pipeline.json   the stages done, the paths, the endpoint (rewritten after each stage)
 
 An interrupted search continues (Tuner.restore) instead of starting over; a finished one is reused only if it
-was asked for with the same settings (else a clear error: use another OUT). With `--storage URI` the finished
-OUT is also copied there through pyarrow's filesystems (local path, NFS mount, s3://, gs://, hdfs://), so a
-multi-node run leaves its results where every node and the user can reach them.
+was asked for with the same settings (else a clear error: use another OUT).
+
+With `--storage S` (a path every node mounts, or s3://, gs://, hdfs://: storage.py) a multi-node run keeps its
+results where every node and the user reach them, at S/<OUT name> with OUT's layout: the trials write
+tune/search there directly from whichever node runs them; the driver uploads tune/ when the search ends and
+model/ once exported, and Serve replicas load the model from there (each downloads it once), so no replica
+depends on the driver's disk; pipeline.json last. OUT keeps the local copy that reruns decide from.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from distributed_anomaly import storage as shared
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import read_json, write_json
 
@@ -46,7 +51,7 @@ class ServeOptions:
 def _same_search(stored: dict, asked: dict) -> list[str]:
     """The settings that differ between a stored search request and a new one (paths compared resolved)."""
     keys = ("space_text", "samples", "fixes", "objective", "workers", "seed", "val_fraction", "search_fraction",
-            "synthetic_copies", "pretrained")
+            "synthetic_copies", "pretrained", "storage")
     differ = [k for k in keys if stored.get(k) != asked.get(k)]
     if Path(stored.get("data", "")).resolve() != Path(asked.get("data", "")).resolve():
         differ.insert(0, "data")
@@ -96,25 +101,11 @@ def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
     return True
 
 
-def publish(out: Path, storage: str) -> str:
-    """Copy OUT to STORAGE/<OUT name> through pyarrow's filesystems; returns the destination URI or path."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, base = pafs.FileSystem.from_uri(storage)
-    except (pafs.ArrowInvalid, ValueError):  # a plain local path
-        fs, base = pafs.LocalFileSystem(), str(Path(storage).resolve())
-    dest = f"{base.rstrip('/')}/{out.name}"
-    fs.create_dir(dest, recursive=True)
-    pafs.copy_files(str(out.resolve()), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return storage.rstrip("/") + f"/{out.name}" if "://" in storage else dest
-
-
-def _dashboards(tune_dir: Path, dashboard_url: str | None) -> dict[str, str]:
-    from distributed_anomaly.tuning.search import EXPERIMENT, STUDY_DB
+def _dashboards(tune_dir: Path, experiment: str, dashboard_url: str | None) -> dict[str, str]:
+    from distributed_anomaly.tuning.search import STUDY_DB
 
     return {"ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
-            "tensorboard": f"tensorboard --logdir {tune_dir / EXPERIMENT}",
+            "tensorboard": f"tensorboard --logdir {experiment}",
             "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}"}
 
 
@@ -134,7 +125,12 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_dir, ir_dir = out / TUNE, out / MODEL
+    remote = shared.join(shared.normalize(storage), out.name) if storage else None  # OUT's shared counterpart
+    if remote:
+        request = replace(request, storage=shared.join(remote, TUNE))
     record: dict[str, Any] = {"out": str(out), "stages": {}}
+    if remote:
+        record["storage"] = remote
     if (out / RECORD).is_file():
         record["stages"] = dict(read_json(out / RECORD).get("stages", {}))
     started = time.time()
@@ -150,32 +146,38 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
                                   "report": str(tune_dir / REPORT), "run_dir": str(best)}
     write_json(out / RECORD, record)
 
-    run_export_stage(best, ir_dir, precision)
+    exported = run_export_stage(best, ir_dir, precision)
     record["stages"]["export"] = {"dir": str(ir_dir), "precision": precision}
+    served_from = str(ir_dir)
+    if remote:
+        served_from = shared.join(remote, MODEL)
+        record["stages"]["export"]["shared"] = served_from
+        if exported or not shared.exists(shared.join(served_from, "model.xml")):
+            shared.upload(ir_dir, served_from)
+            log(f"export: uploaded to {served_from}")
     write_json(out / RECORD, record)
 
     dashboard_url = None
     if serve is not None:
-        record["stages"]["serve"] = _deploy(ir_dir, serve, address)
+        record["stages"]["serve"] = _deploy(served_from, serve, address)
         dashboard_url = record["stages"]["serve"].get("dashboard")
-    record["dashboards"] = _dashboards(tune_dir, dashboard_url)
+    record["dashboards"] = _dashboards(tune_dir, request.experiment(tune_dir), dashboard_url)
     record["seconds"] = round(time.time() - started, 1)
     write_json(out / RECORD, record)
-    if storage:
-        record["published"] = publish(out, storage)
-        write_json(out / RECORD, record)
-        log(f"published: {out} -> {record['published']}")
+    if remote:
+        shared.upload(out, remote)  # pipeline.json included: the shared copy says what is there
+        log(f"outputs uploaded: {out} -> {remote}")
     return record
 
 
-def _deploy(ir_dir: Path, opts: ServeOptions, address: str) -> dict:
+def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     """Deploy the model on the cluster's Serve and leave it running; returns the endpoint."""
     import ray
 
     from distributed_anomaly.serve.protocol import AppConfig
     from distributed_anomaly.serve.server import start_server
 
-    cfg = AppConfig(models=[str(ir_dir)], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
+    cfg = AppConfig(models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
                     api_key=opts.api_key)
     cfg.validate()
     server = start_server(cfg, opts.host, opts.port, address, proxy_location=opts.proxy_location)
@@ -208,6 +210,6 @@ def format_record(record: dict) -> str:
     else:
         lines.append(f"endpoint:   not deployed; `distributed-anomaly serve --model {s['export']['dir']}` serves it "
                      "(or rerun with --serve --address auto on a cluster)")
-    if record.get("published"):
-        lines.append(f"published:  {record['published']}")
+    if record.get("storage"):
+        lines.append(f"storage:    {record['storage']} (the same layout as {record['out']})")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from distributed_anomaly import engine, rundir
+from distributed_anomaly import storage as shared
 from distributed_anomaly.config import ModelConfig, TrainConfig, from_dict, to_dict
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
@@ -81,7 +82,7 @@ class Execution:
     workers: int = 0
     address: str | None = None
     skip_corrupt: bool = False
-    storage: str | None = None  # Ray STFPM checkpoints; default RUN_DIR/ray_train
+    storage: str | None = None  # shared storage (path or URI): STORAGE/<RUN_DIR name> mirrors RUN_DIR
     resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
     run_name: str | None = None  # that folder's name under storage; default a fresh unique one
     max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
@@ -143,6 +144,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
     rundir.save_model(out, cfg, tcfg, model, post, info)
     finish_run(out, metrics, test, maps, masks, post, report)
+    if run.storage:
+        log(f"run uploaded to {shared.upload(out, _shared_run(out, run.storage))}")
     return metrics
 
 
@@ -194,8 +197,15 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
                                                   workers=max(run.workers, 1), progress=progress, what=what)
 
 
+def _shared_run(out: str | os.PathLike, storage: str) -> str:
+    """RUN_DIR's counterpart in shared storage: STORAGE/<RUN_DIR name>."""
+    return shared.join(shared.normalize(storage), Path(out).resolve().name)
+
+
 def _storage(out: str | os.PathLike, run: Execution) -> str:
-    return run.storage or str(Path(out).resolve() / "ray_train")
+    """Where Ray STFPM checkpoints go: RUN_DIR/ray_train, or its counterpart in shared storage (every node
+    writes and reads there)."""
+    return shared.join(_shared_run(out, run.storage) if run.storage else str(Path(out).resolve()), "ray_train")
 
 
 def _write_request(out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
@@ -225,7 +235,7 @@ def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, 
     if cfg.model != "stfpm" or not run.uses_ray or not run.run_name:
         raise UserError(f"{out} was a {cfg.model} run {'on Ray' if run.uses_ray else 'in this process'}, which keeps "
                         "no checkpoints: start it again with --overwrite (STFPM runs with --workers N >= 1 resume)")
-    run = replace(run, address=address or run.address, resume=f"{_storage(out, run).rstrip('/')}/{run.run_name}")
+    run = replace(run, address=address or run.address, resume=shared.join(_storage(out, run), run.run_name))
     log(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
     return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run)
 

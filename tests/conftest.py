@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,32 @@ def ray_local():
                 pass
 
 
+
+
+# --- S3: a local moto server, so --storage s3://... runs against a real S3 protocol endpoint. ---
+# Credentials through the environment, as on a real cluster (pyarrow's S3 URIs take no keys). Set at import,
+# before any Ray process starts, so Ray workers and `ray start` nodes inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probing (slow timeouts)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A bucket on a local S3 server (moto, in this process); yields a function prefix -> s3:// URI."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://runs?{query}&allow_bucket_creation=true")
+        fs.create_dir("runs")
+        yield lambda prefix: f"s3://runs/{prefix.strip('/')}?{query}"
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
-"""End to end on a real two-node Ray cluster (token auth on): `ray job submit` the pipeline, follow it, check its
-outputs, get a correct answer from the model it deployed on Serve over HTTP, rerun it (finished stages are
+"""End to end on a real two-node Ray cluster (token auth on): `ray job submit` the pipeline with `--storage` on an
+S3 server (moto), follow it, check its outputs locally and in S3 (the trials wrote the search there, Serve loaded
+the model from there), get a correct answer from the deployed model over HTTP, rerun it (finished stages are
 skipped), and stop every process the test started (tests/ray_cluster.py)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from distributed_anomaly import storage
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
 from ray_cluster import RAY_BIN, free_ports, two_node_cluster
@@ -39,13 +41,15 @@ def _submit(cluster, env: dict, pipeline_args: list[str]) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: Path, tmp_path: Path) -> None:
+def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: Path, tmp_path: Path,
+                                                                s3_bucket) -> None:
     out = tmp_path / "pipeline"
     port = free_ports(1)[0]
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    shared = s3_bucket("e2e")
     args = ["--data", str(demo_category), "--space", "search_spaces/padim.yaml", "--samples", "2",
             "--fix", "backbone=resnet18", "--fix", "image_size=128", "--no-pretrained", "--out", str(out),
-            "--address", "auto", "--quiet"]
+            "--address", "auto", "--storage", shared, "--quiet"]
     serve_args = ["--serve", "--host", "127.0.0.1", "--port", str(port), "--proxy-location", "HeadOnly"]
     with two_node_cluster(tmp_path, cpus=3, dashboard=True, extra_env=path_env) as cluster:
         # Ray's CLI clients (ray job ...) need token mode on as well as the token (cluster/README.md)
@@ -61,6 +65,21 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: P
         assert (out / "model" / "model.xml").is_file() and record["stages"]["export"]["dir"] == str(out / "model")
         url = record["stages"]["serve"]["url"]
         assert url == f"http://127.0.0.1:{port}" and "endpoint:" in logs and url in logs
+
+        # shared storage: the trials wrote the search to S3 (none of it on the driver's disk), the driver
+        # uploaded the rest; the S3 copy has OUT's layout
+        remote = storage.join(shared, "pipeline")
+        assert record["storage"] == remote and not (out / "tune" / "search").exists()
+        fetched = storage.download(remote, tmp_path / "fetched")
+        trials = [p for p in (fetched / "tune" / "search").iterdir() if p.name.startswith("trial_")]
+        assert len(trials) == 2 and all((p / "result.json").is_file() for p in trials)
+        for name in ("pipeline.json", "tune/summary.json", "tune/best/metrics.json", "model/model.xml",
+                     "model/metadata.json"):
+            assert (fetched / name).read_bytes() == (out / name).read_bytes(), name
+        served_from = storage.join(remote, "model")
+        assert record["stages"]["export"]["shared"] == served_from
+        with urllib.request.urlopen(f"{url}/metadata", timeout=60) as resp:  # the replica loaded it from S3
+            assert [m["path"] for m in json.loads(resp.read())["models"]] == [served_from]
 
         # the deployed model answers over HTTP as the same IR does in this process
         from distributed_anomaly.inference import OpenVINOInferencer

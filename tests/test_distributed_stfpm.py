@@ -139,14 +139,18 @@ def _check_best(model, info, val) -> None:
         assert model.loss(load_batch(val, CFG.image_size)).item() / len(val) == pytest.approx(min(losses), rel=1e-4)
 
 
-def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category, tmp_path, monkeypatch, capsys):
-    """`train --workers 1 --max-failures 0` stops at an injected fault; `train --resume RUN_DIR` finishes it."""
+def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category, tmp_path, monkeypatch, capsys,
+                                                       s3_bucket):
+    """`train --workers 1 --max-failures 0 --storage s3://...` stops at an injected fault; `train --resume RUN_DIR`
+    finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is uploaded there."""
+    from distributed_anomaly import storage
     from distributed_anomaly.cli import main
 
     out = tmp_path / "run"
+    shared = s3_bucket("cli-resume")
     argv = ["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
             "--layers", "layer1,layer2", "--image-size", "64", "--epochs", "3", "--batch-size", "8",
-            "--workers", "1", "--max-failures", "0", "--quiet"]
+            "--workers", "1", "--max-failures", "0", "--storage", shared, "--quiet"]
     monkeypatch.setenv(FAULT_ENV, json.dumps({"action": "raise", "rank": 0, "epoch": 2,
                                               "marker": str(tmp_path / "interrupted")}))
     assert main(argv) == 1
@@ -160,9 +164,16 @@ def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category,
     assert main(["train", "--resume", str(out), "--epochs", "5"]) == 2  # the arguments are the run's own
     assert "drop --epochs" in capsys.readouterr().err
 
+    checkpoints = storage.join(shared, "run", "ray_train")  # STORAGE/<RUN_DIR name>/ray_train, not RUN_DIR
+    assert storage.exists(checkpoints) and not (out / "ray_train").exists()
+    assert not storage.exists(storage.join(shared, "run", rundir.CONFIG))  # uploaded only when finished
+
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     _, _, info = rundir.load_config(out)
+    assert info["ray_train"]["run_path"].startswith(checkpoints.split("?")[0] + "/stfpm-")
     assert info["epochs_run"] == 3 and info["ray_train"]["resumes"] == 1 and info["ray_train"]["resumed"]
+    fetched = storage.download(storage.join(shared, "run"), tmp_path / "fetched")
+    assert (fetched / rundir.CONFIG).read_bytes() == (out / rundir.CONFIG).read_bytes()
     assert [h["epoch"] for h in json.loads((out / rundir.HISTORY).read_text())] == [0, 1, 2]
     assert info["batchnorm_recomputed_on"] == info["num_train_images"]
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume

@@ -521,9 +521,9 @@ def test_searcher_records_completed_pruned_and_failed_trials_in_the_study() -> N
 
 
 @pytest.mark.slow
-def test_a_stopped_trials_train_placement_group_is_released(ray_local) -> None:
+def test_a_stopped_trials_train_placement_group_is_released(ray_local, tmp_path: Path) -> None:
     """ASHA's stop kills a trial with its Ray Train controller; the workers' placement group it reported is
-    removed by the driver (else it holds CPUs the next trials wait for)."""
+    removed by the driver (else it holds CPUs the next trials wait for), and so are its student checkpoints."""
     from ray.util.placement_group import placement_group, placement_group_table
 
     from distributed_anomaly.tuning.search import TRAIN_PG_KEY, TrialProgress
@@ -537,11 +537,13 @@ def test_a_stopped_trials_train_placement_group_is_released(ray_local) -> None:
         def __init__(self, **result) -> None:
             self.last_result = {TRAIN_PG_KEY: pg.id.hex(), "objective": 0.5, **result}
 
-    progress = TrialProgress(quiet=True)
+    checkpoints = tmp_path / "search" / "trial_t" / "ray_train"
+    (checkpoints / "stfpm" / "checkpoint_000000").mkdir(parents=True)
+    progress = TrialProgress(quiet=True, experiment=str(tmp_path / "search"))
     assert not progress.release_train_resources(Trial(final=1))  # a finished trial's run released it itself
-    assert placement_group_table(pg)["state"] == "CREATED"
+    assert placement_group_table(pg)["state"] == "CREATED" and checkpoints.is_dir()
     assert progress.release_train_resources(Trial())
-    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert placement_group_table(pg)["state"] == "REMOVED" and not checkpoints.exists()
     assert not progress.release_train_resources(Trial())
 
 

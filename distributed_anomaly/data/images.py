@@ -106,3 +106,26 @@ def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
         return mask
     t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
     return F.interpolate(t, size=(image_size, image_size), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """A batch of paths -> normalised (B, 3, S, S) float32 pixels, one row each: a file that cannot be read
+    becomes an error row (ok False, its message in error) instead of failing the batch. The decode step of the
+    Ray Data pipelines (distributed/), kept here, away from torchvision and Ray, so their decode workers start fast."""
+    paths = [str(p) for p in batch["path"]]
+    ok = np.zeros(len(paths), dtype=bool)
+    errors = [""] * len(paths)
+    images = []
+    for i, path in enumerate(paths):
+        try:
+            images.append(read_image(path))
+            ok[i] = True
+        except ImageReadError as exc:
+            errors[i] = str(exc)
+        except Exception as exc:  # e.g. PIL's DecompressionBombError: still one bad file, named
+            errors[i] = f"cannot decode image {path}: {type(exc).__name__}: {exc}"
+    pixels = np.zeros((len(paths), 3, image_size, image_size), dtype=np.float32)
+    if images:
+        pixels[ok] = to_tensor(images, image_size).numpy()
+    return {"idx": np.asarray(batch["idx"], dtype=np.int64), "pixels": pixels, "ok": ok,
+            "error": np.asarray(errors, dtype=str)}

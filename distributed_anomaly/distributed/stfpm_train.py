@@ -1,7 +1,7 @@
 """STFPM data-parallel training on Ray Train (V2): DDP student, frozen teacher, fault tolerant, resumable.
 
     driver: manifest (paths) --Ray Data--> [seeded per-epoch shuffle of the paths] --> [decode tasks:
-            read_image + to_tensor (padim_fit.decode_batch)] --streaming_split(W, equal=False)-->
+            data.images.decode_batch] --streaming_split(W, equal=False)-->
     rank r: ray.train.get_dataset_shard("train") -> batches -> engine.stfpm_epoch(DDP student, frozen teacher)
             ray.train.get_dataset_shard("val")   -> engine.stfpm_val_loss -> all-reduced -> early stopping
             ray.train.report(metrics, checkpoint)  (every rank, once per epoch)
@@ -50,10 +50,11 @@ import torch
 import torch.distributed as dist
 
 from distributed_anomaly import engine
+from distributed_anomaly import storage as shared
 from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.data.images import decode_batch
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.padim_fit import (build_from_payload, check_cluster_cpus, decode_batch,
-                                                      model_payload)
+from distributed_anomaly.distributed.padim_fit import build_from_payload, check_cluster_cpus, model_payload
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.models.stfpm import Stfpm, stfpm_loss
@@ -384,34 +385,12 @@ def _data_config():
     return NoDropDataConfig()
 
 
-def _fs_exists(path: str) -> bool:
-    import pyarrow.fs
-
-    if "://" not in path:
-        return Path(path).exists()
-    fs, p = pyarrow.fs.FileSystem.from_uri(path)
-    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if "://" in base else str(Path(base, *parts))
-
-
-def _split_run_path(path: str) -> tuple[str, str]:
-    path = path.rstrip("/")
-    if "://" in path:
-        head, _, name = path.rpartition("/")
-        return head, name
-    p = Path(path).resolve()
-    return str(p.parent), p.name
-
-
 def _find_run(resume_from: str, local: bool) -> str:
     """The run folder to resume: RESUME itself, or one run folder directly inside it (or in RESUME/ray_train)."""
     marker = LOCAL_INDEX if local else RAY_SNAPSHOT
-    if _fs_exists(_join(resume_from, marker)):
+    if shared.exists(shared.join(resume_from, marker)):
         return resume_from
-    if "://" not in resume_from:
+    if not shared.is_uri(resume_from):
         for parent in (Path(resume_from), Path(resume_from) / "ray_train"):
             found = sorted(p for p in parent.glob(f"*/{marker}")) if parent.is_dir() else []
             if len(found) == 1:
@@ -420,7 +399,7 @@ def _find_run(resume_from: str, local: bool) -> str:
                 raise UserError(f"{parent} holds several training runs ({', '.join(p.parent.name for p in found)}); "
                                 "pass the one to resume")
     other = RAY_SNAPSHOT if local else LOCAL_INDEX
-    if _fs_exists(_join(resume_from, other)):
+    if shared.exists(shared.join(resume_from, other)):
         raise UserError(f"{resume_from} was trained {'on Ray workers' if local else 'in-process (workers=0)'}; "
                         f"resume it with {'workers >= 1' if local else 'workers=0'}")
     raise UserError(f"nothing to resume in {resume_from}: no {marker} (is it a training run folder?)")
@@ -513,14 +492,13 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
 
     resumed = resume_from is not None
     if resumed:
-        storage, run_name = _split_run_path(_find_run(str(resume_from), local))
+        storage, run_name = shared.split_last(_find_run(shared.normalize(resume_from), local))
     else:
-        storage = str(Path(storage).resolve()) if storage and "://" not in storage else (
-            storage or str(Path("~/ray_results").expanduser()))
-        if _fs_exists(_join(storage, run_name)):
-            raise UserError(f"training run folder {_join(storage, run_name)} already exists: pass resume_from to "
-                            "continue it, or choose another run name / storage")
-    run_path = _join(storage, run_name)
+        storage = shared.normalize(storage or "~/ray_results")
+        if shared.exists(shared.join(storage, run_name)):
+            raise UserError(f"training run folder {shared.join(storage, run_name)} already exists: pass resume_from "
+                            "to continue it, or choose another run name / storage")
+    run_path = shared.join(storage, run_name)
 
     if model is None:
         from distributed_anomaly import rundir

@@ -47,6 +47,7 @@ from distributed_anomaly.serve.protocol import (
     check_content_length,
     decode_image,
     discover_models,
+    local_ir,
     metadata_response,
     model_from_request,
     parse_body,
@@ -113,7 +114,8 @@ class AnomalyModel:
 
         entry = self.entries[resolve_model(name, self.names)]  # UnknownModel for a name not served
         loop = asyncio.get_running_loop()
-        inferencer = await loop.run_in_executor(self._pool, lambda: OpenVINOInferencer(entry.path, self.num_threads))
+        inferencer = await loop.run_in_executor(
+            self._pool, lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads))
         self._stats["compiled"].append(name)
         return inferencer
 

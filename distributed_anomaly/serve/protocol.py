@@ -14,6 +14,8 @@ import io
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from distributed_anomaly import storage
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.postprocess import TASKS
 
@@ -142,6 +145,13 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
     entries: dict[str, ModelEntry] = {}
     for spec in specs:
         name, raw = _split_named(os.fspath(spec))
+        if storage.is_uri(raw):  # one IR folder in shared storage: every replica, on any node, fetches it
+            uri = storage.normalize(raw)
+            local = local_ir(uri)
+            model_name = name or storage.split_last(uri)[1]
+            _check_name(model_name, uri, entries)
+            entries[model_name] = ModelEntry(model_name, uri, model_version(local), describe_ir(local))
+            continue
         path = Path(raw).expanduser()
         if not path.is_dir():
             raise UserError(f"--model {raw}: no such folder (expected an IR folder written by `export`)")
@@ -154,17 +164,50 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
             if not found:
                 raise UserError(f"--model {raw}: neither an IR folder (model.xml) nor a folder of IR folders")
         for model_name, ir in found:
-            if not MODEL_NAME_RE.match(model_name):
-                raise UserError(f"model name {model_name!r} (from {ir}) must be letters, digits, '_', '.' or '-' "
-                                "(name it with NAME=IR_DIR)")
-            if model_name in entries:
-                raise UserError(f"two models are named {model_name!r} ({entries[model_name].path} and "
-                                f"{ir.resolve()}); name one with NAME=IR_DIR")
             ir = ir.resolve()
+            _check_name(model_name, str(ir), entries)
             entries[model_name] = ModelEntry(model_name, str(ir), model_version(ir), describe_ir(ir))
     if not entries:
         raise UserError("no model given: pass at least one IR folder written by `export`")
     return entries
+
+
+def _check_name(model_name: str, where: str, entries: Mapping[str, ModelEntry]) -> None:
+    if not MODEL_NAME_RE.match(model_name):
+        raise UserError(f"model name {model_name!r} (from {where}) must be letters, digits, '_', '.' or '-' "
+                        "(name it with NAME=IR_DIR)")
+    if model_name in entries:
+        raise UserError(f"two models are named {model_name!r} ({entries[model_name].path} and {where}); name one "
+                        "with NAME=IR_DIR")
+
+
+def local_ir(path: str, version: str | None = None) -> Path:
+    """The IR folder on this machine: a local path as is; a storage URI's copy in the local model cache
+    ($DISTRIBUTED_ANOMALY_CACHE, default ~/.cache/distributed_anomaly/models), downloaded once per export.
+    With `version`, a copy of another export (the URI was re-exported since start-up) is refused."""
+    if not storage.is_uri(path):
+        return Path(path)
+    cache = Path(os.environ.get("DISTRIBUTED_ANOMALY_CACHE", "~/.cache/distributed_anomaly")).expanduser() / "models"
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    if version and (cache / f"{key}-{version}" / "model.xml").is_file():
+        return cache / f"{key}-{version}"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        storage.download(path, tmp)
+        found = model_version(tmp) if all((tmp / n).is_file() for n in _VERSION_FILES) else None
+        if found is None:
+            raise UserError(f"{path} is not an IR folder written by `export` (no {', '.join(_VERSION_FILES)})")
+        if version and found != version:
+            raise UserError(f"{path} now holds another export (version {found}, served {version}): redeploy")
+        final = cache / f"{key}-{found}"
+        try:
+            os.replace(tmp, final)  # atomic: a replica never compiles a half-downloaded model
+        except OSError:  # another replica on this node got there first: the same export, the same files
+            pass
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ Ray code `train --workers N` runs (distributed.padim_fit / distributed.stfpm_tra
     TUNE_DIR/best/           a complete run directory (as `train` writes) of the best trial, metrics.json on the
                              held-out part of the test split, report.html, tune.json (how it was chosen)
 
+With `--storage S` (a shared path or URI, see storage.py) the search lives at S/<TUNE_DIR name>: Tune writes
+search/ there directly from whichever node runs a trial (nothing of it under TUNE_DIR), STFPM trials keep their
+Ray Train checkpoints there, and the driver uploads its own files (the list above) there when the search ends.
+TUNE_DIR keeps request.json and study.db (SQLite needs a local disk) and a copy of the rest.
+
 Resources. A trial is a Tune function trainable holding TRIAL_DRIVER_CPUS (it calibrates and scores in its own
 process) that starts its fit as separate Ray work: `workers` Ray Data actors (PADIM) or Ray Train workers
 (STFPM; a TorchTrainer whose per-epoch metrics reach Tune through TuneReportCallback), 1 CPU each, plus Ray
@@ -46,7 +51,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from distributed_anomaly import rundir
+from distributed_anomaly import rundir, storage
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import read_json, write_json
@@ -89,6 +94,7 @@ class TuneRequest:
     weights: tuple[tuple[str, str], ...] = ()  # (backbone, local weights file)
     grace_epochs: int = 2
     reduction_factor: int = 3
+    storage: str | None = None  # the shared counterpart of TUNE_DIR (path or URI); None: TUNE_DIR itself
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -128,6 +134,13 @@ class TuneRequest:
 
     def space(self) -> SearchSpace:
         return parse_space(self.space_text, self.space_file).fix(self.fixes)
+
+    def storage_root(self, out: str | os.PathLike) -> str:
+        """Tune's storage_path: where search/ lives (the shared storage, or TUNE_DIR)."""
+        return self.storage or str(Path(out).resolve())
+
+    def experiment(self, out: str | os.PathLike) -> str:
+        return storage.join(self.storage_root(out), EXPERIMENT)
 
 
 @dataclass(frozen=True)
@@ -209,8 +222,8 @@ def run_trial(config: dict, request: dict, out: str) -> None:
                               weights=dict(req.weights))
     data = prepare_data(req)
     obj_data = data.objective_data(req)
-    # The trial's folder in TUNE_DIR (get_trial_dir() is a local staging copy Tune syncs from).
-    trial_dir = Path(out) / EXPERIMENT / f"trial_{tune.get_context().get_trial_id()}"
+    # The trial's folder in the experiment's storage (get_trial_dir() is a local staging copy Tune syncs from).
+    trial_dir = storage.join(req.experiment(out), f"trial_{tune.get_context().get_trial_id()}")
     # Built here, before any Ray work: unavailable weights fail the trial in seconds.
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     info: dict = {"data": str(Path(req.data).resolve()), "num_train_images": len(data.fit),
@@ -219,8 +232,8 @@ def run_trial(config: dict, request: dict, out: str) -> None:
                            "objective": objective}}
     from distributed_anomaly.training import Execution, calibrate, fit_model
 
-    nested = trial_dir / "ray_train"  # STFPM checkpoints; a trial restarted after an interrupted search starts over
-    shutil.rmtree(nested, ignore_errors=True)
+    nested = storage.join(trial_dir, "ray_train")  # STFPM checkpoints; a trial restarted after an interruption starts over
+    storage.remove_tree(nested)
     stfpm_options: dict = {}
     if cfg.model == "stfpm":
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -232,8 +245,8 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     # group, which would also reserve a new placement group behind TrialProgress's back.
     model, fit_info, history = fit_model(model, cfg, tcfg, data.fit, data.val,
                                          Execution(workers=req.workers, run_name="stfpm", max_failures=0),
-                                         str(nested), False, **stfpm_options)
-    shutil.rmtree(nested, ignore_errors=True)  # the kept weights are in the run directory below
+                                         nested, False, **stfpm_options)
+    storage.remove_tree(nested)  # the kept weights are in the run directory below
     if "ray_train" in fit_info:
         fit_info["ray_train"].pop("run_path", None)
     info.update(fit_info)
@@ -331,16 +344,18 @@ class TrialProgress(Callback):
     """One line per trial start, completion, early stop or failure (Tune's own status table is off); and the
     Train placement group of a trial stopped before its end released (see EpochReport)."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, experiment: str) -> None:
         self.quiet = quiet
+        self.experiment = experiment
 
     def release_train_resources(self, trial: Any) -> bool:
         r = trial.last_result or {}
         if r.get("final") or not r.get(TRAIN_PG_KEY):
             return False
-        path = str(getattr(trial, "path", "") or "")
-        if path and "://" not in path:  # its student checkpoints: the trial did not get to remove them
-            shutil.rmtree(Path(path) / "ray_train", ignore_errors=True)
+        try:  # its student checkpoints: the trial did not get to remove them
+            storage.remove_tree(storage.join(self.experiment, trial_dirname(trial), "ray_train"))
+        except Exception as exc:
+            log(f"warning: could not remove the checkpoints of trial {trial.trial_id}: {exc}")
         try:
             return release_placement_group(r[TRAIN_PG_KEY])
         except Exception as exc:  # never let cleanup stop the search; say what may now be held
@@ -405,10 +420,10 @@ def _new_tuner(request: TuneRequest, space: SearchSpace, out: Path, budget: Budg
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=budget.concurrent),
                                     scheduler=scheduler, num_samples=request.samples, reuse_actors=False,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=request.storage_root(out), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[TrialProgress(quiet)]))
+                                  callbacks=[TrialProgress(quiet, request.experiment(out))]))
 
 
 def _study_states(out: Path) -> dict[int, str]:
@@ -512,6 +527,9 @@ def tune_search(request: TuneRequest | None, out: str | os.PathLike, *, address:
         request = replace(request, data=str(Path(request.data).resolve()),
                           objective=resolve_objective(request.objective, test))
         prepare_data(request)
+        if request.storage and storage.exists(request.experiment(out)):
+            raise UserError(f"{request.experiment(out)} already holds a search (of another TUNE_DIR with the same name?):"
+                            " choose another --out name or --storage")
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / REQUEST, request.to_dict())
     return _run(request, out, resume, address, progress)
@@ -544,17 +562,17 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
             log(f"{request.samples} trials of {request.space_file} (objective {request.objective}), at most "
                 f"{budget.concurrent} at once ({budget.per_trial:g} of {budget.cluster_cpus:g} CPUs each); "
                 f"study: optuna-dashboard sqlite:///{out / STUDY_DB}; TensorBoard: tensorboard --logdir "
-                f"{out / EXPERIMENT}")
+                f"{request.experiment(out)}")
         trainable = tune.with_resources(tune.with_parameters(run_trial, request=request.to_dict(), out=str(out)),
                                         {"CPU": TRIAL_DRIVER_CPUS})
-        experiment = out / EXPERIMENT
-        if resume and tune.Tuner.can_restore(str(experiment)):
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+        experiment = request.experiment(out)
+        if resume and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             if resume:  # interrupted before Tune saved anything: nothing finished, start the search afresh
                 _fail_orphans(out, "the search was interrupted before it saved its state")
-                shutil.rmtree(experiment, ignore_errors=True)
+                storage.remove_tree(experiment)
             tuner = _new_tuner(request, space, out, budget, trainable, quiet=not progress)
         grid = tuner.fit()
     states = _study_states(out)
@@ -582,6 +600,10 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
 
     write_tune_report(out, rows, request=request, space=space, summary=summary, importances=imp,
                       importance_note=imp_note)
+    if request.storage:  # search/ is there already (Tune wrote it); now the driver's files beside it
+        storage.upload(out, request.storage)
+        if progress:
+            log(f"search results uploaded to {request.storage}")
     return {**summary, "rows": rows}
 
 

@@ -1,0 +1,109 @@
+"""Where results go: a local folder, a shared mount (NFS) or an object-store URI, through pyarrow's filesystems.
+
+Ray Train and Tune write their checkpoints and trial folders through the same pyarrow layer (their
+`storage_path`), so one `--storage` value names one place for every writer, on every node: the Train workers
+and Tune trials write there directly, and the driver copies its own files (run directories, search results,
+the exported model) there with `upload`. Accepted: a local or mounted path ("/shared/runs"), "file://",
+"s3://bucket/prefix" (options in the query string, e.g. "?endpoint_override=minio:9000&scheme=http"),
+"gs://", "hdfs://", or any URI pyarrow's FileSystem.from_uri understands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distributed_anomaly.errors import UserError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def normalize(location: str | os.PathLike) -> str:
+    """A URI as given (trailing slashes dropped); a local path made absolute (Ray needs absolute storage paths)."""
+    location = str(location)
+    if is_uri(location):
+        head, sep, query = location.partition("?")
+        return head.rstrip("/") + sep + query
+    return str(Path(location).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """base/part/...; for a URI the parts go before its query string (s3://b/p?endpoint_override=... stays valid)."""
+    if not is_uri(base):
+        return str(Path(base, *parts))
+    head, sep, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
+def split_last(location: str) -> tuple[str, str]:
+    """(parent, last name) of a path or URI, the query string staying with the parent."""
+    if not is_uri(location):
+        p = Path(location).resolve()
+        return str(p.parent), p.name
+    head, sep, query = location.partition("?")
+    parent, _, name = head.rstrip("/").rpartition("/")
+    return parent + sep + query, name
+
+
+def filesystem(location: str):
+    """(pyarrow FileSystem, path inside it) for a path or URI; a clear error for one pyarrow cannot open."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except Exception as exc:  # ArrowInvalid (unknown scheme, bad query), OSError (no credentials, no connection)
+        raise UserError(f"cannot open storage {location!r}: {exc}") from exc
+
+
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def remove_tree(location: str) -> None:
+    """Delete a folder and everything in it; nothing there is fine."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def upload(local_dir: str | os.PathLike, location: str) -> str:
+    """Copy the contents of a local folder into location (created if needed; files there are replaced).
+
+    Not atomic: object stores have no folder rename, so a reader may see a partly copied folder while this
+    runs. The local folder stays the source of truth: every "is this stage finished?" decision reads it.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    try:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    except OSError as exc:
+        raise UserError(f"cannot write to storage {location}: {exc}") from exc
+    return location
+
+
+def download(location: str, local_dir: str | os.PathLike) -> Path:
+    """Copy the contents of a folder at location into local_dir (created); returns local_dir."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise UserError(f"{location} is not a folder (nothing there, or a file)")
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except OSError as exc:
+        raise UserError(f"cannot read storage {location}: {exc}") from exc
+    return local
