@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from distributed_anomaly.errors import TrainingInterrupted, UserError
@@ -474,7 +473,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
             raise UserError("tune needs --data and --space (or --resume with --out)")
         from distributed_anomaly import storage
 
-        shared = storage.join(storage.normalize(a.storage), Path(a.out).resolve().name) if a.storage else None
+        shared = storage.counterpart(a.storage, a.out) if a.storage else None
         summary = tune_search(_tune_request(a, shared), a.out, address=a.address, progress=not a.quiet)
     rows = summary["rows"]
     print(R.format_table(rows, summary["objective"]))

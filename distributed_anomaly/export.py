@@ -65,6 +65,7 @@ import numpy as np
 
 from distributed_anomaly import __version__, rundir
 from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
+from distributed_anomaly.data.synthetic import paste_patches
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.postprocess import TASKS
@@ -108,13 +109,6 @@ def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
     return info
 
 
-def synthetic_defect(image: np.ndarray, rng: np.random.Generator, n_patches: int = 3) -> np.ndarray:
-    """A copy of a normal RGB uint8 image with a few random rectangles of flat colour or noise pasted in."""
-    from distributed_anomaly.data.synthetic import paste_patches
-
-    return paste_patches(image, rng, n_patches)[0]
-
-
 def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None,
                         seed: int = 0) -> list[np.ndarray]:
     """int8 calibration data: up to n of the run's normal training images, each also with synthetic defects.
@@ -141,7 +135,7 @@ def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.P
     out = []
     for i in pick:
         img = read_image(train[i].path)
-        out += [to_tensor(img, image_size).numpy(), to_tensor(synthetic_defect(img, rng), image_size).numpy()]
+        out += [to_tensor(img, image_size).numpy(), to_tensor(paste_patches(img, rng)[0], image_size).numpy()]
     return out
 
 

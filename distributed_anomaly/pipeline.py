@@ -125,11 +125,10 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_dir, ir_dir = out / TUNE, out / MODEL
-    remote = shared.join(shared.normalize(storage), out.name) if storage else None  # OUT's shared counterpart
-    if remote:
-        request = replace(request, storage=shared.join(remote, TUNE))
+    remote = shared.counterpart(storage, out) if storage else None
     record: dict[str, Any] = {"out": str(out), "stages": {}}
     if remote:
+        request = replace(request, storage=shared.join(remote, TUNE))
         record["storage"] = remote
     if (out / RECORD).is_file():
         record["stages"] = dict(read_json(out / RECORD).get("stages", {}))
@@ -174,6 +173,7 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     """Deploy the model on the cluster's Serve and leave it running; returns the endpoint."""
     import ray
 
+    from distributed_anomaly.distributed.ray_setup import dashboard_url
     from distributed_anomaly.serve.protocol import AppConfig
     from distributed_anomaly.serve.server import start_server
 
@@ -181,17 +181,12 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
                     api_key=opts.api_key)
     cfg.validate()
     server = start_server(cfg, opts.host, opts.port, address, proxy_location=opts.proxy_location)
-    try:
-        from ray._private.worker import get_dashboard_url
-
-        dash = get_dashboard_url()
-    except Exception:
-        dash = None
+    dash = dashboard_url()
     if server.started_ray:
         ray.shutdown()  # disconnect this driver only: Serve's controller and the application are detached
     log(f"serve: {server.url} (models: {', '.join(server.models)})")
     return {"url": server.url, "predict": f"{server.url}/predict", "models": server.models,
-            "dashboard": (dash if not dash or dash.startswith("http") else f"http://{dash}")}
+            "dashboard": dash}
 
 
 def format_record(record: dict) -> str:

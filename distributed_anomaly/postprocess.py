@@ -29,10 +29,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from distributed_anomaly import metrics
+
 # The three task types: the same maps, post-processed into a label, boxes or a mask.
 TASKS = ("classification", "detection", "segmentation")
-
-from distributed_anomaly import metrics
 
 SIGMA_K = 3.0
 MASK_PEAK_FRACTION = 0.7

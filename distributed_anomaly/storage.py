@@ -37,6 +37,11 @@ def join(base: str, *parts: str) -> str:
     return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
+def counterpart(storage: str, local_dir: str | os.PathLike) -> str:
+    """A local output folder's place in shared storage: STORAGE/<folder name> (run, TUNE_DIR or pipeline OUT)."""
+    return join(normalize(storage), Path(local_dir).resolve().name)
+
+
 def split_last(location: str) -> tuple[str, str]:
     """(parent, last name) of a path or URI, the query string staying with the parent."""
     if not is_uri(location):
@@ -106,4 +111,18 @@ def download(location: str, local_dir: str | os.PathLike) -> Path:
         pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     except OSError as exc:
         raise UserError(f"cannot read storage {location}: {exc}") from exc
+    return local
+
+
+def fetch(location: str, names: tuple[str, ...], local_dir: str | os.PathLike) -> Path:
+    """Copy the named files of the folder at location into local_dir (the small files of a model, not all)."""
+    fs, path = filesystem(location)
+    local = Path(local_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        try:
+            with fs.open_input_stream(f"{path.rstrip('/')}/{name}") as src:
+                (local / name).write_bytes(src.read())
+        except OSError as exc:
+            raise UserError(f"cannot read {join(location, name)}: {exc}") from exc
     return local

@@ -145,7 +145,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     rundir.save_model(out, cfg, tcfg, model, post, info)
     finish_run(out, metrics, test, maps, masks, post, report)
     if run.storage:
-        log(f"run uploaded to {shared.upload(out, _shared_run(out, run.storage))}")
+        log(f"run uploaded to {shared.upload(out, shared.counterpart(run.storage, out))}")
     return metrics
 
 
@@ -197,15 +197,10 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
                                                   workers=max(run.workers, 1), progress=progress, what=what)
 
 
-def _shared_run(out: str | os.PathLike, storage: str) -> str:
-    """RUN_DIR's counterpart in shared storage: STORAGE/<RUN_DIR name>."""
-    return shared.join(shared.normalize(storage), Path(out).resolve().name)
-
-
 def _storage(out: str | os.PathLike, run: Execution) -> str:
     """Where Ray STFPM checkpoints go: RUN_DIR/ray_train, or its counterpart in shared storage (every node
     writes and reads there)."""
-    return shared.join(_shared_run(out, run.storage) if run.storage else str(Path(out).resolve()), "ray_train")
+    return shared.join(shared.counterpart(run.storage, out) if run.storage else str(Path(out).resolve()), "ray_train")
 
 
 def _write_request(out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,

@@ -27,6 +27,8 @@ def test_paths_and_uris(tmp_path: Path, monkeypatch) -> None:
     assert storage.join(str(tmp_path), "a", "b") == str(tmp_path / "a" / "b")
     assert storage.split_last(storage.join(uri, "washer")) == (storage.normalize(uri), "washer")
     assert storage.split_last("runs/x") == (str(tmp_path / "runs"), "x")
+    assert storage.counterpart(uri, "runs/washer/") == "s3://bucket/runs/washer?endpoint_override=minio:9000&scheme=http"
+    assert storage.counterpart("shared", "runs/washer") == str(tmp_path / "shared" / "washer")
     with pytest.raises(UserError, match="cannot open storage 'nosuch://x/y'"):
         storage.exists("nosuch://x/y")
 
@@ -56,8 +58,9 @@ def test_upload_download_exists_remove(tmp_path: Path, s3_bucket, where: str) ->
 
 
 def test_serve_loads_models_from_storage(tmp_path: Path, s3_bucket, monkeypatch) -> None:
-    """A model given as a URI is named after its folder, versioned like a local copy, and fetched once per
-    export into the local cache; a re-export under the same URI is refused to a replica of the old one."""
+    """A model given as a URI is named after its folder and versioned like a local copy from its small files;
+    a replica fetches it once per export into the local cache; a re-export under the same URI is refused to a
+    replica of the old one."""
     monkeypatch.setenv("DISTRIBUTED_ANOMALY_CACHE", str(tmp_path / "cache"))
     local = fake_ir(tmp_path / "washer")
     uri = storage.upload(local, s3_bucket("serve/washer"))
@@ -65,6 +68,7 @@ def test_serve_loads_models_from_storage(tmp_path: Path, s3_bucket, monkeypatch)
     assert list(entries) == ["washer", "copy"] and entries["washer"].path == uri
     version = P.discover_models([local])["washer"].version
     assert entries["washer"].version == version and entries["washer"].info["image_threshold"] == 1.5
+    assert not (tmp_path / "cache").exists()  # start-up read the small files only; replicas fetch the model
 
     cached = P.local_ir(uri, version)
     assert cached.parent == tmp_path / "cache" / "models" and cached.name.endswith(version)
@@ -81,10 +85,14 @@ def test_serve_loads_models_from_storage(tmp_path: Path, s3_bucket, monkeypatch)
     assert P.local_ir(uri).name.endswith(P.discover_models([local])["washer"].version)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("not a model")
-    with pytest.raises(UserError, match="not an IR folder"):
+    with pytest.raises(UserError, match="is missing model.xml, model.bin, metadata.json, postprocess.json"):
         P.discover_models([storage.upload(tmp_path / "notes", s3_bucket("serve/notes"))])
-    with pytest.raises(UserError, match="is not a folder"):
+    with pytest.raises(UserError, match="not an IR folder"):
+        P.local_ir(s3_bucket("serve/notes"))
+    with pytest.raises(UserError, match="no such folder"):
         P.discover_models([s3_bucket("serve/missing")])
+    with pytest.raises(UserError, match="is not a folder"):
+        P.local_ir(s3_bucket("serve/missing"))
 
 
 def test_a_new_search_refuses_storage_holding_another(tmp_path: Path, demo_category: Path) -> None:

@@ -52,7 +52,7 @@ from distributed_anomaly.stats import GaussianStats
 CHUNK_BYTES = 64 << 20
 # Logical CPUs of one decode task; differs from the actors' so Ray Data does not fuse decoding into them.
 # decode_batch lives in the data layer, which imports torch but not torchvision or this module: a decode
-# worker process starts in ~2 s of CPU instead of ~4.5 s.
+# worker's imports take 1.75 s of CPU instead of 4.2 s (python -X importtime, this machine).
 DECODE_CPUS = 0.5
 # Ray Data starts the pool's actors, then feeds whichever is ready: on a small dataset the first actor up can
 # take every batch while the others still import torch (a node left idle). The pool is awaited (up to this long)
@@ -244,7 +244,7 @@ def _pipeline(records: Sequence[Record], image_size: int, batch_size: int, worke
         # bound the number of decode worker processes (each imports torch: ~0.3 GB).
         ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=None,
                             batch_format="numpy", num_cpus=DECODE_CPUS,
-                            compute=ray.data.TaskPoolStrategy(size=workers + 1))
+                            compute=ray.data.TaskPoolStrategy(size=decode_task_count(workers)))
         ds = ds.map_batches(udf, fn_constructor_args=ctor_args, batch_size=None, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker)
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
@@ -257,6 +257,11 @@ def _pipeline(records: Sequence[Record], image_size: int, batch_size: int, worke
         (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits,
          ctx.wait_for_min_actors_s) = saved
         data_logger.setLevel(saved_level)
+
+
+def decode_task_count(workers: int) -> int:
+    """Decode tasks in flight at most for a pool of `workers` (tuning.search budgets CPUs with it)."""
+    return workers + 1
 
 
 def _object_store_budget(image_size: int, batch_size: int, workers: int) -> int:

@@ -97,3 +97,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
             import ray
 
             ray.shutdown()
+
+
+def dashboard_url() -> str | None:
+    """The connected cluster's dashboard as an http:// URL, or None (no dashboard, or Ray's private API moved)."""
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:
+        return None
+    return (url if url.startswith("http") else f"http://{url}") if url else None

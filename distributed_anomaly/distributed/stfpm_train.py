@@ -405,6 +405,11 @@ def _find_run(resume_from: str, local: bool) -> str:
     raise UserError(f"nothing to resume in {resume_from}: no {marker} (is it a training run folder?)")
 
 
+def decode_task_count(workers: int) -> int:
+    """Default decode tasks in flight for `workers` ranks (tuning.search budgets CPUs with it)."""
+    return 2 * max(workers, 1)
+
+
 def _best_state_ray(result: Any, best_epoch: int) -> dict:
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("epoch") == best_epoch]
     if not candidates:
@@ -530,7 +535,7 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
         run_config=RunConfig(name=run_name, storage_path=storage, checkpoint_config=checkpoint_config,
                              failure_config=FailureConfig(max_failures=max_failures), callbacks=list(callbacks)),
         datasets=_datasets(fit_records, val_records, model_cfg.image_size, per_worker, model_cfg.seed,
-                           decode_tasks or 2 * world),
+                           decode_tasks or decode_task_count(world)),
         dataset_config=_data_config())
     start = time.perf_counter()
     printer = _progress_printer(queue) if queue is not None else None

@@ -104,12 +104,12 @@ def model_version(ir_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def describe_ir(ir_dir: Path) -> dict[str, Any]:
+def describe_ir(ir_dir: Path, check_files: bool = True) -> dict[str, Any]:
     """The metadata a client needs to interpret answers, read from an export's metadata.json."""
     from distributed_anomaly.export import FORMAT, IR_FILES, METADATA
     from distributed_anomaly.fileio import read_json
 
-    missing = [n for n in IR_FILES if not (ir_dir / n).is_file()]
+    missing = [n for n in IR_FILES if not (ir_dir / n).is_file()] if check_files else []
     if missing:
         raise UserError(f"OpenVINO export {ir_dir} is missing {', '.join(missing)} (re-run `export`)")
     try:
@@ -147,10 +147,9 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
         name, raw = _split_named(os.fspath(spec))
         if storage.is_uri(raw):  # one IR folder in shared storage: every replica, on any node, fetches it
             uri = storage.normalize(raw)
-            local = local_ir(uri)
             model_name = name or storage.split_last(uri)[1]
             _check_name(model_name, uri, entries)
-            entries[model_name] = ModelEntry(model_name, uri, model_version(local), describe_ir(local))
+            entries[model_name] = _remote_entry(model_name, uri)
             continue
         path = Path(raw).expanduser()
         if not path.is_dir():
@@ -170,6 +169,21 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
     if not entries:
         raise UserError("no model given: pass at least one IR folder written by `export`")
     return entries
+
+
+def _remote_entry(model_name: str, uri: str) -> ModelEntry:
+    """The entry of an export in storage, from its small files only: start-up does not download model.bin
+    (the replicas do, once each, in local_ir)."""
+    from distributed_anomaly.export import IR_FILES
+
+    if not storage.exists(uri):
+        raise UserError(f"--model {uri}: no such folder (expected an IR folder written by `export`)")
+    missing = [n for n in IR_FILES if not storage.exists(storage.join(uri, n))]
+    if missing:
+        raise UserError(f"OpenVINO export {uri} is missing {', '.join(missing)} (re-run `export`)")
+    with tempfile.TemporaryDirectory(prefix="da-ir-head-") as tmp:
+        head = storage.fetch(uri, _VERSION_FILES, tmp)
+        return ModelEntry(model_name, uri, model_version(head), describe_ir(head, check_files=False))
 
 
 def _check_name(model_name: str, where: str, entries: Mapping[str, ModelEntry]) -> None:
@@ -265,15 +279,11 @@ def check_content_length(value: str | None, limit: int) -> None:
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
 
 
-class BodyTooLarge(PayloadTooLarge):
-    """Raised while streaming a body that turns out larger than announced (or was not announced)."""
-
-
 def accumulate(chunks: list[bytes], chunk: bytes, size: int, limit: int) -> int:
     """Add one streamed chunk, refusing once the total passes `limit`; returns the new total."""
     size += len(chunk)
     if size > limit:
-        raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
     chunks.append(chunk)
     return size
 

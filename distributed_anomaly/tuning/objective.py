@@ -15,6 +15,7 @@ them that the data allows, which is how the README measures how well `synthetic_
 from __future__ import annotations
 
 import copy
+import functools
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -131,18 +132,25 @@ class ObjectiveData:
         """val_auroc / val_pixel_auroc (with labelled images) and synthetic_auroc / synthetic_pixel_auroc."""
         size = int(model.image_size)
         out: dict[str, float | None] = {}
-        if self.labelled:
-            images = [read_image(r.path) for r in self.labelled]
+        for prefix, (images, labels, masks) in _inputs(self, size).items():
             maps = score_images(model, images, size, batch_size)
-            labels = np.array([r.label for r in self.labelled], dtype=bool)
-            out["val_auroc"], out["val_pixel_auroc"] = _scored(maps, labels, load_masks(self.labelled, size))
-        if self.normals:
-            items = list(synthetic_images(self.normals, self.copies, self.seed))
-            maps = score_images(model, [im for im, _, _ in items], size, batch_size)
-            labels = np.array([lab for _, _, lab in items], dtype=bool)
-            masks = np.stack([resize_mask(m, size) for _, m, _ in items])
-            out["synthetic_auroc"], out["synthetic_pixel_auroc"] = _scored(maps, labels, masks)
+            out[f"{prefix}_auroc"], out[f"{prefix}_pixel_auroc"] = _scored(maps, labels, masks)
         return out
+
+
+@functools.lru_cache(maxsize=2)
+def _inputs(data: ObjectiveData, size: int) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+    """What `evaluate` scores, {"val" | "synthetic": (images, labels, masks at `size`)}: decoded and generated
+    once per process and image size, not again after every STFPM epoch (only the model changes)."""
+    out = {}
+    if data.labelled:
+        out["val"] = ([read_image(r.path) for r in data.labelled],
+                      np.array([r.label for r in data.labelled], dtype=bool), load_masks(data.labelled, size))
+    if data.normals:
+        items = list(synthetic_images(data.normals, data.copies, data.seed))
+        out["synthetic"] = ([im for im, _, _ in items], np.array([lab for _, _, lab in items], dtype=bool),
+                            np.stack([resize_mask(m, size) for _, m, _ in items]))
+    return out
 
 
 @dataclass(frozen=True)

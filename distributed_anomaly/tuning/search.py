@@ -187,8 +187,8 @@ def fit_cpus(model: str, workers: int) -> float:
     from distributed_anomaly.distributed import padim_fit, stfpm_train
 
     if model == "padim":
-        return workers * 1.0 + (workers + 1) * padim_fit.DECODE_CPUS
-    return workers * 1.0 + 2 * workers * stfpm_train.DECODE_CPUS
+        return workers * 1.0 + padim_fit.decode_task_count(workers) * padim_fit.DECODE_CPUS
+    return workers * 1.0 + stfpm_train.decode_task_count(workers) * stfpm_train.DECODE_CPUS
 
 
 def plan_budget(cluster_cpus: float, workers: int, models: set[str], requested: int | None) -> Budget:
@@ -540,7 +540,7 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
     import ray
     from ray import tune
 
-    from distributed_anomaly.distributed.ray_setup import ray_session
+    from distributed_anomaly.distributed.ray_setup import dashboard_url, ray_session
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = request.space()
@@ -551,7 +551,7 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
     per_trial = TRIAL_DRIVER_CPUS + max(fit_cpus(m, request.workers) for m in space.models())
     local_cpus = max(os.cpu_count() or 1, math.ceil(per_trial)) if not address else None
     with ray_session(address, num_cpus=local_cpus, dashboard=True):
-        url = _dashboard_url()
+        url = dashboard_url()
         if url and progress:
             log(f"Ray dashboard: {url}")
         budget = plan_budget(ray.cluster_resources().get("CPU", 0.0), request.workers, space.models(),
@@ -617,13 +617,3 @@ def _fail_orphans(out: Path, why: str) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log(f"Optuna trial {t.number}: marked failed ({why})")
         study.tell(t.number, state=TrialState.FAIL)
-
-
-def _dashboard_url() -> str | None:
-    try:
-        from ray._private.worker import get_dashboard_url
-
-        url = get_dashboard_url()
-    except Exception:
-        return None
-    return (url if url.startswith("http") else f"http://{url}") if url else None
