@@ -1,22 +1,24 @@
 """Load benchmark of the Serve endpoint against the in-process OpenVINO inferencer, on the same images.
 
     .venv/bin/python bench/serve_load.py [--model IR_DIR] [--requests 300] [--concurrency 8] \
-        [--max-batch-size 8] [--cpus-per-replica 2] [--task segmentation] [--json out.json]
+        [--max-batch-size 8] [--replicas 1] [--cpus-per-replica 2] [--task segmentation] [--json out.json]
 
 Without --model it uses (and makes if missing, as bench/inference.py does) the demo washer PADIM
 mobilenet_v2 256 px fp32 export under --work. The requests are the PNG files of the category's test split,
 cycled. Per image both sides do the same work: decode the PNG, score, build the JSON answer (mask PNG for
 segmentation); the server adds HTTP, the ingress hop and Ray's transfers, and batches concurrent requests.
 
-    in-process, batch 1     one image at a time, --cpus-per-replica OpenVINO threads
+    in-process, batch 1     one image at a time, --replicas x --cpus-per-replica OpenVINO threads (the CPUs
+                            the Serve app's model replicas hold)
     in-process, batch B     B images per OpenVINO call (what the server's batching can reach at best)
     serve                   --requests POSTs from --concurrency client threads (one keep-alive connection
-                            each) to a local Serve app with one replica of --cpus-per-replica CPUs; latency
+                            each) to a local Serve app with --replicas of --cpus-per-replica CPUs; latency
                             p50/p95/p99, requests/s over the whole run, errors (non-200 or transport)
 
-The load is sent in --rounds rounds (300 requests: 3 x 100), each right after an in-process measurement on
-the same images, so that on a machine shared with other jobs every ratio compares figures taken under about
-the same load; the table shows each round and the whole run. The run is bounded: it stops after --requests
+The load is sent in --rounds rounds (300 requests: 3 x 100), each between two in-process measurements on
+the same images (their mean is the round's reference: this machine's speed drifts by 10-25 % from minute to
+minute), so that every ratio compares figures taken under about the same conditions, with the Serve app
+deployed and idle; the table shows each round and the whole run. The run is bounded: it stops after --requests
 requests (or --timeout seconds) and tears Serve and Ray down.
 """
 
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--cpus-per-replica", type=float, default=2.0)
+    ap.add_argument("--replicas", type=int, default=1, help="model replicas (the in-process reference gets "
+                    "their CPUs in all as OpenVINO threads)")
     ap.add_argument("--task", choices=("classification", "detection", "segmentation"), default="segmentation")
     ap.add_argument("--rounds", type=int, default=3, help="the load is split into this many rounds (default 3)")
     ap.add_argument("--timeout", type=float, default=600.0, help="stop sending after this many seconds")
@@ -164,22 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     if category is None:
         ap.error("--images CATEGORY_DIR is needed with --model")
     images = test_images(category)
-    threads = max(1, int(a.cpus_per_replica))
+    threads = max(1, int(a.replicas * a.cpus_per_replica))
     b = a.max_batch_size
-    n_ref = max(2 * b, 24)
+    n_ref = max(8 * b, 64)  # enough OpenVINO calls per measurement to average out scheduling noise
     print(f"model {ir}, {len(images)} distinct images, task {a.task}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     entry = next(iter(discover_models([ir]).values()))
     inf = OpenVINOInferencer(ir, num_threads=threads)
     inf.predict([decode_image(images[0])])  # warm-up
 
-    cfg = AppConfig(models=[str(ir)], cpus_per_replica=a.cpus_per_replica, max_batch_size=b,
+    cfg = AppConfig(models=[str(ir)], replicas=a.replicas, cpus_per_replica=a.cpus_per_replica, max_batch_size=b,
                     batch_wait_timeout_s=a.batch_wait_ms / 1000)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     t = time.perf_counter()
-    server = start_server(cfg, "127.0.0.1", port, num_cpus=max(os.cpu_count() or 1, int(a.cpus_per_replica)))
+    server = start_server(cfg, "127.0.0.1", port, num_cpus=max(os.cpu_count() or 1, threads))
     print(f"server up in {time.perf_counter() - t:.1f}s at {server.url}", file=sys.stderr, flush=True)
     rounds = []
     sizes = [a.requests // a.rounds + (1 if r < a.requests % a.rounds else 0) for r in range(a.rounds)]
@@ -187,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load(server.url, images, 2 * a.concurrency, a.concurrency, a.task, 120)  # warm-up, not counted
         for r, n in enumerate(sizes):
-            ref1 = in_process(inf, entry, images, n_ref, 1, a.task)
-            refb = in_process(inf, entry, images, n_ref, b, a.task)
+            before = [in_process(inf, entry, images, n_ref, k, a.task) for k in (1, b)]
             res = load(server.url, images, n, a.concurrency, a.task, max(1.0, deadline - time.monotonic()))
+            after = [in_process(inf, entry, images, n_ref, k, a.task) for k in (1, b)]
+            ref1, refb = ((x + y) / 2 for x, y in zip(before, after))
             rounds.append({"in_process_b1": ref1, "in_process_bB": refb, **res, "load_avg": os.getloadavg()[0]})
             print(f"round {r + 1}: in-process {ref1:.1f} / {refb:.1f} img/s, serve {res['req_per_s']:.1f} req/s, "
                   f"{res['errors']} errors, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [r["req_per_s"] / max(r["in_process_b1"], r["in_process_bB"]) for r in rounds]
     mean_batch = stats["images"] / max(1, stats["batches"])
     print(f"\n{a.requests} requests in {a.rounds} rounds, concurrency {a.concurrency}, max batch {b}, "
-          f"{a.cpus_per_replica:g} CPUs (= OpenVINO threads) for the replica, task {a.task}\n")
+          f"{a.replicas} replica(s) x {a.cpus_per_replica:g} CPUs (= OpenVINO threads each; in-process {threads} "
+          f"threads), task {a.task}\n")
     print(f"| round | load avg | in-process batch 1 img/s | in-process batch {b} img/s | Serve req/s | "
           "Serve / best in-process | p50 ms | p95 ms | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

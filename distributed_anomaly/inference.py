@@ -7,7 +7,8 @@
 The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
 replica its share of the cores); None leaves OpenVINO's default (all cores). On CPU and GPU the inference
 precision hint is f32 unless `config` says otherwise, so an fp32 (or fp16-weights) IR scores like torch even
-on CPUs whose default would be bf16. Calls are thread-safe (one infer request per calling thread).
+on CPUs whose default would be bf16; on CPU the threads are not pinned to cores (several processes share a
+node). Calls are thread-safe (one infer request per calling thread).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class OpenVINOInferencer:
         props: dict[str, Any] = {}
         if device.split(".")[0] in ("CPU", "GPU"):
             props["INFERENCE_PRECISION_HINT"] = "f32"
+        if device.split(".")[0] == "CPU":
+            # OpenVINO pins its threads to cores by default, as if it owned the machine: two processes on one
+            # node (two Serve replicas, a replica and a Ray worker) then pin to the same cores and each runs at
+            # half speed (bench/openvino_pinning.py: 2 x 1 thread on 2 cores, 29 vs 58 img/s each). The OS
+            # scheduler spreads unpinned threads.
+            props["ENABLE_CPU_PINNING"] = False
         if num_threads is not None:
             props["INFERENCE_NUM_THREADS"] = int(num_threads)
         props.update(config or {})

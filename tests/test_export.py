@@ -168,6 +168,10 @@ def test_export_files_metadata_and_io(runs, exports) -> None:
     # Dynamic batch: 1 and 3 images in one compiled model; fp16 weights are half the size.
     inf = OpenVINOInferencer(ir, num_threads=1)
     assert inf.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    # Not pinned to cores (other processes share the node), unless the caller asks.
+    assert inf.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert OpenVINOInferencer(ir, 1, config={"ENABLE_CPU_PINNING": True}).compiled.get_property(
+        "ENABLE_CPU_PINNING") is True
     for b in (1, 3):
         assert inf.anomaly_maps(np.zeros((b, 3, SIZE, SIZE), np.float32)).shape == (b, SIZE, SIZE)
     fp16 = exports("padim", "fp16")

@@ -536,6 +536,10 @@ def test_concurrent_requests_are_batched_and_exact(server, client, images, refer
     # Compiled once per replica (at start-up), never again; threads = the replica's CPUs.
     assert sorted(after["compiled"]) == ["tile", "washer"]
     assert after["num_cpus"] == 1.0 and after["num_threads"] == 1
+    # Serve's request-path settings reached the replica (the ingress called it over gRPC to get here).
+    from distributed_anomaly.serve.deployments import REPLICA_ENV
+
+    assert after["serve_env"] == REPLICA_ENV
 
 
 def test_healthz_metadata_and_docs(server, client, reference) -> None:
