@@ -77,6 +77,9 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
             summary = read_json(summary_file)
             if not summary.get("interrupted") and summary.get("best"):
                 log(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
+                if request.storage and not shared.exists(shared.join(request.storage, SUMMARY)):
+                    shared.upload(tune_dir, request.storage)  # the run that finished it failed to upload it
+                    log(f"search: uploaded to {request.storage}")
                 return {**summary, "rows": None, "skipped": True}
         log(f"search: continuing the interrupted search in {tune_dir}")
         return tune_search(None, tune_dir, address=address, resume=True, progress=progress)
@@ -163,9 +166,9 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     record["dashboards"] = _dashboards(tune_dir, request.experiment(tune_dir), dashboard_url)
     record["seconds"] = round(time.time() - started, 1)
     write_json(out / RECORD, record)
-    if remote:
-        shared.upload(out, remote)  # pipeline.json included: the shared copy says what is there
-        log(f"outputs uploaded: {out} -> {remote}")
+    if remote:  # tune/ and model/ are there already; the record last, so the shared copy says what is there
+        shared.upload(out / RECORD, shared.join(remote, RECORD))
+        log(f"outputs in {remote}")
     return record
 
 

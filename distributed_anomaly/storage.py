@@ -71,6 +71,16 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def files(location: str) -> set[str] | None:
+    """The names of the files directly in the folder at location (one listing); None if no folder is there."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    return {i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File}
+
+
 def remove_tree(location: str) -> None:
     """Delete a folder and everything in it; nothing there is fine."""
     import pyarrow.fs as pafs
@@ -80,19 +90,20 @@ def remove_tree(location: str) -> None:
         fs.delete_dir(path)
 
 
-def upload(local_dir: str | os.PathLike, location: str) -> str:
-    """Copy the contents of a local folder into location (created if needed; files there are replaced).
+def upload(local: str | os.PathLike, location: str) -> str:
+    """Copy the contents of a local folder into location (created if needed; files there are replaced), or one
+    local file to location (the file's own path or URI).
 
     Not atomic: object stores have no folder rename, so a reader may see a partly copied folder while this
     runs. The local folder stays the source of truth: every "is this stage finished?" decision reads it.
     """
     import pyarrow.fs as pafs
 
+    local = Path(local).resolve()
     fs, path = filesystem(location)
     try:
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+        fs.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     except OSError as exc:
         raise UserError(f"cannot write to storage {location}: {exc}") from exc
     return location

@@ -84,8 +84,6 @@ def ray_local():
                 pass
 
 
-
-
 # --- S3: a local moto server, so --storage s3://... runs against a real S3 protocol endpoint. ---
 # Credentials through the environment, as on a real cluster (pyarrow's S3 URIs take no keys). Set at import,
 # before any Ray process starts, so Ray workers and `ray start` nodes inherit them.

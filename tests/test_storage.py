@@ -50,6 +50,10 @@ def test_upload_download_exists_remove(tmp_path: Path, s3_bucket, where: str) ->
                                                                         "summary.json"]
     assert (got / "summary.json").read_text() == '{"best": 2}'
     assert (got / "best" / "model.safetensors").read_bytes() == (src / "best" / "model.safetensors").read_bytes()
+    assert storage.files(loc) == {"summary.json"} and storage.files(storage.join(loc, "nothing")) is None
+    dest = storage.join(loc, "deep", "copy.json")
+    assert storage.upload(src / "summary.json", dest) == dest
+    assert storage.files(storage.join(loc, "deep")) == {"copy.json"}
     storage.remove_tree(loc)
     assert not storage.exists(loc)
     storage.remove_tree(loc)  # nothing there: fine
@@ -109,3 +113,26 @@ def test_a_new_search_refuses_storage_holding_another(tmp_path: Path, demo_categ
     with pytest.raises(UserError, match="already holds a search"):
         tune_search(request, tmp_path / "washer", progress=False)
     assert not (tmp_path / "washer").exists()
+
+
+def test_a_skipped_search_uploads_only_what_storage_lacks(tmp_path: Path, demo_category: Path) -> None:
+    """A pipeline rerun skips a finished search; if the run that finished it did not get it into storage (an
+    upload that failed), the rerun uploads it, and otherwise leaves storage alone."""
+    from distributed_anomaly.fileio import write_json
+    from distributed_anomaly.pipeline import run_search_stage
+    from distributed_anomaly.tuning.search import BEST, REQUEST, SUMMARY, TuneRequest
+
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "padim.yaml"
+    shared = storage.join(str(tmp_path / "shared"), "tune")
+    request = TuneRequest(data=str(demo_category), space_file=str(space), space_text=space.read_text(), samples=1,
+                          storage=shared)
+    tune_dir = tmp_path / "out" / "tune"
+    (tune_dir / BEST).mkdir(parents=True)
+    (tune_dir / BEST / "config.json").write_text("{}")
+    write_json(tune_dir / REQUEST, request.to_dict())
+    write_json(tune_dir / SUMMARY, {"best": {"trial": "t1"}})
+    assert run_search_stage(request, tune_dir, None, progress=False)["skipped"]
+    assert storage.files(shared) == {REQUEST, SUMMARY} and storage.files(storage.join(shared, BEST)) == {"config.json"}
+    (tune_dir / "later.txt").write_text("not uploaded: the search is in storage already")
+    assert run_search_stage(request, tune_dir, None, progress=False)["skipped"]
+    assert storage.files(shared) == {REQUEST, SUMMARY}

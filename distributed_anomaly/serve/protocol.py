@@ -104,14 +104,20 @@ def model_version(ir_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def describe_ir(ir_dir: Path, check_files: bool = True) -> dict[str, Any]:
+def check_ir_files(where: str | Path, present: set[str]) -> None:
+    """An export folder (local or in storage) must hold every file `export` writes."""
+    from distributed_anomaly.export import IR_FILES
+
+    missing = [n for n in IR_FILES if n not in present]
+    if missing:
+        raise UserError(f"OpenVINO export {where} is missing {', '.join(missing)} (re-run `export`)")
+
+
+def describe_ir(ir_dir: Path) -> dict[str, Any]:
     """The metadata a client needs to interpret answers, read from an export's metadata.json."""
-    from distributed_anomaly.export import FORMAT, IR_FILES, METADATA
+    from distributed_anomaly.export import FORMAT, METADATA
     from distributed_anomaly.fileio import read_json
 
-    missing = [n for n in IR_FILES if not (ir_dir / n).is_file()] if check_files else []
-    if missing:
-        raise UserError(f"OpenVINO export {ir_dir} is missing {', '.join(missing)} (re-run `export`)")
     try:
         meta = read_json(ir_dir / METADATA)
     except (OSError, ValueError) as exc:
@@ -165,6 +171,7 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
         for model_name, ir in found:
             ir = ir.resolve()
             _check_name(model_name, str(ir), entries)
+            check_ir_files(ir, {p.name for p in ir.iterdir() if p.is_file()})
             entries[model_name] = ModelEntry(model_name, str(ir), model_version(ir), describe_ir(ir))
     if not entries:
         raise UserError("no model given: pass at least one IR folder written by `export`")
@@ -174,16 +181,13 @@ def discover_models(specs: Iterable[str | os.PathLike]) -> dict[str, ModelEntry]
 def _remote_entry(model_name: str, uri: str) -> ModelEntry:
     """The entry of an export in storage, from its small files only: start-up does not download model.bin
     (the replicas do, once each, in local_ir)."""
-    from distributed_anomaly.export import IR_FILES
-
-    if not storage.exists(uri):
+    present = storage.files(uri)
+    if present is None:
         raise UserError(f"--model {uri}: no such folder (expected an IR folder written by `export`)")
-    missing = [n for n in IR_FILES if not storage.exists(storage.join(uri, n))]
-    if missing:
-        raise UserError(f"OpenVINO export {uri} is missing {', '.join(missing)} (re-run `export`)")
+    check_ir_files(uri, present)
     with tempfile.TemporaryDirectory(prefix="da-ir-head-") as tmp:
         head = storage.fetch(uri, _VERSION_FILES, tmp)
-        return ModelEntry(model_name, uri, model_version(head), describe_ir(head, check_files=False))
+        return ModelEntry(model_name, uri, model_version(head), describe_ir(head))
 
 
 def _check_name(model_name: str, where: str, entries: Mapping[str, ModelEntry]) -> None:
