@@ -71,7 +71,8 @@ def test_images(category: Path) -> list[bytes]:
 
 def in_process(inf, entry, images: list[bytes], n: int, batch: int, task: str) -> float:
     """Images per second for decode + score + JSON answer, `batch` images per OpenVINO call."""
-    from distributed_anomaly.serve.protocol import decode_image, prediction_response
+    from distributed_anomaly.serve.requests import decode_image
+    from distributed_anomaly.serve.responses import prediction_response
 
     t = time.perf_counter()
     done = 0
@@ -157,11 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from distributed_anomaly.inference import OpenVINOInferencer
-    from distributed_anomaly.serve.protocol import (
-        AppConfig,
-        decode_image,
-        discover_models,
-    )
+    from distributed_anomaly.serve.registry import discover_models
+    from distributed_anomaly.serve.requests import decode_image
+    from distributed_anomaly.serve.settings import AppConfig
     from distributed_anomaly.serve.server import start_server
 
     ir, category = prepare(a.work, a.size) if a.model is None else (a.model, a.images)

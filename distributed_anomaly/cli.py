@@ -283,7 +283,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _cmd_serve(a: argparse.Namespace) -> int:
     import os
 
-    from distributed_anomaly.serve.protocol import API_KEY_ENV, AppConfig
+    from distributed_anomaly.serve.requests import API_KEY_ENV
+    from distributed_anomaly.serve.settings import AppConfig
     from distributed_anomaly.serve.server import serve_forever
 
     cfg = AppConfig(models=list(a.model), replicas=a.replicas, cpus_per_replica=a.cpus_per_replica,
@@ -431,7 +432,7 @@ def _cmd_pipeline(a: argparse.Namespace) -> int:
     import os
 
     from distributed_anomaly.pipeline import ServeOptions, format_record, run_pipeline
-    from distributed_anomaly.serve.protocol import API_KEY_ENV
+    from distributed_anomaly.serve.requests import API_KEY_ENV
 
     if not a.data or not a.space or not a.out:
         raise UserError("pipeline needs --data, --space and --out")

@@ -64,19 +64,17 @@ from pathlib import Path
 import numpy as np
 
 from distributed_anomaly import __version__, rundir
-from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
+from distributed_anomaly.calibration import calibrate
+from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image, to_tensor
+from distributed_anomaly.data.loader import iter_batches
+from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
 from distributed_anomaly.data.synthetic import paste_patches
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
+from distributed_anomaly.irformat import (FORMAT, FORMAT_VERSION, INPUT_NAME, IR_FILES, METADATA,
+                                          MODEL_API_LABELS, OUTPUT_NAME, POSTPROCESS, PRECISIONS, XML)
 from distributed_anomaly.postprocess import TASKS
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAME, OUTPUT_NAME = "image", "anomaly_map"
-XML, BIN, METADATA, POSTPROCESS = "model.xml", "model.bin", "metadata.json", rundir.POSTPROCESS
-IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
-FORMAT = "distributed_anomaly.openvino_ir"
-FORMAT_VERSION = 1
-MODEL_API_LABELS = ("Normal", "Anomaly")
 DEFAULT_CALIBRATION_IMAGES = 300
 
 
@@ -117,9 +115,6 @@ def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.P
     halved PADIM's anomalous image scores. One copy of each image with random pasted patches (flat colour
     or noise) widens the ranges to cover anomalous inputs. (1, 3, S, S) float32 batches, 2 per image.
     """
-    from distributed_anomaly.data.images import read_image, to_tensor
-    from distributed_anomaly.data.mvtec import load_dataset, records_of_split
-
     if n < 1:
         raise UserError(f"calibration_images must be >= 1, got {n}")
     data = data or rundir.load_config(run_dir)[2].get("data")
@@ -224,9 +219,6 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
     """
     import openvino as ov
 
-    from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
-    from distributed_anomaly.training import calibrate
-
     _, tcfg, info = rundir.load_config(run_dir)
     tcfg = tcfg.resolved(cfg.model)
     records = load_dataset(data or info["data"], require_test=tcfg.calibrate_on_test)
@@ -234,9 +226,7 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
     calib = records_of_split(records, "test") if tcfg.calibrate_on_test else val
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
-    def score(recs, what: str) -> np.ndarray:  # training.Scorer: the quantized model's raw maps
-        from distributed_anomaly.data.loader import iter_batches
-
+    def score(recs, what: str) -> np.ndarray:  # calibration.Scorer: the quantized model's raw maps
         maps = [np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
                 for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)]
         return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
@@ -257,8 +247,6 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
     `data` overrides the dataset path recorded in the run's config.json. `task` is recorded for Model API.
     IR_DIR is replaced atomically if it is an earlier export; any other non-empty folder is refused.
     """
-    import openvino as ov
-
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if task not in TASKS:
@@ -283,31 +271,49 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
                        ("version", __version__)):
         ov_model.set_rt_info(str(value), ["distributed_anomaly", key])
 
-    metadata = {
+    metadata = _metadata(cfg, module, post, task, precision, calibration, run_dir, info.get("data"))
+    _write_ir(ov_model, post, metadata, ir_dir)
+    if post.image_threshold is None:
+        print(f"warning: {run_dir} has no thresholds; the export gives normalised maps and scores but no labels "
+              "or masks, and OpenVINO Model API will fall back to its default thresholds", file=sys.stderr)
+    return ir_dir
+
+
+def _metadata(cfg, module, post, task: str, precision: str, calibration: list | None, run_dir: Path,
+              data: str | None) -> dict:
+    """metadata.json: what a client needs to use the IR without this package (see the module docstring)."""
+    import openvino as ov
+
+    size = cfg.image_size
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": cfg.model, "task": task, "backbone": cfg.backbone, "layers": list(cfg.layers),
         "n_features": getattr(module, "n_features", None) if cfg.model == "padim" else None,
-        "image_size": cfg.image_size, "precision": precision,
+        "image_size": size, "precision": precision,
         "image_threshold": post.image_threshold, "pixel_threshold": post.pixel_threshold,
         "norm_min": post.norm_min, "norm_max": post.norm_max, "threshold_source": post.threshold_source,
         "mask_peak_fraction": getattr(post, "mask_peak_fraction", 0.0), "min_region_fraction": post.min_region_fraction,
         "normalization": {"formula": "clip((x - threshold) / (norm_max - norm_min) + 0.5, 0, 1)",
                           "input": "RGB / 255, resized S x S (bilinear, antialiased), (x - mean) / std",
                           "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "input": {"name": INPUT_NAME, "shape": [-1, 3, cfg.image_size, cfg.image_size], "dtype": "float32",
-                  "layout": "NCHW"},
-        "output": {"name": OUTPUT_NAME, "shape": [-1, 1, cfg.image_size, cfg.image_size], "dtype": "float32",
+        "input": {"name": INPUT_NAME, "shape": [-1, 3, size, size], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": OUTPUT_NAME, "shape": [-1, 1, size, size], "dtype": "float32",
                    "meaning": "raw anomaly map; image score = max"},
         "calibration_images": len(calibration) // 2 if calibration is not None else None,
-        "source_run": str(run_dir.resolve()), "source_data": info.get("data"),
+        "source_run": str(run_dir.resolve()), "source_data": data,
         "version": __version__, "openvino_version": ov.get_version(),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
+
+def _write_ir(ov_model, post, metadata: dict, ir_dir: Path) -> None:
+    """Every file into a temp folder beside IR_DIR, fsynced, metadata.json last, then renamed into place."""
+    import openvino as ov
+
     ir_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{ir_dir.name}.", suffix=".tmp", dir=ir_dir.parent))
     try:
-        ov.save_model(ov_model, tmp / XML, compress_to_fp16=(precision == "fp16"))
+        ov.save_model(ov_model, tmp / XML, compress_to_fp16=(metadata["precision"] == "fp16"))
         write_json(tmp / POSTPROCESS, post.to_dict())
         write_json(tmp / METADATA, metadata)  # last: its presence marks a complete export
         for name in IR_FILES:
@@ -317,10 +323,6 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if post.image_threshold is None:
-        print(f"warning: {run_dir} has no thresholds; the export gives normalised maps and scores but no labels "
-              "or masks, and OpenVINO Model API will fall back to its default thresholds", file=sys.stderr)
-    return ir_dir
 
 
 def _replace_dir(new: Path, target: Path) -> None:

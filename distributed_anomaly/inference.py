@@ -1,7 +1,7 @@
 """OpenVINO inference of an exported IR folder (see `export`), through the same post-processing as torch.
 
     inf = OpenVINOInferencer("ir/tile_padim", num_threads=2)
-    preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as predict.predict_arrays
+    preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as runner.predict_arrays
     maps = inf.anomaly_maps(to_tensor(images, inf.image_size))   # (B, S, S) raw maps
 
 The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
@@ -21,13 +21,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from distributed_anomaly.errors import RunDirError, UserError
-from distributed_anomaly.export import BIN, FORMAT, INPUT_NAME, METADATA, OUTPUT_NAME, POSTPROCESS, XML
 from distributed_anomaly.fileio import read_json
+from distributed_anomaly.irformat import (BIN, INPUT_NAME, OUTPUT_NAME, POSTPROCESS, XML, check_ir_files,
+                                          read_metadata)
 from distributed_anomaly.postprocess import PostProcessor, Prediction
+from distributed_anomaly.runner import predict_images
 
 
 class OpenVINOInferencer:
-    """An exported IR folder as a `predict.ModelRunner`: `image_size`, `postprocessor`, `raw_maps`."""
+    """An exported IR folder as a `runner.ModelRunner`: `image_size`, `postprocessor`, `raw_maps`."""
 
     def __init__(self, ir_dir: str | os.PathLike, num_threads: int | None = None, device: str = "CPU",
                  config: dict[str, Any] | None = None) -> None:
@@ -36,13 +38,8 @@ class OpenVINOInferencer:
         self.ir_dir = Path(ir_dir)
         if not self.ir_dir.is_dir():
             raise RunDirError(f"{self.ir_dir} is not a folder (expected an OpenVINO export with {XML})")
-        missing = [n for n in (XML, BIN, METADATA, POSTPROCESS) if not (self.ir_dir / n).is_file()]
-        if missing:
-            raise RunDirError(f"OpenVINO export {self.ir_dir} is missing {', '.join(missing)} "
-                              "(was the export interrupted or copied partially? re-run `export`)")
-        self.metadata = self._read_json(METADATA)
-        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT:
-            raise RunDirError(f"{self.ir_dir / METADATA} is not metadata written by `export`")
+        check_ir_files(self.ir_dir, {p.name for p in self.ir_dir.iterdir() if p.is_file()})
+        self.metadata = read_metadata(self.ir_dir)
         try:
             self.image_size = int(self.metadata["image_size"])
             self.postprocessor = PostProcessor.from_dict(self._read_json(POSTPROCESS))
@@ -107,12 +104,10 @@ class OpenVINOInferencer:
         result = self._request().infer({INPUT_NAME: x})
         return np.array(result[self.compiled.output(0)][:, 0], dtype=np.float32)  # copy: the buffer is reused
 
-    raw_maps = anomaly_maps  # the predict.ModelRunner method name
+    raw_maps = anomaly_maps  # the runner.ModelRunner method name
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """RGB uint8 (H, W, 3) images -> Predictions in each image's own coordinates (same path as torch)."""
-        from distributed_anomaly.predict import predict_images
-
         return predict_images(self, images)
 
     def __repr__(self) -> str:

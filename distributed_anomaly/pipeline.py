@@ -177,7 +177,7 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     import ray
 
     from distributed_anomaly.distributed.ray_setup import dashboard_url
-    from distributed_anomaly.serve.protocol import AppConfig
+    from distributed_anomaly.serve.settings import AppConfig
     from distributed_anomaly.serve.server import start_server
 
     cfg = AppConfig(models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,

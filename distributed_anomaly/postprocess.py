@@ -33,6 +33,8 @@ from distributed_anomaly import metrics
 
 # The three task types: the same maps, post-processed into a label, boxes or a mask.
 TASKS = ("classification", "detection", "segmentation")
+# Where a PostProcessor is stored, in run directories and export folders alike.
+POSTPROCESS_FILE = "postprocess.json"
 
 SIGMA_K = 3.0
 MASK_PEAK_FRACTION = 0.7

@@ -22,10 +22,11 @@ from distributed_anomaly.errors import RunDirError
 from distributed_anomaly.fileio import atomic_write, read_json, write_json
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm
-from distributed_anomaly.postprocess import PostProcessor
+from distributed_anomaly.postprocess import POSTPROCESS_FILE, PostProcessor
 
-CONFIG, WEIGHTS, POSTPROCESS, METRICS, HISTORY, REQUEST = (
-    "config.json", "model.safetensors", "postprocess.json", "metrics.json", "history.json", "request.json")
+CONFIG, WEIGHTS, METRICS, HISTORY, REQUEST = (
+    "config.json", "model.safetensors", "metrics.json", "history.json", "request.json")
+POSTPROCESS = POSTPROCESS_FILE
 
 
 def build_model(cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None) -> Padim | Stfpm:

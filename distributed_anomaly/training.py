@@ -9,56 +9,22 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
+from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model
 from distributed_anomaly.config import ModelConfig, TrainConfig, from_dict, to_dict
-from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
 from distributed_anomaly.errors import TrainingInterrupted, UserError
-from distributed_anomaly.evaluation import compute_metrics
 from distributed_anomaly.fileio import read_json, write_json
-from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, no_threshold_postprocessor
+from distributed_anomaly.postprocess import PostProcessor
+from distributed_anomaly.report import write_report
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N, S, S) raw maps
-
-
-def in_process_scorer(model, image_size: int, batch_size: int, progress: bool) -> Scorer:
-    return lambda records, what: engine.anomaly_maps(model, records, image_size, batch_size, progress, what)
-
-
-def calibrate(model, cfg: ModelConfig, tcfg: TrainConfig, calib: list[Record], fit_records: list[Record],
-              progress: bool, score: Scorer | None = None) -> PostProcessor:
-    """Thresholds and normalisation from the calibration images (see postprocess for the rule)."""
-    score = score or in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress)
-    if calib:
-        maps = score(calib, "calibrate")
-        labels = np.array([r.label for r in calib], dtype=bool)
-        masks = load_masks(calib, cfg.image_size) if labels.any() else None
-        return fit_postprocessor(maps.reshape(len(maps), -1).max(1), labels, maps, masks,
-                                 user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
-    # No calibration images: normalise with the training images' own maps.
-    maps = score(fit_records, "normalise")
-    if tcfg.threshold is not None:
-        return fit_postprocessor(maps.reshape(len(maps), -1).max(1), np.zeros(len(maps), bool), maps,
-                                 user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
-    return no_threshold_postprocessor(maps)
-
-
-def evaluate_model(model, cfg: ModelConfig, post: PostProcessor, test: list[Record], batch_size: int,
-                   progress: bool, score: Scorer | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics, raw maps and ground-truth masks of the test split (maps and masks feed the report)."""
-    maps = (score or in_process_scorer(model, cfg.image_size, batch_size, progress))(test, "evaluate")
-    masks = load_masks(test, cfg.image_size)
-    return compute_metrics(maps, test, masks, post), maps, masks
 
 
 def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
@@ -66,8 +32,6 @@ def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: 
     """metrics.json, and with `report` the HTML report beside it (its path added to `metrics`)."""
     write_json(Path(run) / rundir.METRICS, metrics)
     if report:
-        from distributed_anomaly.report import write_report
-
         metrics["report"] = str(write_report(run, test, maps, masks, post, metrics))
 
 

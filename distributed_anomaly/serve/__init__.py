@@ -9,21 +9,19 @@
     server.handle.predict.remote(rgb_array, "detection").result()          # same JSON as POST /predict
     server.stop()
 
-`protocol` holds the Ray-free rules (registry, parsing, responses); `deployments` the Serve deployments and
-the application builder; `server` starting and stopping. Ray and FastAPI are imported only when the
-deployments are used, so `protocol` stays importable (and testable) without them.
+`registry` (which models, which exports), `requests` (what a request means), `responses` (what an answer
+says) and `settings` (the application's arguments) are Ray-free and unit-tested without a cluster;
+`deployments` holds the Serve deployments and the application builder, `server` starting and stopping.
+Ray and FastAPI are imported only when the deployments are used.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distributed_anomaly.serve.protocol import (
-    AppConfig,
-    HTTPError,
-    ModelEntry,
-    discover_models,
-)
+from distributed_anomaly.serve.registry import ModelEntry, discover_models
+from distributed_anomaly.serve.requests import HTTPError
+from distributed_anomaly.serve.settings import AppConfig
 
 _LAZY = {
     "app": "distributed_anomaly.serve.deployments",

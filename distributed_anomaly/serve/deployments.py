@@ -12,7 +12,7 @@
   (off the event loop), answers bad input with a JSON 4xx itself, and forwards good images by handle.
   It reserves no CPU (it waits on the model most of the time), so a replica of N CPUs fits an N-CPU node.
 
-The request and response rules are in `protocol` (Ray-free, unit-tested). Build the application with
+The request and response rules are in `requests` and `responses` (Ray-free, unit-tested). Build the application with
 `build_app(AppConfig)` or, for `serve run` / `serve deploy`, the builder `distributed_anomaly.serve:app`.
 """
 
@@ -34,28 +34,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distributed_anomaly import __version__
-from distributed_anomaly.serve.protocol import (
-    API_KEY_ENV,
-    DEFAULT_TASK,
-    TASKS,
-    AppConfig,
-    HTTPError,
-    ModelEntry,
-    accumulate,
-    as_rgb,
-    check_api_key,
-    check_content_length,
-    decode_image,
-    discover_models,
-    local_ir,
-    metadata_response,
-    model_from_request,
-    parse_body,
-    parse_task,
-    prediction_response,
-    resolve_model,
-    threads_for_cpus,
-)
+from distributed_anomaly.inference import OpenVINOInferencer
+from distributed_anomaly.postprocess import TASKS
+from distributed_anomaly.serve.registry import ModelEntry, discover_models, local_ir
+from distributed_anomaly.serve.requests import (API_KEY_ENV, DEFAULT_TASK, HTTPError, accumulate, as_rgb, check_api_key,
+                                                check_content_length, decode_image, model_from_request, parse_body,
+                                                parse_task, resolve_model)
+from distributed_anomaly.serve.responses import metadata_response, prediction_response
+from distributed_anomaly.serve.settings import AppConfig, threads_for_cpus
 
 APP_NAME = "distributed_anomaly"
 MODEL_DEPLOYMENT = "AnomalyModel"
@@ -123,8 +109,6 @@ class AnomalyModel:
             await self._load(name)
 
     async def _compile(self, name: str):
-        from distributed_anomaly.inference import OpenVINOInferencer
-
         entry = self.entries[resolve_model(name, self.names)]  # UnknownModel for a name not served
         loop = asyncio.get_running_loop()
         inferencer = await loop.run_in_executor(
@@ -320,7 +304,7 @@ class AnomalyIngress:
     async def predict(self, image: Any, task: str = DEFAULT_TASK, model: str | None = None) -> dict[str, Any]:
         """Python use through the application's handle: `serve.run(app).predict.remote(array, task, model)`.
 
-        `image` is an RGB uint8 array (grey/RGBA accepted) or encoded bytes; errors raise `protocol.HTTPError`s.
+        `image` is an RGB uint8 array (grey/RGBA accepted) or encoded bytes; errors raise `requests.HTTPError`s.
         """
         name = resolve_model(model, self.names)
         rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.serve.protocol import AppConfig
+from distributed_anomaly.serve.settings import AppConfig
 
 READY_TIMEOUT_S = 120.0
 

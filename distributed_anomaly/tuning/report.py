@@ -9,7 +9,7 @@ stylesheet, no script, nothing fetched).
 - parameter importance (Optuna's PED-ANOVA) once enough trials completed;
 - the search space as searched (after --fix).
 
-Plots are drawn with matplotlib on the Agg canvas (report._fig_img), never pyplot's global state.
+Plots are drawn with matplotlib on the Agg canvas (htmlpage.fig_img), never pyplot's global state.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from distributed_anomaly import __version__
 from distributed_anomaly.fileio import write_bytes
-from distributed_anomaly.report import CSS, _e, _fig_img, _figure
+from distributed_anomaly.htmlpage import CSS, esc, fig_img, figure
 from distributed_anomaly.tuning import results as R
 
 REPORT = "report.html"
@@ -53,7 +53,7 @@ def _num(v: Any, digits: int = 4) -> str:
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
             return f"{v:.{digits}g}"
         return f"{v:.{digits}f}".rstrip("0").rstrip(".")
-    return _e(v)
+    return esc(v)
 
 
 def _objective_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str | None:
@@ -62,7 +62,7 @@ def _objective_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str 
     if not done:
         return None
     t0 = min(r["finished_at"] - (r.get("seconds") or 0) for r in done)
-    fig, (ax,) = _figure(11.5, 3.6, 1)
+    fig, (ax,) = figure(11.5, 3.6, 1)
     for status, filled in (("completed", True), ("pruned", False), ("interrupted", False)):
         for model, color in MODEL_COLORS.items():
             pts = [r for r in done if r["status"] == status and r.get("model") == model]
@@ -80,7 +80,7 @@ def _objective_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str 
     ax.set_xlabel("minutes since the search started", fontsize=10)
     ax.set_ylabel(objective, fontsize=10)
     ax.legend(fontsize=8.5, frameon=False, loc="lower right")
-    return _fig_img(fig, f"{objective} of each trial over time")
+    return fig_img(fig, f"{objective} of each trial over time")
 
 
 def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str | None:
@@ -118,7 +118,7 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
     objs = np.array([r["objective"] for r in done], dtype=float)
     lo, hi = float(objs.min()), float(objs.max())
     cmap = colormaps["viridis"]
-    fig, (ax,) = _figure(11.5, 4.4, 1)
+    fig, (ax,) = figure(11.5, 4.4, 1)
     ax.grid(False)
     segments, colors, widths = [], [], []
     for r, o in zip(done, objs):
@@ -141,22 +141,22 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
     ax.set_xticks(range(len(positions)), [n for n in axes_names], fontsize=9)
     ax.set_yticks([])
     ax.spines[["left"]].set_visible(False)
-    return _fig_img(fig, "parallel coordinates of the trials' parameters and objective")
+    return fig_img(fig, "parallel coordinates of the trials' parameters and objective")
 
 
 def _importance_figure(importances: Mapping[str, float]) -> str:
     items = sorted(importances.items(), key=lambda kv: kv[1])
-    fig, (ax,) = _figure(11.5, 0.45 * len(items) + 1.0, 1)
+    fig, (ax,) = figure(11.5, 0.45 * len(items) + 1.0, 1)
     ax.barh([k for k, _ in items], [v for _, v in items], color="#3b6fd1")
     ax.set_xlabel("importance (sums to 1)", fontsize=10)
-    return _fig_img(fig, "parameter importance")
+    return fig_img(fig, "parameter importance")
 
 
 def _trials_table(rows: Sequence[Mapping[str, Any]], objective: str) -> str:
     cols = R.display_columns(objective)
     cols = [c for c in cols if c in ("rank", "trial", "status") or any(r.get(c) not in (None, "") for r in rows)]
     head = "".join(f"<th class=\"{'num' if c not in ('trial', 'status', 'model', 'backbone', 'layers') else ''}\">"
-                   f"{_e(objective if c == 'objective' else c.replace('_', ' '))}</th>" for c in cols)
+                   f"{esc(objective if c == 'objective' else c.replace('_', ' '))}</th>" for c in cols)
     body = []
     for r in rows:
         cells = []
@@ -164,15 +164,15 @@ def _trials_table(rows: Sequence[Mapping[str, Any]], objective: str) -> str:
             v = r.get(c)
             if c == "status":
                 cells.append(f"<td><span class=\"status\" style=\"background:{STATUS_COLORS.get(v, '#868e96')}\">"
-                             f"{_e(v)}</span></td>")
+                             f"{esc(v)}</span></td>")
             elif c in ("trial", "model", "backbone", "layers"):
-                cells.append(f"<td>{_e(v) if v is not None else '—'}</td>")
+                cells.append(f"<td>{esc(v) if v is not None else '—'}</td>")
             else:
                 cells.append(f"<td class=\"num\">{_num(v)}</td>")
         cls = " class=\"best\"" if r.get("rank") == 1 and r.get("status") == "completed" else ""
-        body.append(f"<tr{cls} data-trial=\"{_e(r.get('trial'))}\">{''.join(cells)}</tr>")
+        body.append(f"<tr{cls} data-trial=\"{esc(r.get('trial'))}\">{''.join(cells)}</tr>")
         if r.get("error"):
-            body.append(f"<tr><td></td><td class=\"err\" colspan=\"{len(cols) - 1}\">{_e(r['error'])}</td></tr>")
+            body.append(f"<tr><td></td><td class=\"err\" colspan=\"{len(cols) - 1}\">{esc(r['error'])}</td></tr>")
     return (f"<div class=\"scroll\"><table class=\"trials\"><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
@@ -189,8 +189,8 @@ def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     has_best_report = (out / BEST_REPORT).is_file()
 
     def card(label: str, value: str, hint: str = "", cls: str = "") -> str:
-        return (f"<div class=\"card {cls}\"><div class=\"label\">{_e(label)}</div><div class=\"value\">{value}</div>"
-                f"<div class=\"hint\">{_e(hint)}</div></div>")
+        return (f"<div class=\"card {cls}\"><div class=\"label\">{esc(label)}</div><div class=\"value\">{value}</div>"
+                f"<div class=\"hint\">{esc(hint)}</div></div>")
 
     cards = [card("trials", f"{n['completed']}/{len(rows)}", f"completed; {n['pruned']} pruned, {n['failed']} failed"
                   + (f", {n['interrupted']} interrupted" if n["interrupted"] else "")),
@@ -203,8 +203,8 @@ def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     lines = []
     if best:
         params = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial", "optuna_trial", "objective"))
-        lines.append(f"<p>Best trial <b>{_e(best['trial'])}</b> (Optuna trial {_e(best.get('optuna_trial'))}): "
-                     f"{_e(params)}. Its run directory is <code>best/</code>"
+        lines.append(f"<p>Best trial <b>{esc(best['trial'])}</b> (Optuna trial {esc(best.get('optuna_trial'))}): "
+                     f"{esc(params)}. Its run directory is <code>best/</code>"
                      + (", scored once on the held-out part of the test split." if held else ".") + "</p>")
         if has_best_report:
             lines.append(f"<a class=\"button\" id=\"best-report\" href=\"{BEST_REPORT}\">Evaluation report of the best "
@@ -214,51 +214,51 @@ def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
                          "images to score it on.</p>")
     elif summary.get("interrupted"):
         lines.append("<p class=\"missing\">The search was interrupted: continue it with <code>tune --out "
-                     f"{_e(out)} --resume</code>; the best trial is chosen when it ends.</p>")
+                     f"{esc(out)} --resume</code>; the best trial is chosen when it ends.</p>")
     else:
         lines.append("<p class=\"missing\">No trial completed, so there is no best model.</p>")
     reasons = R.failure_reasons(rows)
     if reasons:
-        items = "".join(f"<li>{k} failed: {_e(why)}</li>" for why, k in reasons)
+        items = "".join(f"<li>{k} failed: {esc(why)}</li>" for why, k in reasons)
         lines.append(f"<ul class=\"notes\">{items}</ul>")
 
     progress = _objective_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
     parallel = _parallel_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
     importance = (_importance_figure(importances) if importances else
-                  f"<p class=\"missing\">{_e(importance_note or 'not computed')}.</p>")
-    space_items = "".join(f"<li><code>{_e(k)}</code>: fixed {_e(v)}</li>" for k, v in space.fixed.items())
-    space_items += "".join(f"<li><code>{_e(d.name)}</code>: {_e(d.describe())}</li>" for d in space.dimensions)
+                  f"<p class=\"missing\">{esc(importance_note or 'not computed')}.</p>")
+    space_items = "".join(f"<li><code>{esc(k)}</code>: fixed {esc(v)}</li>" for k, v in space.fixed.items())
+    space_items += "".join(f"<li><code>{esc(d.name)}</code>: {esc(d.describe())}</li>" for d in space.dimensions)
     space_text = request.space_file + (f" — {space.description}" if space.description else "")
     meta = [("data", request.data), ("space", space_text), ("objective", objective), ("trials", request.samples),
             ("fixed by --fix", ", ".join(request.fixes) or "—"),
             ("workers per trial", request.workers), ("seed", request.seed),
             ("search time", f"{summary.get('seconds', 0) / 60:.1f} min")]
-    meta_html = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in meta)
-    nav = "".join(f"<a href=\"#{s}\">{_e(s.capitalize())}</a>" for s in SECTIONS)
+    meta_html = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in meta)
+    nav = "".join(f"<a href=\"#{s}\">{esc(s.capitalize())}</a>" for s in SECTIONS)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Search report: {_e(out.name)}</title>
+<title>Search report: {esc(out.name)}</title>
 <style>{CSS}{EXTRA_CSS}</style></head>
 <body><main>
-<header><h1>Hyperparameter search: {_e(out.name)}</h1>
-<p class="sub">Ray Tune trials sampled by Optuna's TPE; {_e(objective)} maximised. The study is also in
+<header><h1>Hyperparameter search: {esc(out.name)}</h1>
+<p class="sub">Ray Tune trials sampled by Optuna's TPE; {esc(objective)} maximised. The study is also in
 <code>study.db</code> (optuna-dashboard), per-trial TensorBoard logs in <code>search/</code>.</p>
 <dl class="meta">{meta_html}</dl></header>
 <nav>{nav}</nav>
 <section id="summary"><h2>Summary</h2><div class="cards">{''.join(cards)}</div>{''.join(lines)}</section>
-<section id="trials"><h2>Trials <small>best first</small></h2><p class="lead">Completed trials by {_e(objective)};
+<section id="trials"><h2>Trials <small>best first</small></h2><p class="lead">Completed trials by {esc(objective)};
 pruned ones (stopped early by ASHA) by their last value; failed ones with their error.</p>
 {_trials_table(rows, objective)}</section>
-<section id="progress"><h2>Objective over time</h2><p class="lead">Each trial's {_e(objective)} when it ended (hollow:
+<section id="progress"><h2>Objective over time</h2><p class="lead">Each trial's {esc(objective)} when it ended (hollow:
 stopped early); the line is the best so far.</p>{progress}</section>
 <section id="parameters"><h2>Parallel coordinates</h2><p class="lead">One line per trial through its parameter values to
-its {_e(objective)}; colour from low (purple) to high (yellow), the best trial thicker.</p>{parallel}</section>
+its {esc(objective)}; colour from low (purple) to high (yellow), the best trial thicker.</p>{parallel}</section>
 <section id="importance"><h2>Parameter importance</h2>{
-    f'<p class="lead">{_e(importance_note)}.</p>' if importances else ''}{importance}</section>
+    f'<p class="lead">{esc(importance_note)}.</p>' if importances else ''}{importance}</section>
 <section id="space"><h2>Search space</h2><ul class="space">{space_items}</ul></section>
-<footer>distributed_anomaly {_e(__version__)} · generated {_e(generated)} · self-contained file, no network needed
+<footer>distributed_anomaly {esc(__version__)} · generated {esc(generated)} · self-contained file, no network needed
 </footer>
 </main></body></html>
 """

@@ -1,0 +1,75 @@
+"""The exported OpenVINO IR folder as a format: file names, tensor names, metadata checks, version.
+
+A leaf module: `export` writes this format, `inference`, `predict` and Serve read it, so the names and the
+checks live here and nothing has to import the exporter (and its NNCF/calibration dependencies) to read one.
+
+    IR_DIR/model.xml, model.bin  the network: input "image" [-1, 3, S, S] -> output "anomaly_map" [-1, 1, S, S]
+    IR_DIR/postprocess.json      thresholds and normalisation (postprocess.PostProcessor)
+    IR_DIR/metadata.json         written last by `export`: its presence marks a complete folder
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from distributed_anomaly.errors import RunDirError
+from distributed_anomaly.fileio import read_json
+from distributed_anomaly.postprocess import POSTPROCESS_FILE
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INPUT_NAME, OUTPUT_NAME = "image", "anomaly_map"
+XML, BIN, METADATA, POSTPROCESS = "model.xml", "model.bin", "metadata.json", POSTPROCESS_FILE
+IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
+FORMAT = "distributed_anomaly.openvino_ir"
+FORMAT_VERSION = 1
+MODEL_API_LABELS = ("Normal", "Anomaly")
+# What identifies an export without reading model.bin (which can be gigabytes): see model_version.
+VERSION_FILES = (METADATA, POSTPROCESS, XML)
+DESCRIBED_KEYS = ("model", "backbone", "image_size", "precision", "task", "image_threshold", "pixel_threshold",
+                  "threshold_source", "norm_min", "norm_max", "exported_at", "version")
+
+
+def is_ir_dir(path: str | os.PathLike) -> bool:
+    """An exported OpenVINO folder (model.xml inside) rather than a run directory."""
+    return (Path(path) / XML).is_file()
+
+
+def check_ir_files(where: str | os.PathLike, present: set[str]) -> None:
+    """An export folder (local or in storage) must hold every file `export` writes."""
+    missing = [n for n in IR_FILES if n not in present]
+    if missing:
+        raise RunDirError(f"OpenVINO export {where} is missing {', '.join(missing)} "
+                          "(was the export interrupted or copied partially? re-run `export`)")
+
+
+def read_metadata(ir_dir: str | os.PathLike) -> dict[str, Any]:
+    """metadata.json of an export, checked to be ours (a clear error rather than a KeyError later)."""
+    path = Path(ir_dir) / METADATA
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RunDirError(f"{path} is not metadata written by `export`")
+    return meta
+
+
+def describe_ir(ir_dir: str | os.PathLike) -> dict[str, Any]:
+    """The metadata a client needs to interpret answers (what Serve's /metadata shows)."""
+    meta = read_metadata(ir_dir)
+    info = {k: meta.get(k) for k in DESCRIBED_KEYS}
+    info["package_version"] = info.pop("version")
+    return info
+
+
+def model_version(ir_dir: str | os.PathLike) -> str:
+    """12 hex digits of SHA-256 over metadata, thresholds and graph: every re-export changes it (exported_at),
+    copies of one export share it. model.bin is left out so that start-up does not read gigabytes."""
+    h = hashlib.sha256()
+    for name in VERSION_FILES:
+        h.update(name.encode())
+        h.update((Path(ir_dir) / name).read_bytes())
+    return h.hexdigest()[:12]

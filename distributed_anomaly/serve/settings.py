@@ -1,0 +1,72 @@
+"""The Serve application's arguments (`serve run distributed_anomaly.serve:app models=a,b`, `serve deploy`,
+the CLI) and how they size a replica."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.serve.requests import DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass
+class AppConfig:
+    """Arguments of the application builder; strings from `serve run key=value` are parsed here."""
+
+    models: list[str]
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    max_batch_size: int = 8
+    # 50 ms, not Serve's 10: while a replica's threads fill the cores, the proxy and ingress deliver requests
+    # one by one, and with 10 ms batches stayed at ~1 image on 2 cores (README, Serving: load).
+    batch_wait_timeout_s: float = 0.05
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_key: str | None = None
+    max_models_per_replica: int = 0  # 0: every served model stays compiled
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
+        known = set(cls.__dataclass_fields__) | {"model", "max_body_mb"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise UserError(f"unknown application argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        models = args.get("models", args.get("model"))
+        if isinstance(models, (str, os.PathLike)):
+            models = [m for m in str(models).split(",") if m.strip()]
+        if not models:
+            raise UserError("the application needs models: a list of IR folders (or `models=a,b` on `serve run`)")
+        cfg = cls([str(m).strip() for m in models])
+        for name, kind in (("replicas", int), ("cpus_per_replica", float), ("max_batch_size", int),
+                           ("batch_wait_timeout_s", float), ("max_body_bytes", int), ("max_models_per_replica", int)):
+            if args.get(name) is not None:
+                try:
+                    setattr(cfg, name, kind(args[name]))
+                except (TypeError, ValueError):
+                    raise UserError(f"application argument {name}={args[name]!r} is not a number") from None
+        if args.get("max_body_mb") is not None:
+            cfg.max_body_bytes = int(float(args["max_body_mb"]) * 1024 * 1024)
+        cfg.api_key = args.get("api_key") or None
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = ((self.replicas >= 1, "replicas must be >= 1"),
+                  (self.cpus_per_replica > 0, "cpus_per_replica must be > 0"),
+                  (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
+                  (self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0"),
+                  (self.max_body_bytes >= 1, "max_body_bytes must be >= 1"),
+                  (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"))
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def threads_for_cpus(cpus: float | None) -> int:
+    """OpenVINO threads for a replica holding `cpus` logical CPUs: one per whole CPU, at least one."""
+    if cpus is None or not math.isfinite(cpus):
+        return 1
+    return max(1, int(cpus))
