@@ -120,6 +120,7 @@ def backbone_weights(backbone: str, work: Path, weights_seed: int) -> Path:
 def student_init(backbone: str, work: Path, seed: int) -> Path:
     """Our STFPM student starts from FeatureExtractor(pretrained=False, seed=seed + 1); check and save it."""
     import torch
+
     from distributed_anomaly.models.stfpm import Stfpm
 
     net = torchvision_init(backbone, seed + 1)
@@ -245,6 +246,7 @@ def check_features(apy: Path, data: Path, backbone: str, weights: Path, student:
                    work: Path) -> dict:
     """Pre-processed input and teacher (and initial student) feature maps of one test image: both tools."""
     import torch
+
     from distributed_anomaly.data.images import read_image, to_tensor
     from distributed_anomaly.models.backbones import FeatureExtractor
 
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     apy = ensure_anomalib_venv(a.anomalib_venv.resolve(), a.anomalib_version)
 
-    from distributed_anomaly.data.synthetic import generate
+    from distributed_anomaly.data.demo import generate
 
     datas = [d.resolve() for d in a.data] if a.data else generate(work / "demo", 0)
     datas = [Path(d).resolve() for d in datas]

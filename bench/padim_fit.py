@@ -28,7 +28,6 @@ from pathlib import Path
 
 import psutil
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_anomalib import TreeMonitor  # noqa: E402  (its cheap smaps_rollup PSS reader)
 
@@ -142,7 +141,7 @@ def main() -> int:
         print(json.dumps(run_one(args)), flush=True)
         return 0
 
-    from distributed_anomaly.data.synthetic import generate
+    from distributed_anomaly.data.demo import generate
 
     data = Path(args.data) / "washer"
     train = data / "train" / "good"

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_anomaly.inference import OpenVINOInferencer
     from distributed_anomaly.serve.registry import discover_models
     from distributed_anomaly.serve.requests import decode_image
-    from distributed_anomaly.serve.settings import AppConfig
     from distributed_anomaly.serve.server import start_server
+    from distributed_anomaly.serve.settings import AppConfig
 
     ir, category = prepare(a.work, a.size) if a.model is None else (a.model, a.images)
     if category is None:

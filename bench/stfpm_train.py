@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_stfpm_"))
     data = a.data
     if data is None:
-        from distributed_anomaly.data.synthetic import generate
+        from distributed_anomaly.data.demo import generate
 
         generate(work / "demo", seed=0, categories=["washer"], image_size=max(a.image_size, 64), n_train=a.n_train,
                  n_test_good=2, n_per_defect=1)

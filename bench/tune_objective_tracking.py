@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from distributed_anomaly import engine, metrics, rundir  # noqa: E402
 from distributed_anomaly.fileio import read_json  # noqa: E402
-from distributed_anomaly.tuning.search import EXPERIMENT, REQUEST, SEARCH_METRICS, TuneRequest, prepare_data  # noqa: E402
+from distributed_anomaly.tuning.request import EXPERIMENT, REQUEST, SEARCH_METRICS, TuneRequest  # noqa: E402
+from distributed_anomaly.tuning.split import prepare_data  # noqa: E402
 
 
 def image_auroc(model, records, image_size: int) -> float | None:

@@ -1,4 +1,5 @@
-"""Typed, validated configuration of one training run; stored in RUN_DIR/config.json."""
+"""Typed, validated configuration of one training run (ModelConfig, TrainConfig: stored in RUN_DIR/config.json)
+and of where it runs (Execution). Torch-free: the command line reads its defaults from these dataclasses."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.models.backbones import DEFAULT_BACKBONE, get_spec, validate_layers
-from distributed_anomaly.models import stfpm as stfpm_defaults
+from distributed_anomaly.models.specs import (
+    DEFAULT_BACKBONE,
+    STFPM_LR,
+    STFPM_MOMENTUM,
+    STFPM_PATIENCE,
+    STFPM_WEIGHT_DECAY,
+    get_spec,
+    validate_layers,
+)
 
 MODELS = ("padim", "stfpm")
 DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100}
@@ -45,10 +53,10 @@ class TrainConfig:
     """How the model is fitted; does not change what a saved model computes."""
 
     epochs: int = 0  # 0 -> the model's default
-    lr: float = stfpm_defaults.DEFAULT_LR
-    momentum: float = stfpm_defaults.DEFAULT_MOMENTUM
-    weight_decay: float = stfpm_defaults.DEFAULT_WEIGHT_DECAY
-    patience: int = stfpm_defaults.DEFAULT_PATIENCE
+    lr: float = STFPM_LR
+    momentum: float = STFPM_MOMENTUM
+    weight_decay: float = STFPM_WEIGHT_DECAY
+    patience: int = STFPM_PATIENCE
     batch_size: int = 0  # 0 -> the model's default
     val_fraction: float = 0.1
     pretrained: bool = True
@@ -82,3 +90,24 @@ def from_dict(cls: type, d: dict) -> Any:
     if unknown:
         raise UserError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where the fit runs; does not change what is computed (tests check the Ray and in-process fits agree).
+
+    workers 0 and no address: in this process. workers >= 1 or an address: on Ray (a local single-node Ray when
+    no address is given; `auto` or HOST:PORT joins a cluster).
+    """
+
+    workers: int = 0
+    address: str | None = None
+    skip_corrupt: bool = False
+    storage: str | None = None  # shared storage (path or URI): STORAGE/<RUN_DIR name> mirrors RUN_DIR
+    resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
+    run_name: str | None = None  # that folder's name under storage; default a fresh unique one
+    max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.workers > 0 or bool(self.address) or self.resume is not None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import sys
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence

@@ -71,11 +71,20 @@ from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split
 from distributed_anomaly.data.synthetic import paste_patches
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
-from distributed_anomaly.irformat import (FORMAT, FORMAT_VERSION, INPUT_NAME, IR_FILES, METADATA,
-                                          MODEL_API_LABELS, OUTPUT_NAME, POSTPROCESS, PRECISIONS, XML)
+from distributed_anomaly.irformat import (
+    DEFAULT_CALIBRATION_IMAGES,
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    IR_FILES,
+    METADATA,
+    MODEL_API_LABELS,
+    OUTPUT_NAME,
+    POSTPROCESS,
+    PRECISIONS,
+    XML,
+)
 from distributed_anomaly.postprocess import TASKS
-
-DEFAULT_CALIBRATION_IMAGES = 300
 
 
 def _num(x: float) -> str:

@@ -22,8 +22,7 @@ import numpy as np
 
 from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.fileio import read_json
-from distributed_anomaly.irformat import (BIN, INPUT_NAME, OUTPUT_NAME, POSTPROCESS, XML, check_ir_files,
-                                          read_metadata)
+from distributed_anomaly.irformat import BIN, INPUT_NAME, OUTPUT_NAME, POSTPROCESS, XML, check_ir_files, read_metadata
 from distributed_anomaly.postprocess import PostProcessor, Prediction
 from distributed_anomaly.runner import predict_images
 

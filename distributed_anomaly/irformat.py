@@ -26,6 +26,7 @@ IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
 FORMAT = "distributed_anomaly.openvino_ir"
 FORMAT_VERSION = 1
 MODEL_API_LABELS = ("Normal", "Anomaly")
+DEFAULT_CALIBRATION_IMAGES = 300  # int8: normal training images NNCF calibrates on
 # What identifies an export without reading model.bin (which can be gigabytes): see model_version.
 VERSION_FILES = (METADATA, POSTPROCESS, XML)
 DESCRIBED_KEYS = ("model", "backbone", "image_size", "precision", "task", "image_threshold", "pixel_threshold",

@@ -20,8 +20,8 @@ depends on the driver's disk; pipeline.json last. OUT keeps the local copy that 
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +34,7 @@ from distributed_anomaly.fileio import read_json, write_json
 TUNE, MODEL, RECORD = "tune", "model", "pipeline.json"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ def _same_search(stored: dict, asked: dict) -> list[str]:
 
 def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress: bool) -> dict:
     """Run, continue or reuse the search in tune_dir; returns its summary (with "rows")."""
-    from distributed_anomaly.tuning.search import BEST, REQUEST, SUMMARY, TuneRequest, tune_search
+    from distributed_anomaly.tuning.request import BEST, REQUEST, SUMMARY, TuneRequest
+    from distributed_anomaly.tuning.search import tune_search
 
     asked = request.to_dict()
     if (tune_dir / REQUEST).is_file():
@@ -76,12 +76,12 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
         if summary_file.is_file() and (tune_dir / BEST / "config.json").is_file():
             summary = read_json(summary_file)
             if not summary.get("interrupted") and summary.get("best"):
-                log(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
+                logger.info(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
                 if request.storage and not shared.exists(shared.join(request.storage, SUMMARY)):
                     shared.upload(tune_dir, request.storage)  # the run that finished it failed to upload it
-                    log(f"search: uploaded to {request.storage}")
+                    logger.info(f"search: uploaded to {request.storage}")
                 return {**summary, "rows": None, "skipped": True}
-        log(f"search: continuing the interrupted search in {tune_dir}")
+        logger.info(f"search: continuing the interrupted search in {tune_dir}")
         return tune_search(None, tune_dir, address=address, resume=True, progress=progress)
     assert isinstance(request, TuneRequest)
     return tune_search(request, tune_dir, address=address, progress=progress)
@@ -97,15 +97,15 @@ def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
         same_run = Path(meta.get("source_run", "")).resolve() == best.resolve()
         newer = (best / "config.json").stat().st_mtime > meta_file.stat().st_mtime
         if same_run and meta.get("precision") == precision and not newer:
-            log(f"export: {ir_dir} already holds {precision} of {best}, skipping")
+            logger.info(f"export: {ir_dir} already holds {precision} of {best}, skipping")
             return False
-    log(f"export: {best} -> {ir_dir} ({precision})")
+    logger.info(f"export: {best} -> {ir_dir} ({precision})")
     export_run(best, ir_dir, precision)
     return True
 
 
 def _dashboards(tune_dir: Path, experiment: str, dashboard_url: str | None) -> dict[str, str]:
-    from distributed_anomaly.tuning.search import STUDY_DB
+    from distributed_anomaly.tuning.request import STUDY_DB
 
     return {"ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
             "tensorboard": f"tensorboard --logdir {experiment}",
@@ -120,7 +120,7 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     or after `ray start --head`). The application stays deployed when the command ends (`serve shutdown`
     or `ray stop` removes it).
     """
-    from distributed_anomaly.tuning.search import BEST, REPORT
+    from distributed_anomaly.tuning.request import BEST, REPORT
 
     if serve is not None and not address:
         raise UserError("--serve deploys to a Ray cluster that outlives this command: start one (`ray start --head`, "
@@ -156,7 +156,7 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
         record["stages"]["export"]["shared"] = served_from
         if exported or not shared.exists(shared.join(served_from, "model.xml")):
             shared.upload(ir_dir, served_from)
-            log(f"export: uploaded to {served_from}")
+            logger.info(f"export: uploaded to {served_from}")
     write_json(out / RECORD, record)
 
     dashboard_url = None
@@ -168,7 +168,7 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     write_json(out / RECORD, record)
     if remote:  # tune/ and model/ are there already; the record last, so the shared copy says what is there
         shared.upload(out / RECORD, shared.join(remote, RECORD))
-        log(f"outputs in {remote}")
+        logger.info(f"outputs in {remote}")
     return record
 
 
@@ -177,8 +177,8 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     import ray
 
     from distributed_anomaly.distributed.ray_setup import dashboard_url
-    from distributed_anomaly.serve.settings import AppConfig
     from distributed_anomaly.serve.server import start_server
+    from distributed_anomaly.serve.settings import AppConfig
 
     cfg = AppConfig(models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
                     api_key=opts.api_key)
@@ -187,7 +187,7 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     dash = dashboard_url()
     if server.started_ray:
         ray.shutdown()  # disconnect this driver only: Serve's controller and the application are detached
-    log(f"serve: {server.url} (models: {', '.join(server.models)})")
+    logger.info(f"serve: {server.url} (models: {', '.join(server.models)})")
     return {"url": server.url, "predict": f"{server.url}/predict", "models": server.models,
             "dashboard": dash}
 

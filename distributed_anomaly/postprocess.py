@@ -33,6 +33,7 @@ from distributed_anomaly import metrics
 
 # The three task types: the same maps, post-processed into a label, boxes or a mask.
 TASKS = ("classification", "detection", "segmentation")
+DEFAULT_TASK = "segmentation"  # the richest answer: label, boxes and mask
 # Where a PostProcessor is stored, in run directories and export folders alike.
 POSTPROCESS_FILE = "postprocess.json"
 

@@ -36,7 +36,15 @@ from distributed_anomaly.fileio import write_bytes
 from distributed_anomaly.htmlpage import CSS, esc
 from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.report_plots import curves_figure, operating_points, scores_figure
-from distributed_anomaly.report_sections import THRESHOLD_SOURCES, display_name, gallery, header, metrics_tables, summary, tile
+from distributed_anomaly.report_sections import (
+    THRESHOLD_SOURCES,
+    display_name,
+    gallery,
+    header,
+    metrics_tables,
+    summary,
+    tile,
+)
 
 REPORT = "report.html"
 MAX_TILES = 12  # per gallery

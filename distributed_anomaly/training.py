@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +15,14 @@ import numpy as np
 from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
 from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model
-from distributed_anomaly.config import ModelConfig, TrainConfig, from_dict, to_dict
+from distributed_anomaly.config import Execution, ModelConfig, TrainConfig, from_dict, to_dict
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
 from distributed_anomaly.errors import TrainingInterrupted, UserError
 from distributed_anomaly.fileio import read_json, write_json
 from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.report import write_report
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
@@ -33,27 +31,6 @@ def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: 
     write_json(Path(run) / rundir.METRICS, metrics)
     if report:
         metrics["report"] = str(write_report(run, test, maps, masks, post, metrics))
-
-
-@dataclass(frozen=True)
-class Execution:
-    """Where the fit runs; does not change what is computed (tests check the Ray and in-process fits agree).
-
-    workers 0 and no address: in this process. workers >= 1 or an address: on Ray (a local single-node Ray when
-    no address is given; `auto` or HOST:PORT joins a cluster).
-    """
-
-    workers: int = 0
-    address: str | None = None
-    skip_corrupt: bool = False
-    storage: str | None = None  # shared storage (path or URI): STORAGE/<RUN_DIR name> mirrors RUN_DIR
-    resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
-    run_name: str | None = None  # that folder's name under storage; default a fresh unique one
-    max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
-
-    @property
-    def uses_ray(self) -> bool:
-        return self.workers > 0 or bool(self.address) or self.resume is not None
 
 
 def _maybe_ray(run: Execution):
@@ -81,7 +58,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     records = load_dataset(data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
-    log(f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images")
+    logger.info(f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images")
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
         _write_request(out, data, cfg, tcfg, run)
@@ -100,7 +77,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
             write_json(Path(out) / rundir.HISTORY, history)
         calib = test if tcfg.calibrate_on_test else val
         if tcfg.calibrate_on_test:
-            log("warning: --calibrate-on-test fits thresholds on the test images; threshold-dependent metrics "
+            logger.warning("--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics "
                 "are optimistic")
         score = _ray_scorer(model, cfg, tcfg, run, progress) if run.uses_ray else None
         post = calibrate(model, cfg, tcfg, calib, fit_records, progress, score)
@@ -109,7 +86,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     rundir.save_model(out, cfg, tcfg, model, post, info)
     finish_run(out, metrics, test, maps, masks, post, report)
     if run.storage:
-        log(f"run uploaded to {shared.upload(out, shared.counterpart(run.storage, out))}")
+        logger.info(f"run uploaded to {shared.upload(out, shared.counterpart(run.storage, out))}")
     return metrics
 
 
@@ -195,7 +172,7 @@ def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, 
         raise UserError(f"{out} was a {cfg.model} run {'on Ray' if run.uses_ray else 'in this process'}, which keeps "
                         "no checkpoints: start it again with --overwrite (STFPM runs with --workers N >= 1 resume)")
     run = replace(run, address=address or run.address, resume=shared.join(_storage(out, run), run.run_name))
-    log(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
+    logger.info(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
     return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run)
 
 

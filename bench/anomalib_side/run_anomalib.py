@@ -137,13 +137,12 @@ def main() -> int:
         check_features(a, layers)
         return 0
 
+    import anomalib
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
     from anomalib.models import Padim, Stfpm
     from anomalib.models.components import TimmFeatureExtractor
     from lightning.pytorch import seed_everything
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
-
-    import anomalib
 
     seed_everything(a.seed, workers=True, verbose=False)
     pre = Padim.configure_pre_processor((a.image_size, a.image_size))

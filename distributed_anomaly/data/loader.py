@@ -7,12 +7,12 @@ dataset size.
 from __future__ import annotations
 
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from distributed_anomaly.data.images import image_shape, read_image, read_mask, resize_mask, to_tensor
 from distributed_anomaly.data.mvtec import Record
@@ -55,26 +55,26 @@ def load_masks(records: Sequence[Record], image_size: int) -> np.ndarray:
 
 
 class Progress:
-    """One line of progress on stderr (images done, images/s), rewritten in place on a terminal."""
+    """Progress of a pass over images on stderr (images done, images/s), through tqdm."""
 
     def __init__(self, total: int, what: str, enabled: bool = True, min_interval: float = 1.0) -> None:
-        self.total, self.what, self.enabled, self.min_interval = total, what, enabled, min_interval
-        self.done = 0
-        self.start = self._last = time.perf_counter()
-        self._tty = sys.stderr.isatty()
+        self._bar = tqdm(total=total, desc=what, disable=not enabled, mininterval=min_interval, file=sys.stderr,
+                         unit=" images", bar_format="{desc}: {n}/{total} images, {rate_noinv_fmt}{postfix}",
+                         dynamic_ncols=True, leave=True)
+
+    @property
+    def done(self) -> int:
+        return int(self._bar.n)
 
     @property
     def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
+        elapsed = self._bar.format_dict["elapsed"]
+        return self.done / max(elapsed, 1e-9)
 
     def update(self, n: int, extra: str = "") -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.min_interval or self.done >= self.total):
-            self._last = now
-            line = f"{self.what}: {self.done}/{self.total} images, {self.rate:.1f} images/s{extra}"
-            print(("\r" + line) if self._tty else line, end="" if self._tty else "\n", file=sys.stderr, flush=True)
+        if extra:
+            self._bar.set_postfix_str(extra, refresh=False)
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.enabled and self._tty:
-            print(file=sys.stderr, flush=True)
+        self._bar.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,60 +16,19 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from distributed_anomaly.errors import UserError, WeightsUnavailableError
+from distributed_anomaly.errors import WeightsUnavailableError
+from distributed_anomaly.models.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec, validate_layers
 
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    factory: Callable[..., nn.Module]
-    weights: tvm.WeightsEnum
-    taps: dict[str, tuple[int, int]]  # tap name -> (channels, stride)
-    default_layers: tuple[str, str, str]
-    default_n_features: int  # PADIM's random channel subset size
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(
-        "resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1,
-        {"layer1": (64, 4), "layer2": (128, 8), "layer3": (256, 16), "layer4": (512, 32)},
-        ("layer1", "layer2", "layer3"), 100),  # PADIM paper: R18 -> 100 of 448
-    "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
-        {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16), "layer4": (2048, 32)},
-        ("layer1", "layer2", "layer3"), 550),  # PADIM paper: WR50 -> 550 of 1792
-    "mobilenet_v2": BackboneSpec(
-        "mobilenet_v2", tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
-        {f"features.{i}": (c, s) for i, (c, s) in enumerate(
-            [(32, 2), (16, 2), (24, 4), (24, 4), (32, 8), (32, 8), (32, 8), (64, 16), (64, 16), (64, 16),
-             (64, 16), (96, 16), (96, 16), (96, 16), (160, 32), (160, 32), (160, 32), (320, 32), (1280, 32)])},
-        # 24 + 32 + 96 = 152 channels; 100 keeps ~2/3 of them, the same share of dimensions the paper's
-        # R18 choice keeps relative to the full Gaussian cost, and matches the R18 default for comparisons.
-        ("features.3", "features.6", "features.13"), 100),
+# The torchvision constructor and ImageNet weights behind each backbone name of `specs.BACKBONES`.
+TORCHVISION: dict[str, tuple[Callable[..., nn.Module], tvm.WeightsEnum]] = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
+    "wide_resnet50_2": (tvm.wide_resnet50_2, tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1),
+    "mobilenet_v2": (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1),
 }
-DEFAULT_BACKBONE = "resnet18"
 
 
-def get_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}") from None
-
-
-def validate_layers(spec: BackboneSpec, layers: Sequence[str]) -> tuple[str, ...]:
-    """Layers must be known taps of the backbone, distinct, and given shallow to deep."""
-    layers = tuple(layers)
-    if not layers:
-        raise UserError("at least one feature layer is needed")
-    unknown = [l for l in layers if l not in spec.taps]
-    if unknown:
-        raise UserError(f"backbone {spec.name} has no feature layer {unknown[0]!r}; "
-                        f"valid layers: {', '.join(spec.taps)}")
-    order = list(spec.taps)
-    if len(set(layers)) != len(layers) or sorted(layers, key=order.index) != list(layers):
-        raise UserError(f"layers must be distinct and ordered shallow to deep, got {','.join(layers)}")
-    return layers
+def _weights(spec: BackboneSpec) -> tvm.WeightsEnum:
+    return TORCHVISION[spec.name][1]
 
 
 def checkpoint_dir() -> Path:
@@ -78,7 +36,7 @@ def checkpoint_dir() -> Path:
 
 
 def weights_filename(spec: BackboneSpec) -> str:
-    return os.path.basename(spec.weights.url)
+    return os.path.basename(_weights(spec).url)
 
 
 def load_state_dict(spec: BackboneSpec, weights_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
@@ -93,12 +51,12 @@ def load_state_dict(spec: BackboneSpec, weights_file: str | os.PathLike | None =
             raise WeightsUnavailableError(f"cannot load weights file {path}: {exc}") from exc
         return state.get("state_dict", state) if isinstance(state, dict) else state
     try:
-        return spec.weights.get_state_dict(progress=False, check_hash=True)
+        return _weights(spec).get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; hash mismatch is a RuntimeError
         target = checkpoint_dir() / weights_filename(spec)
         raise WeightsUnavailableError(
             f"pretrained weights for {spec.name} are not cached and could not be downloaded ({exc}).\n"
-            f"Put the file {weights_filename(spec)} (from {spec.weights.url}) at {target}\n"
+            f"Put the file {weights_filename(spec)} (from {_weights(spec).url}) at {target}\n"
             f"($TORCH_HOME/hub/checkpoints/), pass --weights FILE, or use --no-pretrained.") from exc
 
 
@@ -113,7 +71,7 @@ class FeatureExtractor(nn.Module):
         self.layers = validate_layers(spec, layers or spec.default_layers)
         with torch.random.fork_rng(devices=[]):  # random weights repeat for a seed, global RNG untouched
             torch.manual_seed(seed)
-            net = spec.factory(weights=None)
+            net = TORCHVISION[spec.name][0](weights=None)
         if pretrained or weights_file is not None:
             try:
                 missing, _ = net.load_state_dict(load_state_dict(spec, weights_file), strict=False)

@@ -17,12 +17,6 @@ from torch import nn
 
 from distributed_anomaly.models.backbones import FeatureExtractor
 
-# Paper / brief training defaults.
-DEFAULT_LR = 0.4
-DEFAULT_MOMENTUM = 0.9
-DEFAULT_WEIGHT_DECAY = 1e-4
-DEFAULT_PATIENCE = 10
-
 
 def layer_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Eq. 2: 0.5 / (h w) * sum over positions of ||t_hat - s_hat||^2, summed over the batch."""

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from distributed_anomaly.serve.registry import ModelEntry, discover_models
-from distributed_anomaly.serve.requests import HTTPError
-from distributed_anomaly.serve.settings import AppConfig
-
+# Imported on first use: `settings` alone (what the CLI reads its defaults from) must not load torch or Ray.
 _LAZY = {
+    "AppConfig": "distributed_anomaly.serve.settings",
+    "HTTPError": "distributed_anomaly.serve.requests",
+    "ModelEntry": "distributed_anomaly.serve.registry",
+    "discover_models": "distributed_anomaly.serve.registry",
     "app": "distributed_anomaly.serve.deployments",
     "build_app": "distributed_anomaly.serve.deployments",
     "AnomalyModel": "distributed_anomaly.serve.deployments",

@@ -37,11 +37,21 @@ from distributed_anomaly import __version__
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.postprocess import TASKS
 from distributed_anomaly.serve.registry import ModelEntry, discover_models, local_ir
-from distributed_anomaly.serve.requests import (API_KEY_ENV, DEFAULT_TASK, HTTPError, accumulate, as_rgb, check_api_key,
-                                                check_content_length, decode_image, model_from_request, parse_body,
-                                                parse_task, resolve_model)
+from distributed_anomaly.serve.requests import (
+    DEFAULT_TASK,
+    HTTPError,
+    accumulate,
+    as_rgb,
+    check_api_key,
+    check_content_length,
+    decode_image,
+    model_from_request,
+    parse_body,
+    parse_task,
+    resolve_model,
+)
 from distributed_anomaly.serve.responses import metadata_response, prediction_response
-from distributed_anomaly.serve.settings import AppConfig, threads_for_cpus
+from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig, threads_for_cpus
 
 APP_NAME = "distributed_anomaly"
 MODEL_DEPLOYMENT = "AnomalyModel"

@@ -19,11 +19,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.errors import ImageReadError, UserError
-from distributed_anomaly.postprocess import TASKS
+from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
-DEFAULT_TASK = "segmentation"
-DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # 20 MB: a 12-megapixel PNG fits, a stray video does not
-API_KEY_ENV = "DISTRIBUTED_ANOMALY_API_KEY"
 API_KEY_HEADER = "x-api-key"
 MODEL_HEADER = "x-model"
 SERVE_MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's own multiplexing header, also accepted

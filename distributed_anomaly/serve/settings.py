@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.serve.requests import DEFAULT_MAX_BODY_BYTES
+
+API_KEY_ENV = "DISTRIBUTED_ANOMALY_API_KEY"  # the endpoint's key, if not given as an argument
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # 20 MB: a 12-megapixel PNG fits, a stray video does not
 
 
 @dataclass

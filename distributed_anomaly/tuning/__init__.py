@@ -4,7 +4,12 @@
     objective  val_auroc / synthetic_auroc, the test-split division, the per-epoch STFPM hook
     results    the results table (CSV, console), failure summary
     report     TUNE_DIR/report.html
-    search     the Ray Tune glue: trainable, OptunaSearch + ASHA, resources, resume, best/
+    request    what a search is: TuneRequest, TUNE_DIR's file names, the dataset split every trial sees
+    budget     how many trials fit on the cluster at once
+    trial      one trial: the Tune function trainable
+    tuner      OptunaSearch + ASHA, per-trial progress lines
+    study      the Optuna study (SQLite): states, importance, orphaned trials
+    search     the driver: run or resume a search, the results table, best/
 
-Everything but `search` is Ray-free.
+space, objective, results, report and request are Ray-free.
 """

@@ -30,11 +30,8 @@ from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.synthetic import synthetic_anomaly
 from distributed_anomaly.errors import UserError
+from distributed_anomaly.tuning.request import OBJECTIVES
 
-OBJECTIVES = {
-    "val_auroc": "image AUROC on the search part of the test split (labelled anomalies)",
-    "synthetic_auroc": "image AUROC of held-out normal images vs. copies with synthetic defects (no labels needed)",
-}
 EPOCH_BN_IMAGES = 128  # batch-norm statistics of the per-epoch scored copy: a sample is enough to rank trials
 
 

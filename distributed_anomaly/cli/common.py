@@ -1,0 +1,82 @@
+"""What every command shares: the verbosity options, logging to stderr, and defaults read from dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+from typing import Any, Sequence
+
+from distributed_anomaly.errors import UserError
+
+# -v / -q on every command (one parent parser): INFO by default, DEBUG with -v, warnings only with -q.
+VERBOSITY = argparse.ArgumentParser(add_help=False)
+VERBOSITY.add_argument("-v", "--verbose", action="store_true", help="debug messages as well")
+VERBOSITY.add_argument("-q", "--quiet", action="store_true", help="no progress output: warnings and errors only")
+
+
+class _Formatter(logging.Formatter):
+    """Plain messages for progress; "warning: ..." / "error: ..." for the rest (what users grep for)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (tools and tests replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler assigns it; the property always answers sys.stderr
+        pass
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Our loggers (`distributed_anomaly.*`) to stderr at the level the verbosity options ask for."""
+    level = logging.DEBUG if getattr(args, "verbose", False) else (
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter("%(message)s"))
+    root = logging.getLogger("distributed_anomaly")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name`: the one source of truth the command-line defaults come from."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            raise TypeError(f"{cls.__name__}.{name} has no plain default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def layers(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def weights_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """BACKBONE=FILE options -> ((backbone, file), ...)."""
+    out = []
+    for item in items:
+        backbone, sep, path = item.partition("=")
+        if not sep or not backbone or not path:
+            raise UserError(f"--weights {item!r}: expected BACKBONE=FILE, e.g. --weights mobilenet_v2=mnv2.pth")
+        out.append((backbone.strip(), path.strip()))
+    return tuple(out)
+
+
+def changed_options(a: argparse.Namespace, defaults: dict, allowed: Sequence[str]) -> list[str]:
+    """The options given besides `allowed` (a --resume call may not change what the run was started with)."""
+    skip = {*allowed, "func", "command", "verbose", "quiet"}
+    return [f"--{k.replace('_', '-')}" for k, v in vars(a).items() if k not in skip and v != defaults.get(k)]
