@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import os
 import shutil
 import sys
@@ -62,6 +63,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from distributed_anomaly import __version__, rundir
 from distributed_anomaly.calibration import calibrate
@@ -146,8 +148,6 @@ def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.P
 def convert(module, image_size: int):
     """torch module -> openvino.Model with input `image` [-1, 3, S, S] and output `anomaly_map` [-1, 1, S, S]."""
     import openvino as ov
-    import torch
-
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a batch-1 example may get specialised
     module = module.eval()
     with torch.no_grad(), _quiet_tracer():
@@ -168,8 +168,6 @@ def convert(module, image_size: int):
 def _quiet_tracer():
     """Silence TracerWarnings about shape-dependent Python ints (S is fixed per model, only the batch varies)
     and torch.jit.trace's deprecation notice (OpenVINO's PyTorch frontend traces with it either way)."""
-    import torch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # trace deprecation
@@ -205,8 +203,6 @@ def quantize_int8(ov_model, calibration: list[np.ndarray]):
         import nncf
     except ImportError as exc:
         raise UserError("int8 export needs NNCF: pip install nncf") from exc
-    import logging
-
     ignored = nncf.IgnoredScope(names=backbone_only_ignored_scope(ov_model), validate=False)
     nncf_logger = logging.getLogger("nncf")  # its INFO lines (one per ignored op) go to stdout
     level = nncf_logger.level

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -41,8 +44,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _finite(x: Any) -> Any:
-    import math
-
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
@@ -53,8 +54,6 @@ def _finite(x: Any) -> Any:
 
 
 def _jsonable(x: Any) -> Any:
-    import numpy as np
-
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):

@@ -234,6 +234,24 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _aupro_inputs(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(N, H, W) maps and bool masks of one shape, and the FPR limit, checked."""
+    maps = _as_scores(anomaly_maps, "anomaly_maps")
+    gt = _as_bool(masks, "masks")
+    if maps.shape != gt.shape:
+        raise ValueError(f"anomaly_maps and masks must have the same shape, got {maps.shape} and {gt.shape}")
+    if maps.ndim == 2:
+        maps, gt = maps[None], gt[None]
+    if maps.ndim != 3:
+        raise ValueError(f"anomaly_maps must be (N, H, W) or (H, W), got shape {maps.shape}")
+    if maps.size == 0:
+        raise ValueError("anomaly_maps is empty")
+    limit = float(fpr_limit)
+    if not 0.0 < limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
+    return maps, gt, limit
+
+
 def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     """Normalised area under the Per-Region-Overlap curve up to ``fpr_limit`` (Bergmann et al., IJCV 2021).
 
@@ -252,20 +270,7 @@ def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -
     Returns NaN when there is no anomalous pixel at all (PRO undefined, e.g. a category's good-only
     split); raises ValueError when there is no normal pixel (FPR undefined).
     """
-    maps = _as_scores(anomaly_maps, "anomaly_maps")
-    gt = _as_bool(masks, "masks")
-    if maps.shape != gt.shape:
-        raise ValueError(f"anomaly_maps and masks must have the same shape, got {maps.shape} and {gt.shape}")
-    if maps.ndim == 2:
-        maps, gt = maps[None], gt[None]
-    if maps.ndim != 3:
-        raise ValueError(f"anomaly_maps must be (N, H, W) or (H, W), got shape {maps.shape}")
-    if maps.size == 0:
-        raise ValueError("anomaly_maps is empty")
-    limit = float(fpr_limit)
-    if not 0.0 < limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-
+    maps, gt, limit = _aupro_inputs(anomaly_maps, masks, fpr_limit)
     normal = np.sort(maps[~gt])
     n_normal = normal.size
     if n_normal == 0:

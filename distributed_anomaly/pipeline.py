@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from distributed_anomaly import storage as shared
+from distributed_anomaly.distributed.ray_setup import dashboard_url
 from distributed_anomaly.errors import UserError
+from distributed_anomaly.export import export_run
 from distributed_anomaly.fileio import read_json, write_json
+from distributed_anomaly.irformat import METADATA
+from distributed_anomaly.serve.server import start_server
+from distributed_anomaly.serve.settings import AppConfig
+from distributed_anomaly.tuning.request import BEST, REPORT, REQUEST, STUDY_DB, SUMMARY, TuneRequest
+from distributed_anomaly.tuning.search import tune_search
 
 TUNE, MODEL, RECORD = "tune", "model", "pipeline.json"
 
@@ -59,9 +66,6 @@ def _same_search(stored: dict, asked: dict) -> list[str]:
 
 def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress: bool) -> dict:
     """Run, continue or reuse the search in tune_dir; returns its summary (with "rows")."""
-    from distributed_anomaly.tuning.request import BEST, REQUEST, SUMMARY, TuneRequest
-    from distributed_anomaly.tuning.search import tune_search
-
     asked = request.to_dict()
     if (tune_dir / REQUEST).is_file():
         stored = read_json(tune_dir / REQUEST)
@@ -89,8 +93,6 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
 
 def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
     """Export best/ to ir_dir unless an export of that very run at that precision is there; True if exported."""
-    from distributed_anomaly.export import METADATA, export_run
-
     meta_file = ir_dir / METADATA
     if meta_file.is_file():
         meta = read_json(meta_file)
@@ -105,8 +107,6 @@ def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
 
 
 def _dashboards(tune_dir: Path, experiment: str, dashboard_url: str | None) -> dict[str, str]:
-    from distributed_anomaly.tuning.request import STUDY_DB
-
     return {"ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
             "tensorboard": f"tensorboard --logdir {experiment}",
             "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}"}
@@ -120,8 +120,6 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     or after `ray start --head`). The application stays deployed when the command ends (`serve shutdown`
     or `ray stop` removes it).
     """
-    from distributed_anomaly.tuning.request import BEST, REPORT
-
     if serve is not None and not address:
         raise UserError("--serve deploys to a Ray cluster that outlives this command: start one (`ray start --head`, "
                         "or a cluster from cluster/) and pass --address auto (inside `ray job submit` too)")
@@ -175,10 +173,6 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
 def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     """Deploy the model on the cluster's Serve and leave it running; returns the endpoint."""
     import ray
-
-    from distributed_anomaly.distributed.ray_setup import dashboard_url
-    from distributed_anomaly.serve.server import start_server
-    from distributed_anomaly.serve.settings import AppConfig
 
     cfg = AppConfig(models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
                     api_key=opts.api_key)

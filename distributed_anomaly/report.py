@@ -40,6 +40,8 @@ from distributed_anomaly.report_sections import (
     THRESHOLD_SOURCES,
     display_name,
     gallery,
+    gallery_legend,
+    gallery_specs,
     header,
     metrics_tables,
     summary,
@@ -148,36 +150,8 @@ def _render(run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.nd
                   if threshold is not None else "")
     scores_img = scores_figure(records, scores, labels, threshold)
 
-    no_t = ("No threshold (--val-fraction 0 and no --threshold): images carry no labels, so these galleries "
-            "rank by score only. ")
-    no_anomalous, no_normal = "No anomalous images in the test split.", "No normal images in the test split."
-    if threshold is None:
-        gal_specs = [
-            ("missed", "Lowest-scoring defects",
-             no_t + "Anomalous images with the lowest scores: the first to be missed at any threshold.",
-             no_anomalous),
-            ("false-alarms", "Highest-scoring normal images",
-             no_t + "Normal images with the highest scores: the first false alarms at any threshold.", no_normal),
-            ("top-defects", "Highest-scoring defects", no_t + "Anomalous images, highest score first.",
-             no_anomalous)]
-    else:
-        gal_specs = [
-            ("missed", "Missed defects", "Anomalous images scored below the image threshold, lowest score first.",
-             "None: every anomalous test image reached the threshold." if labels.any() else no_anomalous),
-            ("false-alarms", "False alarms", "Normal images at or above the image threshold, highest score first.",
-             "None: no normal test image reached the threshold." if (~labels).any() else no_normal),
-            ("top-defects", "Highest-scoring defects",
-             "Anomalous images, highest score first: what the model finds most clearly.", no_anomalous)]
-    legend_items = ["<span><span class=\"swatch gt\"></span>ground truth</span>"]
-    if post.pixel_threshold is not None:
-        legend_items += ["<span><span class=\"swatch pred\"></span>predicted mask</span>",
-                         "<span><span class=\"swatch box\"></span>predicted boxes</span>",
-                         "<span>heatmap 0<span class=\"jet\"></span>1 (0.5 = pixel threshold)</span>"]
-    else:
-        legend_items.append("<span>heatmap 0<span class=\"jet\"></span>1 (min–max of the calibration maps)</span>")
-    if threshold is not None:
-        legend_items.append("<span>score: normalised, 0.5 = image threshold; raw: max of the map</span>")
-    legend = f"<div class=\"legend\">{''.join(legend_items)}</div>"
+    gal_specs = gallery_specs(labels, threshold)
+    legend = gallery_legend(post)
     gallery_html = "".join(gallery(gid, title, lead, *galleries[gid], empty, tiles, legend)
                            for gid, title, lead, empty in gal_specs)
     nav = "".join(f"<a href=\"#{gid}\">{esc(name)}</a>" for gid, name in (

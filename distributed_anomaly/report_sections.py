@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.mvtec import GOOD, Record
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.htmlpage import dash, esc, fmt, png_uri
+from distributed_anomaly.htmlpage import card, dash, esc, fmt, png_uri
 from distributed_anomaly.postprocess import PostProcessor, Prediction
 from distributed_anomaly.rundir import load_config
 from distributed_anomaly.runner import resize_map
@@ -132,10 +132,6 @@ def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_siz
 
 
 def summary(metrics: dict, counts: dict, threshold: float | None) -> str:
-    def card(label, value, hint="", cls=""):
-        return (f"<div class=\"card {cls}\"><div class=\"label\">{esc(label)}</div>"
-                f"<div class=\"value\">{esc(value)}</div><div class=\"hint\">{esc(hint)}</div></div>")
-
     cards = [card("Image AUROC", fmt(metrics.get("image_auroc"))),
              card("Pixel AUROC", fmt(metrics.get("pixel_auroc"))),
              card("AUPRO", fmt(metrics.get("aupro")), "FPR ≤ 0.3")]
@@ -225,3 +221,40 @@ def tile(i: int, r: Record, gt: np.ndarray, pred: Prediction, name: str) -> str:
             f"<span class=\"badge {badge[1]}\">{esc(badge[0])}</span>"
             f"<span class=\"score\">score {pred.score:.2f} · raw {pred.raw_score:.4g} · {esc(truth)}</span>"
             f"</figcaption></figure>")
+
+
+def gallery_specs(labels: np.ndarray, threshold: float | None) -> list[tuple[str, str, str, str]]:
+    """(id, title, lead, text when empty) of the three galleries; without a threshold they rank by score only."""
+    no_t = ("No threshold (--val-fraction 0 and no --threshold): images carry no labels, so these galleries "
+            "rank by score only. ")
+    no_anomalous, no_normal = "No anomalous images in the test split.", "No normal images in the test split."
+    if threshold is None:
+        return [
+            ("missed", "Lowest-scoring defects",
+             no_t + "Anomalous images with the lowest scores: the first to be missed at any threshold.",
+             no_anomalous),
+            ("false-alarms", "Highest-scoring normal images",
+             no_t + "Normal images with the highest scores: the first false alarms at any threshold.", no_normal),
+            ("top-defects", "Highest-scoring defects", no_t + "Anomalous images, highest score first.",
+             no_anomalous)]
+    return [
+        ("missed", "Missed defects", "Anomalous images scored below the image threshold, lowest score first.",
+         "None: every anomalous test image reached the threshold." if labels.any() else no_anomalous),
+        ("false-alarms", "False alarms", "Normal images at or above the image threshold, highest score first.",
+         "None: no normal test image reached the threshold." if (~labels).any() else no_normal),
+        ("top-defects", "Highest-scoring defects",
+         "Anomalous images, highest score first: what the model finds most clearly.", no_anomalous)]
+
+
+def gallery_legend(post: PostProcessor) -> str:
+    """What the colours of the gallery tiles mean, for this run's thresholds."""
+    items = ["<span><span class=\"swatch gt\"></span>ground truth</span>"]
+    if post.pixel_threshold is not None:
+        items += ["<span><span class=\"swatch pred\"></span>predicted mask</span>",
+                  "<span><span class=\"swatch box\"></span>predicted boxes</span>",
+                  "<span>heatmap 0<span class=\"jet\"></span>1 (0.5 = pixel threshold)</span>"]
+    else:
+        items.append("<span>heatmap 0<span class=\"jet\"></span>1 (min–max of the calibration maps)</span>")
+    if post.image_threshold is not None:
+        items.append("<span>score: normalised, 0.5 = image threshold; raw: max of the map</span>")
+    return f"<div class=\"legend\">{''.join(items)}</div>"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from distributed_anomaly.errors import UserError
 
 
@@ -54,8 +56,6 @@ def split_last(location: str) -> tuple[str, str]:
 
 def filesystem(location: str):
     """(pyarrow FileSystem, path inside it) for a path or URI; a clear error for one pyarrow cannot open."""
-    import pyarrow.fs as pafs
-
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).resolve())
     try:
@@ -65,16 +65,12 @@ def filesystem(location: str):
 
 
 def exists(location: str) -> bool:
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def files(location: str) -> set[str] | None:
     """The names of the files directly in the folder at location (one listing); None if no folder is there."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
@@ -83,8 +79,6 @@ def files(location: str) -> set[str] | None:
 
 def remove_tree(location: str) -> None:
     """Delete a folder and everything in it; nothing there is fine."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
@@ -97,8 +91,6 @@ def upload(local: str | os.PathLike, location: str) -> str:
     Not atomic: object stores have no folder rename, so a reader may see a partly copied folder while this
     runs. The local folder stays the source of truth: every "is this stage finished?" decision reads it.
     """
-    import pyarrow.fs as pafs
-
     local = Path(local).resolve()
     fs, path = filesystem(location)
     try:
@@ -111,8 +103,6 @@ def upload(local: str | os.PathLike, location: str) -> str:
 
 def download(location: str, local_dir: str | os.PathLike) -> Path:
     """Copy the contents of a folder at location into local_dir (created); returns local_dir."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise UserError(f"{location} is not a folder (nothing there, or a file)")

@@ -23,6 +23,7 @@ from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.report import write_report
 
 logger = logging.getLogger(__name__)
+# The Ray glue (distributed.*) imports Ray, which an in-process run never needs: imported where a run uses Ray.
 
 
 def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,

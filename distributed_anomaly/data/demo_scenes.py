@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Callable
 
 import numpy as np
+import skimage.data
 from scipy import ndimage
 
 SOURCE_SIZE = 512  # the skimage textures are 512x512
@@ -57,8 +58,6 @@ def _texture(name: str, blur: float = 0.0) -> np.ndarray:
 
     Flattening removes the photo's slow lighting falloff so random crops share one statistic.
     """
-    import skimage.data
-
     img = getattr(skimage.data, name)().astype(np.float32)
     img -= ndimage.gaussian_filter(img, 40.0, mode="reflect")
     if blur > 0:

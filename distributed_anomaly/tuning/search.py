@@ -157,32 +157,8 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
     per_trial = TRIAL_DRIVER_CPUS + max(fit_cpus(m, request.workers) for m in space.models())
     local_cpus = max(os.cpu_count() or 1, math.ceil(per_trial)) if not address else None
     with ray_session(address, num_cpus=local_cpus, dashboard=True):
-        url = dashboard_url()
-        if url and progress:
-            logger.info(f"Ray dashboard: {url}")
-        budget = plan_budget(ray.cluster_resources().get("CPU", 0.0), request.workers, space.models(),
-                             request.max_concurrent)
-        if budget.note:
-            logger.warning(f"note: {budget.note}")
-        if progress:
-            logger.info(f"{request.samples} trials of {request.space_file} (objective {request.objective}), at most "
-                f"{budget.concurrent} at once ({budget.per_trial:g} of {budget.cluster_cpus:g} CPUs each); "
-                f"study: optuna-dashboard sqlite:///{out / STUDY_DB}; TensorBoard: tensorboard --logdir "
-                f"{request.experiment(out)}")
-        trainable = tune.with_resources(tune.with_parameters(run_trial, request=request.to_dict(), out=str(out)),
-                                        {"CPU": TRIAL_DRIVER_CPUS})
-        experiment = request.experiment(out)
-        if resume and tune.Tuner.can_restore(experiment):
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
-        else:
-            if resume:  # interrupted before Tune saved anything: nothing finished, start the search afresh
-                fail_orphans(out, "the search was interrupted before it saved its state")
-                storage.remove_tree(experiment)
-            tuner = new_tuner(request, space, out, budget, trainable, quiet=not progress)
-        grid = tuner.fit()
-    states = study_states(out)
-    rows = _rows(grid, states)
+        grid = _fit_trials(request, space, out, resume, progress)
+    rows = _rows(grid, study_states(out))
     interrupted = len(rows) < request.samples or any(r["status"] == "interrupted" for r in rows)
     if not interrupted:
         fail_orphans(out, "asked by a search that was interrupted; never run")
@@ -209,3 +185,31 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
         if progress:
             logger.info(f"search results uploaded to {request.storage}")
     return {**summary, "rows": rows}
+
+
+def _fit_trials(request: TuneRequest, space: Any, out: Path, resume: bool, progress: bool) -> Any:
+    """Run (or restore and finish) the Tune experiment on the Ray session that is up; its ResultGrid."""
+    url = dashboard_url()
+    if url and progress:
+        logger.info(f"Ray dashboard: {url}")
+    budget = plan_budget(ray.cluster_resources().get("CPU", 0.0), request.workers, space.models(),
+                         request.max_concurrent)
+    if budget.note:
+        logger.warning(f"note: {budget.note}")
+    if progress:
+        logger.info(f"{request.samples} trials of {request.space_file} (objective {request.objective}), at most "
+                    f"{budget.concurrent} at once ({budget.per_trial:g} of {budget.cluster_cpus:g} CPUs each); "
+                    f"study: optuna-dashboard sqlite:///{out / STUDY_DB}; TensorBoard: tensorboard --logdir "
+                    f"{request.experiment(out)}")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, request=request.to_dict(), out=str(out)),
+                                    {"CPU": TRIAL_DRIVER_CPUS})
+    experiment = request.experiment(out)
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if resume:  # interrupted before Tune saved anything: nothing finished, start the search afresh
+            fail_orphans(out, "the search was interrupted before it saved its state")
+            storage.remove_tree(experiment)
+        tuner = new_tuner(request, space, out, budget, trainable, quiet=not progress)
+    return tuner.fit()

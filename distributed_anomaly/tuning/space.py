@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.specs import DEFAULT_BACKBONE, get_spec
@@ -317,7 +319,6 @@ def trial_configs(sample: Mapping[str, Any], *, seed: int = 0, val_fraction: flo
 def preview(space: SearchSpace, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """n configurations as the search's seeded TPE sampler would propose them (random objective values told
     back), without training: what `tune --dry-run` prints."""
-    import numpy as np
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -105,15 +105,22 @@ def _parse_dimension(name: str, spec: Any, source: str, known: set[str], dims: M
     kinds = [k for k in ("choice", "int", "float") if k in spec]
     if len(kinds) != 1:
         raise SpaceError(f"{where}: give exactly one of choice, int, float")
-    kind = kinds[0]
+    when = _parse_when(spec, name, known, where)
+    if kinds[0] == "choice":
+        return _parse_choice(name, spec, known, when, where)
+    return _parse_numeric(name, kinds[0], spec, known, when, where)
 
-    def ref(key: str) -> str:
-        r = spec[key]
-        if r not in known:
-            raise SpaceError(f"{where}: `{key}: {r}` must name a setting fixed or searched above {name!r} "
-                             f"(known here: {', '.join(sorted(known)) or 'none'})")
-        return r
 
+def _ref(spec: Mapping[str, Any], key: str, name: str, known: set[str], where: str) -> str:
+    """A setting named by `by`, `at_most` or `at_least`: it must be fixed or searched above this dimension."""
+    r = spec[key]
+    if r not in known:
+        raise SpaceError(f"{where}: `{key}: {r}` must name a setting fixed or searched above {name!r} "
+                         f"(known here: {', '.join(sorted(known)) or 'none'})")
+    return r
+
+
+def _parse_when(spec: Mapping[str, Any], name: str, known: set[str], where: str) -> dict[str, tuple]:
     when: dict[str, tuple] = {}
     if "when" in spec:
         if not isinstance(spec["when"], dict) or not spec["when"]:
@@ -122,23 +129,29 @@ def _parse_dimension(name: str, spec: Any, source: str, known: set[str], dims: M
             if k not in known:
                 raise SpaceError(f"{where}: `when: {{{k}: ...}}` must name a setting fixed or searched above {name!r}")
             when[k] = _values(k, v, f"{where}, when {k}")
-    if kind == "choice":
-        if any(k in spec for k in ("log", "step", "at_most", "at_least")):
-            raise SpaceError(f"{where}: log/step/at_most/at_least apply to int and float dimensions only")
-        if "by" in spec:
-            parent = ref("by")
-            if not isinstance(spec["choice"], dict) or not spec["choice"]:
-                raise SpaceError(f"{where}: with `by: {parent}`, `choice` maps each value of {parent} to a list")
-            options = {normalize(parent, k, f"{where}, choice key"): _choice_list(name, v, f"{where}, {parent}={k}")
-                       for k, v in spec["choice"].items()}
-            return Dimension(name, "choice", by=parent, options=options, when=when)
-        return Dimension(name, "choice", choices=_choice_list(name, spec["choice"], where), when=when)
+    return when
+
+
+def _parse_choice(name: str, spec: Mapping[str, Any], known: set[str], when: dict, where: str) -> Dimension:
+    if any(k in spec for k in ("log", "step", "at_most", "at_least")):
+        raise SpaceError(f"{where}: log/step/at_most/at_least apply to int and float dimensions only")
+    if "by" in spec:
+        parent = _ref(spec, "by", name, known, where)
+        if not isinstance(spec["choice"], dict) or not spec["choice"]:
+            raise SpaceError(f"{where}: with `by: {parent}`, `choice` maps each value of {parent} to a list")
+        options = {normalize(parent, k, f"{where}, choice key"): _choice_list(name, v, f"{where}, {parent}={k}")
+                   for k, v in spec["choice"].items()}
+        return Dimension(name, "choice", by=parent, options=options, when=when)
+    return Dimension(name, "choice", choices=_choice_list(name, spec["choice"], where), when=when)
+
+
+def _parse_numeric(name: str, kind: str, spec: Mapping[str, Any], known: set[str], when: dict,
+                   where: str) -> Dimension:
     if SETTINGS[name] not in ("int", "float"):
         raise SpaceError(f"{where}: {name} takes names, so it must be a `choice`")
-    if kind == "int" and SETTINGS[name] != "int":
-        raise SpaceError(f"{where}: {name} is a real number: use `float: [low, high]`")
-    if kind == "float" and SETTINGS[name] != "float":
-        raise SpaceError(f"{where}: {name} is an integer: use `int: [low, high]`")
+    if kind != SETTINGS[name]:
+        raise SpaceError(f"{where}: {name} is " + ("a real number: use `float: [low, high]`" if kind == "int"
+                                                   else "an integer: use `int: [low, high]`"))
     bounds = spec[kind]
     if not (isinstance(bounds, list) and len(bounds) == 2):
         raise SpaceError(f"{where}: `{kind}` must be [low, high]")
@@ -160,12 +173,8 @@ def _parse_dimension(name: str, spec: Any, source: str, known: set[str], dims: M
     limits = {}
     for key in ("at_most", "at_least"):
         if key in spec:
-            r = spec[key]
-            if r in DERIVED:
-                limits[key] = r
-                continue
-            r = ref(key)
-            if SETTINGS[r] not in ("int", "float"):
+            r = spec[key] if spec[key] in DERIVED else _ref(spec, key, name, known, where)
+            if r not in DERIVED and SETTINGS[r] not in ("int", "float"):
                 raise SpaceError(f"{where}: `{key}: {r}` must be numeric (or one of: {', '.join(DERIVED)})")
             limits[key] = r
     return Dimension(name, kind, low=low, high=high, log=log, step=step, when=when, **limits)
