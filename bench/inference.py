@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distributed_anomaly import predict  # noqa: E402
+from distributed_anomaly import runner  # noqa: E402
 from distributed_anomaly.export import export_run  # noqa: E402
 from distributed_anomaly.inference import OpenVINOInferencer  # noqa: E402
 
@@ -51,8 +51,21 @@ def prepare(work: Path, size: int, models: list[str], calibration: int) -> dict[
         run = work / "runs" / f"{model}_{size}"
         if not (run / "config.json").is_file():
             extra = ["--epochs", "1"] if model == "stfpm" else []
-            cli("train", "--data", str(data / CATEGORY), "--model", model, "--backbone", "mobilenet_v2",
-                "--image-size", str(size), "--out", str(run), "--quiet", *extra)
+            cli(
+                "train",
+                "--data",
+                str(data / CATEGORY),
+                "--model",
+                model,
+                "--backbone",
+                "mobilenet_v2",
+                "--image-size",
+                str(size),
+                "--out",
+                str(run),
+                "--quiet",
+                *extra,
+            )
         out[model] = {"run": run}
         for precision in ("fp32", "fp16", "int8"):
             ir = work / "ir" / f"{model}_{size}_{precision}"
@@ -90,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     x1 = torch.randn(1, 3, a.size, a.size, generator=gen)
     x8 = torch.randn(8, 3, a.size, a.size, generator=gen)
-    print(f"\n{a.size} px, MobileNetV2, {a.threads} threads, torch {torch.__version__}, "
-          f"openvino {__import__('openvino').__version__.split('-')[0]}, {a.rounds} rounds x {a.iters} calls")
-    print(f"{'model':<6} {'runtime':<14} {'latency b1 (ms)':>16} {'throughput b8 (img/s)':>22} {'vs torch':>9}",
-          flush=True)
+    print(
+        f"\n{a.size} px, MobileNetV2, {a.threads} threads, torch {torch.__version__}, "
+        f"openvino {__import__('openvino').__version__.split('-')[0]}, {a.rounds} rounds x {a.iters} calls"
+    )
+    print(
+        f"{'model':<6} {'runtime':<14} {'latency b1 (ms)':>16} {'throughput b8 (img/s)':>22} {'vs torch':>9}",
+        flush=True,
+    )
     for model in models:
-        runners = {"torch eager": predict.TorchRunner.from_run(paths[model]["run"])}
+        runners = {"torch eager": runner.TorchRunner.from_run(paths[model]["run"])}
         for precision in ("fp32", "fp16", "int8"):
             runners[f"openvino {precision}"] = OpenVINOInferencer(paths[model][precision], num_threads=a.threads)
         lat: dict[str, list[float]] = {k: [] for k in runners}
@@ -108,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                 thr[k].append(8 * a.iters / sum(timed(r.raw_maps, x8, a.iters)))
         base = max(thr["torch eager"])
         for k in runners:
-            print(f"{model:<6} {k:<14} {1000 * statistics.median(lat[k]):>16.1f} {max(thr[k]):>22.1f} "
-                  f"{max(thr[k]) / base:>8.2f}x", flush=True)
+            print(
+                f"{model:<6} {k:<14} {1000 * statistics.median(lat[k]):>16.1f} {max(thr[k]):>22.1f} "
+                f"{max(thr[k]) / base:>8.2f}x",
+                flush=True,
+            )
     return 0
 
 

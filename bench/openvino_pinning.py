@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.processes} processes x {a.threads} OpenVINO thread(s), {os.cpu_count()} cores, {a.model}")
     for pin in (True, False):
         barrier, out = ctx.Barrier(a.processes), ctx.Queue()
-        procs = [ctx.Process(target=worker, args=(str(a.model), a.threads, pin, a.seconds, barrier, out))
-                 for _ in range(a.processes)]
+        procs = [
+            ctx.Process(target=worker, args=(str(a.model), a.threads, pin, a.seconds, barrier, out))
+            for _ in range(a.processes)
+        ]
         for p in procs:
             p.start()
         rates = sorted(out.get() for _ in procs)

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_anomalib import TreeMonitor  # noqa: E402  (its cheap smaps_rollup PSS reader)
+from compare_anomalib import TreeMonitor
 
 
 def tree_memory(root: psutil.Process) -> tuple[int, int]:
@@ -113,11 +113,22 @@ def run_one(args: argparse.Namespace) -> dict:
         base = tree_memory(psutil.Process())
         sampler = PeakSampler()
         sampler.start()
-        stats, info = fit_padim_ray(model, records, batch_size=args.batch_size, workers=args.workers,
-                                    progress=False, threads_per_worker=max(1, args.threads // args.workers))
+        stats, info = fit_padim_ray(
+            model,
+            records,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=False,
+            threads_per_worker=max(1, args.threads // args.workers),
+        )
         peak = sampler.finish()
-        result.update(count=stats.count, seconds=info["seconds"], images_per_s=info["images_per_s"],
-                      steady=info["steady_images_per_s"], startup_s=info["startup_s"])
+        result.update(
+            count=stats.count,
+            seconds=info["seconds"],
+            images_per_s=info["images_per_s"],
+            steady=info["steady_images_per_s"],
+            startup_s=info["startup_s"],
+        )
         ray.shutdown()
     result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
     return result
@@ -130,8 +141,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", default="1,2", help="comma-separated Ray pool sizes")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray node (over-declared)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads in process; split between the Ray workers")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads in process; split between the Ray workers",
+    )
     ap.add_argument("--data", default="/tmp/distributed_anomaly_bench", help="where the demo images are generated")
     ap.add_argument("--one", choices=["inproc", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--images", type=int, help=argparse.SUPPRESS)
@@ -147,16 +162,40 @@ def main() -> int:
     train = data / "train" / "good"
     if not train.is_dir() or len(list(train.iterdir())) < 4 * args.n:
         t = time.perf_counter()
-        generate(args.data, seed=0, categories=["washer"], image_size=args.image_size, n_train=4 * args.n,
-                 n_test_good=1, n_per_defect=1)
+        generate(
+            args.data,
+            seed=0,
+            categories=["washer"],
+            image_size=args.image_size,
+            n_train=4 * args.n,
+            n_test_good=1,
+            n_per_defect=1,
+        )
         print(f"generated {4 * args.n} training images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     configs = [("inproc", 1)] + [("ray", int(w)) for w in args.workers.split(",")]
     rows = []
     for images in (args.n, 4 * args.n):
         for mode, workers in configs:
-            cmd = [sys.executable, __file__, "--one", mode, "--workers", str(workers), "--images", str(images),
-                   "--data", str(data), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                   "--num-cpus", str(args.num_cpus), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                mode,
+                "--workers",
+                str(workers),
+                "--images",
+                str(images),
+                "--data",
+                str(data),
+                "--image-size",
+                str(args.image_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--num-cpus",
+                str(args.num_cpus),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -165,26 +204,35 @@ def main() -> int:
             r = rows[-1]
             print(f"  {mode} w={workers} n={images}: {r['images_per_s']:.1f} images/s", file=sys.stderr)
     mib = 1 << 20
-    print(f"backbone {rows[0]['backbone']}, {args.image_size} px, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores, torch threads {args.threads} (split over Ray workers), "
-          f"load average at end {os.getloadavg()[0]:.1f}")
-    head = (f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'e2e vs in-proc':>14} | {'img/s steady':>12} | "
-            f"{'steady vs in-proc':>17} | {'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | "
-            f"{'PSS vs N':>8} |")
+    print(
+        f"backbone {rows[0]['backbone']}, {args.image_size} px, batch {args.batch_size}, "
+        f"{os.cpu_count()} cores, torch threads {args.threads} (split over Ray workers), "
+        f"load average at end {os.getloadavg()[0]:.1f}"
+    )
+    head = (
+        f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'e2e vs in-proc':>14} | {'img/s steady':>12} | "
+        f"{'steady vs in-proc':>17} | {'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | "
+        f"{'PSS vs N':>8} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        name = "in-process" if r["mode"] == "inproc" else f"ray, {r['workers']} worker" + ("s" if r["workers"] > 1 else "")
+        name = (
+            "in-process" if r["mode"] == "inproc" else f"ray, {r['workers']} worker" + ("s" if r["workers"] > 1 else "")
+        )
         ref = next(x for x in rows if x["mode"] == "inproc" and x["images"] == r["images"])
-        small = next(x for x in rows if x["mode"] == r["mode"] and x["workers"] == r["workers"]
-                     and x["images"] == args.n)
+        small = next(
+            x for x in rows if x["mode"] == r["mode"] and x["workers"] == r["workers"] and x["images"] == args.n
+        )
         steady = r["steady"] if r["mode"] == "ray" else r["images_per_s"]
         steady_s = f"{steady:>12.1f}" if steady else f"{'-':>12}"
         ratio_s = f"{steady / ref['images_per_s']:>16.2f}x" if steady else f"{'-':>17}"
-        print(f"| {name:<18} | {r['images']:>6} | {r['images_per_s']:>9.1f} | "
-              f"{r['images_per_s'] / ref['images_per_s']:>13.2f}x | {steady_s} | {ratio_s} | "
-              f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | {r['delta_pss'] / mib:>13.0f} | "
-              f"{r['peak_pss'] / small['peak_pss']:>7.2f}x |")
+        print(
+            f"| {name:<18} | {r['images']:>6} | {r['images_per_s']:>9.1f} | "
+            f"{r['images_per_s'] / ref['images_per_s']:>13.2f}x | {steady_s} | {ratio_s} | "
+            f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | {r['delta_pss'] / mib:>13.0f} | "
+            f"{r['peak_pss'] / small['peak_pss']:>7.2f}x |"
+        )
     return 0
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     after, dt = snapshot(), time.monotonic() - t
     hz = os.sysconf("SC_CLK_TCK")
     rows = sorted(((after[p][0] - before[p][0]) / hz / dt * 100, p, after[p][1]) for p in after if p in before)
-    for share, pid, cmd in rows[::-1][:a.top]:
+    for share, pid, cmd in rows[::-1][: a.top]:
         print(f"{share:6.1f} %  {pid:>7}  {cmd[:100]}")
     print(f"total {sum(r[0] for r in rows):.1f} % of one core over {dt:.1f} s ({os.cpu_count()} cores)")
     return 0

@@ -1,7 +1,7 @@
 """Summarise a `py-spy record --format raw` profile: the functions with the most samples, self and inclusive.
 
-    py-spy record --nonblocking -r 50 -d 12 -f raw -o prof.txt -p PID
-    .venv/bin/python bench/pyspy_top.py prof.txt [--top 20]
+py-spy record --nonblocking -r 50 -d 12 -f raw -o prof.txt -p PID
+.venv/bin/python bench/pyspy_top.py prof.txt [--top 20]
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ CATEGORY = "washer"
 
 def cli(*args: str) -> None:
     print("$ distributed-anomaly " + " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "distributed_anomaly", *args], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "distributed_anomaly", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL
+    )
 
 
 def prepare(work: Path, size: int) -> tuple[Path, Path]:
@@ -57,8 +58,20 @@ def prepare(work: Path, size: int) -> tuple[Path, Path]:
         cli("synth", str(data), "--image-size", str(size), "--n-train", "60")
     run = work / "runs" / f"padim_{size}"
     if not (run / "config.json").is_file():
-        cli("train", "--data", str(data / CATEGORY), "--model", "padim", "--backbone", "mobilenet_v2",
-            "--image-size", str(size), "--out", str(run), "--quiet")
+        cli(
+            "train",
+            "--data",
+            str(data / CATEGORY),
+            "--model",
+            "padim",
+            "--backbone",
+            "mobilenet_v2",
+            "--image-size",
+            str(size),
+            "--out",
+            str(run),
+            "--quiet",
+        )
     ir = work / "ir" / f"padim_{size}_fp32"
     if not (ir / "metadata.json").is_file():
         export_run(run, ir, "fp32")
@@ -132,10 +145,20 @@ def summarize(latencies: list[float], errors: list[str], wall: float) -> dict:
     def pct(q: float) -> float:
         return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
 
-    return {"requests": len(lat) + len(errors), "ok": len(lat), "errors": len(errors), "wall_s": wall,
-            "req_per_s": len(lat) / wall, "p50_ms": pct(0.50), "p95_ms": pct(0.95), "p99_ms": pct(0.99),
-            "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "first_errors": errors[:3],
-            "latencies": latencies, "error_list": errors}
+    return {
+        "requests": len(lat) + len(errors),
+        "ok": len(lat),
+        "errors": len(errors),
+        "wall_s": wall,
+        "req_per_s": len(lat) / wall,
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
+        "first_errors": errors[:3],
+        "latencies": latencies,
+        "error_list": errors,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--cpus-per-replica", type=float, default=2.0)
-    ap.add_argument("--replicas", type=int, default=1, help="model replicas (the in-process reference gets "
-                    "their CPUs in all as OpenVINO threads)")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="model replicas (the in-process reference gets their CPUs in all as OpenVINO threads)",
+    )
     ap.add_argument("--task", choices=("classification", "detection", "segmentation"), default="segmentation")
     ap.add_argument("--rounds", type=int, default=3, help="the load is split into this many rounds (default 3)")
     ap.add_argument("--timeout", type=float, default=600.0, help="stop sending after this many seconds")
@@ -170,14 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, int(a.replicas * a.cpus_per_replica))
     b = a.max_batch_size
     n_ref = max(8 * b, 64)  # enough OpenVINO calls per measurement to average out scheduling noise
-    print(f"model {ir}, {len(images)} distinct images, task {a.task}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    print(
+        f"model {ir}, {len(images)} distinct images, task {a.task}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
     entry = next(iter(discover_models([ir]).values()))
     inf = OpenVINOInferencer(ir, num_threads=threads)
     inf.predict([decode_image(images[0])])  # warm-up
 
-    cfg = AppConfig(models=[str(ir)], replicas=a.replicas, cpus_per_replica=a.cpus_per_replica, max_batch_size=b,
-                    batch_wait_timeout_s=a.batch_wait_ms / 1000)
+    cfg = AppConfig(
+        models=[str(ir)],
+        replicas=a.replicas,
+        cpus_per_replica=a.cpus_per_replica,
+        max_batch_size=b,
+        batch_wait_timeout_s=a.batch_wait_ms / 1000,
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -195,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             after = [in_process(inf, entry, images, n_ref, k, a.task) for k in (1, b)]
             ref1, refb = ((x + y) / 2 for x, y in zip(before, after))
             rounds.append({"in_process_b1": ref1, "in_process_bB": refb, **res, "load_avg": os.getloadavg()[0]})
-            print(f"round {r + 1}: in-process {ref1:.1f} / {refb:.1f} img/s, serve {res['req_per_s']:.1f} req/s, "
-                  f"{res['errors']} errors, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}: in-process {ref1:.1f} / {refb:.1f} img/s, serve {res['req_per_s']:.1f} req/s, "
+                f"{res['errors']} errors, load average {os.getloadavg()[0]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
         from ray import serve
 
         from distributed_anomaly.serve.deployments import MODEL_DEPLOYMENT
@@ -205,33 +245,55 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
 
-    total = summarize([x for r in rounds for x in r["latencies"]], [x for r in rounds for x in r["error_list"]],
-                      sum(r["wall_s"] for r in rounds))
+    total = summarize(
+        [x for r in rounds for x in r["latencies"]],
+        [x for r in rounds for x in r["error_list"]],
+        sum(r["wall_s"] for r in rounds),
+    )
     ratios = [r["req_per_s"] / max(r["in_process_b1"], r["in_process_bB"]) for r in rounds]
     mean_batch = stats["images"] / max(1, stats["batches"])
-    print(f"\n{a.requests} requests in {a.rounds} rounds, concurrency {a.concurrency}, max batch {b}, "
-          f"{a.replicas} replica(s) x {a.cpus_per_replica:g} CPUs (= OpenVINO threads each; in-process {threads} "
-          f"threads), task {a.task}\n")
-    print(f"| round | load avg | in-process batch 1 img/s | in-process batch {b} img/s | Serve req/s | "
-          "Serve / best in-process | p50 ms | p95 ms | errors |")
+    print(
+        f"\n{a.requests} requests in {a.rounds} rounds, concurrency {a.concurrency}, max batch {b}, "
+        f"{a.replicas} replica(s) x {a.cpus_per_replica:g} CPUs (= OpenVINO threads each; in-process {threads} "
+        f"threads), task {a.task}\n"
+    )
+    print(
+        f"| round | load avg | in-process batch 1 img/s | in-process batch {b} img/s | Serve req/s | "
+        "Serve / best in-process | p50 ms | p95 ms | errors |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for i, (r, q) in enumerate(zip(rounds, ratios)):
-        print(f"| {i + 1} | {r['load_avg']:.1f} | {r['in_process_b1']:.1f} | {r['in_process_bB']:.1f} | "
-              f"{r['req_per_s']:.1f} | {q:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['errors']} |")
+        print(
+            f"| {i + 1} | {r['load_avg']:.1f} | {r['in_process_b1']:.1f} | {r['in_process_bB']:.1f} | "
+            f"{r['req_per_s']:.1f} | {q:.2f}x | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['errors']} |"
+        )
     best = statistics.median(max(r["in_process_b1"], r["in_process_bB"]) for r in rounds)
-    print(f"| all | | {statistics.median(r['in_process_b1'] for r in rounds):.1f} | "
-          f"{statistics.median(r['in_process_bB'] for r in rounds):.1f} | {total['req_per_s']:.1f} | "
-          f"{total['req_per_s'] / best:.2f}x | {total['p50_ms']:.0f} | {total['p95_ms']:.0f} | "
-          f"{total['errors']} of {total['requests']} |")
-    print(f"\np99 {total['p99_ms']:.0f} ms; median ratio over rounds {statistics.median(ratios):.2f}x; "
-          f"Serve batches: mean {mean_batch:.1f} images, largest {stats['max_batch']}")
+    print(
+        f"| all | | {statistics.median(r['in_process_b1'] for r in rounds):.1f} | "
+        f"{statistics.median(r['in_process_bB'] for r in rounds):.1f} | {total['req_per_s']:.1f} | "
+        f"{total['req_per_s'] / best:.2f}x | {total['p50_ms']:.0f} | {total['p95_ms']:.0f} | "
+        f"{total['errors']} of {total['requests']} |"
+    )
+    print(
+        f"\np99 {total['p99_ms']:.0f} ms; median ratio over rounds {statistics.median(ratios):.2f}x; "
+        f"Serve batches: mean {mean_batch:.1f} images, largest {stats['max_batch']}"
+    )
     if total["first_errors"]:
         print("first errors:", *total["first_errors"], sep="\n  ")
     if a.json:
         strip = [{k: v for k, v in r.items() if k not in ("latencies", "error_list")} for r in rounds]
-        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "rounds": strip,
-                                      "total": {k: v for k, v in total.items() if k not in ("latencies", "error_list")},
-                                      "replica": stats, "ratios": ratios}, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(a).items()},
+                    "rounds": strip,
+                    "total": {k: v for k, v in total.items() if k not in ("latencies", "error_list")},
+                    "replica": stats,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
     return 0 if total["errors"] == 0 and total["requests"] == a.requests else 1
 
 

@@ -44,6 +44,7 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- one configuration (subprocess)
 
+
 def run_ours(a: argparse.Namespace) -> dict:
     import torch
 
@@ -59,9 +60,19 @@ def run_ours(a: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if a.mode == "engine":
         torch.set_num_threads(cores)
-        res = engine.train_stfpm(model, fit, [], epochs=a.epochs, batch_size=a.batch_size, lr=tcfg.lr,
-                                 momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
-                                 seed=a.seed, progress=False)
+        res = engine.train_stfpm(
+            model,
+            fit,
+            [],
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            weight_decay=tcfg.weight_decay,
+            patience=tcfg.patience,
+            seed=a.seed,
+            progress=False,
+        )
         history = [vars(h) for h in res.history]
         wall = time.perf_counter() - start
     else:
@@ -75,10 +86,20 @@ def run_ours(a: argparse.Namespace) -> dict:
         # logical CPUs: the workers' reservation plus room for the decode tasks (0.25 CPU each)
         with ray_session(None, num_cpus=max(workers, 1) * threads + 1):
             start = time.perf_counter()
-            _, info = train_stfpm_ray(cfg, tcfg, fit, [], workers=workers, storage=a.storage,
-                                      run_name=f"bench_w{workers}_{os.getpid()}", resume_from=None,
-                                      progress=False, model=model,
-                                      use_gpu=False, cpus_per_worker=float(threads))
+            _, info = train_stfpm_ray(
+                cfg,
+                tcfg,
+                fit,
+                [],
+                workers=workers,
+                storage=a.storage,
+                run_name=f"bench_w{workers}_{os.getpid()}",
+                resume_from=None,
+                progress=False,
+                model=model,
+                use_gpu=False,
+                cpus_per_worker=float(threads),
+            )
             wall = time.perf_counter() - start
         history = info["history"]
     return {"images": len(fit), "history": history, "wall": wall}
@@ -86,11 +107,19 @@ def run_ours(a: argparse.Namespace) -> dict:
 
 # --------------------------------------------------------------------------- orchestration
 
+
 def summarise(name: str, images: int, epoch_seconds: list[float], wall: float, note: str = "") -> dict:
     later = epoch_seconds[1:] or epoch_seconds
     mean = sum(later) / len(later)
-    return {"name": name, "epoch_s": mean, "images_per_s": images / mean, "first_epoch_s": epoch_seconds[0],
-            "wall_s": wall, "note": note, "load": os.getloadavg()[0]}
+    return {
+        "name": name,
+        "epoch_s": mean,
+        "images_per_s": images / mean,
+        "first_epoch_s": epoch_seconds[0],
+        "wall_s": wall,
+        "note": note,
+        "load": os.getloadavg()[0],
+    }
 
 
 def best_of(repeat: int, fn, *args) -> dict:
@@ -105,17 +134,45 @@ def best_of(repeat: int, fn, *args) -> dict:
 
 def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path) -> dict:
     out = work / f"{mode}_w{workers}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", mode, "--data", str(data), "--workers",
-           str(workers), "--image-size", str(a.image_size), "--epochs", str(a.epochs), "--batch-size",
-           str(a.batch_size), "--cores", str(a.cores), "--seed", str(a.seed), "--storage", str(work / "ray_train"),
-           "--_out", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_one",
+        mode,
+        "--data",
+        str(data),
+        "--workers",
+        str(workers),
+        "--image-size",
+        str(a.image_size),
+        "--epochs",
+        str(a.epochs),
+        "--batch-size",
+        str(a.batch_size),
+        "--cores",
+        str(a.cores),
+        "--seed",
+        str(a.seed),
+        "--storage",
+        str(work / "ray_train"),
+        "--_out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO)
     r = json.loads(out.read_text())
-    name = "engine (in-process, no Ray)" if mode == "engine" else (
-        "ray, workers=0 (local mode)" if workers == 0 else f"ray, {workers} worker{'s' if workers > 1 else ''}")
+    name = (
+        "engine (in-process, no Ray)"
+        if mode == "engine"
+        else ("ray, workers=0 (local mode)" if workers == 0 else f"ray, {workers} worker{'s' if workers > 1 else ''}")
+    )
     threads = a.cores if mode == "engine" or workers == 0 else max(1, a.cores // workers)
-    return summarise(name, r["images"], [h["seconds"] for h in r["history"]], r["wall"],
-                     f"{threads} torch thread(s)" + ("" if mode == "engine" or workers < 2 else " each"))
+    return summarise(
+        name,
+        r["images"],
+        [h["seconds"] for h in r["history"]],
+        r["wall"],
+        f"{threads} torch thread(s)" + ("" if mode == "engine" or workers < 2 else " each"),
+    )
 
 
 def anomalib(a: argparse.Namespace, data: Path, work: Path) -> dict:
@@ -124,27 +181,61 @@ def anomalib(a: argparse.Namespace, data: Path, work: Path) -> dict:
 
     py = ensure_anomalib_venv(DEFAULT_VENV, ANOMALIB_VERSION)
     out = work / "anomalib"
-    cmd = [str(py), str(HERE / "anomalib_side" / "run_anomalib.py"), "--data", str(data), "--model", "stfpm",
-           "--backbone", "resnet18", "--weights", str(backbone_weights("resnet18", work, a.seed)),
-           "--student-init", str(student_init("resnet18", work, a.seed)), "--layers", ",".join(LAYERS),
-           "--image-size", str(a.image_size), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-           "--threads", str(a.cores), "--workers", "0", "--seed", str(a.seed), "--out", str(out)]
+    cmd = [
+        str(py),
+        str(HERE / "anomalib_side" / "run_anomalib.py"),
+        "--data",
+        str(data),
+        "--model",
+        "stfpm",
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(backbone_weights("resnet18", work, a.seed)),
+        "--student-init",
+        str(student_init("resnet18", work, a.seed)),
+        "--layers",
+        ",".join(LAYERS),
+        "--image-size",
+        str(a.image_size),
+        "--epochs",
+        str(a.epochs),
+        "--batch-size",
+        str(a.batch_size),
+        "--threads",
+        str(a.cores),
+        "--workers",
+        "0",
+        "--seed",
+        str(a.seed),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     r = json.loads((out / "result.json").read_text())
     per_epoch = r["fit_seconds"] / r["epochs"]  # Lightning gives the fit total; first epoch not separable
-    row = summarise(f"anomalib {r['tool'].split()[-1]} (Lightning)", r["num_train_images"], [per_epoch],
-                    r["fit_seconds_with_setup"], f"{r['threads']} torch threads; mean over all epochs")
+    row = summarise(
+        f"anomalib {r['tool'].split()[-1]} (Lightning)",
+        r["num_train_images"],
+        [per_epoch],
+        r["fit_seconds_with_setup"],
+        f"{r['threads']} torch threads; mean over all epochs",
+    )
     row["first_epoch_s"] = float("nan")
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| configuration | epoch s | images/s | first epoch s | training call s | load avg | notes |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| configuration | epoch s | images/s | first epoch s | training call s | load avg | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         first = "–" if r["first_epoch_s"] != r["first_epoch_s"] else f"{r['first_epoch_s']:.1f}"
-        lines.append(f"| {r['name']} | {r['epoch_s']:.2f} | {r['images_per_s']:.1f} | {first} | "
-                     f"{r['wall_s']:.1f} | {r['load']} | {r['note']} |")
+        lines.append(
+            f"| {r['name']} | {r['epoch_s']:.2f} | {r['images_per_s']:.1f} | {first} | "
+            f"{r['wall_s']:.1f} | {r['load']} | {r['note']} |"
+        )
     return "\n".join(lines)
 
 
@@ -176,12 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         from distributed_anomaly.data.demo import generate
 
-        generate(work / "demo", seed=0, categories=["washer"], image_size=max(a.image_size, 64), n_train=a.n_train,
-                 n_test_good=2, n_per_defect=1)
+        generate(
+            work / "demo",
+            seed=0,
+            categories=["washer"],
+            image_size=max(a.image_size, 64),
+            n_train=a.n_train,
+            n_test_good=2,
+            n_per_defect=1,
+        )
         data = work / "demo" / "washer"
     data = data.resolve()
-    log(f"data {data}, resnet18 {','.join(LAYERS)} at {a.image_size} px, {a.epochs} epochs, global batch "
-        f"{a.batch_size}, {a.cores} cores, best of {a.repeat}; work folder {work}")
+    log(
+        f"data {data}, resnet18 {','.join(LAYERS)} at {a.image_size} px, {a.epochs} epochs, global batch "
+        f"{a.batch_size}, {a.cores} cores, best of {a.repeat}; work folder {work}"
+    )
     rows = []
     for mode, w in [("engine", 0)] + [("ray", int(x)) for x in a.workers.split(",") if x != ""]:
         log(f"[{time.strftime('%H:%M:%S')}] {mode} workers={w}")

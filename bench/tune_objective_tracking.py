@@ -45,15 +45,31 @@ def rescore(tune_dir: Path) -> dict:
             continue
         cfg, model, _ = rundir.load_model(ckpt)
         found = read_json(ckpt / SEARCH_METRICS)
-        rows.append({"trial": ckpt.parent.name.removeprefix("trial_"), "model": cfg.model,
-                     "layers": ",".join(cfg.layers), "image_size": cfg.image_size,
-                     "val_auroc": found.get("val_auroc"), "synthetic_auroc": found.get("synthetic_auroc"),
-                     "heldout_auroc": image_auroc(model, data.heldout, cfg.image_size),
-                     "test_auroc": image_auroc(model, data.test, cfg.image_size)})
-    out = {"tune_dir": str(tune_dir), "objective": request.objective, "trials": rows,
-           "search_images": len(data.search_part), "heldout_images": len(data.heldout)}
-    pairs = [("synthetic_auroc", "val_auroc"), ("synthetic_auroc", "heldout_auroc"), ("val_auroc", "heldout_auroc"),
-             ("synthetic_auroc", "test_auroc")]
+        rows.append(
+            {
+                "trial": ckpt.parent.name.removeprefix("trial_"),
+                "model": cfg.model,
+                "layers": ",".join(cfg.layers),
+                "image_size": cfg.image_size,
+                "val_auroc": found.get("val_auroc"),
+                "synthetic_auroc": found.get("synthetic_auroc"),
+                "heldout_auroc": image_auroc(model, data.heldout, cfg.image_size),
+                "test_auroc": image_auroc(model, data.test, cfg.image_size),
+            }
+        )
+    out = {
+        "tune_dir": str(tune_dir),
+        "objective": request.objective,
+        "trials": rows,
+        "search_images": len(data.search_part),
+        "heldout_images": len(data.heldout),
+    }
+    pairs = [
+        ("synthetic_auroc", "val_auroc"),
+        ("synthetic_auroc", "heldout_auroc"),
+        ("val_auroc", "heldout_auroc"),
+        ("synthetic_auroc", "test_auroc"),
+    ]
     out["spearman"] = {}
     for a, b in pairs:
         xs = [(r[a], r[b]) for r in rows if r[a] is not None and r[b] is not None]
@@ -74,12 +90,14 @@ def main() -> int:
     a = ap.parse_args()
     results = [rescore(d) for d in a.tune_dirs]
     for res in results:
-        print(f"\n{res['tune_dir']} (objective {res['objective']}; search part {res['search_images']} images, "
-              f"held-out part {res['heldout_images']})")
+        print(
+            f"\n{res['tune_dir']} (objective {res['objective']}; search part {res['search_images']} images, "
+            f"held-out part {res['heldout_images']})"
+        )
         cols = ("trial", "model", "layers", "image_size", "val_auroc", "synthetic_auroc", "heldout_auroc", "test_auroc")
         print("  ".join(f"{c:>15}" for c in cols))
         for r in sorted(res["trials"], key=lambda r: -(r["val_auroc"] or r["synthetic_auroc"] or 0)):
-            print("  ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float) else f"{str(r[c]):>15}" for c in cols))
+            print("  ".join(f"{r[c]:>15.4f}" if isinstance(r[c], float) else f"{r[c]!s:>15}" for c in cols))
         print("Spearman:", json.dumps(res["spearman"]))
         for key in ("val_auroc", "synthetic_auroc"):
             if f"picked_by_{key}" in res:

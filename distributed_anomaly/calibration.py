@@ -6,7 +6,7 @@ quantised OpenVINO graph during int8 export), so the threshold rule and the metr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -24,29 +24,52 @@ def in_process_scorer(model, image_size: int, batch_size: int, progress: bool) -
     return lambda records, what: engine.anomaly_maps(model, records, image_size, batch_size, progress, what)
 
 
-def calibrate(model, cfg: ModelConfig, tcfg: TrainConfig, calib: list[Record], fit_records: list[Record],
-              progress: bool, score: Scorer | None = None) -> PostProcessor:
+def calibrate(
+    model,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    calib: list[Record],
+    fit_records: list[Record],
+    progress: bool,
+    score: Scorer | None = None,
+) -> PostProcessor:
     """Thresholds and normalisation from the calibration images (see postprocess for the rule)."""
     score = score or in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress)
     if calib:
         maps = score(calib, "calibrate")
         labels = np.array([r.label for r in calib], dtype=bool)
         masks = load_masks(calib, cfg.image_size) if labels.any() else None
-        return fit_postprocessor(maps.reshape(len(maps), -1).max(1), labels, maps, masks,
-                                 user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
+        return fit_postprocessor(
+            maps.reshape(len(maps), -1).max(1),
+            labels,
+            maps,
+            masks,
+            user_threshold=tcfg.threshold,
+            user_pixel_threshold=tcfg.pixel_threshold,
+        )
     # No calibration images: normalise with the training images' own maps.
     maps = score(fit_records, "normalise")
     if tcfg.threshold is not None:
-        return fit_postprocessor(maps.reshape(len(maps), -1).max(1), np.zeros(len(maps), bool), maps,
-                                 user_threshold=tcfg.threshold, user_pixel_threshold=tcfg.pixel_threshold)
+        return fit_postprocessor(
+            maps.reshape(len(maps), -1).max(1),
+            np.zeros(len(maps), bool),
+            maps,
+            user_threshold=tcfg.threshold,
+            user_pixel_threshold=tcfg.pixel_threshold,
+        )
     return no_threshold_postprocessor(maps)
 
 
-def evaluate_model(model, cfg: ModelConfig, post: PostProcessor, test: list[Record], batch_size: int,
-                   progress: bool, score: Scorer | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_model(
+    model,
+    cfg: ModelConfig,
+    post: PostProcessor,
+    test: list[Record],
+    batch_size: int,
+    progress: bool,
+    score: Scorer | None = None,
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics, raw maps and ground-truth masks of the test split (maps and masks feed the report)."""
     maps = (score or in_process_scorer(model, cfg.image_size, batch_size, progress))(test, "evaluate")
     masks = load_masks(test, cfg.image_size)
     return compute_metrics(maps, test, masks, post), maps, masks
-
-

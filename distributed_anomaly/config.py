@@ -44,8 +44,10 @@ class ModelConfig:
             raise UserError("--n-features applies to PADIM only")
         n_total = sum(spec.taps[layer][0] for layer in self.layers)
         if self.n_features is not None and not 0 < self.n_features <= n_total:
-            raise UserError(f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
-                            f"{','.join(self.layers)} on {self.backbone}), got {self.n_features}")
+            raise UserError(
+                f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
+                f"{','.join(self.layers)} on {self.backbone}), got {self.n_features}"
+            )
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ class TrainConfig:
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
 
-    def resolved(self, model: str) -> "TrainConfig":
-        return replace(self, epochs=self.epochs or DEFAULT_EPOCHS[model],
-                       batch_size=self.batch_size or DEFAULT_BATCH_SIZE[model])
+    def resolved(self, model: str) -> TrainConfig:
+        return replace(
+            self, epochs=self.epochs or DEFAULT_EPOCHS[model], batch_size=self.batch_size or DEFAULT_BATCH_SIZE[model]
+        )
 
 
 def to_dict(obj: Any) -> dict:

@@ -6,8 +6,8 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from distributed_anomaly.stats import GaussianStats, accumulation_dtype
 
 
 def empty_stats(model: Padim) -> GaussianStats:
-    return GaussianStats.empty(model.n_positions, model.n_features,
-                               accumulation_dtype(model.n_positions, model.n_features))
+    return GaussianStats.empty(
+        model.n_positions, model.n_features, accumulation_dtype(model.n_positions, model.n_features)
+    )
 
 
 def fit_padim(model: Padim, records: Sequence[Record], batch_size: int = 32, progress: bool = True) -> GaussianStats:
@@ -40,8 +41,14 @@ def fit_padim(model: Padim, records: Sequence[Record], batch_size: int = 32, pro
     return stats
 
 
-def anomaly_maps(model: torch.nn.Module, records: Sequence[Record], image_size: int, batch_size: int = 32,
-                 progress: bool = True, what: str = "score") -> np.ndarray:
+def anomaly_maps(
+    model: torch.nn.Module,
+    records: Sequence[Record],
+    image_size: int,
+    batch_size: int = 32,
+    progress: bool = True,
+    what: str = "score",
+) -> np.ndarray:
     """(N, S, S) float32 raw anomaly maps, in record order."""
     out = np.empty((len(records), image_size, image_size), dtype=np.float32)
     bar = Progress(len(records), what, progress)
@@ -49,7 +56,7 @@ def anomaly_maps(model: torch.nn.Module, records: Sequence[Record], image_size: 
     i = 0
     with torch.inference_mode():
         for chunk, x in iter_batches(records, image_size, batch_size):
-            out[i: i + len(chunk)] = model(x)[:, 0].numpy()
+            out[i : i + len(chunk)] = model(x)[:, 0].numpy()
             i += len(chunk)
             bar.update(len(chunk))
     bar.close()
@@ -91,8 +98,12 @@ def make_optimizer(model: Stfpm, lr: float, momentum: float, weight_decay: float
     return torch.optim.SGD(model.student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def stfpm_epoch(model: Stfpm | torch.nn.Module, batches, optimizer: torch.optim.Optimizer,
-                loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+def stfpm_epoch(
+    model: Stfpm | torch.nn.Module,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, int]:
     """One pass of SGD over the batches; returns (mean loss per image, images seen)."""
     loss_fn = loss_fn or model.loss
     model.train()
@@ -121,8 +132,14 @@ def stfpm_val_loss(model: Stfpm, batches) -> tuple[float, int]:
 BN_RECOMPUTE_MAX_IMAGES = 512  # a seeded sample; population statistics need hundreds of images, not all
 
 
-def recompute_batchnorm(model: Stfpm, records: Sequence[Record], batch_size: int = 32, seed: int = 0,
-                        max_images: int = BN_RECOMPUTE_MAX_IMAGES, device: torch.device | None = None) -> int:
+def recompute_batchnorm(
+    model: Stfpm,
+    records: Sequence[Record],
+    batch_size: int = 32,
+    seed: int = 0,
+    max_images: int = BN_RECOMPUTE_MAX_IMAGES,
+    device: torch.device | None = None,
+) -> int:
     """Replace the student's batch-norm running statistics by exact ones of its final weights.
 
     During training the running statistics are a moving average over batches seen with *earlier* weights
@@ -166,9 +183,20 @@ class StfpmResult:
     stopped_early: bool = False
 
 
-def train_stfpm(model: Stfpm, train: Sequence[Record], val: Sequence[Record], *, epochs: int, batch_size: int,
-                lr: float, momentum: float, weight_decay: float, patience: int, seed: int = 0,
-                progress: bool = True) -> StfpmResult:
+def train_stfpm(
+    model: Stfpm,
+    train: Sequence[Record],
+    val: Sequence[Record],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    patience: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> StfpmResult:
     """Train the student in-process; keep the weights of the epoch with the lowest validation loss.
 
     Without validation images, the last epoch's weights are kept and training runs all `epochs`.
@@ -183,16 +211,21 @@ def train_stfpm(model: Stfpm, train: Sequence[Record], val: Sequence[Record], *,
         order = [train[i] for i in rng.permutation(len(train))]
         batches = (x for _, x in iter_batches(order, model.image_size, batch_size))
         train_loss, n = stfpm_epoch(model, batches, optimizer)
-        val_loss = (stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))[0]
-                    if val else None)
+        val_loss = (
+            stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))[0] if val else None
+        )
         seconds = time.perf_counter() - start
         result.history.append(EpochResult(epoch, train_loss, val_loss, n / seconds, seconds))
         if val_loss is not None and stopper.step(epoch, val_loss):
             best_state = copy.deepcopy(model.student.state_dict())
         if progress:
-            print(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
-                  + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
-                  + f", {n / seconds:.1f} images/s", file=sys.stderr, flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
+                + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+                + f", {n / seconds:.1f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
         if val_loss is not None and stopper.should_stop:
             result.stopped_early = True
             break

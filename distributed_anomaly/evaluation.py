@@ -1,8 +1,8 @@
-"""Test-split metrics of a fitted model: threshold-free ones always, threshold-dependent ones when a threshold exists."""
+"""Test-split metrics of a fitted model: threshold-free ones always, threshold-dependent ones given a threshold."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -10,8 +10,19 @@ from distributed_anomaly import metrics
 from distributed_anomaly.data.mvtec import GOOD, Record
 from distributed_anomaly.postprocess import PostProcessor
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "image_f1_max", "pixel_f1_max", "aupro",
-               "box_precision", "box_recall", "box_f1", "num_test_images")
+METRIC_KEYS = (
+    "image_auroc",
+    "pixel_auroc",
+    "image_f1",
+    "pixel_f1",
+    "image_f1_max",
+    "pixel_f1_max",
+    "aupro",
+    "box_precision",
+    "box_recall",
+    "box_f1",
+    "num_test_images",
+)
 AUPRO_FPR_LIMIT = 0.3
 
 
@@ -36,8 +47,8 @@ def compute_metrics(maps: np.ndarray, records: Sequence[Record], masks: np.ndarr
     labels = np.array([r.label for r in records], dtype=bool)
     scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
     notes: list[str] = []
-    out: dict = {k: None for k in METRIC_KEYS}
-    out["num_test_images"] = int(len(records))
+    out: dict = dict.fromkeys(METRIC_KEYS)
+    out["num_test_images"] = len(records)
     out["num_anomalous_images"] = int(labels.sum())
     out["image_auroc"] = _safe(metrics.auroc, scores, labels)
     out["image_f1_max"] = _safe(lambda s, l: metrics.f1_max(s, l)[0], scores, labels)
@@ -52,8 +63,10 @@ def compute_metrics(maps: np.ndarray, records: Sequence[Record], masks: np.ndarr
         notes.append("the test split holds only one class: image AUROC/F1 are undefined")
 
     if post.image_threshold is None:
-        notes.append("no threshold: --val-fraction 0 leaves no calibration images and no --threshold was given, "
-                     "so image_f1, pixel_f1 and box metrics are null (threshold-free metrics are reported)")
+        notes.append(
+            "no threshold: --val-fraction 0 leaves no calibration images and no --threshold was given, "
+            "so image_f1, pixel_f1 and box metrics are null (threshold-free metrics are reported)"
+        )
     else:
         preds = post.predict_batch(maps)
         pred_labels = np.array([p.label for p in preds], dtype=bool)
@@ -78,8 +91,10 @@ def _per_defect(scores: np.ndarray, records: Sequence[Record]) -> dict:
     table = {}
     for d in sorted(set(defects) - {GOOD}):
         sel = good | (defects == d)
-        table[d] = {"count": int((defects == d).sum()),
-                    "image_auroc": _safe(metrics.auroc, scores[sel], defects[sel] == d)}
+        table[d] = {
+            "count": int((defects == d).sum()),
+            "image_auroc": _safe(metrics.auroc, scores[sel], defects[sel] == d),
+        }
     return table
 
 

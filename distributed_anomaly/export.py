@@ -118,8 +118,9 @@ def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
     return info
 
 
-def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None,
-                        seed: int = 0) -> list[np.ndarray]:
+def calibration_batches(
+    run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None, seed: int = 0
+) -> list[np.ndarray]:
     """int8 calibration data: up to n of the run's normal training images, each also with synthetic defects.
 
     Activation ranges fitted on normal images alone clip what anomalies produce: on the demo washer that
@@ -132,8 +133,10 @@ def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.P
     if not data:
         raise UserError(f"{run_dir} does not record its training data; int8 calibration needs it (pass data=)")
     if not Path(data).is_dir():
-        raise UserError(f"int8 calibration needs the run's training images, but {data} (recorded in "
-                        f"{run_dir / rundir.CONFIG}) does not exist; pass --data")
+        raise UserError(
+            f"int8 calibration needs the run's training images, but {data} (recorded in "
+            f"{run_dir / rundir.CONFIG}) does not exist; pass --data"
+        )
     train = records_of_split(load_dataset(data, require_test=False), "train")
     # Evenly spaced over the manifest, so a subset still covers the whole set (sorted file names).
     pick = np.unique(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int))
@@ -148,13 +151,15 @@ def calibration_batches(run_dir: Path, image_size: int, n: int, data: str | os.P
 def convert(module, image_size: int):
     """torch module -> openvino.Model with input `image` [-1, 3, S, S] and output `anomaly_map` [-1, 1, S, S]."""
     import openvino as ov
+
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a batch-1 example may get specialised
     module = module.eval()
     with torch.no_grad(), _quiet_tracer():
         # Tracing ourselves (without the re-run check) halves conversion time; the graph is the same.
         traced = torch.jit.trace(module, example, check_trace=False)
-        ov_model = ov.convert_model(traced, example_input=example,
-                                    input=[ov.PartialShape([-1, 3, image_size, image_size])])
+        ov_model = ov.convert_model(
+            traced, example_input=example, input=[ov.PartialShape([-1, 3, image_size, image_size])]
+        )
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
         raise RuntimeError(f"expected one input and one output, got {len(ov_model.inputs)} and {len(ov_model.outputs)}")
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
@@ -184,8 +189,13 @@ def backbone_only_ignored_scope(ov_model) -> list[str]:
     """
     ops = ov_model.get_ordered_ops()
     keep: set[str] = set()
-    stack = [op for op in ops if op.get_type_name() in ("Convolution", "GroupConvolution")
-             and op.get_output_partial_shape(0)[1].is_static and op.get_output_partial_shape(0)[1].get_length() > 1]
+    stack = [
+        op
+        for op in ops
+        if op.get_type_name() in ("Convolution", "GroupConvolution")
+        and op.get_output_partial_shape(0)[1].is_static
+        and op.get_output_partial_shape(0)[1].get_length() > 1
+    ]
     while stack:
         op = stack.pop()
         name = op.get_friendly_name()
@@ -194,7 +204,9 @@ def backbone_only_ignored_scope(ov_model) -> list[str]:
         keep.add(name)
         stack += [v.get_node() for v in op.input_values()]
     skip = ("Constant", "Parameter", "Result")
-    return [op.get_friendly_name() for op in ops if op.get_type_name() not in skip and op.get_friendly_name() not in keep]
+    return [
+        op.get_friendly_name() for op in ops if op.get_type_name() not in skip and op.get_friendly_name() not in keep
+    ]
 
 
 def quantize_int8(ov_model, calibration: list[np.ndarray]):
@@ -208,8 +220,13 @@ def quantize_int8(ov_model, calibration: list[np.ndarray]):
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
     try:
-        return nncf.quantize(ov_model, nncf.Dataset(calibration), subset_size=len(calibration),
-                             preset=nncf.QuantizationPreset.MIXED, ignored_scope=ignored)
+        return nncf.quantize(
+            ov_model,
+            nncf.Dataset(calibration),
+            subset_size=len(calibration),
+            preset=nncf.QuantizationPreset.MIXED,
+            ignored_scope=ignored,
+        )
     finally:
         nncf_logger.setLevel(level)
 
@@ -232,20 +249,32 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
     def score(recs, what: str) -> np.ndarray:  # calibration.Scorer: the quantized model's raw maps
-        maps = [np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
-                for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)]
+        maps = [
+            np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
+            for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)
+        ]
         return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
 
     post = calibrate(None, cfg, tcfg, calib, fit_records, progress=False, score=score)
     post.min_region_fraction = old_post.min_region_fraction
-    post.extra = {**post.extra, "recalibrated_for": "int8", "torch_image_threshold": old_post.image_threshold,
-                  "torch_pixel_threshold": old_post.pixel_threshold}
+    post.extra = {
+        **post.extra,
+        "recalibrated_for": "int8",
+        "torch_image_threshold": old_post.image_threshold,
+        "torch_pixel_threshold": old_post.pixel_threshold,
+    }
     return post
 
 
-def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision: str = "fp32",
-               calibration_images: int = DEFAULT_CALIBRATION_IMAGES, *, task: str = "segmentation",
-               data: str | os.PathLike | None = None) -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    ir_dir: str | os.PathLike,
+    precision: str = "fp32",
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    *,
+    task: str = "segmentation",
+    data: str | os.PathLike | None = None,
+) -> Path:
     """Export RUN_DIR to an OpenVINO IR folder IR_DIR (see the module docstring); returns IR_DIR.
 
     `calibration_images` (int8 only): how many of the run's normal training images NNCF calibrates on;
@@ -264,49 +293,76 @@ def export_run(run_dir: str | os.PathLike, ir_dir: str | os.PathLike, precision:
     if ir_dir.exists() and (not ir_dir.is_dir() or (any(ir_dir.iterdir()) and not (ir_dir / XML).is_file())):
         raise UserError(f"{ir_dir} exists and is not an earlier export; choose another --out or remove it")
 
-    calibration = (calibration_batches(run_dir, cfg.image_size, calibration_images, data)
-                   if precision == "int8" else None)
+    calibration = (
+        calibration_batches(run_dir, cfg.image_size, calibration_images, data) if precision == "int8" else None
+    )
     ov_model = convert(module, cfg.image_size)
     if precision == "int8":
         ov_model = quantize_int8(ov_model, calibration)
         post = recalibrate(ov_model, run_dir, cfg, post, data)
     for key, value in model_api_info(post, cfg.image_size, task).items():
         ov_model.set_rt_info(value, ["model_info", key])
-    for key, value in (("model", cfg.model), ("backbone", cfg.backbone), ("precision", precision),
-                       ("version", __version__)):
+    for key, value in (
+        ("model", cfg.model),
+        ("backbone", cfg.backbone),
+        ("precision", precision),
+        ("version", __version__),
+    ):
         ov_model.set_rt_info(str(value), ["distributed_anomaly", key])
 
     metadata = _metadata(cfg, module, post, task, precision, calibration, run_dir, info.get("data"))
     _write_ir(ov_model, post, metadata, ir_dir)
     if post.image_threshold is None:
-        print(f"warning: {run_dir} has no thresholds; the export gives normalised maps and scores but no labels "
-              "or masks, and OpenVINO Model API will fall back to its default thresholds", file=sys.stderr)
+        print(
+            f"warning: {run_dir} has no thresholds; the export gives normalised maps and scores but no labels "
+            "or masks, and OpenVINO Model API will fall back to its default thresholds",
+            file=sys.stderr,
+        )
     return ir_dir
 
 
-def _metadata(cfg, module, post, task: str, precision: str, calibration: list | None, run_dir: Path,
-              data: str | None) -> dict:
+def _metadata(
+    cfg, module, post, task: str, precision: str, calibration: list | None, run_dir: Path, data: str | None
+) -> dict:
     """metadata.json: what a client needs to use the IR without this package (see the module docstring)."""
     import openvino as ov
 
     size = cfg.image_size
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": cfg.model, "task": task, "backbone": cfg.backbone, "layers": list(cfg.layers),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.model,
+        "task": task,
+        "backbone": cfg.backbone,
+        "layers": list(cfg.layers),
         "n_features": getattr(module, "n_features", None) if cfg.model == "padim" else None,
-        "image_size": size, "precision": precision,
-        "image_threshold": post.image_threshold, "pixel_threshold": post.pixel_threshold,
-        "norm_min": post.norm_min, "norm_max": post.norm_max, "threshold_source": post.threshold_source,
-        "mask_peak_fraction": getattr(post, "mask_peak_fraction", 0.0), "min_region_fraction": post.min_region_fraction,
-        "normalization": {"formula": "clip((x - threshold) / (norm_max - norm_min) + 0.5, 0, 1)",
-                          "input": "RGB / 255, resized S x S (bilinear, antialiased), (x - mean) / std",
-                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "image_size": size,
+        "precision": precision,
+        "image_threshold": post.image_threshold,
+        "pixel_threshold": post.pixel_threshold,
+        "norm_min": post.norm_min,
+        "norm_max": post.norm_max,
+        "threshold_source": post.threshold_source,
+        "mask_peak_fraction": getattr(post, "mask_peak_fraction", 0.0),
+        "min_region_fraction": post.min_region_fraction,
+        "normalization": {
+            "formula": "clip((x - threshold) / (norm_max - norm_min) + 0.5, 0, 1)",
+            "input": "RGB / 255, resized S x S (bilinear, antialiased), (x - mean) / std",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
         "input": {"name": INPUT_NAME, "shape": [-1, 3, size, size], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": OUTPUT_NAME, "shape": [-1, 1, size, size], "dtype": "float32",
-                   "meaning": "raw anomaly map; image score = max"},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": [-1, 1, size, size],
+            "dtype": "float32",
+            "meaning": "raw anomaly map; image score = max",
+        },
         "calibration_images": len(calibration) // 2 if calibration is not None else None,
-        "source_run": str(run_dir.resolve()), "source_data": data,
-        "version": __version__, "openvino_version": ov.get_version(),
+        "source_run": str(run_dir.resolve()),
+        "source_data": data,
+        "version": __version__,
+        "openvino_version": ov.get_version(),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -353,5 +409,3 @@ def _replace_dir(new: Path, target: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-
-

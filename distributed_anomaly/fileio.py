@@ -6,8 +6,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def _write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
+
     return atomic_write(path, _write)
 
 

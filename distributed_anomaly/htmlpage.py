@@ -23,8 +23,10 @@ def esc(x) -> str:
 def card(label: str, value, hint: str = "", cls: str = "", *, raw_value: bool = False) -> str:
     """A summary card: label, big value, hint; `raw_value` when the value is already HTML."""
     shown = value if raw_value else esc(value)
-    return (f"<div class=\"card {cls}\"><div class=\"label\">{esc(label)}</div>"
-            f"<div class=\"value\">{shown}</div><div class=\"hint\">{esc(hint)}</div></div>")
+    return (
+        f'<div class="card {cls}"><div class="label">{esc(label)}</div>'
+        f'<div class="value">{shown}</div><div class="hint">{esc(hint)}</div></div>'
+    )
 
 
 def dash(v) -> str:
@@ -55,8 +57,7 @@ def fig_img(fig, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi, metadata={"Software": None}, facecolor="white")
     img = Image.open(buf)
-    return (f"<img class=\"plot\" src=\"{png_uri(img)}\" alt=\"{esc(alt)}\" width=\"{img.size[0]}\" "
-            f"height=\"{img.size[1]}\">")
+    return f'<img class="plot" src="{png_uri(img)}" alt="{esc(alt)}" width="{img.size[0]}" height="{img.size[1]}">'
 
 
 def figure(width: float, height: float, ncols: int):

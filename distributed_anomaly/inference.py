@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,13 @@ from distributed_anomaly.runner import predict_images
 class OpenVINOInferencer:
     """An exported IR folder as a `runner.ModelRunner`: `image_size`, `postprocessor`, `raw_maps`."""
 
-    def __init__(self, ir_dir: str | os.PathLike, num_threads: int | None = None, device: str = "CPU",
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        ir_dir: str | os.PathLike,
+        num_threads: int | None = None,
+        device: str = "CPU",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         import openvino as ov
 
         self.ir_dir = Path(ir_dir)
@@ -56,8 +62,10 @@ class OpenVINOInferencer:
             raise RunDirError(f"OpenVINO cannot read {self.ir_dir / XML}: {exc}") from exc
         ins, outs = [set(p.get_names()) for p in model.inputs], [set(p.get_names()) for p in model.outputs]
         if len(ins) != 1 or INPUT_NAME not in ins[0] or len(outs) != 1 or OUTPUT_NAME not in outs[0]:
-            raise RunDirError(f"{self.ir_dir / XML} has inputs {ins} and outputs {outs}; expected one input "
-                              f"'{INPUT_NAME}' and one output '{OUTPUT_NAME}' (not a model written by `export`?)")
+            raise RunDirError(
+                f"{self.ir_dir / XML} has inputs {ins} and outputs {outs}; expected one input "
+                f"'{INPUT_NAME}' and one output '{OUTPUT_NAME}' (not a model written by `export`?)"
+            )
         props: dict[str, Any] = {}
         if device.split(".")[0] in ("CPU", "GPU"):
             props["INFERENCE_PRECISION_HINT"] = "f32"
@@ -110,5 +118,7 @@ class OpenVINOInferencer:
         return predict_images(self, images)
 
     def __repr__(self) -> str:
-        return (f"OpenVINOInferencer({str(self.ir_dir)!r}, model={self.metadata.get('model')}, "
-                f"precision={self.precision}, device={self.device}, num_threads={self.num_threads})")
+        return (
+            f"OpenVINOInferencer({str(self.ir_dir)!r}, model={self.metadata.get('model')}, "
+            f"precision={self.precision}, device={self.device}, num_threads={self.num_threads})"
+        )

@@ -29,8 +29,20 @@ MODEL_API_LABELS = ("Normal", "Anomaly")
 DEFAULT_CALIBRATION_IMAGES = 300  # int8: normal training images NNCF calibrates on
 # What identifies an export without reading model.bin (which can be gigabytes): see model_version.
 VERSION_FILES = (METADATA, POSTPROCESS, XML)
-DESCRIBED_KEYS = ("model", "backbone", "image_size", "precision", "task", "image_threshold", "pixel_threshold",
-                  "threshold_source", "norm_min", "norm_max", "exported_at", "version")
+DESCRIBED_KEYS = (
+    "model",
+    "backbone",
+    "image_size",
+    "precision",
+    "task",
+    "image_threshold",
+    "pixel_threshold",
+    "threshold_source",
+    "norm_min",
+    "norm_max",
+    "exported_at",
+    "version",
+)
 
 
 def is_ir_dir(path: str | os.PathLike) -> bool:
@@ -42,8 +54,10 @@ def check_ir_files(where: str | os.PathLike, present: set[str]) -> None:
     """An export folder (local or in storage) must hold every file `export` writes."""
     missing = [n for n in IR_FILES if n not in present]
     if missing:
-        raise RunDirError(f"OpenVINO export {where} is missing {', '.join(missing)} "
-                          "(was the export interrupted or copied partially? re-run `export`)")
+        raise RunDirError(
+            f"OpenVINO export {where} is missing {', '.join(missing)} "
+            "(was the export interrupted or copied partially? re-run `export`)"
+        )
 
 
 def read_metadata(ir_dir: str | os.PathLike) -> dict[str, Any]:

@@ -23,15 +23,15 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "auroc",
-    "roc_curve",
-    "precision_recall_curve",
-    "f1_at_threshold",
-    "f1_max",
     "aupro",
-    "gt_boxes_from_mask",
+    "auroc",
     "box_iou",
     "box_prf",
+    "f1_at_threshold",
+    "f1_max",
+    "gt_boxes_from_mask",
+    "precision_recall_curve",
+    "roc_curve",
 ]
 
 # 8-connectivity in 2-D; per-image 8-connectivity for an (N, H, W) stack (no links across images).
@@ -172,9 +172,7 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, np.concatenate(([np.inf], thresholds))
 
 
-def precision_recall_curve(
-    scores: np.ndarray, labels: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds) like ``sklearn.metrics.precision_recall_curve``.
 
     Thresholds are the distinct scores in ascending order; precision/recall have one extra final point
@@ -234,7 +232,9 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _aupro_inputs(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _aupro_inputs(
+    anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(N, H, W) maps and bool masks of one shape, and the FPR limit, checked."""
     maps = _as_scores(anomaly_maps, "anomaly_maps")
     gt = _as_bool(masks, "masks")

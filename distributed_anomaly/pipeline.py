@@ -56,8 +56,19 @@ class ServeOptions:
 
 def _same_search(stored: dict, asked: dict) -> list[str]:
     """The settings that differ between a stored search request and a new one (paths compared resolved)."""
-    keys = ("space_text", "samples", "fixes", "objective", "workers", "seed", "val_fraction", "search_fraction",
-            "synthetic_copies", "pretrained", "storage")
+    keys = (
+        "space_text",
+        "samples",
+        "fixes",
+        "objective",
+        "workers",
+        "seed",
+        "val_fraction",
+        "search_fraction",
+        "synthetic_copies",
+        "pretrained",
+        "storage",
+    )
     differ = [k for k in keys if stored.get(k) != asked.get(k)]
     if Path(stored.get("data", "")).resolve() != Path(asked.get("data", "")).resolve():
         differ.insert(0, "data")
@@ -74,8 +85,10 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
             asked = {**asked, "objective": stored.get("objective")}
         differ = _same_search(stored, asked)
         if differ:
-            raise UserError(f"{tune_dir} holds a search with other settings ({', '.join(differ)} differ): "
-                            "choose another --out, or rerun with the settings it was started with")
+            raise UserError(
+                f"{tune_dir} holds a search with other settings ({', '.join(differ)} differ): "
+                "choose another --out, or rerun with the settings it was started with"
+            )
         summary_file = tune_dir / SUMMARY
         if summary_file.is_file() and (tune_dir / BEST / "config.json").is_file():
             summary = read_json(summary_file)
@@ -107,13 +120,23 @@ def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
 
 
 def _dashboards(tune_dir: Path, experiment: str, dashboard_url: str | None) -> dict[str, str]:
-    return {"ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
-            "tensorboard": f"tensorboard --logdir {experiment}",
-            "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}"}
+    return {
+        "ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
+        "tensorboard": f"tensorboard --logdir {experiment}",
+        "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}",
+    }
 
 
-def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = None, storage: str | None = None,
-                 precision: str = "fp32", serve: ServeOptions | None = None, progress: bool = True) -> dict:
+def run_pipeline(
+    request: Any,
+    out: str | os.PathLike,
+    *,
+    address: str | None = None,
+    storage: str | None = None,
+    precision: str = "fp32",
+    serve: ServeOptions | None = None,
+    progress: bool = True,
+) -> dict:
     """Search, export the best model, optionally deploy it; returns the record written to OUT/pipeline.json.
 
     serve needs a Ray that outlives this command: a cluster (`address`, e.g. "auto" inside `ray job submit`
@@ -121,8 +144,10 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     or `ray stop` removes it).
     """
     if serve is not None and not address:
-        raise UserError("--serve deploys to a Ray cluster that outlives this command: start one (`ray start --head`, "
-                        "or a cluster from cluster/) and pass --address auto (inside `ray job submit` too)")
+        raise UserError(
+            "--serve deploys to a Ray cluster that outlives this command: start one (`ray start --head`, "
+            "or a cluster from cluster/) and pass --address auto (inside `ray job submit` too)"
+        )
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_dir, ir_dir = out / TUNE, out / MODEL
@@ -141,9 +166,13 @@ def run_pipeline(request: Any, out: str | os.PathLike, *, address: str | None = 
     if summary.get("best") is None:
         raise UserError(f"no trial of the search in {tune_dir} completed; see {tune_dir / 'results.csv'}")
     best = tune_dir / BEST
-    record["stages"]["search"] = {"dir": str(tune_dir), "best": summary["best"],
-                                  "heldout_metrics": summary.get("heldout_metrics"),
-                                  "report": str(tune_dir / REPORT), "run_dir": str(best)}
+    record["stages"]["search"] = {
+        "dir": str(tune_dir),
+        "best": summary["best"],
+        "heldout_metrics": summary.get("heldout_metrics"),
+        "report": str(tune_dir / REPORT),
+        "run_dir": str(best),
+    }
     write_json(out / RECORD, record)
 
     exported = run_export_stage(best, ir_dir, precision)
@@ -174,16 +203,16 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
     """Deploy the model on the cluster's Serve and leave it running; returns the endpoint."""
     import ray
 
-    cfg = AppConfig(models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica,
-                    api_key=opts.api_key)
+    cfg = AppConfig(
+        models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica, api_key=opts.api_key
+    )
     cfg.validate()
     server = start_server(cfg, opts.host, opts.port, address, proxy_location=opts.proxy_location)
     dash = dashboard_url()
     if server.started_ray:
         ray.shutdown()  # disconnect this driver only: Serve's controller and the application are detached
     logger.info(f"serve: {server.url} (models: {', '.join(server.models)})")
-    return {"url": server.url, "predict": f"{server.url}/predict", "models": server.models,
-            "dashboard": dash}
+    return {"url": server.url, "predict": f"{server.url}/predict", "models": server.models, "dashboard": dash}
 
 
 def format_record(record: dict) -> str:
@@ -191,17 +220,24 @@ def format_record(record: dict) -> str:
     s = record["stages"]
     held = s["search"].get("heldout_metrics") or {}
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in held.items() if isinstance(v, float))
-    lines = [f"best run:   {s['search']['run_dir']}  ({metrics or 'no held-out metrics'})",
-             f"metrics:    {Path(s['search']['run_dir']) / 'metrics.json'}; search report {s['search']['report']}",
-             f"model:      {s['export']['dir']} (OpenVINO {s['export']['precision']})"]
+    lines = [
+        f"best run:   {s['search']['run_dir']}  ({metrics or 'no held-out metrics'})",
+        f"metrics:    {Path(s['search']['run_dir']) / 'metrics.json'}; search report {s['search']['report']}",
+        f"model:      {s['export']['dir']} (OpenVINO {s['export']['precision']})",
+    ]
     d = record["dashboards"]
-    lines += [f"dashboards: Ray {d['ray']}", f"            TensorBoard: {d['tensorboard']}",
-              f"            Optuna: {d['optuna']}"]
+    lines += [
+        f"dashboards: Ray {d['ray']}",
+        f"            TensorBoard: {d['tensorboard']}",
+        f"            Optuna: {d['optuna']}",
+    ]
     if "serve" in s:
         lines.append(f"endpoint:   POST {s['serve']['predict']}  (GET {s['serve']['url']}/metadata, /docs)")
     else:
-        lines.append(f"endpoint:   not deployed; `distributed-anomaly serve --model {s['export']['dir']}` serves it "
-                     "(or rerun with --serve --address auto on a cluster)")
+        lines.append(
+            f"endpoint:   not deployed; `distributed-anomaly serve --model {s['export']['dir']}` serves it "
+            "(or rerun with --serve --address auto on a cluster)"
+        )
     if record.get("storage"):
         lines.append(f"storage:    {record['storage']} (the same layout as {record['out']})")
     return "\n".join(lines)

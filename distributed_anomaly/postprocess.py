@@ -23,8 +23,8 @@ over the calibration maps, so 0.5 always means "at the threshold" whatever the m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -55,8 +55,12 @@ class Prediction:
     boxes: np.ndarray  # (K, 5): x1, y1, x2 (exclusive), y2 (exclusive), score
 
     def to_json(self, task: str = "segmentation") -> dict:
-        out: dict = {"score": self.score, "raw_score": self.raw_score, "label": self.label,
-                     "label_name": None if self.label is None else ("anomalous" if self.label else "normal")}
+        out: dict = {
+            "score": self.score,
+            "raw_score": self.raw_score,
+            "label": self.label,
+            "label_name": None if self.label is None else ("anomalous" if self.label else "normal"),
+        }
         if task in ("detection", "segmentation"):
             out["boxes"] = [[int(b[0]), int(b[1]), int(b[2]), int(b[3]), float(b[4])] for b in self.boxes]
         return out
@@ -79,7 +83,7 @@ class PostProcessor:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PostProcessor":
+    def from_dict(cls, d: dict) -> PostProcessor:
         return cls(**d)
 
     @property
@@ -99,7 +103,7 @@ class PostProcessor:
         mask = raw_map >= self.pixel_threshold
         if self.mask_peak_fraction > 0:
             mask &= raw_map >= self.mask_peak_fraction * raw_map.max()
-        return remove_small_regions(mask, max(1, int(round(self.min_region_fraction * mask.size))))
+        return remove_small_regions(mask, max(1, round(self.min_region_fraction * mask.size)))
 
     def __call__(self, raw_map: np.ndarray) -> Prediction:
         raw_map = np.asarray(raw_map, dtype=np.float32)
@@ -110,8 +114,9 @@ class PostProcessor:
         norm_map = self.normalize(raw_map, self.pixel_threshold).astype(np.float32)
         mask = self.segment(raw_map)
         boxes = boxes_from_mask(mask, norm_map) if mask is not None else np.zeros((0, 5))
-        return Prediction(raw_score, float(self.normalize(raw_score, self.image_threshold)), label,
-                          norm_map, mask, boxes)
+        return Prediction(
+            raw_score, float(self.normalize(raw_score, self.image_threshold)), label, norm_map, mask, boxes
+        )
 
     def predict_batch(self, raw_maps: np.ndarray) -> list[Prediction]:
         return [self(m) for m in raw_maps]
@@ -139,18 +144,23 @@ def boxes_from_mask(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out[np.argsort(-out[:, 4], kind="stable")]
 
 
-def fit_postprocessor(image_scores: np.ndarray, image_labels: np.ndarray, maps: np.ndarray,
-                      masks: np.ndarray | None = None, *, user_threshold: float | None = None,
-                      user_pixel_threshold: float | None = None,
-                      min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION) -> PostProcessor:
+def fit_postprocessor(
+    image_scores: np.ndarray,
+    image_labels: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray | None = None,
+    *,
+    user_threshold: float | None = None,
+    user_pixel_threshold: float | None = None,
+    min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION,
+) -> PostProcessor:
     """Choose thresholds and normalisation from calibration data (see the module docstring for the rule)."""
     image_scores = np.asarray(image_scores, dtype=np.float64)
     image_labels = np.asarray(image_labels).astype(bool)
     if len(image_scores) == 0 or maps.size == 0:
         raise ValueError("calibration needs at least one image")
     norm_min, norm_max = float(maps.min()), float(maps.max())
-    extra: dict = {"n_calibration_images": int(len(image_scores)),
-                   "n_calibration_anomalous": int(image_labels.sum())}
+    extra: dict = {"n_calibration_images": len(image_scores), "n_calibration_anomalous": int(image_labels.sum())}
     if user_threshold is not None:
         img_t = float(user_threshold)
         pix_t = float(user_pixel_threshold) if user_pixel_threshold is not None else img_t
@@ -172,7 +182,9 @@ def fit_postprocessor(image_scores: np.ndarray, image_labels: np.ndarray, maps: 
     return PostProcessor(float(img_t), float(pix_t), norm_min, norm_max, source, min_region_fraction, peak, extra)
 
 
-def no_threshold_postprocessor(maps: np.ndarray, min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION) -> PostProcessor:
+def no_threshold_postprocessor(
+    maps: np.ndarray, min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION
+) -> PostProcessor:
     """Normalisation only: used with --val-fraction 0 and no --threshold (labels and masks are then None)."""
     return PostProcessor(None, None, float(maps.min()), float(maps.max()), "none", min_region_fraction)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,14 @@ def _save_png(path: Path, img: Image.Image) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-            task: str = "segmentation", batch_size: int = 8, num_threads: int | None = None) -> list[dict]:
+def predict(
+    model_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    task: str = "segmentation",
+    batch_size: int = 8,
+    num_threads: int | None = None,
+) -> list[dict]:
     """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation).
 
     MODEL_DIR is a run directory (torch) or a folder written by `export` (OpenVINO, detected by its
@@ -71,7 +77,7 @@ def predict(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], o
     names = _unique_names(paths)
     for start in range(0, len(paths), batch_size):
         chunk, chunk_names, images = [], [], []
-        for p, name in zip(paths[start: start + batch_size], names[start: start + batch_size]):
+        for p, name in zip(paths[start : start + batch_size], names[start : start + batch_size]):
             try:
                 images.append(read_image(p))
             except ImageReadError as exc:  # one bad file must not lose the other results

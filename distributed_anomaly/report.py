@@ -50,13 +50,26 @@ from distributed_anomaly.report_sections import (
 
 REPORT = "report.html"
 MAX_TILES = 12  # per gallery
-__all__ = ["REPORT", "MAX_TILES", "THRESHOLD_SOURCES", "write_report", "image_scores", "per_defect_counts",
-           "gallery_indices"]
+__all__ = [
+    "MAX_TILES",
+    "REPORT",
+    "THRESHOLD_SOURCES",
+    "gallery_indices",
+    "image_scores",
+    "per_defect_counts",
+    "write_report",
+]
 
 
-def write_report(run_dir: str | os.PathLike, records: Sequence[Record], maps: np.ndarray,
-                 masks: np.ndarray | None, post: PostProcessor, metrics: dict,
-                 out_path: str | os.PathLike | None = None) -> Path:
+def write_report(
+    run_dir: str | os.PathLike,
+    records: Sequence[Record],
+    maps: np.ndarray,
+    masks: np.ndarray | None,
+    post: PostProcessor,
+    metrics: dict,
+    out_path: str | os.PathLike | None = None,
+) -> Path:
     """Write the HTML report of a run's test split (default RUN_DIR/report.html) and return its path.
 
     `maps` are the raw (N, S, S) test maps in record order, `masks` the (N, S, S) bool ground truth at the
@@ -93,17 +106,20 @@ def per_defect_counts(records: Sequence[Record], scores: np.ndarray, threshold: 
     for d in sorted(set(defects.tolist()) - {GOOD}):
         sel = defects == d
         n_hit = None if flagged is None else int(flagged[sel].sum())
-        table[d] = {"count": int(sel.sum()), "detected": n_hit,
-                    "missed": None if n_hit is None else int(sel.sum()) - n_hit}
+        table[d] = {
+            "count": int(sel.sum()),
+            "detected": n_hit,
+            "missed": None if n_hit is None else int(sel.sum()) - n_hit,
+        }
     good = defects == GOOD
     if good.any():
-        table[GOOD] = {"count": int(good.sum()),
-                       "false_alarms": None if flagged is None else int(flagged[good].sum())}
+        table[GOOD] = {"count": int(good.sum()), "false_alarms": None if flagged is None else int(flagged[good].sum())}
     return table
 
 
-def gallery_indices(labels: np.ndarray, scores: np.ndarray, threshold: float | None,
-                    limit: int = MAX_TILES) -> dict[str, tuple[list[int], int]]:
+def gallery_indices(
+    labels: np.ndarray, scores: np.ndarray, threshold: float | None, limit: int = MAX_TILES
+) -> dict[str, tuple[list[int], int]]:
     """{gallery id: (indices shown, total qualifying)} for "missed", "false-alarms" and "top-defects".
 
     With a threshold: anomalous images below it (lowest score first), normal images at or above it
@@ -130,8 +146,9 @@ def gallery_indices(labels: np.ndarray, scores: np.ndarray, threshold: float | N
 # --------------------------------------------------------------------------------------------------------
 
 
-def _render(run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.ndarray, post: PostProcessor,
-            metrics: dict) -> str:
+def _render(
+    run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.ndarray, post: PostProcessor, metrics: dict
+) -> str:
     scores = image_scores(maps)
     labels = np.array([r.label for r in records], dtype=bool)
     threshold = post.image_threshold
@@ -139,24 +156,37 @@ def _render(run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.nd
     counts = per_defect_counts(records, scores, threshold)
     galleries = gallery_indices(labels, scores, threshold, MAX_TILES)
     multi = len({r.category for r in records}) > 1
-    tiles = {i: tile(i, records[i], masks[i], preds[i], display_name(records[i], multi))
-             for i in sorted({i for shown, _ in galleries.values() for i in shown})}
+    tiles = {
+        i: tile(i, records[i], masks[i], preds[i], display_name(records[i], multi))
+        for i in sorted({i for shown, _ in galleries.values() for i in shown})
+    }
 
     image_point, pixel_point = operating_points(scores, labels, preds, masks, threshold)
     curves, curve_notes = curves_figure(scores, labels, maps, masks, image_point, pixel_point, metrics)
     curves = curves or ""
-    curves += "".join(f"<p class=\"missing\">{esc(n)}.</p>" for n in curve_notes)
-    point_note = (" Circles mark the operating point at the threshold (pixel: the predicted masks)."
-                  if threshold is not None else "")
+    curves += "".join(f'<p class="missing">{esc(n)}.</p>' for n in curve_notes)
+    point_note = (
+        " Circles mark the operating point at the threshold (pixel: the predicted masks)."
+        if threshold is not None
+        else ""
+    )
     scores_img = scores_figure(records, scores, labels, threshold)
 
     gal_specs = gallery_specs(labels, threshold)
     legend = gallery_legend(post)
-    gallery_html = "".join(gallery(gid, title, lead, *galleries[gid], empty, tiles, legend)
-                           for gid, title, lead, empty in gal_specs)
-    nav = "".join(f"<a href=\"#{gid}\">{esc(name)}</a>" for gid, name in (
-        ("summary", "Summary"), ("metrics", "Metrics"), ("curves", "Curves"), ("scores", "Scores"),
-        *((gid, title) for gid, title, _, _ in gal_specs)))
+    gallery_html = "".join(
+        gallery(gid, title, lead, *galleries[gid], empty, tiles, legend) for gid, title, lead, empty in gal_specs
+    )
+    nav = "".join(
+        f'<a href="#{gid}">{esc(name)}</a>'
+        for gid, name in (
+            ("summary", "Summary"),
+            ("metrics", "Metrics"),
+            ("curves", "Curves"),
+            ("scores", "Scores"),
+            *((gid, title) for gid, title, _, _ in gal_specs),
+        )
+    )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -171,7 +201,8 @@ def _render(run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.nd
 <section id="curves"><h2>ROC and precision–recall curves</h2><p class="lead">Image level (image score = max of
 the map) and pixel level (every pixel against the ground-truth masks).{esc(point_note)}</p>{curves}</section>
 <section id="scores"><h2>Score distribution</h2><p class="lead">Image scores of normal and anomalous test images{
-    ", with the image threshold dashed" if threshold is not None else "; no threshold to draw"}.</p>
+        ", with the image threshold dashed" if threshold is not None else "; no threshold to draw"
+    }.</p>
 {scores_img}</section>
 {gallery_html}
 <footer>distributed_anomaly {esc(__version__)} · generated {esc(generated)} · self-contained file, no network needed

@@ -53,18 +53,36 @@ def curves_figure(scores, labels, maps, masks, image_point, pixel_point, metrics
     notes: list[str] = []
     curves = []
     if labels.any() and not labels.all():
-        curves.append(("image", scores, labels, image_point, IMAGE_CURVE_COLOR,
-                       f"image (AUROC {fmt(metrics.get('image_auroc'))})"))
+        curves.append(
+            (
+                "image",
+                scores,
+                labels,
+                image_point,
+                IMAGE_CURVE_COLOR,
+                f"image (AUROC {fmt(metrics.get('image_auroc'))})",
+            )
+        )
     else:
         notes.append("image-level curves need both normal and anomalous test images")
     if masks.any() and not masks.all():
         pix_s, pix_y, sampled = _pixel_sample(maps, masks)
         if pix_y.any() and not pix_y.all():
-            curves.append(("pixel", pix_s, pix_y, pixel_point, PIXEL_CURVE_COLOR,
-                           f"pixel (AUROC {fmt(metrics.get('pixel_auroc'))})"))
+            curves.append(
+                (
+                    "pixel",
+                    pix_s,
+                    pix_y,
+                    pixel_point,
+                    PIXEL_CURVE_COLOR,
+                    f"pixel (AUROC {fmt(metrics.get('pixel_auroc'))})",
+                )
+            )
             if sampled:
-                notes.append(f"pixel curves drawn from a random {MAX_CURVE_PIXELS:,} of {maps.size:,} pixels "
-                             "(metrics use every pixel)")
+                notes.append(
+                    f"pixel curves drawn from a random {MAX_CURVE_PIXELS:,} of {maps.size:,} pixels "
+                    "(metrics use every pixel)"
+                )
     else:
         notes.append("pixel-level curves need anomalous pixels in the test masks")
     if not curves:
@@ -76,8 +94,9 @@ def curves_figure(scores, labels, maps, masks, image_point, pixel_point, metrics
         roc_ax.plot(fpr, tpr, color=color, lw=2, label=label)
         precision, recall, _ = metrics_lib.precision_recall_curve(s, y)
         precision, recall = _thin(precision, recall)
-        pr_ax.plot(recall, precision, color=color, lw=2,
-                   label=f"{level} (F1-max {fmt(metrics.get(level + '_f1_max'))})")
+        pr_ax.plot(
+            recall, precision, color=color, lw=2, label=f"{level} (F1-max {fmt(metrics.get(level + '_f1_max'))})"
+        )
         if point is not None:
             roc_ax.plot(point["fpr"], point["tpr"], "o", ms=8, mfc="white", mec=color, mew=2)
             pr_ax.plot(point["recall"], point["precision"], "o", ms=8, mfc="white", mec=color, mew=2)
@@ -103,8 +122,15 @@ def scores_figure(records, scores, labels, threshold) -> str:
     bins = np.linspace(lo - 0.02 * span, hi + 0.02 * span, int(np.clip(len(scores) // 2, 10, 40)) + 1)
     for sel, color, name in ((~labels, NORMAL_COLOR, "normal"), (labels, ANOMALY_COLOR, "anomalous")):
         if sel.any():
-            hist_ax.hist(scores[sel], bins=bins, color=color, alpha=0.55, label=f"{name} ({int(sel.sum())})",
-                         edgecolor=color, linewidth=0.8)
+            hist_ax.hist(
+                scores[sel],
+                bins=bins,
+                color=color,
+                alpha=0.55,
+                label=f"{name} ({int(sel.sum())})",
+                edgecolor=color,
+                linewidth=0.8,
+            )
     hist_ax.set(xlabel="image score (max of the anomaly map)", ylabel="test images")
     hist_ax.yaxis.get_major_locator().set_params(integer=True)
     hist_ax.set_title("Image scores", fontsize=11, loc="left", fontweight="bold")
@@ -116,10 +142,15 @@ def scores_figure(records, scores, labels, threshold) -> str:
     for y, d in enumerate(rows):
         sel = names == d
         color = NORMAL_COLOR if d == GOOD else ANOMALY_COLOR
-        wrong = np.zeros(len(records), bool) if threshold is None else (
-            (scores >= threshold) if d == GOOD else (scores < threshold))
-        for mask, kw in ((sel & ~wrong, {"s": 28, "alpha": 0.8}),
-                         (sel & wrong, {"s": 60, "alpha": 1.0, "edgecolors": "black", "linewidths": 1.2})):
+        wrong = (
+            np.zeros(len(records), bool)
+            if threshold is None
+            else ((scores >= threshold) if d == GOOD else (scores < threshold))
+        )
+        for mask, kw in (
+            (sel & ~wrong, {"s": 28, "alpha": 0.8}),
+            (sel & wrong, {"s": 60, "alpha": 1.0, "edgecolors": "black", "linewidths": 1.2}),
+        ):
             if mask.any():
                 strip_ax.scatter(scores[mask], y + jitter[mask], color=color, zorder=3, **kw)
     strip_ax.set_yticks(range(len(rows)), rows)
@@ -128,14 +159,21 @@ def scores_figure(records, scores, labels, threshold) -> str:
     strip_ax.grid(False, axis="y")
     strip_ax.set_title("By defect type", fontsize=11, loc="left", fontweight="bold")
     if threshold is not None and ((scores >= threshold) != labels).any():
-        strip_ax.scatter([], [], s=60, color="white", edgecolors="black", linewidths=1.2,
-                         label="wrong side of the threshold")
+        strip_ax.scatter(
+            [], [], s=60, color="white", edgecolors="black", linewidths=1.2, label="wrong side of the threshold"
+        )
         strip_ax.legend(fontsize=9, frameon=False, loc="best")
     for ax in (hist_ax, strip_ax):
         ax.set_xlim(bins[0], bins[-1])
         if threshold is not None:
-            ax.axvline(threshold, color="#212529", ls="--", lw=1.5, zorder=4,
-                       label=f"threshold {threshold:.3g}" if ax is hist_ax else None)
+            ax.axvline(
+                threshold,
+                color="#212529",
+                ls="--",
+                lw=1.5,
+                zorder=4,
+                label=f"threshold {threshold:.3g}" if ax is hist_ax else None,
+            )
     hist_ax.legend(fontsize=9, frameon=False)
     return fig_img(fig, "image score distribution")
 

@@ -42,8 +42,9 @@ METRIC_ROWS = (
 )
 
 
-def tile_panels(record: Record, gt_mask: np.ndarray, pred: Prediction,
-                size: int = THUMB_SIZE) -> list[tuple[str, Image.Image]]:
+def tile_panels(
+    record: Record, gt_mask: np.ndarray, pred: Prediction, size: int = THUMB_SIZE
+) -> list[tuple[str, Image.Image]]:
     """The panels of one gallery tile: image with ground-truth outline, heatmap, and (with a pixel
     threshold) the predicted mask and boxes over the image, ground truth outlined."""
     image = Image.fromarray(read_image(record.path))
@@ -69,8 +70,16 @@ def tile_panels(record: Record, gt_mask: np.ndarray, pred: Prediction,
         draw = ImageDraw.Draw(canvas)
         sy, sx = h / pred.anomaly_map.shape[0], w / pred.anomaly_map.shape[1]
         for x1, y1, x2, y2, _ in pred.boxes:
-            draw.rectangle([round(x1 * sx), round(y1 * sy), max(round(x2 * sx) - 1, round(x1 * sx)),
-                            max(round(y2 * sy) - 1, round(y1 * sy))], outline=BOX_RGB, width=2)
+            draw.rectangle(
+                [
+                    round(x1 * sx),
+                    round(y1 * sy),
+                    max(round(x2 * sx) - 1, round(x1 * sx)),
+                    max(round(y2 * sy) - 1, round(y1 * sy)),
+                ],
+                outline=BOX_RGB,
+                width=2,
+            )
         panels.append(("prediction", canvas))
     return panels
 
@@ -109,8 +118,7 @@ def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_siz
     n_anom = sum(r.label for r in records)
     items = []
     if cfg is not None:
-        model = cfg.model.upper() + (f" · {cfg.n_features} features" if cfg.model == "padim" and cfg.n_features
-                                     else "")
+        model = cfg.model.upper() + (f" · {cfg.n_features} features" if cfg.model == "padim" and cfg.n_features else "")
         items += [("model", model), ("backbone", f"{cfg.backbone} ({', '.join(cfg.layers)})")]
     items.append(("image size", f"{cfg.image_size if cfg else image_size} px"))
     src = post.threshold_source
@@ -123,18 +131,27 @@ def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_siz
     items.append(("test images", f"{len(records)} ({len(records) - n_anom} normal, {n_anom} anomalous)"))
     items.append(("test data", _test_roots(records)))
     if info.get("num_train_images") is not None:
-        items.append(("trained on", f"{info['num_train_images']} normal images"
-                      + (f", {info['num_val_images']} held out" if info.get("num_val_images") else "")))
+        items.append(
+            (
+                "trained on",
+                f"{info['num_train_images']} normal images"
+                + (f", {info['num_val_images']} held out" if info.get("num_val_images") else ""),
+            )
+        )
     dl = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in items)
     title = f"{(cfg.model.upper() + ' on ') if cfg else ''}{', '.join(sorted({r.category for r in records}))}"
-    return (f"<header><h1>Evaluation report: {esc(title)}</h1>"
-            f"<p class=\"sub\">{esc(_show_path(run_dir))}</p><dl class=\"meta\">{dl}</dl></header>")
+    return (
+        f"<header><h1>Evaluation report: {esc(title)}</h1>"
+        f'<p class="sub">{esc(_show_path(run_dir))}</p><dl class="meta">{dl}</dl></header>'
+    )
 
 
 def summary(metrics: dict, counts: dict, threshold: float | None) -> str:
-    cards = [card("Image AUROC", fmt(metrics.get("image_auroc"))),
-             card("Pixel AUROC", fmt(metrics.get("pixel_auroc"))),
-             card("AUPRO", fmt(metrics.get("aupro")), "FPR ≤ 0.3")]
+    cards = [
+        card("Image AUROC", fmt(metrics.get("image_auroc"))),
+        card("Pixel AUROC", fmt(metrics.get("pixel_auroc"))),
+        card("AUPRO", fmt(metrics.get("aupro")), "FPR ≤ 0.3"),
+    ]
     n_def = sum(v["count"] for d, v in counts.items() if d != GOOD)
     n_good = counts.get(GOOD, {}).get("count", 0)
     if threshold is None:
@@ -142,20 +159,28 @@ def summary(metrics: dict, counts: dict, threshold: float | None) -> str:
     else:
         det = sum(v["detected"] for d, v in counts.items() if d != GOOD)
         fa = counts.get(GOOD, {}).get("false_alarms") or 0
-        cards += [card("Image F1", fmt(metrics.get("image_f1")), "at the threshold"),
-                  card("Defects detected", f"{det} / {n_def}", f"{n_def - det} missed",
-                       "good" if det == n_def else "bad") if n_def else
-                  card("Defects detected", "—", "no anomalous test images"),
-                  card("False alarms", f"{fa} / {n_good}", "normal images flagged", "bad" if fa else "good")
-                  if n_good else card("False alarms", "—", "no normal test images")]
-    return (f"<section id=\"summary\"><h2>Summary</h2><p class=\"lead\">Headline numbers on the test split."
-            f"</p><div class=\"cards\">{''.join(cards)}</div></section>")
+        cards += [
+            card("Image F1", fmt(metrics.get("image_f1")), "at the threshold"),
+            card("Defects detected", f"{det} / {n_def}", f"{n_def - det} missed", "good" if det == n_def else "bad")
+            if n_def
+            else card("Defects detected", "—", "no anomalous test images"),
+            card("False alarms", f"{fa} / {n_good}", "normal images flagged", "bad" if fa else "good")
+            if n_good
+            else card("False alarms", "—", "no normal test images"),
+        ]
+    return (
+        f'<section id="summary"><h2>Summary</h2><p class="lead">Headline numbers on the test split.'
+        f'</p><div class="cards">{"".join(cards)}</div></section>'
+    )
 
 
 def metrics_tables(metrics: dict, counts: dict, threshold: float | None) -> str:
-    rows = "".join(f"<tr><td>{esc(name)}<span class=\"desc\">{esc(desc)}</span></td>"
-                   f"<td class=\"num\">{esc(fmt(metrics.get(key)))}</td></tr>" for key, name, desc in METRIC_ROWS)
-    overall = f"<table class=\"overall\"><tr><th>metric</th><th class=\"num\">value</th></tr>{rows}</table>"
+    rows = "".join(
+        f'<tr><td>{esc(name)}<span class="desc">{esc(desc)}</span></td>'
+        f'<td class="num">{esc(fmt(metrics.get(key)))}</td></tr>'
+        for key, name, desc in METRIC_ROWS
+    )
+    overall = f'<table class="overall"><tr><th>metric</th><th class="num">value</th></tr>{rows}</table>'
     per = metrics.get("per_defect") or {}
     body = []
     for d, c in counts.items():
@@ -166,48 +191,68 @@ def metrics_tables(metrics: dict, counts: dict, threshold: float | None) -> str:
             rate = "—"
         else:
             frac = c["detected"] / c["count"] if c["count"] else 0.0
-            rate = f"{frac:.0%}<span class=\"bar\"><span style=\"width:{frac * 100:.0f}%\"></span></span>"
-        body.append(f"<tr data-defect=\"{esc(d)}\"><td>{esc(d)}</td><td class=\"num\">{c['count']}</td>"
-                    f"<td class=\"num\">{esc(fmt(auc))}</td><td class=\"num\">{dash(c['detected'])}</td>"
-                    f"<td class=\"num\">{dash(c['missed'])}</td><td class=\"num\">{rate}</td></tr>")
+            rate = f'{frac:.0%}<span class="bar"><span style="width:{frac * 100:.0f}%"></span></span>'
+        body.append(
+            f'<tr data-defect="{esc(d)}"><td>{esc(d)}</td><td class="num">{c["count"]}</td>'
+            f'<td class="num">{esc(fmt(auc))}</td><td class="num">{dash(c["detected"])}</td>'
+            f'<td class="num">{dash(c["missed"])}</td><td class="num">{rate}</td></tr>'
+        )
     if GOOD in counts:
         g = counts[GOOD]
-        fa = "no threshold" if g["false_alarms"] is None else (
-            f"{g['false_alarms']} false alarm{'s' if g['false_alarms'] != 1 else ''} · specificity "
-            f"{1 - g['false_alarms'] / g['count']:.0%}")
-        body.append(f"<tr class=\"normal\" data-defect=\"{GOOD}\"><td>good (normal)</td>"
-                    f"<td class=\"num\">{g['count']}</td><td class=\"num\">—</td>"
-                    f"<td colspan=\"3\" class=\"num\">{esc(fa)}</td></tr>")
-    per_table = ("<table class=\"per-defect\"><tr><th>defect type</th><th class=\"num\">images</th>"
-                 "<th class=\"num\">image AUROC</th><th class=\"num\">detected</th><th class=\"num\">missed</th>"
-                 f"<th class=\"num\">recall</th></tr>{''.join(body)}</table>")
-    lead = ("Per-defect AUROC compares each defect type against the normal test images; detected/missed count "
-            "images at the image threshold." if threshold is not None else
-            "Per-defect AUROC compares each defect type against the normal test images. No threshold, so no "
-            "detected/missed counts.")
+        fa = (
+            "no threshold"
+            if g["false_alarms"] is None
+            else (
+                f"{g['false_alarms']} false alarm{'s' if g['false_alarms'] != 1 else ''} · specificity "
+                f"{1 - g['false_alarms'] / g['count']:.0%}"
+            )
+        )
+        body.append(
+            f'<tr class="normal" data-defect="{GOOD}"><td>good (normal)</td>'
+            f'<td class="num">{g["count"]}</td><td class="num">—</td>'
+            f'<td colspan="3" class="num">{esc(fa)}</td></tr>'
+        )
+    per_table = (
+        '<table class="per-defect"><tr><th>defect type</th><th class="num">images</th>'
+        '<th class="num">image AUROC</th><th class="num">detected</th><th class="num">missed</th>'
+        f'<th class="num">recall</th></tr>{"".join(body)}</table>'
+    )
+    lead = (
+        "Per-defect AUROC compares each defect type against the normal test images; detected/missed count "
+        "images at the image threshold."
+        if threshold is not None
+        else "Per-defect AUROC compares each defect type against the normal test images. No threshold, so no "
+        "detected/missed counts."
+    )
     notes = metrics.get("notes") or []
-    notes_html = f"<ul class=\"notes\">{''.join(f'<li>{esc(n)}</li>' for n in notes)}</ul>" if notes else ""
-    return (f"<section id=\"metrics\"><h2>Metrics</h2><p class=\"lead\">{esc(lead)}</p><div class=\"tables\">"
-            f"<div><h3>Overall</h3>{overall}</div><div><h3>Per defect type</h3>{per_table}</div></div>"
-            f"{notes_html}</section>")
+    notes_html = f'<ul class="notes">{"".join(f"<li>{esc(n)}</li>" for n in notes)}</ul>' if notes else ""
+    return (
+        f'<section id="metrics"><h2>Metrics</h2><p class="lead">{esc(lead)}</p><div class="tables">'
+        f"<div><h3>Overall</h3>{overall}</div><div><h3>Per defect type</h3>{per_table}</div></div>"
+        f"{notes_html}</section>"
+    )
 
 
-def gallery(gid: str, title: str, lead: str, shown: list[int], total: int, empty: str, tiles: dict,
-             legend: str) -> str:
+def gallery(gid: str, title: str, lead: str, shown: list[int], total: int, empty: str, tiles: dict, legend: str) -> str:
     if not shown:
-        body = f"<p class=\"missing\">{esc(empty)}</p>"
+        body = f'<p class="missing">{esc(empty)}</p>'
     else:
-        body = legend + f"<div class=\"gallery\">{''.join(tiles[i].replace('@GALLERY@', gid) for i in shown)}</div>"
+        body = legend + f'<div class="gallery">{"".join(tiles[i].replace("@GALLERY@", gid) for i in shown)}</div>'
     count = f"{total}" if len(shown) == total else f"showing {len(shown)} of {total}"
-    return (f"<section id=\"{gid}\" class=\"gallery-section\" data-total=\"{total}\"><h2>{esc(title)} "
-            f"<small>({esc(count)})</small></h2>"
-            f"<p class=\"lead\">{esc(lead)}</p>{body}</section>")
+    return (
+        f'<section id="{gid}" class="gallery-section" data-total="{total}"><h2>{esc(title)} '
+        f"<small>({esc(count)})</small></h2>"
+        f'<p class="lead">{esc(lead)}</p>{body}</section>'
+    )
 
 
 def tile(i: int, r: Record, gt: np.ndarray, pred: Prediction, name: str) -> str:
     panels = tile_panels(r, gt, pred)
-    imgs = "".join(f"<div><img src=\"{png_uri(img)}\" alt=\"{esc(label)}: {esc(name)}\" width=\"{img.size[0]}\" "
-                   f"height=\"{img.size[1]}\"><span>{esc(label)}</span></div>" for label, img in panels)
+    imgs = "".join(
+        f'<div><img src="{png_uri(img)}" alt="{esc(label)}: {esc(name)}" width="{img.size[0]}" '
+        f'height="{img.size[1]}"><span>{esc(label)}</span></div>'
+        for label, img in panels
+    )
     if pred.label is None:
         badge = ("anomalous", "") if r.label else ("normal", "normal")
     elif r.label:
@@ -215,46 +260,72 @@ def tile(i: int, r: Record, gt: np.ndarray, pred: Prediction, name: str) -> str:
     else:
         badge = ("false alarm", "false-alarm") if pred.label else ("normal", "normal")
     truth = f"defect: {r.defect}" if r.label else "normal"
-    return (f"<figure class=\"tile\" data-gallery=\"@GALLERY@\" data-index=\"{i}\">"
-            f"<div class=\"panels\" style=\"--n:{len(panels)}\">{imgs}</div>"
-            f"<figcaption><span class=\"name\" title=\"{esc(r.path)}\">{esc(name)}</span>"
-            f"<span class=\"badge {badge[1]}\">{esc(badge[0])}</span>"
-            f"<span class=\"score\">score {pred.score:.2f} · raw {pred.raw_score:.4g} · {esc(truth)}</span>"
-            f"</figcaption></figure>")
+    return (
+        f'<figure class="tile" data-gallery="@GALLERY@" data-index="{i}">'
+        f'<div class="panels" style="--n:{len(panels)}">{imgs}</div>'
+        f'<figcaption><span class="name" title="{esc(r.path)}">{esc(name)}</span>'
+        f'<span class="badge {badge[1]}">{esc(badge[0])}</span>'
+        f'<span class="score">score {pred.score:.2f} · raw {pred.raw_score:.4g} · {esc(truth)}</span>'
+        f"</figcaption></figure>"
+    )
 
 
 def gallery_specs(labels: np.ndarray, threshold: float | None) -> list[tuple[str, str, str, str]]:
     """(id, title, lead, text when empty) of the three galleries; without a threshold they rank by score only."""
-    no_t = ("No threshold (--val-fraction 0 and no --threshold): images carry no labels, so these galleries "
-            "rank by score only. ")
+    no_t = (
+        "No threshold (--val-fraction 0 and no --threshold): images carry no labels, so these galleries "
+        "rank by score only. "
+    )
     no_anomalous, no_normal = "No anomalous images in the test split.", "No normal images in the test split."
     if threshold is None:
         return [
-            ("missed", "Lowest-scoring defects",
-             no_t + "Anomalous images with the lowest scores: the first to be missed at any threshold.",
-             no_anomalous),
-            ("false-alarms", "Highest-scoring normal images",
-             no_t + "Normal images with the highest scores: the first false alarms at any threshold.", no_normal),
-            ("top-defects", "Highest-scoring defects", no_t + "Anomalous images, highest score first.",
-             no_anomalous)]
+            (
+                "missed",
+                "Lowest-scoring defects",
+                no_t + "Anomalous images with the lowest scores: the first to be missed at any threshold.",
+                no_anomalous,
+            ),
+            (
+                "false-alarms",
+                "Highest-scoring normal images",
+                no_t + "Normal images with the highest scores: the first false alarms at any threshold.",
+                no_normal,
+            ),
+            ("top-defects", "Highest-scoring defects", no_t + "Anomalous images, highest score first.", no_anomalous),
+        ]
     return [
-        ("missed", "Missed defects", "Anomalous images scored below the image threshold, lowest score first.",
-         "None: every anomalous test image reached the threshold." if labels.any() else no_anomalous),
-        ("false-alarms", "False alarms", "Normal images at or above the image threshold, highest score first.",
-         "None: no normal test image reached the threshold." if (~labels).any() else no_normal),
-        ("top-defects", "Highest-scoring defects",
-         "Anomalous images, highest score first: what the model finds most clearly.", no_anomalous)]
+        (
+            "missed",
+            "Missed defects",
+            "Anomalous images scored below the image threshold, lowest score first.",
+            "None: every anomalous test image reached the threshold." if labels.any() else no_anomalous,
+        ),
+        (
+            "false-alarms",
+            "False alarms",
+            "Normal images at or above the image threshold, highest score first.",
+            "None: no normal test image reached the threshold." if (~labels).any() else no_normal,
+        ),
+        (
+            "top-defects",
+            "Highest-scoring defects",
+            "Anomalous images, highest score first: what the model finds most clearly.",
+            no_anomalous,
+        ),
+    ]
 
 
 def gallery_legend(post: PostProcessor) -> str:
     """What the colours of the gallery tiles mean, for this run's thresholds."""
-    items = ["<span><span class=\"swatch gt\"></span>ground truth</span>"]
+    items = ['<span><span class="swatch gt"></span>ground truth</span>']
     if post.pixel_threshold is not None:
-        items += ["<span><span class=\"swatch pred\"></span>predicted mask</span>",
-                  "<span><span class=\"swatch box\"></span>predicted boxes</span>",
-                  "<span>heatmap 0<span class=\"jet\"></span>1 (0.5 = pixel threshold)</span>"]
+        items += [
+            '<span><span class="swatch pred"></span>predicted mask</span>',
+            '<span><span class="swatch box"></span>predicted boxes</span>',
+            '<span>heatmap 0<span class="jet"></span>1 (0.5 = pixel threshold)</span>',
+        ]
     else:
-        items.append("<span>heatmap 0<span class=\"jet\"></span>1 (min–max of the calibration maps)</span>")
+        items.append('<span>heatmap 0<span class="jet"></span>1 (min–max of the calibration maps)</span>')
     if post.image_threshold is not None:
         items.append("<span>score: normalised, 0.5 = image threshold; raw: max of the map</span>")
-    return f"<div class=\"legend\">{''.join(items)}</div>"
+    return f'<div class="legend">{"".join(items)}</div>'

@@ -1,11 +1,11 @@
 """The run directory: everything needed to use a trained model, and nothing that needs unpickling.
 
-    RUN_DIR/config.json        model + training configuration, package version
-    RUN_DIR/model.safetensors  all weights and buffers (backbone included, so no download at load time)
-    RUN_DIR/postprocess.json   thresholds and normalisation
-    RUN_DIR/metrics.json       test-split metrics
-    RUN_DIR/history.json       per-epoch losses (STFPM)
-    RUN_DIR/request.json       the train call itself, written first: what `train --resume RUN_DIR` continues
+RUN_DIR/config.json        model + training configuration, package version
+RUN_DIR/model.safetensors  all weights and buffers (backbone included, so no download at load time)
+RUN_DIR/postprocess.json   thresholds and normalisation
+RUN_DIR/metrics.json       test-split metrics
+RUN_DIR/history.json       per-epoch losses (STFPM)
+RUN_DIR/request.json       the train call itself, written first: what `train --resume RUN_DIR` continues
 """
 
 from __future__ import annotations
@@ -25,16 +25,29 @@ from distributed_anomaly.models.stfpm import Stfpm
 from distributed_anomaly.postprocess import POSTPROCESS_FILE, PostProcessor
 
 CONFIG, WEIGHTS, METRICS, HISTORY, REQUEST = (
-    "config.json", "model.safetensors", "metrics.json", "history.json", "request.json")
+    "config.json",
+    "model.safetensors",
+    "metrics.json",
+    "history.json",
+    "request.json",
+)
 POSTPROCESS = POSTPROCESS_FILE
 
 
 def build_model(cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None) -> Padim | Stfpm:
     if cfg.model == "padim":
-        return Padim(cfg.backbone, cfg.layers, cfg.n_features, cfg.image_size, pretrained=pretrained,
-                     weights_file=weights_file, seed=cfg.seed)
-    return Stfpm(cfg.backbone, cfg.layers, cfg.image_size, pretrained=pretrained, weights_file=weights_file,
-                 seed=cfg.seed)
+        return Padim(
+            cfg.backbone,
+            cfg.layers,
+            cfg.n_features,
+            cfg.image_size,
+            pretrained=pretrained,
+            weights_file=weights_file,
+            seed=cfg.seed,
+        )
+    return Stfpm(
+        cfg.backbone, cfg.layers, cfg.image_size, pretrained=pretrained, weights_file=weights_file, seed=cfg.seed
+    )
 
 
 def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
@@ -42,15 +55,23 @@ def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
 
 
-def save_model(run_dir: str | os.PathLike, model_cfg: ModelConfig, train_cfg: TrainConfig,
-               module: torch.nn.Module, post: PostProcessor, info: dict | None = None) -> Path:
+def save_model(
+    run_dir: str | os.PathLike,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    module: torch.nn.Module,
+    post: PostProcessor,
+    info: dict | None = None,
+) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_weights(run_dir / WEIGHTS, module)
     write_json(run_dir / POSTPROCESS, post.to_dict())
     # config last: its presence marks a complete run directory.
-    write_json(run_dir / CONFIG, {"version": __version__, "model": to_dict(model_cfg),
-                                  "train": to_dict(train_cfg), "info": info or {}})
+    write_json(
+        run_dir / CONFIG,
+        {"version": __version__, "model": to_dict(model_cfg), "train": to_dict(train_cfg), "info": info or {}},
+    )
     return run_dir
 
 

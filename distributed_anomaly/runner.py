@@ -7,7 +7,8 @@ three never disagree on pre-processing, resizing or post-processing.
 from __future__ import annotations
 
 import os
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ def predict_images(runner: ModelRunner, images: Sequence[np.ndarray]) -> list[Pr
     return [runner.postprocessor(resize_map(m, img.shape[:2])) for m, img in zip(maps, images)]
 
 
-def predict_arrays(model: torch.nn.Module, post: PostProcessor, images: Sequence[np.ndarray],
-                   image_size: int) -> list[Prediction]:
+def predict_arrays(
+    model: torch.nn.Module, post: PostProcessor, images: Sequence[np.ndarray], image_size: int
+) -> list[Prediction]:
     """Torch predictions in each image's own coordinates (see predict_images)."""
     return predict_images(TorchRunner(model, post, image_size), images)

@@ -33,16 +33,19 @@ class GaussianStats:
     m2: torch.Tensor
 
     @classmethod
-    def empty(cls, n_positions: int, n_features: int, dtype: torch.dtype = torch.float64) -> "GaussianStats":
-        return cls(0, torch.zeros(n_positions, n_features, dtype=dtype),
-                   torch.zeros(n_positions, n_features, n_features, dtype=dtype))
+    def empty(cls, n_positions: int, n_features: int, dtype: torch.dtype = torch.float64) -> GaussianStats:
+        return cls(
+            0,
+            torch.zeros(n_positions, n_features, dtype=dtype),
+            torch.zeros(n_positions, n_features, n_features, dtype=dtype),
+        )
 
     @property
     def dtype(self) -> torch.dtype:
         return self.mean.dtype
 
     @classmethod
-    def from_batch(cls, embeddings: torch.Tensor, dtype: torch.dtype = torch.float64) -> "GaussianStats":
+    def from_batch(cls, embeddings: torch.Tensor, dtype: torch.dtype = torch.float64) -> GaussianStats:
         """Statistics of a batch of embeddings shaped (B, C, P)."""
         if embeddings.ndim != 3:
             raise ValueError(f"embeddings must be (batch, channels, positions), got {tuple(embeddings.shape)}")
@@ -52,16 +55,18 @@ class GaussianStats:
         m2 = torch.bmm(dev.transpose(1, 2), dev)  # (P, C, C)
         return cls(int(embeddings.shape[0]), mean, m2)
 
-    def update(self, embeddings: torch.Tensor) -> "GaussianStats":
+    def update(self, embeddings: torch.Tensor) -> GaussianStats:
         """Fold a batch (B, C, P) into these statistics in place; returns self."""
         return self.merge_(GaussianStats.from_batch(embeddings, self.dtype))
 
-    def merge_(self, other: "GaussianStats") -> "GaussianStats":
+    def merge_(self, other: GaussianStats) -> GaussianStats:
         """In-place Chan merge of `other` into self (other is left unchanged)."""
         if other.count == 0:
             return self
         if self.mean.shape != other.mean.shape:
-            raise ValueError(f"cannot merge statistics of shapes {tuple(self.mean.shape)} and {tuple(other.mean.shape)}")
+            raise ValueError(
+                f"cannot merge statistics of shapes {tuple(self.mean.shape)} and {tuple(other.mean.shape)}"
+            )
         if self.count == 0:  # in place, so a view of a larger accumulator (padim_fit's chunked merge) stays one
             self.count = other.count
             self.mean.copy_(other.mean)
@@ -76,7 +81,7 @@ class GaussianStats:
         self.count = n
         return self
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
+    def merge(self, other: GaussianStats) -> GaussianStats:
         """A new object holding the merge of self and other; neither input changes."""
         out = GaussianStats(self.count, self.mean.clone(), self.m2.clone())
         return out.merge_(other)
@@ -100,16 +105,16 @@ class GaussianStats:
         inv = torch.empty(n_pos, c, c, dtype=torch.float32)
         eye = eps * torch.eye(c, dtype=torch.float64)
         for i in range(0, n_pos, chunk_positions):
-            cov = self.m2[i: i + chunk_positions].to(torch.float64) / (self.count - 1) + eye
+            cov = self.m2[i : i + chunk_positions].to(torch.float64) / (self.count - 1) + eye
             # Cholesky-based inverse of the SPD matrices is faster and more stable than a general inverse.
-            inv[i: i + chunk_positions] = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+            inv[i : i + chunk_positions] = torch.cholesky_inverse(torch.linalg.cholesky(cov))
         return self.mean.to(torch.float32), inv
 
     def to_state(self) -> dict[str, torch.Tensor]:
         return {"count": torch.tensor(self.count, dtype=torch.int64), "mean": self.mean, "m2": self.m2}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "GaussianStats":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> GaussianStats:
         return cls(int(state["count"]), state["mean"], state["m2"])
 
 

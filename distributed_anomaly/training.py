@@ -26,8 +26,15 @@ logger = logging.getLogger(__name__)
 # The Ray glue (distributed.*) imports Ray, which an in-process run never needs: imported where a run uses Ray.
 
 
-def finish_run(run: str | os.PathLike, metrics: dict, test: list[Record], maps: np.ndarray, masks: np.ndarray,
-               post: PostProcessor, report: bool) -> None:
+def finish_run(
+    run: str | os.PathLike,
+    metrics: dict,
+    test: list[Record],
+    maps: np.ndarray,
+    masks: np.ndarray,
+    post: PostProcessor,
+    report: bool,
+) -> None:
     """metrics.json, and with `report` the HTML report beside it (its path added to `metrics`)."""
     write_json(Path(run) / rundir.METRICS, metrics)
     if report:
@@ -42,44 +49,66 @@ def _maybe_ray(run: Execution):
     return ray_session(run.address)
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
-          progress: bool = True, overwrite: bool = False, report: bool = False,
-          run: Execution = Execution()) -> dict:
-    """Fit, calibrate, evaluate and save; returns the metrics (also in RUN_DIR/metrics.json)."""
+def train(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    progress: bool = True,
+    overwrite: bool = False,
+    report: bool = False,
+    run: Execution | None = None,
+) -> dict:
+    """Fit, calibrate, evaluate and save; returns the metrics (also in RUN_DIR/metrics.json).
+
+    `run` says where the fit runs (default: in this process)."""
+    run = run or Execution()
     if run.skip_corrupt and not run.uses_ray:
         raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
     if (Path(out) / rundir.CONFIG).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
     if (Path(out) / rundir.REQUEST).exists() and not overwrite and run.resume is None:
-        raise UserError(f"{out} holds an unfinished (interrupted?) training run: continue it with "
-                        f"`train --resume {out}` (Ray STFPM runs) or pass --overwrite to start again")
+        raise UserError(
+            f"{out} holds an unfinished (interrupted?) training run: continue it with "
+            f"`train --resume {out}` (Ray STFPM runs) or pass --overwrite to start again"
+        )
     tcfg = tcfg.resolved(cfg.model)
     if cfg.model == "stfpm" and run.uses_ray and run.run_name is None:
         run = replace(run, run_name=f"stfpm-{uuid.uuid4().hex[:8]}")
     records = load_dataset(data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
-    logger.info(f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images")
+    logger.info(
+        f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images"
+    )
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
         _write_request(out, data, cfg, tcfg, run)
-    info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records),
-                  "num_val_images": len(val), "workers": run.workers, "ray": run.uses_ray}
+    info: dict = {
+        "data": str(Path(data).resolve()),
+        "num_train_images": len(fit_records),
+        "num_val_images": len(val),
+        "workers": run.workers,
+        "ray": run.uses_ray,
+    }
     with _maybe_ray(run):
         try:
             model, fit_info, history = fit_model(model, cfg, tcfg, fit_records, val, run, _storage(out, run), progress)
         except RuntimeError as exc:
             if not (cfg.model == "stfpm" and run.uses_ray):
                 raise
-            raise TrainingInterrupted(f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
-                                      f"continue with `distributed-anomaly train --resume {out}`") from exc
+            raise TrainingInterrupted(
+                f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
+                f"continue with `distributed-anomaly train --resume {out}`"
+            ) from exc
         info.update(fit_info)
         if history is not None:
             write_json(Path(out) / rundir.HISTORY, history)
         calib = test if tcfg.calibrate_on_test else val
         if tcfg.calibrate_on_test:
-            logger.warning("--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics "
-                "are optimistic")
+            logger.warning(
+                "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
+            )
         score = _ray_scorer(model, cfg, tcfg, run, progress) if run.uses_ray else None
         post = calibrate(model, cfg, tcfg, calib, fit_records, progress, score)
         metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
@@ -91,8 +120,17 @@ def train(data: str | os.PathLike, out: str | os.PathLike, cfg: ModelConfig, tcf
     return metrics
 
 
-def fit_model(model, cfg: ModelConfig, tcfg: TrainConfig, fit_records: list[Record], val: list[Record],
-              run: Execution, storage: str, progress: bool, **stfpm_ray_options) -> tuple:
+def fit_model(
+    model,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    fit_records: list[Record],
+    val: list[Record],
+    run: Execution,
+    storage: str,
+    progress: bool,
+    **stfpm_ray_options,
+) -> tuple:
     """Fit `model` where `run` says (Ray must be up if run.uses_ray); returns (model, info, history or None).
 
     The one fitting step of `train` and of a `tune` trial: PADIM's Gaussians (Ray Data actors or in process) or
@@ -105,24 +143,55 @@ def fit_model(model, cfg: ModelConfig, tcfg: TrainConfig, fit_records: list[Reco
     if cfg.model == "padim" and run.uses_ray:
         from distributed_anomaly.distributed.padim_fit import fit_padim_ray
 
-        stats, ray_info = fit_padim_ray(model, fit_records, batch_size=tcfg.batch_size, workers=max(run.workers, 1),
-                                        progress=progress, skip_corrupt=run.skip_corrupt)
+        stats, ray_info = fit_padim_ray(
+            model,
+            fit_records,
+            batch_size=tcfg.batch_size,
+            workers=max(run.workers, 1),
+            progress=progress,
+            skip_corrupt=run.skip_corrupt,
+        )
         info.update(images_counted=stats.count, ray_fit=ray_info)
     elif cfg.model == "padim":
         info["images_counted"] = engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count
     elif run.uses_ray:
         from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
 
-        model, ray_info = train_stfpm_ray(cfg, tcfg, fit_records, val, workers=run.workers, model=model,
-                                          storage=storage, run_name=run.run_name or "stfpm", resume_from=run.resume,
-                                          progress=progress, max_failures=run.max_failures, **stfpm_ray_options)
+        model, ray_info = train_stfpm_ray(
+            cfg,
+            tcfg,
+            fit_records,
+            val,
+            workers=run.workers,
+            model=model,
+            storage=storage,
+            run_name=run.run_name or "stfpm",
+            resume_from=run.resume,
+            progress=progress,
+            max_failures=run.max_failures,
+            **stfpm_ray_options,
+        )
         history = ray_info.pop("history")
-        info.update(best_epoch=ray_info["best_epoch"], epochs_run=ray_info["epochs_run"],
-                    stopped_early=ray_info["stopped_early"], ray_train=ray_info)
+        info.update(
+            best_epoch=ray_info["best_epoch"],
+            epochs_run=ray_info["epochs_run"],
+            stopped_early=ray_info["stopped_early"],
+            ray_train=ray_info,
+        )
     else:
-        result = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                                    lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
-                                    patience=tcfg.patience, seed=cfg.seed, progress=progress)
+        result = engine.train_stfpm(
+            model,
+            fit_records,
+            val,
+            epochs=tcfg.epochs,
+            batch_size=tcfg.batch_size,
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            weight_decay=tcfg.weight_decay,
+            patience=tcfg.patience,
+            seed=cfg.seed,
+            progress=progress,
+        )
         info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), stopped_early=result.stopped_early)
         history = [asdict(h) for h in result.history]
     if cfg.model == "stfpm" and tcfg.bn_recompute:
@@ -135,8 +204,9 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
     """Scoring as Ray Data batch inference over the same pool size as the fit (PADIM and STFPM alike)."""
     from distributed_anomaly.distributed.padim_fit import anomaly_maps_ray
 
-    return lambda records, what: anomaly_maps_ray(model, records, cfg.image_size, tcfg.batch_size,
-                                                  workers=max(run.workers, 1), progress=progress, what=what)
+    return lambda records, what: anomaly_maps_ray(
+        model, records, cfg.image_size, tcfg.batch_size, workers=max(run.workers, 1), progress=progress, what=what
+    )
 
 
 def _storage(out: str | os.PathLike, run: Execution) -> str:
@@ -145,11 +215,14 @@ def _storage(out: str | os.PathLike, run: Execution) -> str:
     return shared.join(shared.counterpart(run.storage, out) if run.storage else str(Path(out).resolve()), "ray_train")
 
 
-def _write_request(out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig,
-                   run: Execution) -> None:
+def _write_request(
+    out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig, run: Execution
+) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out) / rundir.REQUEST, {"data": str(Path(data).resolve()), "model": to_dict(cfg),
-                                            "train": to_dict(tcfg), "execution": asdict(run)})
+    write_json(
+        Path(out) / rundir.REQUEST,
+        {"data": str(Path(data).resolve()), "model": to_dict(cfg), "train": to_dict(tcfg), "execution": asdict(run)},
+    )
 
 
 def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, address: str | None = None) -> dict:
@@ -170,15 +243,22 @@ def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, 
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"cannot read {out / rundir.REQUEST}: {exc}") from exc
     if cfg.model != "stfpm" or not run.uses_ray or not run.run_name:
-        raise UserError(f"{out} was a {cfg.model} run {'on Ray' if run.uses_ray else 'in this process'}, which keeps "
-                        "no checkpoints: start it again with --overwrite (STFPM runs with --workers N >= 1 resume)")
+        raise UserError(
+            f"{out} was a {cfg.model} run {'on Ray' if run.uses_ray else 'in this process'}, which keeps "
+            "no checkpoints: start it again with --overwrite (STFPM runs with --workers N >= 1 resume)"
+        )
     run = replace(run, address=address or run.address, resume=shared.join(_storage(out, run), run.run_name))
     logger.info(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
     return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run)
 
 
-def evaluate_run(run: str | os.PathLike, data: str | os.PathLike | None = None, batch_size: int = 32,
-                 progress: bool = True, report: bool = False) -> dict:
+def evaluate_run(
+    run: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    report: bool = False,
+) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds."""
     cfg, model, post = rundir.load_model(run)
     _, tcfg, info = rundir.load_config(run)

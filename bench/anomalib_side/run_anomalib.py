@@ -45,8 +45,15 @@ def build_backbone(name: str, weights_file: str) -> torch.nn.Module:
 def make_datamodule(data: Path, batch_size: int, workers: int, seed: int):
     from anomalib.data import MVTecAD
 
-    dm = MVTecAD(root=str(data.parent), category=data.name, train_batch_size=batch_size,
-                 eval_batch_size=batch_size, num_workers=workers, val_split_mode="none", seed=seed)
+    dm = MVTecAD(
+        root=str(data.parent),
+        category=data.name,
+        train_batch_size=batch_size,
+        eval_batch_size=batch_size,
+        num_workers=workers,
+        val_split_mode="none",
+        seed=seed,
+    )
     dm.setup()
     return dm
 
@@ -66,8 +73,9 @@ def check_features(a: argparse.Namespace, layers: list[str]) -> None:
     out = {"input": image.numpy()}
     out.update({f"feat:{k}": v.numpy() for k, v in feats.items()})
     if a.student_init:
-        sx = TimmFeatureExtractor(backbone=build_backbone(a.backbone, a.student_init), layers=layers,
-                                  pre_trained=False).eval()
+        sx = TimmFeatureExtractor(
+            backbone=build_backbone(a.backbone, a.student_init), layers=layers, pre_trained=False
+        ).eval()
         with torch.no_grad():
             out.update({f"student:{k}": v.numpy() for k, v in sx(image).items()})
     np.savez(Path(a.out) / "features.npz", path=np.array(str(item.image_path)), **out)
@@ -80,13 +88,13 @@ class FitTimer:
         from lightning.pytorch import Callback
 
         class _CB(Callback):
-            def on_train_start(cb, trainer, pl_module) -> None:  # noqa: N805
+            def on_train_start(cb, trainer, pl_module) -> None:
                 self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
-            def on_train_end(cb, trainer, pl_module) -> None:  # noqa: N805
+            def on_train_end(cb, trainer, pl_module) -> None:
                 self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
-            def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: N805
+            def on_train_batch_end(cb, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 if isinstance(outputs, dict) and "loss" in outputs:
                     epoch = trainer.current_epoch
                     tot, n = self.losses.get(epoch, (0.0, 0))
@@ -158,23 +166,34 @@ def main() -> int:
         max_epochs = 1
     else:
         model = Stfpm(backbone=teacher, layers=layers, **common)
-        student = build_backbone(a.backbone, a.student_init) if a.student_init else \
-            getattr(torchvision.models, a.backbone)(weights=None)
+        student = (
+            build_backbone(a.backbone, a.student_init)
+            if a.student_init
+            else getattr(torchvision.models, a.backbone)(weights=None)
+        )
         # Train mode, as anomalib's own timm student is created. Lightning >= 2.2 no longer calls .train() on
         # the module at fit start (it only warns about submodules in eval mode), so a student left in eval
         # mode would train with frozen batch-norm statistics: a different algorithm from anomalib's.
         student.train()
         # A fresh torchvision student (see the module docstring); anomalib's own code trains it.
-        model.model.student_model = TimmFeatureExtractor(backbone=student, layers=layers, pre_trained=False,
-                                                         requires_grad=True)
+        model.model.student_model = TimmFeatureExtractor(
+            backbone=student, layers=layers, pre_trained=False, requires_grad=True
+        )
         max_epochs = a.epochs
     dm = make_datamodule(Path(a.data), a.batch_size, a.workers, a.seed)
     timer = FitTimer()
     # save_top_k=0: anomalib's default checkpoint (written at the end of fit) is disk I/O, not fitting.
     no_ckpt = ModelCheckpoint(dirpath=str(out / "anomalib_results"), save_top_k=0)
-    engine = Engine(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False,
-                    callbacks=[timer.callback, no_ckpt], default_root_dir=str(out / "anomalib_results"),
-                    enable_progress_bar=False, enable_model_summary=False)
+    engine = Engine(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        logger=False,
+        callbacks=[timer.callback, no_ckpt],
+        default_root_dir=str(out / "anomalib_results"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     t0 = time.perf_counter()
     engine.fit(model=model, train_dataloaders=dm.train_dataloader())
     fit_total = time.perf_counter() - t0
@@ -186,15 +205,23 @@ def main() -> int:
     paths, maps = [], []
     for batch in preds:
         paths += [str(Path(p).resolve()) for p in batch.image_path]
-        maps.append(batch.anomaly_map.detach().reshape(len(batch.image_path), a.image_size, a.image_size)
-                    .float().numpy())
+        maps.append(
+            batch.anomaly_map.detach().reshape(len(batch.image_path), a.image_size, a.image_size).float().numpy()
+        )
     np.savez(out / "maps.npz", paths=np.array(paths), maps=np.concatenate(maps).astype(np.float32))
     result = {
-        "tool": f"anomalib {anomalib.__version__}", "model": a.model, "backbone": a.backbone,
-        "num_train_images": len(dm.train_data), "num_test_images": len(paths),
-        "fit_seconds": timer.seconds, "fit_cpu_seconds": timer.cpu_seconds, "fit_seconds_with_setup": fit_total,
-        "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
-        "epochs": max_epochs, "fit_peak_rss_mb_self": fit_rss_kb / 1024,
+        "tool": f"anomalib {anomalib.__version__}",
+        "model": a.model,
+        "backbone": a.backbone,
+        "num_train_images": len(dm.train_data),
+        "num_test_images": len(paths),
+        "fit_seconds": timer.seconds,
+        "fit_cpu_seconds": timer.cpu_seconds,
+        "fit_seconds_with_setup": fit_total,
+        "infer_seconds": infer_s,
+        "infer_cpu_seconds": infer_cpu,
+        "epochs": max_epochs,
+        "fit_peak_rss_mb_self": fit_rss_kb / 1024,
         "train_loss_per_epoch": [round(t / n, 5) for _, (t, n) in sorted(timer.losses.items())] or None,
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),

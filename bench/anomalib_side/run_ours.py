@@ -50,8 +50,14 @@ def main() -> int:
     layers = tuple(x for x in a.layers.split(",") if x)
     cfg = ModelConfig(a.model, a.backbone, layers, a.n_features if a.model == "padim" else None, a.image_size, a.seed)
     extra = {} if a.weight_decay is None else {"weight_decay": a.weight_decay}
-    tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, val_fraction=a.val_fraction, weights_file=a.weights,
-                       bn_recompute=not a.no_bn_recompute, **extra).resolved(cfg.model)
+    tcfg = TrainConfig(
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        val_fraction=a.val_fraction,
+        weights_file=a.weights,
+        bn_recompute=not a.no_bn_recompute,
+        **extra,
+    ).resolved(cfg.model)
     records = load_dataset(a.data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
@@ -61,15 +67,32 @@ def main() -> int:
     if cfg.model == "padim":
         engine.fit_padim(model, fit_records, tcfg.batch_size, progress=False)
     else:
-        res = engine.train_stfpm(model, fit_records, val, epochs=tcfg.epochs, batch_size=tcfg.batch_size, lr=tcfg.lr,
-                                 momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, patience=tcfg.patience,
-                                 seed=cfg.seed, progress=False)
+        res = engine.train_stfpm(
+            model,
+            fit_records,
+            val,
+            epochs=tcfg.epochs,
+            batch_size=tcfg.batch_size,
+            lr=tcfg.lr,
+            momentum=tcfg.momentum,
+            weight_decay=tcfg.weight_decay,
+            patience=tcfg.patience,
+            seed=cfg.seed,
+            progress=False,
+        )
         if tcfg.bn_recompute:  # as training.train does
             engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
-        info.update(epochs_run=len(res.history), best_epoch=res.best_epoch, bn_recompute=tcfg.bn_recompute,
-                    train_loss=[round(h.train_loss, 5) for h in res.history])
-    timing = {"fit_seconds": time.perf_counter() - w0, "fit_cpu_seconds": time.process_time() - c0,
-              "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        info.update(
+            epochs_run=len(res.history),
+            best_epoch=res.best_epoch,
+            bn_recompute=tcfg.bn_recompute,
+            train_loss=[round(h.train_loss, 5) for h in res.history],
+        )
+    timing = {
+        "fit_seconds": time.perf_counter() - w0,
+        "fit_cpu_seconds": time.process_time() - c0,
+        "fit_peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     w0, c0 = time.perf_counter(), time.process_time()
     maps = engine.anomaly_maps(model, test, cfg.image_size, tcfg.batch_size, progress=False)
     infer_s, infer_cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -77,10 +100,16 @@ def main() -> int:
     if a.model == "padim":
         np.save(out / "idx.npy", model.idx.numpy())
     result = {
-        "tool": "ours", "model": a.model, "backbone": a.backbone,
-        "num_train_images": info.get("num_train_images"), "num_test_images": len(test),
-        **timing, "infer_seconds": infer_s, "infer_cpu_seconds": infer_cpu,
-        "epochs": info.get("epochs_run", 1), "best_epoch": info.get("best_epoch"),
+        "tool": "ours",
+        "model": a.model,
+        "backbone": a.backbone,
+        "num_train_images": info.get("num_train_images"),
+        "num_test_images": len(test),
+        **timing,
+        "infer_seconds": infer_s,
+        "infer_cpu_seconds": infer_cpu,
+        "epochs": info.get("epochs_run", 1),
+        "best_epoch": info.get("best_epoch"),
         "bn_recompute": info.get("bn_recompute"),
         "train_loss_per_epoch": info.get("train_loss"),
         "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from distributed_anomaly.cli.common import configure_logging
 from distributed_anomaly.cli.run_cmds import add_evaluate, add_export, add_predict, add_train
@@ -28,11 +28,23 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="distributed-anomaly", description="Train, evaluate and use visual anomaly detectors (PADIM, STFPM) "
-        "learned from normal images only.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="distributed-anomaly",
+        description="Train, evaluate and use visual anomaly detectors (PADIM, STFPM) learned from normal images only.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_synth, add_train, add_evaluate, add_predict, add_export, add_serve, add_tune, add_pipeline,
-                add_weights):
+    for add in (
+        add_synth,
+        add_train,
+        add_evaluate,
+        add_predict,
+        add_export,
+        add_serve,
+        add_tune,
+        add_pipeline,
+        add_weights,
+    ):
         add(sub)
     return parser
 

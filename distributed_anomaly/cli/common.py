@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
-from typing import Any, Sequence
+from typing import Any
 
 from distributed_anomaly.errors import UserError
 
@@ -41,8 +42,11 @@ class _StderrHandler(logging.StreamHandler):
 
 def configure_logging(args: argparse.Namespace) -> None:
     """Our loggers (`distributed_anomaly.*`) to stderr at the level the verbosity options ask for."""
-    level = logging.DEBUG if getattr(args, "verbose", False) else (
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    level = (
+        logging.DEBUG
+        if getattr(args, "verbose", False)
+        else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    )
     handler = _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
     root = logging.getLogger("distributed_anomaly")

@@ -17,24 +17,34 @@ from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
 from distributed_anomaly.models.specs import BACKBONES, DEFAULT_BACKBONE
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
-REPORT_HELP = ("also write RUN_DIR/report.html: metrics, curves, score distributions, galleries of missed defects "
-               "and false alarms (self-contained HTML)")
+REPORT_HELP = (
+    "also write RUN_DIR/report.html: metrics, curves, score distributions, galleries of missed defects "
+    "and false alarms (self-contained HTML)"
+)
 _TRAIN_DEFAULTS: dict = {}
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", parents=[VERBOSITY],
-                       help="fit a model on train/good, calibrate thresholds, evaluate on test/",
-                       description="Fit PADIM or STFPM on the normal training images of an MVTec-format category, "
-                       "hold out --val-fraction of them to choose thresholds (and for STFPM's early stopping), "
-                       "evaluate on the whole test split, and write a self-contained RUN_DIR.")
-    p.add_argument("--data", help="MVTec-format category folder (train/good, test/..., ground_truth/...); required "
-                   "unless --resume")
+    p = sub.add_parser(
+        "train",
+        parents=[VERBOSITY],
+        help="fit a model on train/good, calibrate thresholds, evaluate on test/",
+        description="Fit PADIM or STFPM on the normal training images of an MVTec-format category, "
+        "hold out --val-fraction of them to choose thresholds (and for STFPM's early stopping), "
+        "evaluate on the whole test split, and write a self-contained RUN_DIR.",
+    )
+    p.add_argument(
+        "--data", help="MVTec-format category folder (train/good, test/..., ground_truth/...); required unless --resume"
+    )
     p.add_argument("--model", choices=MODELS, default=default(ModelConfig, "model"))
     p.add_argument("--out", help="run directory to write; required unless --resume")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted STFPM run started with --workers N "
-                   "from its latest checkpoint, with the arguments it was started with (only --address, --report "
-                   "and --quiet may be given again)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted STFPM run started with --workers N "
+        "from its latest checkpoint, with the arguments it was started with (only --address, --report "
+        "and --quiet may be given again)",
+    )
     _model_options(p)
     _training_options(p)
     _execution_options(p)
@@ -45,60 +55,113 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
-                   help=f"feature extractor (default {DEFAULT_BACKBONE})")
+    p.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help=f"feature extractor: {', '.join(BACKBONES)} (default {DEFAULT_BACKBONE})",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random (seeded) backbone weights instead of ImageNet")
     p.add_argument("--weights", metavar="FILE", help="local torchvision state-dict file for the backbone")
-    p.add_argument("--layers", type=layers, default=default(ModelConfig, "layers"),
-                   help="comma-separated feature taps, e.g. layer1,layer2,layer3 (default: the backbone's)")
+    p.add_argument(
+        "--layers",
+        type=layers,
+        default=default(ModelConfig, "layers"),
+        help="comma-separated feature taps, e.g. layer1,layer2,layer3 (default: the backbone's)",
+    )
     n_features = ", ".join(f"{s.default_n_features} {name}" for name, s in BACKBONES.items())
     p.add_argument("--n-features", type=int, help=f"PADIM random channel subset (default: {n_features})")
-    p.add_argument("--image-size", type=int, default=default(ModelConfig, "image_size"),
-                   help="images are resized to S x S, no crop (default %(default)s)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=default(ModelConfig, "image_size"),
+        help="images are resized to S x S, no crop (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=default(ModelConfig, "seed"))
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=default(TrainConfig, "epochs"),
-                   help="STFPM epochs (default 0: 100, early stopping on validation loss)")
-    p.add_argument("--lr", type=float, default=default(TrainConfig, "lr"),
-                   help="STFPM SGD learning rate (default %(default)s)")
-    p.add_argument("--momentum", type=float, default=default(TrainConfig, "momentum"),
-                   help="STFPM SGD momentum (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=default(TrainConfig, "weight_decay"),
-                   help="STFPM SGD weight decay (default %(default)s, the paper's; anomalib uses 1e-3)")
-    p.add_argument("--patience", type=int, default=default(TrainConfig, "patience"),
-                   help="STFPM early-stopping patience in epochs (default %(default)s)")
-    p.add_argument("--no-bn-recompute", action="store_true",
-                   help="STFPM: keep the student's batch-norm running averages from training (as anomalib) instead "
-                   "of recomputing exact statistics for the kept weights in one extra pass (default)")
-    p.add_argument("--batch-size", type=int, default=default(TrainConfig, "batch_size"),
-                   help="images per batch (default 0: 32)")
-    p.add_argument("--val-fraction", type=float, default=default(TrainConfig, "val_fraction"),
-                   help="share of train/good held out for thresholds and early stopping (default %(default)s; 0 fits "
-                   "on all and reports threshold-dependent metrics only with --threshold)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=default(TrainConfig, "epochs"),
+        help="STFPM epochs (default 0: 100, early stopping on validation loss)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=default(TrainConfig, "lr"), help="STFPM SGD learning rate (default %(default)s)"
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=default(TrainConfig, "momentum"),
+        help="STFPM SGD momentum (default %(default)s)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=default(TrainConfig, "weight_decay"),
+        help="STFPM SGD weight decay (default %(default)s, the paper's; anomalib uses 1e-3)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=default(TrainConfig, "patience"),
+        help="STFPM early-stopping patience in epochs (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-bn-recompute",
+        action="store_true",
+        help="STFPM: keep the student's batch-norm running averages from training (as anomalib) instead "
+        "of recomputing exact statistics for the kept weights in one extra pass (default)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=default(TrainConfig, "batch_size"), help="images per batch (default 0: 32)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=default(TrainConfig, "val_fraction"),
+        help="share of train/good held out for thresholds and early stopping (default %(default)s; 0 fits "
+        "on all and reports threshold-dependent metrics only with --threshold)",
+    )
     p.add_argument("--threshold", type=float, help="fixed raw image-score threshold instead of the adaptive one")
     p.add_argument("--pixel-threshold", type=float, help="fixed raw pixel threshold (default: --threshold)")
-    p.add_argument("--calibrate-on-test", action="store_true",
-                   help="fit thresholds on the test images (optimistic metrics; recorded in metrics.json)")
+    p.add_argument(
+        "--calibrate-on-test",
+        action="store_true",
+        help="fit thresholds on the test images (optimistic metrics; recorded in metrics.json)",
+    )
 
 
 def _execution_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=default(Execution, "workers"),
-                   help="Ray workers: PADIM feature-extraction actors or STFPM data-parallel trainers (default 0: "
-                   "in this process, no Ray). With N >= 1 and no --address a local single-node Ray is started")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default(Execution, "workers"),
+        help="Ray workers: PADIM feature-extraction actors or STFPM data-parallel trainers (default 0: "
+        "in this process, no Ray). With N >= 1 and no --address a local single-node Ray is started",
+    )
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (token auth: set RAY_AUTH_TOKEN)")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
-                   "instead of stopping")
-    p.add_argument("--storage", metavar="PATH_OR_URI",
-                   help="shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
-                   "prefix, gs://, hdfs://). Ray STFPM checkpoints go to STORAGE/<RUN_DIR name>/ray_train (written "
-                   "and read by every node) and the finished run directory is copied to STORAGE/<RUN_DIR name>. "
-                   "Default: RUN_DIR only (checkpoints in RUN_DIR/ray_train)")
-    p.add_argument("--max-failures", type=int, default=default(Execution, "max_failures"),
-                   help="Ray STFPM: restarts of the worker group from the latest checkpoint after a worker dies, "
-                   "before the run stops (it can then be continued with --resume; default %(default)s)")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
+        "instead of stopping",
+    )
+    p.add_argument(
+        "--storage",
+        metavar="PATH_OR_URI",
+        help="shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
+        "prefix, gs://, hdfs://). Ray STFPM checkpoints go to STORAGE/<RUN_DIR name>/ray_train (written "
+        "and read by every node) and the finished run directory is copied to STORAGE/<RUN_DIR name>. "
+        "Default: RUN_DIR only (checkpoints in RUN_DIR/ray_train)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=default(Execution, "max_failures"),
+        help="Ray STFPM: restarts of the worker group from the latest checkpoint after a worker dies, "
+        "before the run stops (it can then be continued with --resume; default %(default)s)",
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -115,22 +178,32 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not a.data or not a.out:
             raise UserError("train needs --data and --out (or --resume RUN_DIR)")
         cfg = ModelConfig(a.model, a.backbone, a.layers, a.n_features, a.image_size, a.seed)
-        tcfg = TrainConfig(epochs=a.epochs, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay,
-                           patience=a.patience, batch_size=a.batch_size, val_fraction=a.val_fraction,
-                           pretrained=not a.no_pretrained, weights_file=a.weights, threshold=a.threshold,
-                           pixel_threshold=a.pixel_threshold, calibrate_on_test=a.calibrate_on_test,
-                           bn_recompute=not a.no_bn_recompute)
+        tcfg = TrainConfig(
+            epochs=a.epochs,
+            lr=a.lr,
+            momentum=a.momentum,
+            weight_decay=a.weight_decay,
+            patience=a.patience,
+            batch_size=a.batch_size,
+            val_fraction=a.val_fraction,
+            pretrained=not a.no_pretrained,
+            weights_file=a.weights,
+            threshold=a.threshold,
+            pixel_threshold=a.pixel_threshold,
+            calibrate_on_test=a.calibrate_on_test,
+            bn_recompute=not a.no_bn_recompute,
+        )
         run = Execution(a.workers, a.address, a.skip_corrupt, a.storage, max_failures=a.max_failures)
-        metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report,
-                        run=run)
+        metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report, run=run)
     print(format_metrics(metrics))
     print(f"run written to {a.out}" + (f"; report: {metrics['report']}" if a.report else ""))
     return 0
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", parents=[VERBOSITY],
-                       help="score a run's test split with its stored thresholds; writes metrics.json")
+    p = sub.add_parser(
+        "evaluate", parents=[VERBOSITY], help="score a run's test split with its stored thresholds; writes metrics.json"
+    )
     p.add_argument("--run", required=True, help="run directory written by train")
     p.add_argument("--data", help="category folder (default: the one the run was trained on)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
@@ -151,15 +224,24 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", parents=[VERBOSITY],
-                       help="score images: JSON per image plus heatmap/mask/box overlays")
-    p.add_argument("--model", required=True, help="run directory written by train (torch), or an OpenVINO IR "
-                   "folder written by export (same scores, same post-processing)")
+    p = sub.add_parser(
+        "predict", parents=[VERBOSITY], help="score images: JSON per image plus heatmap/mask/box overlays"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run directory written by train (torch), or an OpenVINO IR "
+        "folder written by export (same scores, same post-processing)",
+    )
     p.add_argument("--out", required=True, help="folder for <name>.json, <name>_overlay.png, <name>_mask.png")
     p.add_argument("--task", choices=TASKS, default=DEFAULT_TASK)
     p.add_argument("--batch-size", type=int, default=8, help="images per inference call (default %(default)s)")
-    p.add_argument("--threads", type=int, help="inference threads (OpenVINO INFERENCE_NUM_THREADS, or torch "
-                   "threads for a run directory; default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="inference threads (OpenVINO INFERENCE_NUM_THREADS, or torch "
+        "threads for a run directory; default: all cores)",
+    )
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.set_defaults(func=cmd_predict)
 
@@ -182,7 +264,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", parents=[VERBOSITY],
+        "export",
+        parents=[VERBOSITY],
         help="export a run to an OpenVINO IR folder (fp32, fp16 or int8) that scores like torch",
         description="Convert a run directory's model with openvino.convert_model (no ONNX step) into IR_DIR: "
         "model.xml/.bin with input 'image' (float32 [N, 3, S, S], RGB / 255 ImageNet-normalised, dynamic batch) "
@@ -191,18 +274,28 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "AnomalyDetection wrapper loads it directly. Use it with `predict --model IR_DIR`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  distributed-anomaly export --run runs/tile_padim --out ir/tile_padim\n"
-        "  distributed-anomaly export --run runs/tile_stfpm --out ir/tile_stfpm_int8 --precision int8")
+        "  distributed-anomaly export --run runs/tile_stfpm --out ir/tile_stfpm_int8 --precision int8",
+    )
     p.add_argument("--run", required=True, help="run directory written by train")
     p.add_argument("--out", required=True, metavar="IR_DIR", help="folder to write (replaced if an earlier export)")
-    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                   help="fp32 (default; same maps as torch), fp16 (fp16 weights, half the size, maps within ~1%% "
-                   "of their range) or int8 (NNCF post-training quantization on the run's training images; "
-                   "image AUROC within 0.01)")
-    p.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES,
-                   help="int8: number of training images to calibrate on (default %(default)s)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="fp32 (default; same maps as torch), fp16 (fp16 weights, half the size, maps within ~1%% "
+        "of their range) or int8 (NNCF post-training quantization on the run's training images; "
+        "image AUROC within 0.01)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        help="int8: number of training images to calibrate on (default %(default)s)",
+    )
     p.add_argument("--data", help="int8: dataset folder for calibration (default: the one the run was trained on)")
-    p.add_argument("--task", choices=TASKS, default=DEFAULT_TASK,
-                   help="task recorded for OpenVINO Model API (default %(default)s)")
+    p.add_argument(
+        "--task", choices=TASKS, default=DEFAULT_TASK, help="task recorded for OpenVINO Model API (default %(default)s)"
+    )
     p.set_defaults(func=cmd_export)
 
 

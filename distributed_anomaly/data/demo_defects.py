@@ -3,7 +3,7 @@ the alpha touches, and every defect covers between MIN_DEFECT_FRACTION and MAX_D
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -26,8 +26,15 @@ MAX_DEFECT_FRACTION = 0.05
 # --------------------------------------------------------------------------- shapes
 
 
-def _blob(rng: np.random.Generator, size: int, center: np.ndarray, radius: float,
-          aspect: float = 1.0, feather: float = 1.0, wobble: float = 0.12) -> np.ndarray:
+def _blob(
+    rng: np.random.Generator,
+    size: int,
+    center: np.ndarray,
+    radius: float,
+    aspect: float = 1.0,
+    feather: float = 1.0,
+    wobble: float = 0.12,
+) -> np.ndarray:
     """Soft irregular blob: an ellipse whose radius is modulated by a few low-order harmonics."""
     yy, xx = grid(size)
     theta = rng.uniform(0, np.pi)
@@ -50,7 +57,7 @@ def _polyline_distance(points: np.ndarray, size: int, pad: float) -> np.ndarray:
     hi = np.clip(np.ceil(points.max(axis=0) + pad), 0, size - 1).astype(int)
     if np.any(hi < lo):
         return dist
-    ys, xs = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1].astype(np.float32)
+    ys, xs = np.mgrid[lo[1] : hi[1] + 1, lo[0] : hi[0] + 1].astype(np.float32)
     p = np.stack([xs.ravel(), ys.ravel()], axis=1)
     a, b = points[:-1].astype(np.float32), points[1:].astype(np.float32)
     ab = b - a
@@ -58,7 +65,7 @@ def _polyline_distance(points: np.ndarray, size: int, pad: float) -> np.ndarray:
     for ai, abi in zip(a, ab):
         t = np.clip(((p - ai) @ abi) / max(float(abi @ abi), 1e-6), 0.0, 1.0)
         best = np.minimum(best, np.hypot(*(p - ai - t[:, None] * abi).T))
-    dist[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = best.reshape(xs.shape)
+    dist[lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = best.reshape(xs.shape)
     return dist
 
 
@@ -89,8 +96,13 @@ def _crack_path(rng: np.random.Generator, start: np.ndarray, length: float, step
 # --------------------------------------------------------------------------- defects
 
 
-def _fit(rng: np.random.Generator, scene: Scene, make: Callable[[], np.ndarray],
-         allowed: np.ndarray | None = None, min_alpha: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+def _fit(
+    rng: np.random.Generator,
+    scene: Scene,
+    make: Callable[[], np.ndarray],
+    allowed: np.ndarray | None = None,
+    min_alpha: float = 0.4,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw shapes until one covers a realistic area of the allowed region; return (alpha, mask).
 
     The mask is the thresholded shape clipped to the region; the alpha is zero outside the mask
@@ -143,8 +155,15 @@ def _defect_oil(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     size = scene.size
 
     def make() -> np.ndarray:
-        return _blob(rng, size, _point_on(rng, scene.surface), rng.uniform(0.035, 0.08) * size,
-                     aspect=rng.uniform(1.0, 2.0), feather=0.02 * size, wobble=0.15)
+        return _blob(
+            rng,
+            size,
+            _point_on(rng, scene.surface),
+            rng.uniform(0.035, 0.08) * size,
+            aspect=rng.uniform(1.0, 2.0),
+            feather=0.02 * size,
+            wobble=0.15,
+        )
 
     alpha, mask = _fit(rng, scene, make, min_alpha=0.3)
     tint = np.array([0.72, 0.62, 0.42], np.float32) * rng.uniform(0.85, 1.0)
@@ -171,8 +190,15 @@ def _defect_rough(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     size = scene.size
 
     def make() -> np.ndarray:
-        return _blob(rng, size, _point_on(rng, scene.surface), rng.uniform(0.05, 0.1) * size,
-                     aspect=rng.uniform(1.0, 1.8), feather=0.015 * size, wobble=0.2)
+        return _blob(
+            rng,
+            size,
+            _point_on(rng, scene.surface),
+            rng.uniform(0.05, 0.1) * size,
+            aspect=rng.uniform(1.0, 1.8),
+            feather=0.015 * size,
+            wobble=0.2,
+        )
 
     alpha, mask = _fit(rng, scene, make, min_alpha=0.4)
     other = colourise_tile(sample_texture(rng, "grass", size, fov=0.3), 1.0, contrast=1.4)
@@ -207,8 +233,15 @@ def _defect_color(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     size = scene.size
 
     def make() -> np.ndarray:
-        return _blob(rng, size, _point_on(rng, scene.surface), rng.uniform(0.035, 0.07) * size,
-                     aspect=rng.uniform(1.0, 2.2), feather=0.02 * size, wobble=0.15)
+        return _blob(
+            rng,
+            size,
+            _point_on(rng, scene.surface),
+            rng.uniform(0.035, 0.07) * size,
+            aspect=rng.uniform(1.0, 2.2),
+            feather=0.02 * size,
+            wobble=0.15,
+        )
 
     alpha, mask = _fit(rng, scene, make, min_alpha=0.35)
     tint = _STAIN_TINTS[int(rng.integers(len(_STAIN_TINTS)))]
@@ -245,8 +278,15 @@ def _defect_contamination(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     size = scene.size
 
     def make() -> np.ndarray:
-        return _blob(rng, size, _point_on(rng, scene.surface), rng.uniform(0.025, 0.045) * size,
-                     aspect=rng.uniform(1.0, 2.5), feather=0.8, wobble=0.3)
+        return _blob(
+            rng,
+            size,
+            _point_on(rng, scene.surface),
+            rng.uniform(0.025, 0.045) * size,
+            aspect=rng.uniform(1.0, 2.5),
+            feather=0.8,
+            wobble=0.3,
+        )
 
     alpha, mask = _fit(rng, scene, make, min_alpha=0.6)
     dirt = sample_texture(rng, "gravel", size, fov=0.25)

@@ -11,9 +11,9 @@ split size or defect list never changes the other images.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import skimage.data
@@ -77,8 +77,9 @@ def _brushed(name: str) -> np.ndarray:
     return img
 
 
-def sample_texture(rng: np.random.Generator, name: str, size: int, fov: float = 0.55,
-                    max_rot_deg: float = 8.0, extra_blur: float = 0.0) -> np.ndarray:
+def sample_texture(
+    rng: np.random.Generator, name: str, size: int, fov: float = 0.55, max_rot_deg: float = 8.0, extra_blur: float = 0.0
+) -> np.ndarray:
     """A randomly posed crop (dihedral flip/rotation, small rotation, scale jitter) of a texture.
 
     The field of view is a fixed fraction of the photo, so smaller images are downscaled versions
@@ -136,8 +137,7 @@ def _render_tile(rng: np.random.Generator, size: int) -> Scene:
     brightness = rng.uniform(0.96, 1.04)
     fg = colourise_tile(tex, brightness) * rng.uniform(0.985, 1.015, size=3).astype(np.float32)
     ones = np.ones((size, size), np.float32)
-    return Scene(fg=fg.astype(np.float32), bg=np.zeros_like(fg, dtype=np.float32), cov=ones,
-                  surface=ones.astype(bool))
+    return Scene(fg=fg.astype(np.float32), bg=np.zeros_like(fg, dtype=np.float32), cov=ones, surface=ones.astype(bool))
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,13 @@ class _WasherPose:
 def _washer_pose(rng: np.random.Generator, size: int) -> _WasherPose:
     """Nearly fixed pose: a few pixels of shift and a few degrees of rotation, as in MVTec objects."""
     jitter = np.clip(rng.normal(0.0, 0.006 * size, size=2), -0.012 * size, 0.012 * size)
-    return _WasherPose(cx=(size - 1) / 2 + float(jitter[0]), cy=(size - 1) / 2 + float(jitter[1]),
-                       rot=float(np.deg2rad(rng.uniform(-4.0, 4.0))),
-                       r_out=0.37 * size * rng.uniform(0.995, 1.005), r_in=0.16 * size)
+    return _WasherPose(
+        cx=(size - 1) / 2 + float(jitter[0]),
+        cy=(size - 1) / 2 + float(jitter[1]),
+        rot=float(np.deg2rad(rng.uniform(-4.0, 4.0))),
+        r_out=0.37 * size * rng.uniform(0.995, 1.005),
+        r_in=0.16 * size,
+    )
 
 
 _LIGHT = np.array([-0.45, -0.6, 1.0], np.float32) / np.float32(np.linalg.norm([-0.45, -0.6, 1.0]))
@@ -174,7 +178,7 @@ def shadow(cov: np.ndarray) -> np.ndarray:
     size = cov.shape[0]
     shift = (max(1, round(0.018 * size)), max(1, round(0.014 * size)))
     moved = np.zeros_like(cov)
-    moved[shift[0]:, shift[1]:] = cov[:size - shift[0], :size - shift[1]]
+    moved[shift[0] :, shift[1] :] = cov[: size - shift[0], : size - shift[1]]
     return ndimage.gaussian_filter(moved, 0.02 * size, truncate=3.0)
 
 
@@ -217,8 +221,13 @@ def _render_washer(rng: np.random.Generator, size: int) -> Scene:
     bg = table * (1 - SHADOW_DEPTH * shadow(cov))[..., None]
 
     surface = ndimage.binary_erosion(cov >= 0.999, iterations=1)
-    return Scene(fg=fg.astype(np.float32), bg=bg.astype(np.float32), cov=cov.astype(np.float32),
-                  surface=surface, table=table.astype(np.float32))
+    return Scene(
+        fg=fg.astype(np.float32),
+        bg=bg.astype(np.float32),
+        cov=cov.astype(np.float32),
+        surface=surface,
+        table=table.astype(np.float32),
+    )
 
 
 RENDERERS: dict[str, Callable[[np.random.Generator, int], Scene]] = {

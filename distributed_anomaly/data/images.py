@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -94,8 +94,9 @@ def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: int) -> tor
     for i, img in enumerate(batch):
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
         if t.shape[1:] != (image_size, image_size):
-            t = F.interpolate(t[None], size=(image_size, image_size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
+            t = F.interpolate(
+                t[None], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
         out[i] = (t - mean) / std
     return out
 
@@ -127,5 +128,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
     pixels = np.zeros((len(paths), 3, image_size, image_size), dtype=np.float32)
     if images:
         pixels[ok] = to_tensor(images, image_size).numpy()
-    return {"idx": np.asarray(batch["idx"], dtype=np.int64), "pixels": pixels, "ok": ok,
-            "error": np.asarray(errors, dtype=str)}
+    return {
+        "idx": np.asarray(batch["idx"], dtype=np.int64),
+        "pixels": pixels,
+        "ok": ok,
+        "error": np.asarray(errors, dtype=str),
+    }

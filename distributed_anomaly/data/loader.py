@@ -7,8 +7,8 @@ dataset size.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,15 +23,18 @@ def load_batch(records: Sequence[Record], image_size: int) -> torch.Tensor:
     return to_tensor([read_image(r.path) for r in records], image_size)
 
 
-def iter_batches(records: Sequence[Record], image_size: int, batch_size: int,
-                 threads: int = 2) -> Iterator[tuple[Sequence[Record], torch.Tensor]]:
+def iter_batches(
+    records: Sequence[Record], image_size: int, batch_size: int, threads: int = 2
+) -> Iterator[tuple[Sequence[Record], torch.Tensor]]:
     """Yield (records, tensor) batches in order, preparing the next batch while the caller works."""
-    chunks = [records[i: i + batch_size] for i in range(0, len(records), batch_size)]
+    chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
+
         def submit(chunk: Sequence[Record]):
             return [pool.submit(read_image, r.path) for r in chunk]
+
         pending = submit(chunks[0])
         for i, chunk in enumerate(chunks):
             images = [f.result() for f in pending]
@@ -48,8 +51,10 @@ def load_masks(records: Sequence[Record], image_size: int) -> np.ndarray:
             mask = read_mask(r.mask_path)
             size = image_shape(r.path)
             if mask.shape != size:
-                raise DatasetLayoutError(f"mask {r.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                                         f"{r.path} is {size[1]}x{size[0]}")
+                raise DatasetLayoutError(
+                    f"mask {r.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                    f"{r.path} is {size[1]}x{size[0]}"
+                )
             out[i] = resize_mask(mask, image_size)
     return out
 
@@ -58,9 +63,17 @@ class Progress:
     """Progress of a pass over images on stderr (images done, images/s), through tqdm."""
 
     def __init__(self, total: int, what: str, enabled: bool = True, min_interval: float = 1.0) -> None:
-        self._bar = tqdm(total=total, desc=what, disable=not enabled, mininterval=min_interval, file=sys.stderr,
-                         unit=" images", bar_format="{desc}: {n}/{total} images, {rate_noinv_fmt}{postfix}",
-                         dynamic_ncols=True, leave=True)
+        self._bar = tqdm(
+            total=total,
+            desc=what,
+            disable=not enabled,
+            mininterval=min_interval,
+            file=sys.stderr,
+            unit=" images",
+            bar_format="{desc}: {n}/{total} images, {rate_noinv_fmt}{postfix}",
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     @property
     def done(self) -> int:

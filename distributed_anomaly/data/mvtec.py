@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from distributed_anomaly.data.images import is_image_file
 from distributed_anomaly.errors import DatasetLayoutError
@@ -56,8 +56,10 @@ def load_category(root: str | os.PathLike, *, require_test: bool = True) -> list
     if not root.is_dir():
         raise DatasetLayoutError(f"dataset folder {root} does not exist")
     category = root.name
-    records = [Record(str(p), "train", 0, GOOD, category)
-               for p in _require_images(root / "train" / GOOD, "normal training images")]
+    records = [
+        Record(str(p), "train", 0, GOOD, category)
+        for p in _require_images(root / "train" / GOOD, "normal training images")
+    ]
     test_dir = root / "test"
     if not test_dir.is_dir():
         if require_test:
@@ -85,7 +87,8 @@ def load_category(root: str | os.PathLike, *, require_test: bool = True) -> list
         if orphans:
             raise DatasetLayoutError(
                 f"mask {gt_dir / orphans[0]} has no image: expected {d / orphans[0].removesuffix('_mask.png')}.<ext>"
-                + (f" (and {len(orphans) - 1} more orphan masks)" if len(orphans) > 1 else ""))
+                + (f" (and {len(orphans) - 1} more orphan masks)" if len(orphans) > 1 else "")
+            )
     if gt_root.is_dir():
         for g in sorted(x for x in gt_root.iterdir() if x.is_dir()):
             if not (test_dir / g.name).is_dir():
@@ -103,7 +106,8 @@ def load_dataset(root: str | os.PathLike, *, require_test: bool = True) -> list[
     children = sorted(d for d in root.iterdir() if d.is_dir() and is_category_dir(d))
     if not children:
         raise DatasetLayoutError(
-            f"{root} is neither an MVTec category folder (with train/good and test/) nor a folder of them")
+            f"{root} is neither an MVTec category folder (with train/good and test/) nor a folder of them"
+        )
     return [r for c in children for r in load_category(c, require_test=require_test)]
 
 
@@ -121,12 +125,12 @@ def split_train_val(records: Sequence[Record], val_fraction: float, seed: int) -
     if n_val >= len(train):
         raise DatasetLayoutError(
             f"only {len(train)} training images: too few to hold out {val_fraction:.0%} for validation "
-            "(use --val-fraction 0 or add images)")
+            "(use --val-fraction 0 or add images)"
+        )
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
-    return ([r for i, r in enumerate(train) if i not in val_idx],
-            [r for i, r in enumerate(train) if i in val_idx])
+    return ([r for i, r in enumerate(train) if i not in val_idx], [r for i, r in enumerate(train) if i in val_idx])
 
 
 def records_of_split(records: Sequence[Record], split: str) -> list[Record]:

@@ -20,9 +20,10 @@ def paste_patches(image: np.ndarray, rng: np.random.Generator, n_patches: int = 
     for _ in range(n_patches):
         ph, pw = int(rng.integers(max(1, h // 16), max(2, h // 4))), int(rng.integers(max(1, w // 16), max(2, w // 4)))
         y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
-        out[y: y + ph, x: x + pw] = (rng.integers(0, 256, 3) if rng.random() < 0.5
-                                     else rng.integers(0, 256, (ph, pw, 3)))
-        mask[y: y + ph, x: x + pw] = True
+        out[y : y + ph, x : x + pw] = (
+            rng.integers(0, 256, 3) if rng.random() < 0.5 else rng.integers(0, 256, (ph, pw, 3))
+        )
+        mask[y : y + ph, x : x + pw] = True
     return out, mask
 
 
@@ -38,8 +39,9 @@ def _rect(rng: np.random.Generator, h: int, w: int, min_area: float, max_area: f
     return ph, pw
 
 
-def synthetic_anomaly(image: np.ndarray, rng: np.random.Generator,
-                      kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_anomaly(
+    image: np.ndarray, rng: np.random.Generator, kind: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic defect pasted into a normal RGB uint8 image; returns (image, bool mask of changed pixels).
 
     kinds (one drawn at random unless given):
@@ -62,9 +64,9 @@ def synthetic_anomaly(image: np.ndarray, rng: np.random.Generator,
             dy, dx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
             if abs(dy - sy) >= ph // 2 or abs(dx - sx) >= pw // 2:
                 break
-        patch = out[sy: sy + ph, sx: sx + pw] * rng.uniform(0.8, 1.2, 3).astype(np.float32)
-        out[dy: dy + ph, dx: dx + pw] = patch + rng.uniform(-20, 20)
-        mask[dy: dy + ph, dx: dx + pw] = True
+        patch = out[sy : sy + ph, sx : sx + pw] * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+        out[dy : dy + ph, dx : dx + pw] = patch + rng.uniform(-20, 20)
+        mask[dy : dy + ph, dx : dx + pw] = True
     elif kind == "scar":
         side = min(h, w)
         length = rng.uniform(0.1, 0.25) * side
@@ -73,8 +75,9 @@ def synthetic_anomaly(image: np.ndarray, rng: np.random.Generator,
         angle = rng.uniform(0, np.pi)
         d = np.array([np.cos(angle), np.sin(angle)]) * length / 2
         n = np.array([-np.sin(angle), np.cos(angle)]) * width / 2
-        corners = [(cx + sx * d[0] + sn * n[0], cy + sx * d[1] + sn * n[1]) for sx, sn in
-                   ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+        corners = [
+            (cx + sx * d[0] + sn * n[0], cy + sx * d[1] + sn * n[1]) for sx, sn in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+        ]
         canvas = Image.new("L", (w, h), 0)
         ImageDraw.Draw(canvas).polygon(corners, fill=255)
         mask = np.asarray(canvas) > 0
@@ -87,6 +90,6 @@ def synthetic_anomaly(image: np.ndarray, rng: np.random.Generator,
         y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
         fill = (rng.uniform(0, 255, 3) if rng.random() < 0.5 else rng.uniform(0, 255, (ph, pw, 3))).astype(np.float32)
         alpha = rng.uniform(0.5, 1.0)
-        out[y: y + ph, x: x + pw] = (1 - alpha) * out[y: y + ph, x: x + pw] + alpha * fill
-        mask[y: y + ph, x: x + pw] = True
+        out[y : y + ph, x : x + pw] = (1 - alpha) * out[y : y + ph, x : x + pw] + alpha * fill
+        mask[y : y + ph, x : x + pw] = True
     return np.clip(np.round(out), 0, 255).astype(np.uint8), mask

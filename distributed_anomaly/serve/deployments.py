@@ -95,8 +95,13 @@ def _assigned_cpus() -> float | None:
 class AnomalyModel:
     """Scores RGB images with the served OpenVINO IRs, in batches; returns the /predict JSON."""
 
-    async def __init__(self, models: Mapping[str, Mapping[str, Any]], max_batch_size: int = 8,
-                       batch_wait_timeout_s: float = 0.05, max_models_per_replica: int = 0) -> None:
+    async def __init__(
+        self,
+        models: Mapping[str, Mapping[str, Any]],
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.05,
+        max_models_per_replica: int = 0,
+    ) -> None:
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
         self.num_cpus = _assigned_cpus()
@@ -121,7 +126,8 @@ class AnomalyModel:
         entry = self.entries[resolve_model(name, self.names)]  # UnknownModel for a name not served
         loop = asyncio.get_running_loop()
         inferencer = await loop.run_in_executor(
-            self._pool, lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads))
+            self._pool, lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads)
+        )
         self._stats["compiled"].append(name)
         return inferencer
 
@@ -168,8 +174,13 @@ class AnomalyModel:
     async def stats(self) -> dict[str, Any]:
         """Batching and compilation counters of this replica, and the Serve settings it runs with (tests and
         diagnosis)."""
-        return {**self._stats, "num_cpus": self.num_cpus, "num_threads": self.num_threads, "pid": os.getpid(),
-                "serve_env": {k: os.environ.get(k) for k in REPLICA_ENV}}
+        return {
+            **self._stats,
+            "num_cpus": self.num_cpus,
+            "num_threads": self.num_threads,
+            "pid": os.getpid(),
+            "serve_env": {k: os.environ.get(k) for k in REPLICA_ENV},
+        }
 
 
 api = FastAPI(
@@ -189,22 +200,35 @@ _PREDICT_BODY = {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"},
-                               "task": {"type": "string", "enum": list(TASKS)},
-                               "model": {"type": "string"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "task": {"type": "string", "enum": list(TASKS)},
+                        "model": {"type": "string"},
+                    },
+                }
+            },
         },
     }
 }
 
-_ERROR_SCHEMA = {"content": {"application/json": {"schema": {
-    "type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}}}}
+_ERROR_SCHEMA = {
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
+        }
+    }
+}
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "score (normalised: threshold at 0.5), raw_score, label (1 anomalous, 0 normal, null "
-          "without thresholds), label_name, threshold (raw), model, version, width, height; boxes "
-          "[[x1, y1, x2, y2, score]] (x2, y2 exclusive) for detection and segmentation; mask (base64 PNG, "
-          "255 = anomalous, image size) for segmentation"},
+    200: {
+        "description": "score (normalised: threshold at 0.5), raw_score, label (1 anomalous, 0 normal, null "
+        "without thresholds), label_name, threshold (raw), model, version, width, height; boxes "
+        "[[x1, y1, x2, y2, score]] (x2, y2 exclusive) for detection and segmentation; mask (base64 PNG, "
+        "255 = anomalous, image size) for segmentation"
+    },
     400: {"description": "not an image, truncated, empty, bad task, or no model chosen", **_ERROR_SCHEMA},
     401: {"description": "API key missing or wrong", **_ERROR_SCHEMA},
     404: {"description": "unknown model name", **_ERROR_SCHEMA},
@@ -228,8 +252,11 @@ async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
 
 @api.exception_handler(StarletteHTTPException)
 async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail), "status": exc.status_code}, status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        {"error": str(exc.detail), "status": exc.status_code},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -237,16 +264,25 @@ async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSO
 class AnomalyIngress:
     """HTTP front: validation and decoding here, scoring in AnomalyModel (through its handle)."""
 
-    def __init__(self, model: DeploymentHandle, models: Mapping[str, Mapping[str, Any]],
-                 max_body_bytes: int, api_key: str | None = None, settings: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: DeploymentHandle,
+        models: Mapping[str, Mapping[str, Any]],
+        max_body_bytes: int,
+        api_key: str | None = None,
+        settings: dict | None = None,
+    ) -> None:
         self.model = model
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
         self.max_body_bytes = int(max_body_bytes)
         # An explicit key wins; else the replica's environment (e.g. runtime_env env_vars in a deploy config).
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
-        self.settings = {**(settings or {}), "max_body_bytes": self.max_body_bytes,
-                         "api_key_required": self.api_key is not None}
+        self.settings = {
+            **(settings or {}),
+            "max_body_bytes": self.max_body_bytes,
+            "api_key_required": self.api_key is not None,
+        }
         self._handles: dict[str, DeploymentHandle] = {}
 
     def _model_handle(self, name: str) -> DeploymentHandle:
@@ -270,8 +306,9 @@ class AnomalyIngress:
         try:
             await asyncio.wait_for(ping(), timeout=HEALTH_TIMEOUT_S)
         except Exception as exc:  # any failure to reach a model replica means "not ready"
-            return JSONResponse({"status": "unavailable", "error": f"model deployment: {type(exc).__name__}"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "error": f"model deployment: {type(exc).__name__}"}, status_code=503
+            )
         return JSONResponse({"status": "ok", "models": self.names})
 
     @api.get("/metadata", summary="served models: names, versions, backbones, thresholds, image sizes")
@@ -281,12 +318,15 @@ class AnomalyIngress:
 
     @api.post("/predict", summary="score one image", openapi_extra=_PREDICT_BODY, responses=_PREDICT_RESPONSES)
     async def predict_http(
-        self, request: Request,
+        self,
+        request: Request,
         task: str | None = Query(None, description=f"one of {', '.join(TASKS)} (default {DEFAULT_TASK})"),
-        model: str | None = Query(None, description="served model name (or header X-Model); optional when "
-                                     "one model is served"),
-        x_api_key: str | None = Header(None, description="API key, when the server requires one "
-                                          "(or Authorization: Bearer KEY)"),  # for the docs; read below
+        model: str | None = Query(
+            None, description="served model name (or header X-Model); optional when one model is served"
+        ),
+        x_api_key: str | None = Header(
+            None, description="API key, when the server requires one (or Authorization: Bearer KEY)"
+        ),  # for the docs; read below
     ) -> JSONResponse:
         check_api_key(self.api_key, request.headers)
         body = await self._read_body(request)
@@ -332,9 +372,14 @@ def build_app(config: AppConfig | Mapping[str, Any]):
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": runtime_env},
         max_ongoing_requests=max(32, 4 * cfg.max_batch_size),
     ).bind(models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica)
-    settings = {"replicas": cfg.replicas, "cpus_per_replica": cfg.cpus_per_replica,
-                "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                "version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    settings = {
+        "replicas": cfg.replicas,
+        "cpus_per_replica": cfg.cpus_per_replica,
+        "max_batch_size": cfg.max_batch_size,
+        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "version": __version__,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     ingress = AnomalyIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return ingress.bind(model, models, cfg.max_body_bytes, cfg.api_key, settings)
 

@@ -102,11 +102,14 @@ def _remote_entry(model_name: str, uri: str) -> ModelEntry:
 
 def _check_name(model_name: str, where: str, entries: Mapping[str, ModelEntry]) -> None:
     if not MODEL_NAME_RE.match(model_name):
-        raise UserError(f"model name {model_name!r} (from {where}) must be letters, digits, '_', '.' or '-' "
-                        "(name it with NAME=IR_DIR)")
+        raise UserError(
+            f"model name {model_name!r} (from {where}) must be letters, digits, '_', '.' or '-' "
+            "(name it with NAME=IR_DIR)"
+        )
     if model_name in entries:
-        raise UserError(f"two models are named {model_name!r} ({entries[model_name].path} and {where}); name one "
-                        "with NAME=IR_DIR")
+        raise UserError(
+            f"two models are named {model_name!r} ({entries[model_name].path} and {where}); name one with NAME=IR_DIR"
+        )
 
 
 def local_ir(path: str, version: str | None = None) -> Path:

@@ -73,8 +73,10 @@ def resolve_model(requested: str | None, names: Sequence[str]) -> str:
         return requested
     if len(names) == 1:
         return names[0]
-    raise BadRequest(f"{len(names)} models are served; choose one with ?model=NAME or the header "
-                     f"X-Model: NAME (one of: {', '.join(names)})")
+    raise BadRequest(
+        f"{len(names)} models are served; choose one with ?model=NAME or the header "
+        f"X-Model: NAME (one of: {', '.join(names)})"
+    )
 
 
 def model_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> str | None:
@@ -147,8 +149,11 @@ def parse_body(body: bytes, content_type: str | None) -> Upload:
     if not named and not with_filename:
         raise BadRequest("the multipart form has no file part: send the image as the field 'file'")
     chosen = (named or with_filename)[0]
-    fields = {p[0]: p[2].decode("utf-8", errors="replace") for i, p in enumerate(parts)
-              if i != chosen and p[0] and p[1] is None}
+    fields = {
+        p[0]: p[2].decode("utf-8", errors="replace")
+        for i, p in enumerate(parts)
+        if i != chosen and p[0] and p[1] is None
+    }
     name, filename, data = parts[chosen]
     if not data:
         raise BadRequest(f"the uploaded file {filename or name!r} is empty (zero bytes)")
@@ -179,12 +184,22 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[str | None, str
     def on_part_end() -> None:
         _, disp = parse_options_header(state["headers"].get("content-disposition", ""))
         name, filename = disp.get(b"name"), disp.get(b"filename")
-        parts.append((name.decode("utf-8", "replace") if name is not None else None,
-                      filename.decode("utf-8", "replace") if filename is not None else None,
-                      b"".join(state["data"])))
+        parts.append(
+            (
+                name.decode("utf-8", "replace") if name is not None else None,
+                filename.decode("utf-8", "replace") if filename is not None else None,
+                b"".join(state["data"]),
+            )
+        )
 
-    callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
-                     on_header_end=on_header_end, on_part_data=on_part_data, on_part_end=on_part_end)
+    callbacks = dict(
+        on_part_begin=on_part_begin,
+        on_header_field=on_header_field,
+        on_header_value=on_header_value,
+        on_header_end=on_header_end,
+        on_part_data=on_part_data,
+        on_part_end=on_part_end,
+    )
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     try:
         parser.write(body)

@@ -57,5 +57,9 @@ def prediction_response(pred, task: str, entry: ModelEntry, image_shape: tuple[i
 
 
 def metadata_response(entries: Mapping[str, ModelEntry], settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"models": [e.describe() for e in entries.values()], "tasks": list(TASKS),
-            "default_model": next(iter(entries)) if len(entries) == 1 else None, **settings}
+    return {
+        "models": [e.describe() for e in entries.values()],
+        "tasks": list(TASKS),
+        "default_model": next(iter(entries)) if len(entries) == 1 else None,
+        **settings,
+    }

@@ -40,8 +40,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server using "
-                            "the port? choose another with --port)") from None
+            raise UserError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server using "
+                "the port? choose another with --port)"
+            ) from None
 
 
 def wait_until_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
@@ -59,8 +61,10 @@ def wait_until_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str
         except (urllib.error.URLError, OSError) as exc:
             last = str(getattr(exc, "reason", exc))
         time.sleep(0.25)
-    raise UserError(f"the server did not become healthy at {url}/healthz within {timeout_s:.0f} s ({last}); "
-                    "see `serve status` and the Ray logs")
+    raise UserError(
+        f"the server did not become healthy at {url}/healthz within {timeout_s:.0f} s ({last}); "
+        "see `serve status` and the Ray logs"
+    )
 
 
 @dataclass
@@ -104,9 +108,16 @@ def _serve_client():
         return None
 
 
-def start_server(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-                 app_name: str | None = None, num_cpus: int | None = None,
-                 ready_timeout_s: float = READY_TIMEOUT_S, proxy_location: str | None = None) -> RunningServer:
+def start_server(
+    config: AppConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    app_name: str | None = None,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    proxy_location: str | None = None,
+) -> RunningServer:
     """Deploy the application and return once it answers over HTTP (see the module docstring).
 
     proxy_location (when this call starts Serve): "EveryNode" (Serve's default: an HTTP proxy on every node),
@@ -129,30 +140,32 @@ def start_server(config: AppConfig, host: str = "127.0.0.1", port: int = 8000, a
         need = config.replicas * config.cpus_per_replica
         have = float(ray.cluster_resources().get("CPU", 0.0))
         if need > have and local:
-            raise UserError(f"{config.replicas} replica(s) x {config.cpus_per_replica:g} CPUs need {need:g} CPUs, "
-                            f"but this Ray has {have:g}: lower --replicas or --cpus-per-replica")
+            raise UserError(
+                f"{config.replicas} replica(s) x {config.cpus_per_replica:g} CPUs need {need:g} CPUs, "
+                f"but this Ray has {have:g}: lower --replicas or --cpus-per-replica"
+            )
         client = _serve_client()
         if client is None:
             if local:  # on a cluster the proxies run on its nodes, not necessarily on this machine
                 check_port_free(host, port)
-            serve.start(http_options={"host": host, "port": port},
-                        **({"proxy_location": proxy_location} if proxy_location else {}))
+            serve.start(
+                http_options={"host": host, "port": port},
+                **({"proxy_location": proxy_location} if proxy_location else {}),
+            )
             started_serve = True
         else:  # Serve already runs on this cluster: its proxy (and its host/port) serve our app too
             host, port = client.http_config.host, client.http_config.port
         handle = serve.run(application, name=app_name, route_prefix="/")
         url = f"http://{display_host(host)}:{port}"
         health = wait_until_healthy(url, ready_timeout_s)
-        return RunningServer(url, app_name, handle, list(health.get("models", [])), started_ray, started_serve,
-                             local)
+        return RunningServer(url, app_name, handle, list(health.get("models", [])), started_ray, started_serve, local)
     except BaseException:
         if started_serve or started_ray:
             _teardown(app_name, started_ray, started_serve, local)  # the app may be half deployed: delete it too
         raise
 
 
-def serve_forever(config: AppConfig, host: str, port: int, address: str | None = None,
-                  out: TextIO = sys.stdout) -> int:
+def serve_forever(config: AppConfig, host: str, port: int, address: str | None = None, out: TextIO = sys.stdout) -> int:
     """`distributed-anomaly serve`: start, print the URL, block until Ctrl-C or SIGTERM, then stop cleanly."""
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -164,17 +177,23 @@ def serve_forever(config: AppConfig, host: str, port: int, address: str | None =
         server = start_server(config, host, port, address)
         try:
             if not server.started_serve:
-                where = " (Serve was already running on this cluster: its proxy serves this app; --host and " \
-                        "--port do not apply)"
+                where = (
+                    " (Serve was already running on this cluster: its proxy serves this app; --host and "
+                    "--port do not apply)"
+                )
             else:
                 where = f" (listening on {host}:{port})" if display_host(host) != host else ""
             auth = "; requests need the API key" if config.api_key else ""
-            print(f"serving {len(server.models)} model(s): {', '.join(server.models)}{auth}\n"
-                  f"  URL      {server.url}{where}\n"
-                  f"  predict  curl -s --data-binary @image.png '{server.url}/predict?task=segmentation"
-                  f"{'&model=' + server.models[0] if len(server.models) > 1 else ''}'\n"
-                  f"  docs     {server.url}/docs    health {server.url}/healthz    models {server.url}/metadata\n"
-                  "Ctrl-C to stop", file=out, flush=True)
+            print(
+                f"serving {len(server.models)} model(s): {', '.join(server.models)}{auth}\n"
+                f"  URL      {server.url}{where}\n"
+                f"  predict  curl -s --data-binary @image.png '{server.url}/predict?task=segmentation"
+                f"{'&model=' + server.models[0] if len(server.models) > 1 else ''}'\n"
+                f"  docs     {server.url}/docs    health {server.url}/healthz    models {server.url}/metadata\n"
+                "Ctrl-C to stop",
+                file=out,
+                flush=True,
+            )
             while True:
                 time.sleep(1.0)
         except KeyboardInterrupt:

@@ -42,8 +42,14 @@ class AppConfig:
         if not models:
             raise UserError("the application needs models: a list of IR folders (or `models=a,b` on `serve run`)")
         cfg = cls([str(m).strip() for m in models])
-        for name, kind in (("replicas", int), ("cpus_per_replica", float), ("max_batch_size", int),
-                           ("batch_wait_timeout_s", float), ("max_body_bytes", int), ("max_models_per_replica", int)):
+        for name, kind in (
+            ("replicas", int),
+            ("cpus_per_replica", float),
+            ("max_batch_size", int),
+            ("batch_wait_timeout_s", float),
+            ("max_body_bytes", int),
+            ("max_models_per_replica", int),
+        ):
             if args.get(name) is not None:
                 try:
                     setattr(cfg, name, kind(args[name]))
@@ -56,12 +62,14 @@ class AppConfig:
         return cfg
 
     def validate(self) -> None:
-        checks = ((self.replicas >= 1, "replicas must be >= 1"),
-                  (self.cpus_per_replica > 0, "cpus_per_replica must be > 0"),
-                  (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
-                  (self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0"),
-                  (self.max_body_bytes >= 1, "max_body_bytes must be >= 1"),
-                  (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"))
+        checks = (
+            (self.replicas >= 1, "replicas must be >= 1"),
+            (self.cpus_per_replica > 0, "cpus_per_replica must be > 0"),
+            (self.max_batch_size >= 1, "max_batch_size must be >= 1"),
+            (self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0"),
+            (self.max_body_bytes >= 1, "max_body_bytes must be >= 1"),
+            (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"),
+        )
         for ok, message in checks:
             if not ok:
                 raise UserError(message)

@@ -36,14 +36,20 @@ def plan_budget(cluster_cpus: float, workers: int, models: set[str], requested: 
     """How many trials may run at once so that every running trial's fit can be scheduled."""
     per_trial = TRIAL_DRIVER_CPUS + max(fit_cpus(m, workers) for m in models)
     if cluster_cpus < per_trial:
-        raise UserError(f"the Ray cluster has {cluster_cpus:g} logical CPUs; one trial needs {per_trial:g} "
-                        f"({TRIAL_DRIVER_CPUS:g} for the trial, the rest for its {workers} worker(s) and decoding): "
-                        "use fewer --workers or a bigger cluster")
+        raise UserError(
+            f"the Ray cluster has {cluster_cpus:g} logical CPUs; one trial needs {per_trial:g} "
+            f"({TRIAL_DRIVER_CPUS:g} for the trial, the rest for its {workers} worker(s) and decoding): "
+            "use fewer --workers or a bigger cluster"
+        )
     fits = int(cluster_cpus // per_trial)
     if requested is None:
         return Budget(cluster_cpus, per_trial, fits)
     if requested > fits:
-        return Budget(cluster_cpus, per_trial, fits,
-                      f"--max-concurrent {requested} lowered to {fits}: {fits} trials x {per_trial:g} CPUs fill the "
-                      f"cluster's {cluster_cpus:g}; more would wait for CPUs their own drivers hold")
+        return Budget(
+            cluster_cpus,
+            per_trial,
+            fits,
+            f"--max-concurrent {requested} lowered to {fits}: {fits} trials x {per_trial:g} CPUs fill the "
+            f"cluster's {cluster_cpus:g}; more would wait for CPUs their own drivers hold",
+        )
     return Budget(cluster_cpus, per_trial, requested)

@@ -18,8 +18,8 @@ import copy
 import functools
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,10 @@ def resolve_objective(requested: str, test: Sequence[Record]) -> str:
     if requested not in OBJECTIVES:
         raise UserError(f"unknown objective {requested!r}; choose auto, {', '.join(OBJECTIVES)}")
     if requested == "val_auroc" and not has_labels:
-        raise UserError("--objective val_auroc needs labelled anomalies (test/<defect> with masks); this dataset "
-                        "has none: use --objective synthetic_auroc")
+        raise UserError(
+            "--objective val_auroc needs labelled anomalies (test/<defect> with masks); this dataset "
+            "has none: use --objective synthetic_auroc"
+        )
     return requested
 
 
@@ -91,16 +93,17 @@ def _device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def score_images(model: torch.nn.Module, images: Sequence[np.ndarray], image_size: int,
-                 batch_size: int = 32) -> np.ndarray:
+def score_images(
+    model: torch.nn.Module, images: Sequence[np.ndarray], image_size: int, batch_size: int = 32
+) -> np.ndarray:
     """(N, S, S) raw anomaly maps of RGB uint8 arrays, on the model's device (CPU or a Ray Train worker's GPU)."""
     device = _device(model)
     out = np.empty((len(images), image_size, image_size), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = to_tensor(list(images[i: i + batch_size]), image_size).to(device)
-            out[i: i + len(x)] = model(x)[:, 0].float().cpu().numpy()
+            x = to_tensor(list(images[i : i + batch_size]), image_size).to(device)
+            out[i : i + len(x)] = model(x)[:, 0].float().cpu().numpy()
     return out
 
 
@@ -141,12 +144,18 @@ def _inputs(data: ObjectiveData, size: int) -> dict[str, tuple[list[np.ndarray],
     once per process and image size, not again after every STFPM epoch (only the model changes)."""
     out = {}
     if data.labelled:
-        out["val"] = ([read_image(r.path) for r in data.labelled],
-                      np.array([r.label for r in data.labelled], dtype=bool), load_masks(data.labelled, size))
+        out["val"] = (
+            [read_image(r.path) for r in data.labelled],
+            np.array([r.label for r in data.labelled], dtype=bool),
+            load_masks(data.labelled, size),
+        )
     if data.normals:
         items = list(synthetic_images(data.normals, data.copies, data.seed))
-        out["synthetic"] = ([im for im, _, _ in items], np.array([lab for _, _, lab in items], dtype=bool),
-                            np.stack([resize_mask(m, size) for _, m, _ in items]))
+        out["synthetic"] = (
+            [im for im, _, _ in items],
+            np.array([lab for _, _, lab in items], dtype=bool),
+            np.stack([resize_mask(m, size) for _, m, _ in items]),
+        )
     return out
 
 
@@ -169,8 +178,14 @@ class EpochObjective:
     def __call__(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
         scored = copy.deepcopy(model)
         if self.bn_recompute:
-            engine.recompute_batchnorm(scored, list(self.bn_records), self.batch_size, self.seed,
-                                       max_images=EPOCH_BN_IMAGES, device=_device(scored))
+            engine.recompute_batchnorm(
+                scored,
+                list(self.bn_records),
+                self.batch_size,
+                self.seed,
+                max_images=EPOCH_BN_IMAGES,
+                device=_device(scored),
+            )
         values = self.data.evaluate(scored, self.batch_size)
         out = {k: v for k, v in values.items() if v is not None}
         if values.get(self.objective) is not None:

@@ -14,11 +14,13 @@ Plots are drawn with matplotlib on the Agg canvas (htmlpage.fig_img), never pypl
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +69,16 @@ def _objective_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str 
         for model, color in MODEL_COLORS.items():
             pts = [r for r in done if r["status"] == status and r.get("model") == model]
             if pts:
-                ax.scatter([(r["finished_at"] - t0) / 60 for r in pts], [r["objective"] for r in pts], s=46,
-                           facecolors=color if filled else "none", edgecolors=color, linewidths=1.5, zorder=3,
-                           label=f"{model} ({status})")
+                ax.scatter(
+                    [(r["finished_at"] - t0) / 60 for r in pts],
+                    [r["objective"] for r in pts],
+                    s=46,
+                    facecolors=color if filled else "none",
+                    edgecolors=color,
+                    linewidths=1.5,
+                    zorder=3,
+                    label=f"{model} ({status})",
+                )
     completed = sorted((r for r in done if r["status"] == "completed"), key=lambda r: r["finished_at"])
     if completed:
         xs, best = [], []
@@ -100,11 +109,14 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
         key = "objective" if name == objective else name
         vals = [r.get(key) for r in done if r.get(key) is not None]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
-        if numeric and len(set(vals)) > 2 or name == objective:
+        if (numeric and len(set(vals)) > 2) or name == objective:
             lo, hi = min(vals), max(vals)
             log = lo > 0 and hi / lo > 10 and name != objective
-            f = (lambda v, lo=lo, hi=hi, log=log: 0.5 if hi == lo else
-                 ((math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo)) if log else (v - lo) / (hi - lo)))
+            f = lambda v, lo=lo, hi=hi, log=log: (
+                0.5
+                if hi == lo
+                else ((math.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo)) if log else (v - lo) / (hi - lo))
+            )
             ticks = [(0.0 if hi != lo else 0.5, lo), (1.0, hi)] if hi != lo else [(0.5, lo)]
         else:
             cats = sorted(set(vals), key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
@@ -124,7 +136,7 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
     for r, o in zip(done, objs):
         pts = [(i, p["f"](r.get(p["key"]))) if r.get(p["key"]) is not None else None for i, p in enumerate(positions)]
         c = cmap(0.5 if hi == lo else (o - lo) / (hi - lo))
-        for a, b in zip(pts, pts[1:]):
+        for a, b in itertools.pairwise(pts):
             if a is not None and b is not None:
                 segments.append([a, b])
                 colors.append(c)
@@ -134,11 +146,18 @@ def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str |
         ax.axvline(i, color="#adb5bd", linewidth=1)
         for y, label in p["ticks"]:
             text = f"{label:.3g}" if isinstance(label, float) else str(label)
-            ax.text(i + 0.04, y, text.replace(",", ",\n") if len(text) > 18 else text, fontsize=7.5,
-                    va="center", ha="left", color="#495057")
+            ax.text(
+                i + 0.04,
+                y,
+                text.replace(",", ",\n") if len(text) > 18 else text,
+                fontsize=7.5,
+                va="center",
+                ha="left",
+                color="#495057",
+            )
     ax.set_xlim(-0.2, len(positions) - 1 + 0.7)
     ax.set_ylim(-0.08, 1.08)
-    ax.set_xticks(range(len(positions)), [n for n in axes_names], fontsize=9)
+    ax.set_xticks(range(len(positions)), list(axes_names), fontsize=9)
     ax.set_yticks([])
     ax.spines[["left"]].set_visible(False)
     return fig_img(fig, "parallel coordinates of the trials' parameters and objective")
@@ -155,26 +174,33 @@ def _importance_figure(importances: Mapping[str, float]) -> str:
 def _trials_table(rows: Sequence[Mapping[str, Any]], objective: str) -> str:
     cols = R.display_columns(objective)
     cols = [c for c in cols if c in ("rank", "trial", "status") or any(r.get(c) not in (None, "") for r in rows)]
-    head = "".join(f"<th class=\"{'num' if c not in ('trial', 'status', 'model', 'backbone', 'layers') else ''}\">"
-                   f"{esc(objective if c == 'objective' else c.replace('_', ' '))}</th>" for c in cols)
+    head = "".join(
+        f'<th class="{"num" if c not in ("trial", "status", "model", "backbone", "layers") else ""}">'
+        f"{esc(objective if c == 'objective' else c.replace('_', ' '))}</th>"
+        for c in cols
+    )
     body = []
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
             if c == "status":
-                cells.append(f"<td><span class=\"status\" style=\"background:{STATUS_COLORS.get(v, '#868e96')}\">"
-                             f"{esc(v)}</span></td>")
+                cells.append(
+                    f'<td><span class="status" style="background:{STATUS_COLORS.get(v, "#868e96")}">'
+                    f"{esc(v)}</span></td>"
+                )
             elif c in ("trial", "model", "backbone", "layers"):
                 cells.append(f"<td>{esc(v) if v is not None else '—'}</td>")
             else:
-                cells.append(f"<td class=\"num\">{_num(v)}</td>")
-        cls = " class=\"best\"" if r.get("rank") == 1 and r.get("status") == "completed" else ""
-        body.append(f"<tr{cls} data-trial=\"{esc(r.get('trial'))}\">{''.join(cells)}</tr>")
+                cells.append(f'<td class="num">{_num(v)}</td>')
+        cls = ' class="best"' if r.get("rank") == 1 and r.get("status") == "completed" else ""
+        body.append(f'<tr{cls} data-trial="{esc(r.get("trial"))}">{"".join(cells)}</tr>')
         if r.get("error"):
-            body.append(f"<tr><td></td><td class=\"err\" colspan=\"{len(cols) - 1}\">{esc(r['error'])}</td></tr>")
-    return (f"<div class=\"scroll\"><table class=\"trials\"><thead><tr>{head}</tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table></div>")
+            body.append(f'<tr><td></td><td class="err" colspan="{len(cols) - 1}">{esc(r["error"])}</td></tr>')
+    return (
+        f'<div class="scroll"><table class="trials"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _summary_html(out: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
@@ -183,62 +209,103 @@ def _summary_html(out: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping
     n = R.counts(rows)
     best = summary.get("best")
     held = summary.get("heldout_metrics") or {}
-    cards = [card("trials", f"{n['completed']}/{len(rows)}", f"completed; {n['pruned']} pruned, {n['failed']} failed"
-                  + (f", {n['interrupted']} interrupted" if n["interrupted"] else ""), raw_value=True),
-             card(f"best {objective}", _num(best.get("objective")) if best else "—",
-                  f"trial {best['trial']}" if best else "no completed trial", "good" if best else "bad",
-                  raw_value=True)]
+    cards = [
+        card(
+            "trials",
+            f"{n['completed']}/{len(rows)}",
+            f"completed; {n['pruned']} pruned, {n['failed']} failed"
+            + (f", {n['interrupted']} interrupted" if n["interrupted"] else ""),
+            raw_value=True,
+        ),
+        card(
+            f"best {objective}",
+            _num(best.get("objective")) if best else "—",
+            f"trial {best['trial']}" if best else "no completed trial",
+            "good" if best else "bad",
+            raw_value=True,
+        ),
+    ]
     if held:
-        cards += [card("held-out image AUROC", _num(held.get("image_auroc")), f"{held.get('num_test_images')} images",
-                       raw_value=True),
-                  card("held-out pixel AUROC", _num(held.get("pixel_auroc")), raw_value=True),
-                  card("held-out AUPRO", _num(held.get("aupro")), raw_value=True)]
+        cards += [
+            card(
+                "held-out image AUROC",
+                _num(held.get("image_auroc")),
+                f"{held.get('num_test_images')} images",
+                raw_value=True,
+            ),
+            card("held-out pixel AUROC", _num(held.get("pixel_auroc")), raw_value=True),
+            card("held-out AUPRO", _num(held.get("aupro")), raw_value=True),
+        ]
     lines = []
     if best:
         params = ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial", "optuna_trial", "objective"))
-        lines.append(f"<p>Best trial <b>{esc(best['trial'])}</b> (Optuna trial {esc(best.get('optuna_trial'))}): "
-                     f"{esc(params)}. Its run directory is <code>best/</code>"
-                     + (", scored once on the held-out part of the test split." if held else ".") + "</p>")
+        lines.append(
+            f"<p>Best trial <b>{esc(best['trial'])}</b> (Optuna trial {esc(best.get('optuna_trial'))}): "
+            f"{esc(params)}. Its run directory is <code>best/</code>"
+            + (", scored once on the held-out part of the test split." if held else ".")
+            + "</p>"
+        )
         if (out / BEST_REPORT).is_file():
-            lines.append(f"<a class=\"button\" id=\"best-report\" href=\"{BEST_REPORT}\">Evaluation report of the best "
-                         "trial</a>")
+            lines.append(
+                f'<a class="button" id="best-report" href="{BEST_REPORT}">Evaluation report of the best trial</a>'
+            )
         else:
-            lines.append("<p class=\"missing\">No evaluation report for the best trial: the dataset has no test "
-                         "images to score it on.</p>")
+            lines.append(
+                '<p class="missing">No evaluation report for the best trial: the dataset has no test '
+                "images to score it on.</p>"
+            )
     elif summary.get("interrupted"):
-        lines.append("<p class=\"missing\">The search was interrupted: continue it with <code>tune --out "
-                     f"{esc(out)} --resume</code>; the best trial is chosen when it ends.</p>")
+        lines.append(
+            '<p class="missing">The search was interrupted: continue it with <code>tune --out '
+            f"{esc(out)} --resume</code>; the best trial is chosen when it ends.</p>"
+        )
     else:
-        lines.append("<p class=\"missing\">No trial completed, so there is no best model.</p>")
+        lines.append('<p class="missing">No trial completed, so there is no best model.</p>')
     reasons = R.failure_reasons(rows)
     if reasons:
         items = "".join(f"<li>{k} failed: {esc(why)}</li>" for why, k in reasons)
-        lines.append(f"<ul class=\"notes\">{items}</ul>")
-    return f"<div class=\"cards\">{''.join(cards)}</div>{''.join(lines)}"
+        lines.append(f'<ul class="notes">{items}</ul>')
+    return f'<div class="cards">{"".join(cards)}</div>{"".join(lines)}'
 
 
 def _meta_html(request: Any, space: Any, summary: Mapping[str, Any]) -> str:
     space_text = request.space_file + (f" — {space.description}" if space.description else "")
-    meta = [("data", request.data), ("space", space_text), ("objective", summary["objective"]),
-            ("trials", request.samples), ("fixed by --fix", ", ".join(request.fixes) or "—"),
-            ("workers per trial", request.workers), ("seed", request.seed),
-            ("search time", f"{summary.get('seconds', 0) / 60:.1f} min")]
+    meta = [
+        ("data", request.data),
+        ("space", space_text),
+        ("objective", summary["objective"]),
+        ("trials", request.samples),
+        ("fixed by --fix", ", ".join(request.fixes) or "—"),
+        ("workers per trial", request.workers),
+        ("seed", request.seed),
+        ("search time", f"{summary.get('seconds', 0) / 60:.1f} min"),
+    ]
     return "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in meta)
 
 
-def write_tune_report(out: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, request: Any, space: Any,
-                      summary: Mapping[str, Any], importances: Mapping[str, float] | None = None,
-                      importance_note: str = "") -> Path:
+def write_tune_report(
+    out: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    request: Any,
+    space: Any,
+    summary: Mapping[str, Any],
+    importances: Mapping[str, float] | None = None,
+    importance_note: str = "",
+) -> Path:
     """Write TUNE_DIR/report.html from the results rows (tuning.results) and the search summary."""
     out = Path(out)
     objective = summary["objective"]
-    progress = _objective_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
-    parallel = _parallel_figure(rows, objective) or "<p class=\"missing\">No trial reported an objective yet.</p>"
-    importance = (_importance_figure(importances) if importances else
-                  f"<p class=\"missing\">{esc(importance_note or 'not computed')}.</p>")
+    progress = _objective_figure(rows, objective) or '<p class="missing">No trial reported an objective yet.</p>'
+    parallel = _parallel_figure(rows, objective) or '<p class="missing">No trial reported an objective yet.</p>'
+    importance = (
+        _importance_figure(importances)
+        if importances
+        else f'<p class="missing">{esc(importance_note or "not computed")}.</p>'
+    )
     space_items = "".join(f"<li><code>{esc(k)}</code>: fixed {esc(v)}</li>" for k, v in space.fixed.items())
     space_items += "".join(f"<li><code>{esc(d.name)}</code>: {esc(d.describe())}</li>" for d in space.dimensions)
-    nav = "".join(f"<a href=\"#{s}\">{esc(s.capitalize())}</a>" for s in SECTIONS)
+    nav = "".join(f'<a href="#{s}">{esc(s.capitalize())}</a>' for s in SECTIONS)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -260,7 +327,8 @@ stopped early); the line is the best so far.</p>{progress}</section>
 <section id="parameters"><h2>Parallel coordinates</h2><p class="lead">One line per trial through its parameter values to
 its {esc(objective)}; colour from low (purple) to high (yellow), the best trial thicker.</p>{parallel}</section>
 <section id="importance"><h2>Parameter importance</h2>{
-    f'<p class="lead">{esc(importance_note)}.</p>' if importances else ''}{importance}</section>
+        f'<p class="lead">{esc(importance_note)}.</p>' if importances else ""
+    }{importance}</section>
 <section id="space"><h2>Search space</h2><ul class="space">{space_items}</ul></section>
 <footer>distributed_anomaly {esc(__version__)} · generated {esc(generated)} · self-contained file, no network needed
 </footer>

@@ -4,9 +4,10 @@ files it writes. Torch- and Ray-free: the command line reads its defaults from T
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from distributed_anomaly import storage
 from distributed_anomaly.errors import UserError
@@ -14,7 +15,14 @@ from distributed_anomaly.tuning.space import SearchSpace
 from distributed_anomaly.tuning.space_file import parse_space
 
 REQUEST, STUDY_DB, EXPERIMENT, RESULTS_CSV, SUMMARY, REPORT, BEST = (
-    "request.json", "study.db", "search", "results.csv", "summary.json", "report.html", "best")
+    "request.json",
+    "study.db",
+    "search",
+    "results.csv",
+    "summary.json",
+    "report.html",
+    "best",
+)
 SEARCH_METRICS = "search_metrics.json"  # in each trial's run directory: the objective values it reached
 TUNE_INFO = "tune.json"  # in best/: which trial, why, on which images
 STUDY_NAME = "distributed-anomaly"
@@ -54,8 +62,10 @@ class TuneRequest:
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise UserError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in (0, 1) for a search: the held-out normal images calibrate "
-                            f"the thresholds and carry the synthetic defects; got {self.val_fraction}")
+            raise UserError(
+                f"--val-fraction must be in (0, 1) for a search: the held-out normal images calibrate "
+                f"the thresholds and carry the synthetic defects; got {self.val_fraction}"
+            )
         if self.objective not in ("auto", *OBJECTIVES):
             raise UserError(f"unknown objective {self.objective!r}; choose auto, {', '.join(OBJECTIVES)}")
         if self.synthetic_copies < 1:
@@ -72,7 +82,7 @@ class TuneRequest:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TuneRequest":
+    def from_dict(cls, d: Mapping[str, Any]) -> TuneRequest:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

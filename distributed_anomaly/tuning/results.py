@@ -9,8 +9,9 @@ import csv
 import io
 import os
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from distributed_anomaly.fileio import write_bytes
 
@@ -22,10 +23,32 @@ METRIC_COLUMNS = ("val_auroc", "synthetic_auroc", "val_pixel_auroc", "synthetic_
 def display_columns(objective: str) -> list[str]:
     """Table order for people: the objective, the other image-level objective, the parameters, then the rest."""
     other = [c for c in ("val_auroc", "synthetic_auroc") if c != objective]
-    return ["rank", "trial", "status", "objective", *other, *PARAM_COLUMNS, "val_pixel_auroc",
-            "synthetic_pixel_auroc", "epochs_run", "seconds"]
-COLUMNS = ("rank", "trial", "optuna_trial", "status", "objective", *METRIC_COLUMNS, *PARAM_COLUMNS,
-           "epochs_run", "seconds", "error")
+    return [
+        "rank",
+        "trial",
+        "status",
+        "objective",
+        *other,
+        *PARAM_COLUMNS,
+        "val_pixel_auroc",
+        "synthetic_pixel_auroc",
+        "epochs_run",
+        "seconds",
+    ]
+
+
+COLUMNS = (
+    "rank",
+    "trial",
+    "optuna_trial",
+    "status",
+    "objective",
+    *METRIC_COLUMNS,
+    *PARAM_COLUMNS,
+    "epochs_run",
+    "seconds",
+    "error",
+)
 
 
 def sort_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -34,8 +57,13 @@ def sort_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     def key(r: Mapping[str, Any]) -> tuple:
         obj = r.get("objective")
-        return (order.get(r.get("status"), len(order)), obj is None, -(obj or 0.0), r.get("optuna_trial") or 0,
-                str(r.get("trial")))
+        return (
+            order.get(r.get("status"), len(order)),
+            obj is None,
+            -(obj or 0.0),
+            r.get("optuna_trial") or 0,
+            str(r.get("trial")),
+        )
 
     out = [dict(r) for r in sorted(rows, key=key)]
     for i, r in enumerate(out, 1):

@@ -22,6 +22,7 @@ TUNE_DIR keeps request.json and study.db (SQLite needs a local disk) and a copy 
 The parts: request (what a search is), budget (how many trials at once), trial (one trial), tuner (Tune +
 Optuna + ASHA), study (the Optuna study), results and report (what the user reads); this module drives them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,9 +30,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import ray
@@ -81,11 +83,18 @@ def _rows(grid: Any, states: Mapping[int, str]) -> list[dict]:
             status = "interrupted"
         else:
             status = "pruned"
-        row = {"trial": Path(res.path).name.removeprefix("trial_"), "optuna_trial": n, "status": status,
-               "objective": m.get(OBJECTIVE_KEY), **{k: m.get(k) for k in R.METRIC_COLUMNS},
-               **{k: cfg.get(k) for k in SETTINGS}, "seconds": round(m["time_total_s"], 1) if "time_total_s" in m
-               else None, "error": R.short_error(res.error) if res.error is not None else "",
-               "finished_at": m.get("timestamp"), "path": res.path}
+        row = {
+            "trial": Path(res.path).name.removeprefix("trial_"),
+            "optuna_trial": n,
+            "status": status,
+            "objective": m.get(OBJECTIVE_KEY),
+            **{k: m.get(k) for k in R.METRIC_COLUMNS},
+            **{k: cfg.get(k) for k in SETTINGS},
+            "seconds": round(m["time_total_s"], 1) if "time_total_s" in m else None,
+            "error": R.short_error(res.error) if res.error is not None else "",
+            "finished_at": m.get("timestamp"),
+            "path": res.path,
+        }
         row["epochs_run"] = m.get("epochs_run") or (m["epoch"] + 1 if "epoch" in m else None)
         rows.append(row)
     return R.sort_rows(rows)
@@ -103,14 +112,24 @@ def _write_best(out: Path, request: TuneRequest, data: SearchData, row: dict, re
     if data.heldout:
         metrics, maps, masks = evaluate_model(model, cfg, post, data.heldout, tcfg.batch_size, progress)
         metrics["calibrated_on"] = "validation"
-        metrics["evaluated_on"] = (f"held-out part of the test split: {len(data.heldout)} of {len(data.test)} test "
-                                   f"images (the search scored its objective on the other {len(data.search_part)})")
+        metrics["evaluated_on"] = (
+            f"held-out part of the test split: {len(data.heldout)} of {len(data.test)} test "
+            f"images (the search scored its objective on the other {len(data.search_part)})"
+        )
         finish_run(tmp, metrics, data.heldout, maps, masks, post, report=True)
-    write_json(tmp / TUNE_INFO, {
-        "trial": row["trial"], "optuna_trial": row["optuna_trial"], "objective": request.objective,
-        "search_metrics": search_metrics, "params": {k: row.get(k) for k in SETTINGS if row.get(k) is not None},
-        "heldout_images": [r.path for r in data.heldout], "search_images": [r.path for r in data.search_part],
-        "note": "metrics.json is on heldout_images only; `evaluate --run` re-scores the whole test split"})
+    write_json(
+        tmp / TUNE_INFO,
+        {
+            "trial": row["trial"],
+            "optuna_trial": row["optuna_trial"],
+            "objective": request.objective,
+            "search_metrics": search_metrics,
+            "params": {k: row.get(k) for k in SETTINGS if row.get(k) is not None},
+            "heldout_images": [r.path for r in data.heldout],
+            "search_images": [r.path for r in data.search_part],
+            "note": "metrics.json is on heldout_images only; `evaluate --run` re-scores the whole test split",
+        },
+    )
     best = out / BEST
     if best.exists():
         shutil.rmtree(best)
@@ -118,8 +137,14 @@ def _write_best(out: Path, request: TuneRequest, data: SearchData, row: dict, re
     return metrics or {}
 
 
-def tune_search(request: TuneRequest | None, out: str | os.PathLike, *, address: str | None = None,
-                resume: bool = False, progress: bool = True) -> dict:
+def tune_search(
+    request: TuneRequest | None,
+    out: str | os.PathLike,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run (or, with resume=True, continue) a search; returns the summary (also in TUNE_DIR/summary.json)."""
     out = Path(out).resolve()
     if resume:
@@ -132,16 +157,20 @@ def tune_search(request: TuneRequest | None, out: str | os.PathLike, *, address:
         logger.info(f"resuming the search in {out}: {request.samples} trials over {request.space_file}")
     else:
         if (out / REQUEST).exists():
-            raise UserError(f"{out} already holds a search: continue it with `tune --out {out} --resume`, "
-                            "or choose another --out")
+            raise UserError(
+                f"{out} already holds a search: continue it with `tune --out {out} --resume`, or choose another --out"
+            )
         request.space()  # refuse a bad space, dataset or objective before writing anything
         test = records_of_split(load_dataset(request.data, require_test=False), "test")
-        request = replace(request, data=str(Path(request.data).resolve()),
-                          objective=resolve_objective(request.objective, test))
+        request = replace(
+            request, data=str(Path(request.data).resolve()), objective=resolve_objective(request.objective, test)
+        )
         prepare_data(request)
         if request.storage and storage.exists(request.experiment(out)):
-            raise UserError(f"{request.experiment(out)} already holds a search (of another TUNE_DIR with the same name?):"
-                            " choose another --out name or --storage")
+            raise UserError(
+                f"{request.experiment(out)} already holds a search (of another TUNE_DIR with the same name?):"
+                " choose another --out name or --storage"
+            )
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / REQUEST, request.to_dict())
     return _run(request, out, resume, address, progress)
@@ -163,23 +192,35 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
     if not interrupted:
         fail_orphans(out, "asked by a search that was interrupted; never run")
     R.write_csv(rows, out / RESULTS_CSV)
-    summary = {"objective": request.objective, "samples": request.samples, "trials": len(rows),
-               **R.counts(rows), "failures": [{"error": e, "trials": k} for e, k in R.failure_reasons(rows)],
-               "interrupted": interrupted, "best": None, "heldout_metrics": None,
-               "seconds": round(time.time() - started, 1)}
+    summary = {
+        "objective": request.objective,
+        "samples": request.samples,
+        "trials": len(rows),
+        **R.counts(rows),
+        "failures": [{"error": e, "trials": k} for e, k in R.failure_reasons(rows)],
+        "interrupted": interrupted,
+        "best": None,
+        "heldout_metrics": None,
+        "seconds": round(time.time() - started, 1),
+    }
     completed = [r for r in rows if r["status"] == "completed"]
     if not interrupted and completed:
         best = completed[0]
         result = next(res for res in grid if Path(res.path).name.removeprefix("trial_") == best["trial"])
         heldout = _write_best(out, request, data, best, result, progress)
-        summary["best"] = {k: best.get(k) for k in ("trial", "optuna_trial", "objective", *SETTINGS) if best.get(k)
-                           is not None}
-        summary["heldout_metrics"] = {k: heldout.get(k) for k in ("image_auroc", "pixel_auroc", "aupro",
-                                                                  "image_f1", "num_test_images")} if heldout else None
+        summary["best"] = {
+            k: best.get(k) for k in ("trial", "optuna_trial", "objective", *SETTINGS) if best.get(k) is not None
+        }
+        summary["heldout_metrics"] = (
+            {k: heldout.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "num_test_images")}
+            if heldout
+            else None
+        )
     imp, imp_note = importances(out)
     write_json(out / SUMMARY, summary)
-    write_tune_report(out, rows, request=request, space=space, summary=summary, importances=imp,
-                      importance_note=imp_note)
+    write_tune_report(
+        out, rows, request=request, space=space, summary=summary, importances=imp, importance_note=imp_note
+    )
     if request.storage:  # search/ is there already (Tune wrote it); now the driver's files beside it
         storage.upload(out, request.storage)
         if progress:
@@ -192,21 +233,26 @@ def _fit_trials(request: TuneRequest, space: Any, out: Path, resume: bool, progr
     url = dashboard_url()
     if url and progress:
         logger.info(f"Ray dashboard: {url}")
-    budget = plan_budget(ray.cluster_resources().get("CPU", 0.0), request.workers, space.models(),
-                         request.max_concurrent)
+    budget = plan_budget(
+        ray.cluster_resources().get("CPU", 0.0), request.workers, space.models(), request.max_concurrent
+    )
     if budget.note:
         logger.warning(f"note: {budget.note}")
     if progress:
-        logger.info(f"{request.samples} trials of {request.space_file} (objective {request.objective}), at most "
-                    f"{budget.concurrent} at once ({budget.per_trial:g} of {budget.cluster_cpus:g} CPUs each); "
-                    f"study: optuna-dashboard sqlite:///{out / STUDY_DB}; TensorBoard: tensorboard --logdir "
-                    f"{request.experiment(out)}")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, request=request.to_dict(), out=str(out)),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
+        logger.info(
+            f"{request.samples} trials of {request.space_file} (objective {request.objective}), at most "
+            f"{budget.concurrent} at once ({budget.per_trial:g} of {budget.cluster_cpus:g} CPUs each); "
+            f"study: optuna-dashboard sqlite:///{out / STUDY_DB}; TensorBoard: tensorboard --logdir "
+            f"{request.experiment(out)}"
+        )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, request=request.to_dict(), out=str(out)), {"CPU": TRIAL_DRIVER_CPUS}
+    )
     experiment = request.experiment(out)
     if resume and tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
     else:
         if resume:  # interrupted before Tune saved anything: nothing finished, start the search afresh
             fail_orphans(out, "the search was interrupted before it saved its state")

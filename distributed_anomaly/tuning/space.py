@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,16 @@ from distributed_anomaly.models.specs import DEFAULT_BACKBONE, get_spec
 
 # Every setting a space may fix or search, and the kind of its values.
 SETTINGS: dict[str, str] = {
-    "model": "str", "backbone": "str", "layers": "layers", "n_features": "int", "image_size": "int",
-    "epochs": "int", "batch_size": "int", "lr": "float", "momentum": "float", "weight_decay": "float",
+    "model": "str",
+    "backbone": "str",
+    "layers": "layers",
+    "n_features": "int",
+    "image_size": "int",
+    "epochs": "int",
+    "batch_size": "int",
+    "lr": "float",
+    "momentum": "float",
+    "weight_decay": "float",
     "patience": "int",
 }
 MODEL_KEYS = ("model", "backbone", "layers", "n_features", "image_size")
@@ -158,13 +167,17 @@ class Dimension:
             hi = lo + (hi - lo) // step * step if hi >= lo else hi
         if lo > hi:
             given = ", ".join(f"{k}={ctx[k]}" for k in ctx if k in SETTINGS)
-            raise SpaceError(f"dimension {self.name!r}: its range [{self.low:g}, {self.high:g}] is empty under its "
-                             f"constraints ({self._constraint_text()}) when {given}")
+            raise SpaceError(
+                f"dimension {self.name!r}: its range [{self.low:g}, {self.high:g}] is empty under its "
+                f"constraints ({self._constraint_text()}) when {given}"
+            )
         return (int(lo), int(hi)) if self.kind == "int" else (lo, hi)
 
     def _constraint_text(self) -> str:
-        parts = [f"{self.name} <= {self.at_most}" if self.at_most else "",
-                 f"{self.name} >= {self.at_least}" if self.at_least else ""]
+        parts = [
+            f"{self.name} <= {self.at_most}" if self.at_most else "",
+            f"{self.name} >= {self.at_least}" if self.at_least else "",
+        ]
         return ", ".join(p for p in parts if p) or "none"
 
     def suggest(self, trial: Any, ctx: Mapping[str, Any]) -> Any:
@@ -182,11 +195,17 @@ class Dimension:
         if self.kind == "const":
             text = f"fixed {self.value}"
         elif self.kind == "choice":
-            text = (f"one of {', '.join(map(str, self.choices))}" if self.by is None else
-                    f"per {self.by}: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in self.options.items()))
+            text = (
+                f"one of {', '.join(map(str, self.choices))}"
+                if self.by is None
+                else f"per {self.by}: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in self.options.items())
+            )
         else:
-            text = f"{self.kind} in [{self.low:g}, {self.high:g}]" + (" (log)" if self.log else "") + (
-                f" step {self.step:g}" if self.step else "")
+            text = (
+                f"{self.kind} in [{self.low:g}, {self.high:g}]"
+                + (" (log)" if self.log else "")
+                + (f" step {self.step:g}" if self.step else "")
+            )
             if self.at_most or self.at_least:
                 text += f", {self._constraint_text()}"
         if self.when:
@@ -212,7 +231,7 @@ class SearchSpace:
                 ctx[d.name] = d.suggest(trial, ctx)
         return ctx
 
-    def fix(self, assignments: Sequence[str]) -> "SearchSpace":
+    def fix(self, assignments: Sequence[str]) -> SearchSpace:
         """Pin dimensions: each "NAME=VALUE" (the --fix option); the result is validated again."""
         dims = list(self.dimensions)
         fixed = dict(self.fixed)
@@ -226,18 +245,24 @@ class SearchSpace:
                 continue
             idx = next((i for i, d in enumerate(dims) if d.name == name), None)
             if idx is None:
-                raise SpaceError(f"--fix {text!r}: {self.source} has no dimension {name!r} (dimensions: "
-                                 f"{', '.join(d.name for d in dims) or 'none'}; fixed: {', '.join(fixed) or 'none'})")
+                raise SpaceError(
+                    f"--fix {text!r}: {self.source} has no dimension {name!r} (dimensions: "
+                    f"{', '.join(d.name for d in dims) or 'none'}; fixed: {', '.join(fixed) or 'none'})"
+                )
             d = dims[idx]
             value = normalize(name, raw, f"--fix {text}")
             if d.kind == "choice":
                 allowed = d.choices if d.by is None else tuple(dict.fromkeys(itertools.chain(*d.options.values())))
                 if value not in allowed:
-                    raise SpaceError(f"--fix {text!r}: {value} is not among the choices of {name!r} in {self.source} "
-                                     f"({', '.join(map(str, allowed))})")
+                    raise SpaceError(
+                        f"--fix {text!r}: {value} is not among the choices of {name!r} in {self.source} "
+                        f"({', '.join(map(str, allowed))})"
+                    )
             elif d.kind in ("int", "float") and not d.low <= value <= d.high:
-                raise SpaceError(f"--fix {text!r}: {value} is outside the range of {name!r} in {self.source} "
-                                 f"([{d.low:g}, {d.high:g}])")
+                raise SpaceError(
+                    f"--fix {text!r}: {value} is outside the range of {name!r} in {self.source} "
+                    f"([{d.low:g}, {d.high:g}])"
+                )
             # A pinned choice that depends on another keeps the dependency: checked per parent value below.
             dims[idx] = replace(d, kind="const", value=value)
         space = replace(self, fixed=fixed, dimensions=tuple(dims))
@@ -253,8 +278,10 @@ class SearchSpace:
         def walk(i: int, ctx: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if i == len(self.dimensions):
                 if next(count) > MAX_COMBINATIONS:
-                    raise SpaceError(f"{self.source}: more than {MAX_COMBINATIONS} combinations of choices; "
-                                     "split the space into several files")
+                    raise SpaceError(
+                        f"{self.source}: more than {MAX_COMBINATIONS} combinations of choices; "
+                        "split the space into several files"
+                    )
                 yield dict(ctx)
                 return
             d = self.dimensions[i]
@@ -263,8 +290,10 @@ class SearchSpace:
                 return
             if d.kind == "const":
                 if d.by is not None and d.value not in d.choices_for(ctx):
-                    raise SpaceError(f"{d.name}={d.value} is not among the choices for {d.by}={ctx.get(d.by)} in "
-                                     f"{self.source}; fix {d.by} as well")
+                    raise SpaceError(
+                        f"{d.name}={d.value} is not among the choices for {d.by}={ctx.get(d.by)} in "
+                        f"{self.source}; fix {d.by} as well"
+                    )
                 values: Sequence[Any] = (d.value,)
             elif d.kind == "choice":
                 values = d.choices_for(ctx)
@@ -298,8 +327,14 @@ class SearchSpace:
         return out
 
 
-def trial_configs(sample: Mapping[str, Any], *, seed: int = 0, val_fraction: float = 0.1, pretrained: bool = True,
-                  weights: Mapping[str, str] | None = None) -> tuple[ModelConfig, TrainConfig]:
+def trial_configs(
+    sample: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    pretrained: bool = True,
+    weights: Mapping[str, str] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
     """The ModelConfig and (resolved) TrainConfig of one sampled configuration; raises UserError if invalid."""
     if "model" not in sample:
         raise SpaceError("no model: fix it (`fixed: {model: padim}`) or search it (`model: {choice: [padim, stfpm]}`)")
@@ -311,8 +346,9 @@ def trial_configs(sample: Mapping[str, Any], *, seed: int = 0, val_fraction: flo
     for k in ("epochs", "batch_size"):
         if k in t and t[k] < 1:
             raise SpaceError(f"{k} must be >= 1, got {t[k]}")
-    tcfg = TrainConfig(**t, val_fraction=val_fraction, pretrained=pretrained,
-                       weights_file=(weights or {}).get(cfg.backbone))
+    tcfg = TrainConfig(
+        **t, val_fraction=val_fraction, pretrained=pretrained, weights_file=(weights or {}).get(cfg.backbone)
+    )
     return cfg, tcfg.resolved(cfg.model)
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -82,8 +83,10 @@ def _choice_list(name: str, raw: Any, where: str) -> tuple:
     for item in raw:
         if isinstance(item, dict):
             if name != "layers" or set(item) - {"subsets_of", "min_size"} or "subsets_of" not in item:
-                raise SpaceError(f"{where}: a mapping in a choice list is only allowed for layers, as "
-                                 "{subsets_of: [a, b, c], min_size: K}")
+                raise SpaceError(
+                    f"{where}: a mapping in a choice list is only allowed for layers, as "
+                    "{subsets_of: [a, b, c], min_size: K}"
+                )
             base = [normalize("layers", [l], where) for l in item["subsets_of"]]
             k = item.get("min_size", 1)
             if not isinstance(k, int) or not 1 <= k <= len(base):
@@ -94,8 +97,9 @@ def _choice_list(name: str, raw: Any, where: str) -> tuple:
     return tuple(dict.fromkeys(out))  # order kept, duplicates dropped
 
 
-def _parse_dimension(name: str, spec: Any, source: str, known: set[str], dims: Mapping[str, Dimension],
-                     fixed: Mapping[str, Any]) -> Dimension:
+def _parse_dimension(
+    name: str, spec: Any, source: str, known: set[str], dims: Mapping[str, Dimension], fixed: Mapping[str, Any]
+) -> Dimension:
     where = f"{source}, dimension {name}"
     if not isinstance(spec, dict):
         raise SpaceError(f"{where}: expected a mapping such as {{choice: [...]}} or {{int: [low, high]}}, got {spec!r}")
@@ -115,8 +119,10 @@ def _ref(spec: Mapping[str, Any], key: str, name: str, known: set[str], where: s
     """A setting named by `by`, `at_most` or `at_least`: it must be fixed or searched above this dimension."""
     r = spec[key]
     if r not in known:
-        raise SpaceError(f"{where}: `{key}: {r}` must name a setting fixed or searched above {name!r} "
-                         f"(known here: {', '.join(sorted(known)) or 'none'})")
+        raise SpaceError(
+            f"{where}: `{key}: {r}` must name a setting fixed or searched above {name!r} "
+            f"(known here: {', '.join(sorted(known)) or 'none'})"
+        )
     return r
 
 
@@ -139,19 +145,22 @@ def _parse_choice(name: str, spec: Mapping[str, Any], known: set[str], when: dic
         parent = _ref(spec, "by", name, known, where)
         if not isinstance(spec["choice"], dict) or not spec["choice"]:
             raise SpaceError(f"{where}: with `by: {parent}`, `choice` maps each value of {parent} to a list")
-        options = {normalize(parent, k, f"{where}, choice key"): _choice_list(name, v, f"{where}, {parent}={k}")
-                   for k, v in spec["choice"].items()}
+        options = {
+            normalize(parent, k, f"{where}, choice key"): _choice_list(name, v, f"{where}, {parent}={k}")
+            for k, v in spec["choice"].items()
+        }
         return Dimension(name, "choice", by=parent, options=options, when=when)
     return Dimension(name, "choice", choices=_choice_list(name, spec["choice"], where), when=when)
 
 
-def _parse_numeric(name: str, kind: str, spec: Mapping[str, Any], known: set[str], when: dict,
-                   where: str) -> Dimension:
+def _parse_numeric(name: str, kind: str, spec: Mapping[str, Any], known: set[str], when: dict, where: str) -> Dimension:
     if SETTINGS[name] not in ("int", "float"):
         raise SpaceError(f"{where}: {name} takes names, so it must be a `choice`")
     if kind != SETTINGS[name]:
-        raise SpaceError(f"{where}: {name} is " + ("a real number: use `float: [low, high]`" if kind == "int"
-                                                   else "an integer: use `int: [low, high]`"))
+        raise SpaceError(
+            f"{where}: {name} is "
+            + ("a real number: use `float: [low, high]`" if kind == "int" else "an integer: use `int: [low, high]`")
+        )
     bounds = spec[kind]
     if not (isinstance(bounds, list) and len(bounds) == 2):
         raise SpaceError(f"{where}: `{kind}` must be [low, high]")

@@ -32,7 +32,9 @@ def prepare_data(request: TuneRequest) -> SearchData:
     if request.objective == "val_auroc":
         labels = {r.label for r in search_part}
         if labels != {0, 1}:
-            raise UserError(f"val_auroc needs normal and anomalous images in the search part of the test split "
-                            f"(got {len(search_part)} images, labels {sorted(labels)}): add test images or use "
-                            "--objective synthetic_auroc")
+            raise UserError(
+                f"val_auroc needs normal and anomalous images in the search part of the test split "
+                f"(got {len(search_part)} images, labels {sorted(labels)}): add test images or use "
+                "--objective synthetic_auroc"
+            )
     return SearchData(fit, val, test, search_part, heldout)

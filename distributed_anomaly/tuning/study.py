@@ -20,8 +20,9 @@ def open_study(out: Path, create: bool = False) -> optuna.Study:
     """The study in TUNE_DIR/study.db (created, maximising, with `create`)."""
     url = f"sqlite:///{out / STUDY_DB}"
     if create:
-        return optuna.create_study(storage=optuna.storages.RDBStorage(url), study_name=STUDY_NAME,
-                                   direction="maximize", load_if_exists=True)
+        return optuna.create_study(
+            storage=optuna.storages.RDBStorage(url), study_name=STUDY_NAME, direction="maximize", load_if_exists=True
+        )
     return optuna.load_study(study_name=STUDY_NAME, storage=url)
 
 
@@ -42,9 +43,11 @@ def importances(out: Path) -> tuple[dict[str, float] | None, str]:
             imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
     except Exception as exc:  # too few trials for the evaluator's quantile, a single value per parameter, ...
         return None, f"parameter importance not computable yet ({type(exc).__name__}: {exc})"
-    return ({k: float(v) for k, v in imp.items()},
-            f"PED-ANOVA importance (Optuna) over {n} completed trials: how much each parameter's distribution "
-            "differs between the best trials and the rest")
+    return (
+        {k: float(v) for k, v in imp.items()},
+        f"PED-ANOVA importance (Optuna) over {n} completed trials: how much each parameter's distribution "
+        "differs between the best trials and the rest",
+    )
 
 
 def fail_orphans(out: Path, why: str) -> None:

@@ -30,32 +30,54 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     req = TuneRequest.from_dict(request)
     objective = req.objective  # resolved (never "auto") before the search started
     sample = {k: v for k, v in config.items() if k in SETTINGS}
-    cfg, tcfg = trial_configs(sample, seed=req.seed, val_fraction=req.val_fraction, pretrained=req.pretrained,
-                              weights=dict(req.weights))
+    cfg, tcfg = trial_configs(
+        sample, seed=req.seed, val_fraction=req.val_fraction, pretrained=req.pretrained, weights=dict(req.weights)
+    )
     data = prepare_data(req)
     obj_data = data.objective_data(req)
     # The trial's folder in the experiment's storage (get_trial_dir() is a local staging copy Tune syncs from).
     trial_dir = storage.join(req.experiment(out), f"trial_{tune.get_context().get_trial_id()}")
     # Built here, before any Ray work: unavailable weights fail the trial in seconds.
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
-    info: dict = {"data": str(Path(req.data).resolve()), "num_train_images": len(data.fit),
-                  "num_val_images": len(data.val), "workers": req.workers, "ray": True,
-                  "tune": {"trial": tune.get_context().get_trial_id(), "optuna_trial": config.get("optuna_trial"),
-                           "objective": objective}}
-    nested = storage.join(trial_dir, "ray_train")  # STFPM checkpoints; a trial restarted after an interruption starts over
+    info: dict = {
+        "data": str(Path(req.data).resolve()),
+        "num_train_images": len(data.fit),
+        "num_val_images": len(data.val),
+        "workers": req.workers,
+        "ray": True,
+        "tune": {
+            "trial": tune.get_context().get_trial_id(),
+            "optuna_trial": config.get("optuna_trial"),
+            "objective": objective,
+        },
+    }
+    nested = storage.join(
+        trial_dir, "ray_train"
+    )  # STFPM checkpoints; a trial restarted after an interruption starts over
     storage.remove_tree(nested)
     stfpm_options: dict = {}
     if cfg.model == "stfpm":
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        stfpm_options = {"epoch_eval": EpochReport(EpochObjective(obj_data, objective, tuple(data.fit),
-                                                                  tcfg.batch_size, cfg.seed, tcfg.bn_recompute)),
-                         "callbacks": [TuneReportCallback()]}
+        stfpm_options = {
+            "epoch_eval": EpochReport(
+                EpochObjective(obj_data, objective, tuple(data.fit), tcfg.batch_size, cfg.seed, tcfg.bn_recompute)
+            ),
+            "callbacks": [TuneReportCallback()],
+        }
     # max_failures=0: a trial whose worker dies fails (and the search goes on) rather than restarting its worker
     # group, which would also reserve a new placement group behind TrialProgress's back.
-    model, fit_info, history = fit_model(model, cfg, tcfg, data.fit, data.val,
-                                         Execution(workers=req.workers, run_name="stfpm", max_failures=0),
-                                         nested, False, **stfpm_options)
+    model, fit_info, history = fit_model(
+        model,
+        cfg,
+        tcfg,
+        data.fit,
+        data.val,
+        Execution(workers=req.workers, run_name="stfpm", max_failures=0),
+        nested,
+        False,
+        **stfpm_options,
+    )
     storage.remove_tree(nested)  # the kept weights are in the run directory below
     if "ray_train" in fit_info:
         fit_info["ray_train"].pop("run_path", None)
@@ -65,8 +87,13 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     values = obj_data.evaluate(model, tcfg.batch_size)
     if values.get(objective) is None:
         raise UserError(f"the objective {objective} is undefined for this data (values: {values})")
-    report = {**{k: v for k, v in values.items() if v is not None}, OBJECTIVE_KEY: values[objective], "final": 1,
-              "epochs_run": epochs_run, "fit_seconds": info["fit_seconds"]}
+    report = {
+        **{k: v for k, v in values.items() if v is not None},
+        OBJECTIVE_KEY: values[objective],
+        "final": 1,
+        "epochs_run": epochs_run,
+        "fit_seconds": info["fit_seconds"],
+    }
     with tempfile.TemporaryDirectory(prefix="trial-run-") as tmp:
         rundir.save_model(tmp, cfg, tcfg, model, post, info)
         write_json(Path(tmp) / SEARCH_METRICS, {"objective": objective, **values})

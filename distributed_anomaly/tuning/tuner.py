@@ -13,21 +13,21 @@ os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "30")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-import optuna  # noqa: E402  (after the environment above)
-from optuna.trial import TrialState  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune import Callback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-from distributed_anomaly import storage  # noqa: E402
-from distributed_anomaly.tuning import results as R  # noqa: E402
-from distributed_anomaly.tuning.budget import Budget  # noqa: E402
-from distributed_anomaly.tuning.request import EXPERIMENT, TuneRequest  # noqa: E402
-from distributed_anomaly.tuning.space import SETTINGS, SearchSpace  # noqa: E402
-from distributed_anomaly.tuning.study import open_study  # noqa: E402
-from distributed_anomaly.tuning.trial import OBJECTIVE_KEY, TRAIN_PG_KEY, release_placement_group  # noqa: E402
+from distributed_anomaly import storage
+from distributed_anomaly.tuning import results as R
+from distributed_anomaly.tuning.budget import Budget
+from distributed_anomaly.tuning.request import EXPERIMENT, TuneRequest
+from distributed_anomaly.tuning.space import SETTINGS, SearchSpace
+from distributed_anomaly.tuning.study import open_study
+from distributed_anomaly.tuning.trial import OBJECTIVE_KEY, TRAIN_PG_KEY, release_placement_group
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,13 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that records a trial ASHA stopped early as PRUNED (with its last value), not COMPLETE."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and not error and not result.get("final") and trial_id in self._ot_trials \
-                and trial_id not in self._completed_trials:
+        if (
+            result
+            and not error
+            and not result.get("final")
+            and trial_id in self._ot_trials
+            and trial_id not in self._completed_trials
+        ):
             ot_trial = self._ot_trials[trial_id]
             try:
                 if result.get(self.metric) is not None and result.get("training_iteration") is not None:
@@ -104,11 +109,15 @@ class TrialProgress(Callback):
             return
         r = trial.last_result or {}
         if r.get("final"):
-            logger.info(f"trial {trial.trial_id} completed: objective {r.get(OBJECTIVE_KEY, float('nan')):.4f} "
-                f"({r.get('time_total_s', 0):.0f} s)")
+            logger.info(
+                f"trial {trial.trial_id} completed: objective {r.get(OBJECTIVE_KEY, float('nan')):.4f} "
+                f"({r.get('time_total_s', 0):.0f} s)"
+            )
         elif OBJECTIVE_KEY in r:
-            logger.info(f"trial {trial.trial_id} stopped after {r.get('training_iteration')} reports "
-                f"(objective {r[OBJECTIVE_KEY]:.4f})")
+            logger.info(
+                f"trial {trial.trial_id} stopped after {r.get('training_iteration')} reports "
+                f"(objective {r[OBJECTIVE_KEY]:.4f})"
+            )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.release_train_resources(trial)
@@ -124,25 +133,49 @@ class TrialProgress(Callback):
 
 def new_tuner(request: TuneRequest, space: SearchSpace, out: Path, budget: Budget, trainable: Any, quiet: bool):
     study = open_study(out, create=True)
-    for key, value in (("objective", request.objective), ("space", request.space_file), ("data", request.data),
-                       ("fixes", list(request.fixes)), ("samples", request.samples)):
+    for key, value in (
+        ("objective", request.objective),
+        ("space", request.space_file),
+        ("data", request.data),
+        ("fixes", list(request.fixes)),
+        ("samples", request.samples),
+    ):
         study.set_user_attr(key, value)
-    searcher = PrunedAwareOptunaSearch(space=DefineByRun(space), metric=OBJECTIVE_KEY, mode="max",
-                                       sampler=optuna.samplers.TPESampler(seed=request.seed), storage=study._storage,
-                                       study_name=study.study_name)
+    searcher = PrunedAwareOptunaSearch(
+        space=DefineByRun(space),
+        metric=OBJECTIVE_KEY,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=request.seed),
+        storage=study._storage,
+        study_name=study.study_name,
+    )
     max_epochs = space.max_epochs()
     if max_epochs:  # STFPM trials report every epoch (+ once at the end); ASHA compares them at the same epoch
-        scheduler = ASHAScheduler(metric=OBJECTIVE_KEY, mode="max", time_attr="training_iteration",
-                                  max_t=max_epochs + 1, grace_period=request.grace_epochs,
-                                  reduction_factor=request.reduction_factor)
+        scheduler = ASHAScheduler(
+            metric=OBJECTIVE_KEY,
+            mode="max",
+            time_attr="training_iteration",
+            max_t=max_epochs + 1,
+            grace_period=request.grace_epochs,
+            reduction_factor=request.reduction_factor,
+        )
     else:  # PADIM trials report once: nothing to prune
         scheduler = FIFOScheduler()
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=budget.concurrent),
-                                    scheduler=scheduler, num_samples=request.samples, reuse_actors=False,
-                                    trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=request.storage_root(out), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=[TrialProgress(quiet, request.experiment(out))]))
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=budget.concurrent),
+            scheduler=scheduler,
+            num_samples=request.samples,
+            reuse_actors=False,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=request.storage_root(out),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[TrialProgress(quiet, request.experiment(out))],
+        ),
+    )
