@@ -27,15 +27,8 @@ Precisions and tolerances (shares of the range of the torch maps over a test set
     fp16  weights stored as fp16 (`save_model(compress_to_fp16=True)`, half the .bin), computed in f32:
           measured 0.1-0.6 % per pixel; tested <= 2 % per pixel, <= 1 % per image score, image AUROC within
           0.01 (beyond pairs of images whose torch scores are closer than the score tolerance).
-    int8  NNCF post-training quantization (MIXED preset) of the backbone convolutions only, calibrated on
-          the run's normal training images plus one synthetic-defect copy of each (see calibration_batches);
-          the anomaly head (PADIM's gather, Mahalanobis matmul and blur; STFPM's normalised differences and
-          product) stays in float, since 8-bit activations there swamp the differences it measures. Not
-          pixel-exact: image scores measured within ~10 % (tested 15 %), normal images biased slightly up by
-          quantization noise; image AUROC within 0.01 (same near-tie rule). That bias would move labels
-          under the torch thresholds, so an int8 export refits thresholds and normalisation on its own maps
-          of the run's calibration images, by the training rule (see `recalibrate`; user thresholds kept):
-          int8 postprocess.json differs from the run's, fp32/fp16 copy it.
+    int8  NNCF post-training quantization of the backbone only, thresholds refitted on the quantised model's own
+          maps: see `export_int8`.
 
 OpenVINO Model API (`openvino-model-api`, `model_api.models.AnomalyDetection`) reads the IR's runtime info
 under `model_info`: model_type, task, labels, image_threshold, pixel_threshold, normalization_scale (and
@@ -54,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import logging
 import os
 import shutil
 import sys
@@ -62,15 +54,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from distributed_anomaly import __version__, rundir
-from distributed_anomaly.calibration import calibrate
-from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image, to_tensor
-from distributed_anomaly.data.loader import iter_batches
-from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
-from distributed_anomaly.data.synthetic import paste_patches
+from distributed_anomaly import export_int8 as int8
+from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.irformat import (
@@ -118,36 +106,6 @@ def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
     return info
 
 
-def calibration_batches(
-    run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None, seed: int = 0
-) -> list[np.ndarray]:
-    """int8 calibration data: up to n of the run's normal training images, each also with synthetic defects.
-
-    Activation ranges fitted on normal images alone clip what anomalies produce: on the demo washer that
-    halved PADIM's anomalous image scores. One copy of each image with random pasted patches (flat colour
-    or noise) widens the ranges to cover anomalous inputs. (1, 3, S, S) float32 batches, 2 per image.
-    """
-    if n < 1:
-        raise UserError(f"calibration_images must be >= 1, got {n}")
-    data = data or rundir.load_config(run_dir)[2].get("data")
-    if not data:
-        raise UserError(f"{run_dir} does not record its training data; int8 calibration needs it (pass data=)")
-    if not Path(data).is_dir():
-        raise UserError(
-            f"int8 calibration needs the run's training images, but {data} (recorded in "
-            f"{run_dir / rundir.CONFIG}) does not exist; pass --data"
-        )
-    train = records_of_split(load_dataset(data, require_test=False), "train")
-    # Evenly spaced over the manifest, so a subset still covers the whole set (sorted file names).
-    pick = np.unique(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int))
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in pick:
-        img = read_image(train[i].path)
-        out += [to_tensor(img, image_size).numpy(), to_tensor(paste_patches(img, rng)[0], image_size).numpy()]
-    return out
-
-
 def convert(module, image_size: int):
     """torch module -> openvino.Model with input `image` [-1, 3, S, S] and output `anomaly_map` [-1, 1, S, S]."""
     import openvino as ov
@@ -179,93 +137,6 @@ def _quiet_tracer():
         yield
 
 
-def backbone_only_ignored_scope(ov_model) -> list[str]:
-    """Names of every op outside the CNN backbone(s): the anomaly head stays in float.
-
-    The backbone is what feeds a multi-channel (Group)Convolution, plus those convolutions; everything else
-    (PADIM's channel gather, Mahalanobis matmul and blur convolutions; STFPM's feature normalisation,
-    differences and product over layers; resizes) computes small differences of features or distances
-    that 8-bit activations would swamp.
-    """
-    ops = ov_model.get_ordered_ops()
-    keep: set[str] = set()
-    stack = [
-        op
-        for op in ops
-        if op.get_type_name() in ("Convolution", "GroupConvolution")
-        and op.get_output_partial_shape(0)[1].is_static
-        and op.get_output_partial_shape(0)[1].get_length() > 1
-    ]
-    while stack:
-        op = stack.pop()
-        name = op.get_friendly_name()
-        if name in keep:
-            continue
-        keep.add(name)
-        stack += [v.get_node() for v in op.input_values()]
-    skip = ("Constant", "Parameter", "Result")
-    return [
-        op.get_friendly_name() for op in ops if op.get_type_name() not in skip and op.get_friendly_name() not in keep
-    ]
-
-
-def quantize_int8(ov_model, calibration: list[np.ndarray]):
-    """NNCF post-training quantization of the backbone convolutions; the anomaly head stays float."""
-    try:
-        import nncf
-    except ImportError as exc:
-        raise UserError("int8 export needs NNCF: pip install nncf") from exc
-    ignored = nncf.IgnoredScope(names=backbone_only_ignored_scope(ov_model), validate=False)
-    nncf_logger = logging.getLogger("nncf")  # its INFO lines (one per ignored op) go to stdout
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    try:
-        return nncf.quantize(
-            ov_model,
-            nncf.Dataset(calibration),
-            subset_size=len(calibration),
-            preset=nncf.QuantizationPreset.MIXED,
-            ignored_scope=ignored,
-        )
-    finally:
-        nncf_logger.setLevel(level)
-
-
-def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike | None):
-    """Thresholds and normalisation refitted on the quantized model's own maps, by the training rule.
-
-    int8 shifts normal scores (quantization noise adds Mahalanobis distance): with the torch thresholds
-    a third of the demo washer's test images changed label. The run's calibration images are rebuilt
-    exactly as `train` chose them (same split seed and fraction; test split for --calibrate-on-test);
-    user-set thresholds stay as they are.
-    """
-    import openvino as ov
-
-    _, tcfg, info = rundir.load_config(run_dir)
-    tcfg = tcfg.resolved(cfg.model)
-    records = load_dataset(data or info["data"], require_test=tcfg.calibrate_on_test)
-    fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
-    calib = records_of_split(records, "test") if tcfg.calibrate_on_test else val
-    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def score(recs, what: str) -> np.ndarray:  # calibration.Scorer: the quantized model's raw maps
-        maps = [
-            np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
-            for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)
-        ]
-        return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
-
-    post = calibrate(None, cfg, tcfg, calib, fit_records, progress=False, score=score)
-    post.min_region_fraction = old_post.min_region_fraction
-    post.extra = {
-        **post.extra,
-        "recalibrated_for": "int8",
-        "torch_image_threshold": old_post.image_threshold,
-        "torch_pixel_threshold": old_post.pixel_threshold,
-    }
-    return post
-
-
 def export_run(
     run_dir: str | os.PathLike,
     ir_dir: str | os.PathLike,
@@ -294,12 +165,12 @@ def export_run(
         raise UserError(f"{ir_dir} exists and is not an earlier export; choose another --out or remove it")
 
     calibration = (
-        calibration_batches(run_dir, cfg.image_size, calibration_images, data) if precision == "int8" else None
+        int8.calibration_batches(run_dir, cfg.image_size, calibration_images, data) if precision == "int8" else None
     )
     ov_model = convert(module, cfg.image_size)
     if precision == "int8":
-        ov_model = quantize_int8(ov_model, calibration)
-        post = recalibrate(ov_model, run_dir, cfg, post, data)
+        ov_model = int8.quantize_int8(ov_model, calibration)
+        post = int8.recalibrate(ov_model, run_dir, cfg, post, data)
     for key, value in model_api_info(post, cfg.image_size, task).items():
         ov_model.set_rt_info(value, ["model_info", key])
     for key, value in (

@@ -119,9 +119,9 @@ def run_export_stage(best: Path, ir_dir: Path, precision: str) -> bool:
     return True
 
 
-def _dashboards(tune_dir: Path, experiment: str, dashboard_url: str | None) -> dict[str, str]:
+def _dashboards(tune_dir: Path, experiment: str, ray_url: str | None) -> dict[str, str]:
     return {
-        "ray": dashboard_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
+        "ray": ray_url or "the Ray dashboard of the cluster (port 8265 of its head node)",
         "tensorboard": f"tensorboard --logdir {experiment}",
         "optuna": f"optuna-dashboard sqlite:///{tune_dir / STUDY_DB}",
     }
@@ -161,42 +161,52 @@ def run_pipeline(
     started = time.time()
 
     summary = run_search_stage(request, tune_dir, address, progress)
-    if summary.get("interrupted"):
-        raise UserError(f"the search in {tune_dir} was interrupted; rerun the same pipeline command to continue it")
-    if summary.get("best") is None:
-        raise UserError(f"no trial of the search in {tune_dir} completed; see {tune_dir / 'results.csv'}")
     best = tune_dir / BEST
-    record["stages"]["search"] = {
-        "dir": str(tune_dir),
-        "best": summary["best"],
-        "heldout_metrics": summary.get("heldout_metrics"),
-        "report": str(tune_dir / REPORT),
-        "run_dir": str(best),
-    }
+    record["stages"]["search"] = _search_stage_record(summary, tune_dir, best)
+    write_json(out / RECORD, record)
+    served_from = _export_and_share(best, ir_dir, precision, remote, record)
     write_json(out / RECORD, record)
 
-    exported = run_export_stage(best, ir_dir, precision)
-    record["stages"]["export"] = {"dir": str(ir_dir), "precision": precision}
-    served_from = str(ir_dir)
-    if remote:
-        served_from = shared.join(remote, MODEL)
-        record["stages"]["export"]["shared"] = served_from
-        if exported or not shared.exists(shared.join(served_from, "model.xml")):
-            shared.upload(ir_dir, served_from)
-            logger.info(f"export: uploaded to {served_from}")
-    write_json(out / RECORD, record)
-
-    dashboard_url = None
+    ray_dashboard = None
     if serve is not None:
         record["stages"]["serve"] = _deploy(served_from, serve, address)
-        dashboard_url = record["stages"]["serve"].get("dashboard")
-    record["dashboards"] = _dashboards(tune_dir, request.experiment(tune_dir), dashboard_url)
+        ray_dashboard = record["stages"]["serve"].get("dashboard")
+    record["dashboards"] = _dashboards(tune_dir, request.experiment(tune_dir), ray_dashboard)
     record["seconds"] = round(time.time() - started, 1)
     write_json(out / RECORD, record)
     if remote:  # tune/ and model/ are there already; the record last, so the shared copy says what is there
         shared.upload(out / RECORD, shared.join(remote, RECORD))
         logger.info(f"outputs in {remote}")
     return record
+
+
+def _search_stage_record(summary: dict, tune_dir: Path, best: Path) -> dict:
+    """What pipeline.json says of the search; a search without a best trial stops the pipeline here."""
+    if summary.get("interrupted"):
+        raise UserError(f"the search in {tune_dir} was interrupted; rerun the same pipeline command to continue it")
+    if summary.get("best") is None:
+        raise UserError(f"no trial of the search in {tune_dir} completed; see {tune_dir / 'results.csv'}")
+    return {
+        "dir": str(tune_dir),
+        "best": summary["best"],
+        "heldout_metrics": summary.get("heldout_metrics"),
+        "report": str(tune_dir / REPORT),
+        "run_dir": str(best),
+    }
+
+
+def _export_and_share(best: Path, ir_dir: Path, precision: str, remote: str | None, record: dict) -> str:
+    """Export the best run (unless already done) and upload it to shared storage; where Serve loads it from."""
+    exported = run_export_stage(best, ir_dir, precision)
+    record["stages"]["export"] = {"dir": str(ir_dir), "precision": precision}
+    if not remote:
+        return str(ir_dir)
+    served_from = shared.join(remote, MODEL)
+    record["stages"]["export"]["shared"] = served_from
+    if exported or not shared.exists(shared.join(served_from, "model.xml")):
+        shared.upload(ir_dir, served_from)
+        logger.info(f"export: uploaded to {served_from}")
+    return served_from
 
 
 def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:

@@ -146,6 +146,7 @@ def gallery_indices(
 # --------------------------------------------------------------------------------------------------------
 
 
+# The page template in one piece (its sections come from report_sections and report_plots).
 def _render(
     run_dir: Path, records: list[Record], maps: np.ndarray, masks: np.ndarray, post: PostProcessor, metrics: dict
 ) -> str:

@@ -48,6 +48,7 @@ def operating_points(scores, labels, preds, masks, threshold) -> tuple[dict | No
     return image, pixel
 
 
+# One figure's drawing calls in order, top to bottom: splitting them would scatter one picture's code.
 def curves_figure(scores, labels, maps, masks, image_point, pixel_point, metrics) -> tuple[str | None, list[str]]:
     """ROC and PR curves at image and pixel level in one figure (an <img>); None when no curve is defined."""
     notes: list[str] = []
@@ -112,6 +113,7 @@ def curves_figure(scores, labels, maps, masks, image_point, pixel_point, metrics
     return fig_img(fig, "ROC and precision-recall curves"), notes
 
 
+# One figure's drawing calls in order, top to bottom: splitting them would scatter one picture's code.
 def scores_figure(records, scores, labels, threshold) -> str:
     """Histogram of image scores, normal vs anomalous, and one row of points per defect type."""
     fig, (hist_ax, strip_ax) = figure(10.0, 3.8, 2)

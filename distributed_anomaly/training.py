@@ -63,15 +63,7 @@ def train(
 
     `run` says where the fit runs (default: in this process)."""
     run = run or Execution()
-    if run.skip_corrupt and not run.uses_ray:
-        raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
-    if (Path(out) / rundir.CONFIG).exists() and not overwrite:
-        raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
-    if (Path(out) / rundir.REQUEST).exists() and not overwrite and run.resume is None:
-        raise UserError(
-            f"{out} holds an unfinished (interrupted?) training run: continue it with "
-            f"`train --resume {out}` (Ray STFPM runs) or pass --overwrite to start again"
-        )
+    _check_target(out, overwrite, run)
     tcfg = tcfg.resolved(cfg.model)
     if cfg.model == "stfpm" and run.uses_ray and run.run_name is None:
         run = replace(run, run_name=f"stfpm-{uuid.uuid4().hex[:8]}")
@@ -84,33 +76,19 @@ def train(
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
         _write_request(out, data, cfg, tcfg, run)
-    info: dict = {
-        "data": str(Path(data).resolve()),
-        "num_train_images": len(fit_records),
-        "num_val_images": len(val),
-        "workers": run.workers,
-        "ray": run.uses_ray,
-    }
+    info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records), "num_val_images": len(val)}
+    info.update(workers=run.workers, ray=run.uses_ray)
     with _maybe_ray(run):
-        try:
-            model, fit_info, history = fit_model(model, cfg, tcfg, fit_records, val, run, _storage(out, run), progress)
-        except RuntimeError as exc:
-            if not (cfg.model == "stfpm" and run.uses_ray):
-                raise
-            raise TrainingInterrupted(
-                f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
-                f"continue with `distributed-anomaly train --resume {out}`"
-            ) from exc
+        model, fit_info, history = _fit_or_interrupt(model, cfg, tcfg, fit_records, val, run, out, progress)
         info.update(fit_info)
         if history is not None:
             write_json(Path(out) / rundir.HISTORY, history)
-        calib = test if tcfg.calibrate_on_test else val
         if tcfg.calibrate_on_test:
             logger.warning(
                 "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
             )
         score = _ray_scorer(model, cfg, tcfg, run, progress) if run.uses_ray else None
-        post = calibrate(model, cfg, tcfg, calib, fit_records, progress, score)
+        post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
         metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
     rundir.save_model(out, cfg, tcfg, model, post, info)
@@ -118,6 +96,32 @@ def train(
     if run.storage:
         logger.info(f"run uploaded to {shared.upload(out, shared.counterpart(run.storage, out))}")
     return metrics
+
+
+def _check_target(out: str | os.PathLike, overwrite: bool, run: Execution) -> None:
+    """Refuse to overwrite a finished run, or to start over an interrupted one, unless asked to."""
+    if run.skip_corrupt and not run.uses_ray:
+        raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
+    if (Path(out) / rundir.CONFIG).exists() and not overwrite:
+        raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
+    if (Path(out) / rundir.REQUEST).exists() and not overwrite and run.resume is None:
+        raise UserError(
+            f"{out} holds an unfinished (interrupted?) training run: continue it with "
+            f"`train --resume {out}` (Ray STFPM runs) or pass --overwrite to start again"
+        )
+
+
+def _fit_or_interrupt(model, cfg, tcfg, fit_records, val, run: Execution, out, progress: bool) -> tuple:
+    """fit_model; a Ray STFPM run that stops keeps its checkpoints and says how to continue it."""
+    try:
+        return fit_model(model, cfg, tcfg, fit_records, val, run, _storage(out, run), progress)
+    except RuntimeError as exc:
+        if not (cfg.model == "stfpm" and run.uses_ray):
+            raise
+        raise TrainingInterrupted(
+            f"{exc.__cause__ or exc}\nSTFPM training stopped; its checkpoints are kept: "
+            f"continue with `distributed-anomaly train --resume {out}`"
+        ) from exc
 
 
 def fit_model(
@@ -138,47 +142,49 @@ def fit_model(
     train_stfpm_ray (a search's per-epoch hook and callbacks). A Ray STFPM failure is a RuntimeError.
     """
     start = time.perf_counter()
-    info: dict = {}
-    history = None
-    if cfg.model == "padim" and run.uses_ray:
-        from distributed_anomaly.distributed.padim_fit import fit_padim_ray
-
-        stats, ray_info = fit_padim_ray(
-            model,
-            fit_records,
-            batch_size=tcfg.batch_size,
-            workers=max(run.workers, 1),
-            progress=progress,
-            skip_corrupt=run.skip_corrupt,
-        )
-        info.update(images_counted=stats.count, ray_fit=ray_info)
-    elif cfg.model == "padim":
-        info["images_counted"] = engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count
-    elif run.uses_ray:
-        from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
-
-        model, ray_info = train_stfpm_ray(
-            cfg,
-            tcfg,
-            fit_records,
-            val,
-            workers=run.workers,
-            model=model,
-            storage=storage,
-            run_name=run.run_name or "stfpm",
-            resume_from=run.resume,
-            progress=progress,
-            max_failures=run.max_failures,
-            **stfpm_ray_options,
-        )
-        history = ray_info.pop("history")
-        info.update(
-            best_epoch=ray_info["best_epoch"],
-            epochs_run=ray_info["epochs_run"],
-            stopped_early=ray_info["stopped_early"],
-            ray_train=ray_info,
-        )
+    if cfg.model == "padim":
+        model, info = _fit_padim(model, tcfg, fit_records, run, progress)
+        history = None
     else:
+        model, info, history = _fit_stfpm(
+            model, cfg, tcfg, fit_records, val, run, storage, progress, **stfpm_ray_options
+        )
+    if cfg.model == "stfpm" and tcfg.bn_recompute:
+        info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
+    info["fit_seconds"] = round(time.perf_counter() - start, 3)
+    return model, info, history
+
+
+def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Execution, progress: bool) -> tuple:
+    """PADIM's Gaussians on a Ray Data actor pool or in this process; (model, info)."""
+    if not run.uses_ray:
+        return model, {"images_counted": engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count}
+    from distributed_anomaly.distributed.padim_fit import fit_padim_ray
+
+    stats, ray_info = fit_padim_ray(
+        model,
+        fit_records,
+        batch_size=tcfg.batch_size,
+        workers=max(run.workers, 1),
+        progress=progress,
+        skip_corrupt=run.skip_corrupt,
+    )
+    return model, {"images_counted": stats.count, "ray_fit": ray_info}
+
+
+def _fit_stfpm(
+    model,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    fit_records: list[Record],
+    val: list[Record],
+    run: Execution,
+    storage: str,
+    progress: bool,
+    **stfpm_ray_options,
+) -> tuple:
+    """STFPM's student on Ray Train or in this process; (model, info, history)."""
+    if not run.uses_ray:
         result = engine.train_stfpm(
             model,
             fit_records,
@@ -192,11 +198,31 @@ def fit_model(
             seed=cfg.seed,
             progress=progress,
         )
-        info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), stopped_early=result.stopped_early)
-        history = [asdict(h) for h in result.history]
-    if cfg.model == "stfpm" and tcfg.bn_recompute:
-        info["batchnorm_recomputed_on"] = engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
-    info["fit_seconds"] = round(time.perf_counter() - start, 3)
+        info = {
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+        }
+        return model, info, [asdict(h) for h in result.history]
+    from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
+
+    model, ray_info = train_stfpm_ray(
+        cfg,
+        tcfg,
+        fit_records,
+        val,
+        workers=run.workers,
+        model=model,
+        storage=storage,
+        run_name=run.run_name or "stfpm",
+        resume_from=run.resume,
+        progress=progress,
+        max_failures=run.max_failures,
+        **stfpm_ray_options,
+    )
+    history = ray_info.pop("history")
+    info = {k: ray_info[k] for k in ("best_epoch", "epochs_run", "stopped_early")}
+    info["ray_train"] = ray_info
     return model, info, history
 
 

@@ -45,6 +45,12 @@ def _search_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
         "with synthetic defects, no labelled anomalies needed; auto (default): val_auroc when the test "
         "split has anomalies",
     )
+    _trial_arguments(p)
+    _scheduling_arguments(p, resumable)
+
+
+def _trial_arguments(p: argparse.ArgumentParser) -> None:
+    """How each trial runs: its workers, seed, data splits and weights."""
     p.add_argument(
         "--workers",
         type=int,
@@ -93,6 +99,10 @@ def _search_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
         metavar="BACKBONE=FILE",
         help="local torchvision state-dict file for a backbone (repeatable)",
     )
+
+
+def _scheduling_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
+    """ASHA's early stopping, and where a multi-node search keeps its results."""
     p.add_argument(
         "--grace-epochs",
         type=int,

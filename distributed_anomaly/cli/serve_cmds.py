@@ -8,21 +8,28 @@ import os
 from distributed_anomaly.cli.common import VERBOSITY, default
 from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig
 
+DESCRIPTION = (
+    "Deploy IR folders written by `export` as a Ray Serve application: POST /predict (raw image "
+    "bytes or a multipart file; ?task=classification|detection|segmentation; ?model=NAME or header X-Model "
+    "when several models are served), GET /healthz, GET /metadata, OpenAPI docs at /docs. Each model replica "
+    "compiles the IRs once with OpenVINO threads = --cpus-per-replica and scores concurrent requests in "
+    "batches. Blocks until Ctrl-C (or SIGTERM), then removes what it started."
+)
+EXAMPLES = (
+    "examples:\n  distributed-anomaly serve --model ir/washer_padim\n"
+    "  distributed-anomaly serve --model ir/ --host 0.0.0.0 --port 8000 --replicas 2 --max-batch-size 8\n"
+    "  curl -s --data-binary @part.png 'http://127.0.0.1:8000/predict?task=detection&model=washer_padim'"
+)
+
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         parents=[VERBOSITY],
         help="serve exported OpenVINO models over HTTP with Ray Serve (batched, several models)",
-        description="Deploy IR folders written by `export` as a Ray Serve application: POST /predict (raw image "
-        "bytes or a multipart file; ?task=classification|detection|segmentation; ?model=NAME or header X-Model "
-        "when several models are served), GET /healthz, GET /metadata, OpenAPI docs at /docs. Each model replica "
-        "compiles the IRs once with OpenVINO threads = --cpus-per-replica and scores concurrent requests in "
-        "batches. Blocks until Ctrl-C (or SIGTERM), then removes what it started.",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  distributed-anomaly serve --model ir/washer_padim\n"
-        "  distributed-anomaly serve --model ir/ --host 0.0.0.0 --port 8000 --replicas 2 --max-batch-size 8\n"
-        "  curl -s --data-binary @part.png 'http://127.0.0.1:8000/predict?task=detection&model=washer_padim'",
+        epilog=EXAMPLES,
     )
     p.add_argument(
         "--model",

@@ -92,6 +92,7 @@ def _objective_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str 
     return fig_img(fig, f"{objective} of each trial over time")
 
 
+# One figure's drawing calls in order, top to bottom: splitting them would scatter one picture's code.
 def _parallel_figure(rows: Sequence[Mapping[str, Any]], objective: str) -> str | None:
     """Parallel coordinates: one line per trial through its parameters to its objective (colour = objective).
 
@@ -203,6 +204,7 @@ def _trials_table(rows: Sequence[Mapping[str, Any]], objective: str) -> str:
     )
 
 
+# The summary's three cases (a best trial, an interrupted search, none) read best side by side.
 def _summary_html(out: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
     """The summary cards and what to read next: the best trial, why there is none, the failure reasons."""
     objective = summary["objective"]

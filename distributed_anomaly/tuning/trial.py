@@ -35,54 +35,30 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     )
     data = prepare_data(req)
     obj_data = data.objective_data(req)
-    # The trial's folder in the experiment's storage (get_trial_dir() is a local staging copy Tune syncs from).
-    trial_dir = storage.join(req.experiment(out), f"trial_{tune.get_context().get_trial_id()}")
     # Built here, before any Ray work: unavailable weights fail the trial in seconds.
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
+    trial_id = tune.get_context().get_trial_id()
     info: dict = {
         "data": str(Path(req.data).resolve()),
         "num_train_images": len(data.fit),
         "num_val_images": len(data.val),
         "workers": req.workers,
         "ray": True,
-        "tune": {
-            "trial": tune.get_context().get_trial_id(),
-            "optuna_trial": config.get("optuna_trial"),
-            "objective": objective,
-        },
+        "tune": {"trial": trial_id, "optuna_trial": config.get("optuna_trial"), "objective": objective},
     }
-    nested = storage.join(
-        trial_dir, "ray_train"
-    )  # STFPM checkpoints; a trial restarted after an interruption starts over
+    # STFPM checkpoints, in the trial's folder of the experiment's storage (get_trial_dir() is only a local
+    # staging copy Tune syncs from); a trial restarted after an interruption starts over.
+    nested = storage.join(req.experiment(out), f"trial_{trial_id}", "ray_train")
     storage.remove_tree(nested)
-    stfpm_options: dict = {}
-    if cfg.model == "stfpm":
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        stfpm_options = {
-            "epoch_eval": EpochReport(
-                EpochObjective(obj_data, objective, tuple(data.fit), tcfg.batch_size, cfg.seed, tcfg.bn_recompute)
-            ),
-            "callbacks": [TuneReportCallback()],
-        }
+    options = _stfpm_options(obj_data, objective, data.fit, cfg, tcfg) if cfg.model == "stfpm" else {}
     # max_failures=0: a trial whose worker dies fails (and the search goes on) rather than restarting its worker
     # group, which would also reserve a new placement group behind TrialProgress's back.
-    model, fit_info, history = fit_model(
-        model,
-        cfg,
-        tcfg,
-        data.fit,
-        data.val,
-        Execution(workers=req.workers, run_name="stfpm", max_failures=0),
-        nested,
-        False,
-        **stfpm_options,
-    )
+    run = Execution(workers=req.workers, run_name="stfpm", max_failures=0)
+    model, fit_info, history = fit_model(model, cfg, tcfg, data.fit, data.val, run, nested, False, **options)
     storage.remove_tree(nested)  # the kept weights are in the run directory below
     if "ray_train" in fit_info:
         fit_info["ray_train"].pop("run_path", None)
     info.update(fit_info)
-    epochs_run = fit_info.get("epochs_run", 1)
     post = calibrate(model, cfg, tcfg, data.val, data.fit, progress=False)
     values = obj_data.evaluate(model, tcfg.batch_size)
     if values.get(objective) is None:
@@ -91,7 +67,7 @@ def run_trial(config: dict, request: dict, out: str) -> None:
         **{k: v for k, v in values.items() if v is not None},
         OBJECTIVE_KEY: values[objective],
         "final": 1,
-        "epochs_run": epochs_run,
+        "epochs_run": fit_info.get("epochs_run", 1),
         "fit_seconds": info["fit_seconds"],
     }
     with tempfile.TemporaryDirectory(prefix="trial-run-") as tmp:
@@ -100,6 +76,14 @@ def run_trial(config: dict, request: dict, out: str) -> None:
         if history is not None:
             write_json(Path(tmp) / rundir.HISTORY, history)
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _stfpm_options(obj_data: Any, objective: str, fit: Any, cfg: Any, tcfg: Any) -> dict:
+    """What an STFPM trial adds to its Ray Train run: the objective every epoch (ASHA compares trials on it)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    hook = EpochObjective(obj_data, objective, tuple(fit), tcfg.batch_size, cfg.seed, tcfg.bn_recompute)
+    return {"epoch_eval": EpochReport(hook), "callbacks": [TuneReportCallback()]}
 
 
 class EpochReport:
