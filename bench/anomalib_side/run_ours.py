@@ -42,10 +42,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from distributed_anomaly import engine, rundir
-    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly.config import Execution, ModelConfig, TrainConfig
     from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
+    from distributed_anomaly.training import fit_model
 
-    # The same steps as distributed_anomaly.training.train (what `distributed-anomaly train` runs), minus
+    # The fit of distributed_anomaly.training.train (what `distributed-anomaly train` runs), minus
     # calibration/evaluation/saving, which would only add inference passes that anomalib's side does not do.
     layers = tuple(x for x in a.layers.split(",") if x)
     cfg = ModelConfig(a.model, a.backbone, layers, a.n_features if a.model == "padim" else None, a.image_size, a.seed)
@@ -64,29 +65,13 @@ def main() -> int:
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     info: dict = {"num_train_images": len(fit_records)}
     w0, c0 = time.perf_counter(), time.process_time()
-    if cfg.model == "padim":
-        engine.fit_padim(model, fit_records, tcfg.batch_size, progress=False)
-    else:
-        res = engine.train_stfpm(
-            model,
-            fit_records,
-            val,
-            epochs=tcfg.epochs,
-            batch_size=tcfg.batch_size,
-            lr=tcfg.lr,
-            momentum=tcfg.momentum,
-            weight_decay=tcfg.weight_decay,
-            patience=tcfg.patience,
-            seed=cfg.seed,
-            progress=False,
-        )
-        if tcfg.bn_recompute:  # as training.train does
-            engine.recompute_batchnorm(model, fit_records, tcfg.batch_size, cfg.seed)
+    model, fit_info, history = fit_model(model, cfg, tcfg, fit_records, val, Execution(), "", progress=False)
+    if history is not None:
         info.update(
-            epochs_run=len(res.history),
-            best_epoch=res.best_epoch,
+            epochs_run=fit_info["epochs_run"],
+            best_epoch=fit_info["best_epoch"],
             bn_recompute=tcfg.bn_recompute,
-            train_loss=[round(h.train_loss, 5) for h in res.history],
+            train_loss=[round(h["train_loss"], 5) for h in history],
         )
     timing = {
         "fit_seconds": time.perf_counter() - w0,
