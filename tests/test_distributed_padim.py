@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ray_cluster import two_node_cluster
 
 from distributed_anomaly import engine
 from distributed_anomaly.data.mvtec import Record, load_category, records_of_split
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.models.padim import Padim
-from ray_cluster import two_node_cluster
 
 RTOL = 1e-6
 

@@ -1,13 +1,19 @@
-"""STFPM on Ray Train: DDP gradient semantics, a killed worker, resuming an interrupted run.
+"""STFPM on Ray Train: DDP gradient semantics, batch norm per replica over epochs, a killed worker, resuming.
 
 Tiny on purpose (resnet18 layer1+layer2 with seeded random weights, 64 px, a handful of demo images): each
-Ray Train run costs a worker-group start (process start-up and imports), so the file makes five: 1 and 2
-workers for the step semantics; 2, a restart and 1 for the failure and the resume.
+Ray Train run costs a worker-group start (process start-up and imports), so the file makes seven: 1 and 2
+workers for the step semantics; 2 for three epochs with per-replica batch norm; 2, a restart and 1 for the
+failure and the resume. Faults are injected with a fault hook (faults.FaultPlan) passed to train_stfpm_ray.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,9 +22,12 @@ from distributed_anomaly import engine, rundir
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.loader import load_batch
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
-from distributed_anomaly.distributed.stfpm_train import FAULT_ENV, train_stfpm_ray
+from distributed_anomaly.distributed import stfpm_train
+from distributed_anomaly.distributed.checkpoints import load_state
+from distributed_anomaly.distributed.faults import Fault, FaultPlan
+from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.models.stfpm import stfpm_loss
+from distributed_anomaly.models.stfpm import Stfpm, stfpm_loss
 
 CFG = ModelConfig(model="stfpm", backbone="resnet18", layers=("layer1", "layer2"), image_size=64)
 
@@ -69,7 +78,104 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_local, norm
         assert info["history"][0]["train_loss"] == pytest.approx(loss.item() / 8, rel=1e-4)
 
 
-def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_images, tmp_path, monkeypatch):
+def _max_rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], keys) -> float:
+    """Largest |got - want| of a tensor relative to that tensor's largest |want|, over `keys`."""
+    return max(float((got[k].double() - want[k].double()).abs().max() / want[k].double().abs().max().clamp_min(1e-12))
+               for k in keys)
+
+
+def _restored(initial: Stfpm, state: dict | None, tcfg: TrainConfig) -> tuple[Stfpm, torch.optim.Optimizer]:
+    """A copy of `initial` and its optimizer as a checkpoint left them (None: as training starts)."""
+    model = copy.deepcopy(initial)
+    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.momentum, tcfg.weight_decay)
+    if state is not None:
+        model.student.load_state_dict(state["student"])
+        optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+    return model, optimizer
+
+
+def _ghost_bn_step(model: Stfpm, optimizer: torch.optim.Optimizer, x0: torch.Tensor, x1: torch.Tensor) -> float:
+    """One process, one SGD step as two replicas take it: x0 (rank 0's images) and x1 (rank 1's) are each
+    normalised by their own batch statistics, the two losses' gradients add up, and the running statistics
+    are rank 0's (DDP broadcasts rank 0's buffers before every forward). Returns the summed loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    before = {k: b.clone() for k, b in model.student.named_buffers()}
+    loss1 = stfpm_loss(model.teacher(x1), model.student(x1))
+    loss1.backward()  # gradients accumulate: the sum of the two losses' gradients
+    with torch.no_grad():
+        for k, b in model.student.named_buffers():
+            b.copy_(before[k])
+    loss0 = stfpm_loss(model.teacher(x0), model.student(x0))
+    loss0.backward()
+    optimizer.step()
+    return float(loss0) + float(loss1)
+
+
+def test_two_workers_with_replica_batch_norm_over_epochs(ray_local, normal_images, tmp_path):
+    """3 epochs, default batch norm ("replica"), 2 workers x 2 images: one step an epoch on 4 images.
+
+    What holds (stfpm_train's docstring): every epoch's checkpoint -- weights, running statistics, momentum --
+    is what one process computes from the previous epoch's checkpoint when it normalises rank 0's two images
+    and rank 1's two separately ("ghost batch norm") and sums their losses, for the split Ray Data made that
+    epoch (a seeded shuffle: found among the 6 possible ones, and it must be the only one that fits).
+    Measured: 1e-7 to 1.3e-6 relative (float32 rounding; the next-best split is off by 1.6e-2 or more).
+    The ordinary single-process step (batch 4, whole-batch statistics) is another step: measured 3.9e-2 to
+    2.6e-1 relative on the weights, from the same checkpoint; over the 3 epochs of the single-process run
+    (engine.train_stfpm) 0.47 on the weights and 4.9e-3 on the training loss. Both are bounded: the
+    difference must be there (normalisation really per replica) and stay near the documented size.
+    Each epoch starts from the run's own previous checkpoint: at lr 0.4, float32 rounding differences
+    between two processes grow ~25x an epoch, so a reference carried on alone drifts (6.7e-4 by epoch 3).
+    """
+    fit = normal_images[16:20]
+    tcfg = TrainConfig(epochs=3, batch_size=4, pretrained=False)
+    initial = rundir.build_model(CFG, pretrained=False)
+    storage = tmp_path / "ray_train"
+    model, info = train_stfpm_ray(CFG, tcfg, fit, [], workers=2, storage=str(storage), run_name="replica",
+                                  resume_from=None, progress=False, model=copy.deepcopy(initial), num_to_keep=3,
+                                  decode_tasks=1)
+    assert info["batch_norm"] == "replica" and info["per_worker_batch_size"] == 2
+    # 2 input blocks of 2 shuffle into 2 blocks of 2: each rank 2 images, one step, no empty step
+    assert info["images_per_epoch"] == [4, 4, 4] and info["empty_steps_per_epoch"] == [0, 0, 0]
+    states = {s["epoch"]: s for s in (load_state(p.parent) for p in (storage / "replica").glob("*/state.pt"))}
+    assert sorted(states) == [0, 1, 2], f"checkpoints kept: {sorted(states)}"
+    x = load_batch(fit, CFG.image_size)
+    keys = list(initial.student.state_dict())
+    params = [k for k, _ in initial.student.named_parameters()]
+    step_gaps = []
+    for epoch in range(3):
+        want = states[epoch]
+        tried = []
+        for rank0 in itertools.combinations(range(4), 2):
+            m, o = _restored(initial, states.get(epoch - 1), tcfg)
+            loss = _ghost_bn_step(m, o, x[list(rank0)], x[[i for i in range(4) if i not in rank0]])
+            momentum = {k: v["momentum_buffer"] for k, v in o.state_dict()["state"].items()}
+            tried.append((_max_rel_diff(m.student.state_dict(), want["student"], keys), loss, momentum))
+        tried.sort(key=lambda t: t[0])
+        (fits, loss, momentum), runner_up = tried[0], tried[1][0]
+        assert fits < 1e-4 < runner_up, f"epoch {epoch}: no single split fits ({[f'{t[0]:.1e}' for t in tried]})"
+        assert info["history"][epoch]["train_loss"] == pytest.approx(loss / 4, rel=1e-5)
+        got = {k: v["momentum_buffer"] for k, v in want["optimizer"]["state"].items()}
+        assert _max_rel_diff(got, momentum, list(momentum)) < 1e-4
+        m, o = _restored(initial, states.get(epoch - 1), tcfg)
+        engine.stfpm_epoch(m, [x], o)  # the whole batch's statistics instead
+        step_gaps.append(_max_rel_diff(m.student.state_dict(), want["student"], params))
+        print(f"epoch {epoch}: ghost batch norm fits {fits:.1e} (next split {runner_up:.1e}), "
+              f"whole batch {step_gaps[-1]:.1e}")
+    assert _max_rel_diff(model.student.state_dict(), states[2]["student"], keys) == 0  # no val: the last epoch
+
+    whole = copy.deepcopy(initial)
+    result = engine.train_stfpm(whole, fit, [], epochs=3, batch_size=4, lr=tcfg.lr, momentum=tcfg.momentum,
+                                weight_decay=tcfg.weight_decay, patience=tcfg.patience, progress=False)
+    weights = _max_rel_diff(model.student.state_dict(), whole.student.state_dict(), params)
+    losses = max(abs(a["train_loss"] - b.train_loss) / b.train_loss for a, b in zip(info["history"], result.history))
+    print(f"replica vs whole-batch batch norm: per step {min(step_gaps):.1e}-{max(step_gaps):.1e}, after 3 "
+          f"epochs: weights {weights:.1e}, train loss {losses:.1e}")
+    assert min(step_gaps) > 1e-2, step_gaps
+    assert weights < 1.0 and losses < 2e-2, (weights, losses)
+
+
+def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_images, tmp_path):
     """2 workers, 5 images, 2 per worker and step: uneven shards (3 + 2 -- none dropped), so one rank takes an
     empty step while the other uses its last image (same number of optimizer steps on both ranks).
 
@@ -83,13 +189,12 @@ def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_i
     tcfg = TrainConfig(epochs=3, batch_size=4, pretrained=False)
     storage = tmp_path / "ray_train"
     markers = [tmp_path / "killed_rank1_epoch1", tmp_path / "killed_rank0_epoch2"]
-    monkeypatch.setenv(FAULT_ENV, json.dumps([{"action": "kill", "rank": 1, "epoch": 1, "marker": str(markers[0])},
-                                              {"action": "kill", "rank": 0, "epoch": 2, "marker": str(markers[1])}]))
+    faults = FaultPlan((Fault(rank=1, epoch=1, action="kill", marker=str(markers[0])),
+                        Fault(rank=0, epoch=2, action="kill", marker=str(markers[1]))))
     with pytest.raises(RuntimeError, match="resume_from") as failed:
         train_stfpm_ray(CFG, tcfg, fit, val, workers=2, storage=str(storage), run_name="run", resume_from=None,
-                        progress=False, max_failures=1, decode_tasks=1)
+                        progress=False, max_failures=1, decode_tasks=1, fault_hook=faults)
     assert markers[0].is_file(), f"the first fault was never injected; the run failed with {failed.value}"
-    monkeypatch.delenv(FAULT_ENV)
     with pytest.raises(UserError, match="already exists"):  # never silently continued nor overwritten
         train_stfpm_ray(CFG, tcfg, fit, val, workers=2, storage=str(storage), run_name="run", resume_from=None,
                         progress=False)
@@ -106,16 +211,15 @@ def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_i
     _check_best(model, info, val)
 
 
-def test_in_process_run_resumes(ray_local, normal_images, tmp_path, monkeypatch):
+def test_in_process_run_resumes(ray_local, normal_images, tmp_path):
     """workers=0 (Ray Train local mode) keeps its own checkpoints and resumes the same way."""
     fit, val = normal_images[:6], normal_images[12:14]
     tcfg = TrainConfig(epochs=4, batch_size=6, pretrained=False)
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"action": "raise", "rank": 0, "epoch": 2,
-                                              "marker": str(tmp_path / "interrupted")}))
+    fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
     with pytest.raises(RuntimeError, match="resume_from"):
         train_stfpm_ray(CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None,
-                        progress=False)
-    monkeypatch.delenv(FAULT_ENV)
+                        progress=False, fault_hook=fail)
+    assert (tmp_path / "interrupted").is_file()
     with pytest.raises(UserError, match="already exists"):
         train_stfpm_ray(CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None,
                         progress=False)
@@ -151,13 +255,14 @@ def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category,
     argv = ["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
             "--layers", "layer1,layer2", "--image-size", "64", "--epochs", "3", "--batch-size", "8",
             "--workers", "1", "--max-failures", "0", "--storage", shared, "--quiet"]
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"action": "raise", "rank": 0, "epoch": 2,
-                                              "marker": str(tmp_path / "interrupted")}))
-    assert main(argv) == 1
+    # The CLI takes no fault hook: the first call's train_stfpm_ray (looked up when training starts) gets one.
+    fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
+    with monkeypatch.context() as patch:
+        patch.setattr(stfpm_train, "train_stfpm_ray", functools.partial(train_stfpm_ray, fault_hook=fail))
+        assert main(argv) == 1
     err = capsys.readouterr().err
     assert (tmp_path / "interrupted").is_file(), f"stopped before the injected fault:\n{err[-3000:]}"
     assert f"train --resume {out}" in err
-    monkeypatch.delenv(FAULT_ENV)
     assert (out / rundir.REQUEST).is_file() and not (out / rundir.CONFIG).exists()
     assert main(argv) == 2  # an interrupted run is neither silently restarted nor overwritten
     assert "--resume" in capsys.readouterr().err
@@ -178,3 +283,14 @@ def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category,
     assert info["batchnorm_recomputed_on"] == info["num_train_images"]
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume
     assert "finished run" in capsys.readouterr().err
+
+
+def test_epoch_checkpoint_and_fault_modules_import_no_ray():
+    """The pure pieces of the Ray glue (the epoch, checkpoints, fault hooks, payloads, CPU budget) are torch only:
+    importing them -- and the distributed package -- leaves Ray out of the process."""
+    modules = ", ".join(f"distributed_anomaly.distributed.{m}"
+                        for m in ("stfpm_steps", "checkpoints", "faults", "payload", "cpus"))
+    code = f"import sys, {modules}; assert not [m for m in sys.modules if m.split('.')[0] == 'ray'], 'ray imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+

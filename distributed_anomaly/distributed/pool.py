@@ -1,0 +1,133 @@
+"""The Ray Data actor-pool pipeline shared by the PADIM fit and by scoring, and the checks made before it starts.
+
+    manifest (paths) --from_items--> [decode tasks: data.images.decode_batch] --> [actor pool: a callable class]
+                     --> output batches (numpy dicts) back to the driver
+
+Blocks of at most `batch_size` consecutive images are the unit of work end to end; the pool is fully started
+before the first batch is dispatched; the object-store budget for decoded batches is a constant. See
+padim_fit (the fit's actors) and scoring (batch inference) for what runs in the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.data import DataContext, ExecutionResources
+
+from distributed_anomaly.data.images import decode_batch
+from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.distributed.cpus import PADIM_DECODE_CPUS, padim_decode_tasks
+from distributed_anomaly.errors import UserError
+
+DECODE_CPUS = PADIM_DECODE_CPUS  # logical CPUs of one decode task (cpus.py says why this many)
+# Ray Data starts the pool's actors, then feeds whichever is ready: on a small dataset the first actor up can
+# take every batch while the others still import torch (a node left idle). The pool is awaited (up to this long)
+# before any batch is dispatched, so every worker gets its share.
+POOL_START_TIMEOUT_S = 600
+
+
+def decode_task_count(workers: int) -> int:
+    """Decode tasks in flight at most for a pool of `workers` (cpus.padim_decode_tasks)."""
+    return padim_decode_tasks(workers)
+
+
+def check_cluster_cpus(workers: int, cpus_per_worker: float, decode_cpus: float) -> None:
+    """Refuse up front a pool the cluster cannot hold (it would wait for CPUs forever)."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = workers * cpus_per_worker + decode_cpus
+    if total < need:
+        raise UserError(f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} CPUs "
+                        f"plus {decode_cpus:g} for decoding need {need:g} (use fewer workers, fewer CPUs per worker, "
+                        "or add nodes)")
+
+
+def require_ray() -> None:
+    """The pipelines join the driver's Ray; they never start one behind the caller's back."""
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call distributed_anomaly.distributed.ensure_ray() first")
+
+
+def check_pool_args(batch_size: int, workers: int, cpus_per_worker: float) -> None:
+    """Arguments a pool cannot run with, refused before anything starts."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}")
+    check_cluster_cpus(workers, cpus_per_worker, DECODE_CPUS)
+
+
+def default_threads(cpus_per_worker: float, threads_per_worker: int | None) -> int:
+    """Torch threads of a pool actor: as many as the logical CPUs it reserved, unless told."""
+    return max(1, int(threads_per_worker if threads_per_worker is not None else cpus_per_worker))
+
+
+def set_threads(threads: int) -> None:
+    """Torch in a pool actor uses its reservation, not every core of the node (actors share nodes)."""
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def resolve(payload: Any) -> Any:
+    """A model payload passed by reference (ray.put once, shared by every actor) or by value."""
+    return ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def object_store_budget(image_size: int, batch_size: int, workers: int) -> int:
+    """Room for a few decoded batches per actor in flight; a constant, whatever the number of images."""
+    batch_bytes = batch_size * 3 * image_size * image_size * 4
+    return int(max(256 << 20, 4 * (workers + 1) * batch_bytes))
+
+
+@contextlib.contextmanager
+def pool_pipeline(records: Sequence[Record], image_size: int, batch_size: int, workers: int,
+                  cpus_per_worker: float, udf: type, ctor_args: tuple) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """Run paths -> decode tasks -> actor pool `udf`; yields an iterator over its output batches (numpy dicts).
+
+    Blocks of at most `batch_size` consecutive images are the unit of work end to end (no batch_size
+    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset). Inside the
+    with-block, Ray Data's progress bars and INFO logs are off, its object-store budget is capped and the whole
+    pool is started before the first batch is dispatched.
+    """
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits,
+             ctx.wait_for_min_actors_s)
+    data_logger = logging.getLogger("ray.data")
+    saved_level = data_logger.level
+    it = None
+    try:
+        data_logger.setLevel(logging.ERROR)
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ctx.wait_for_min_actors_s = POOL_START_TIMEOUT_S
+        ctx.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=object_store_budget(image_size, batch_size, workers))
+        items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+        # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed, and
+        # bound the number of decode worker processes (each imports torch: ~0.3 GB).
+        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=None,
+                            batch_format="numpy", num_cpus=DECODE_CPUS,
+                            compute=ray.data.TaskPoolStrategy(size=decode_task_count(workers)))
+        ds = ds.map_batches(udf, fn_constructor_args=ctor_args, batch_size=None, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker)
+        it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        yield it
+    finally:
+        close = getattr(it, "close", None)  # stops the execution now (not at garbage collection) on errors
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+        (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits,
+         ctx.wait_for_min_actors_s) = saved
+        data_logger.setLevel(saved_level)
