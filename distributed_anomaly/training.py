@@ -228,7 +228,7 @@ def _fit_stfpm(
 
 def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, progress: bool) -> Scorer:
     """Scoring as Ray Data batch inference over the same pool size as the fit (PADIM and STFPM alike)."""
-    from distributed_anomaly.distributed.padim_fit import anomaly_maps_ray
+    from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 
     return lambda records, what: anomaly_maps_ray(
         model, records, cfg.image_size, tcfg.batch_size, workers=max(run.workers, 1), progress=progress, what=what

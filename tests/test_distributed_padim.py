@@ -82,7 +82,7 @@ def test_ray_anomaly_maps_equal_in_process_maps(ray_local, demo_category, refere
 
 def test_models_travel_as_constructor_args_plus_state_dict():
     """What the actors rebuild from (no weight download) computes exactly what the driver's model computes."""
-    from distributed_anomaly.distributed.padim_fit import build_from_payload, model_payload
+    from distributed_anomaly.distributed.payload import build_from_payload, model_payload
     from distributed_anomaly.models.stfpm import Stfpm
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -18,8 +18,13 @@ from typing import Any
 
 __all__ = ["anomaly_maps_ray", "dashboard_url", "ensure_ray", "fit_padim_ray", "ray_session"]
 
-_HOMES = {"anomaly_maps_ray": "scoring", "fit_padim_ray": "padim_fit", "ensure_ray": "ray_setup",
-          "ray_session": "ray_setup", "dashboard_url": "ray_setup"}
+_HOMES = {
+    "anomaly_maps_ray": "scoring",
+    "fit_padim_ray": "padim_fit",
+    "ensure_ray": "ray_setup",
+    "ray_session": "ray_setup",
+    "dashboard_url": "ray_setup",
+}
 
 
 # Lazy on purpose (PEP 562), rather than imports at the top: importing this package must not import Ray, or

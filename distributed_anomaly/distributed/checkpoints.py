@@ -51,25 +51,39 @@ class TrainProgress:
     def summary(self, world_size: int) -> dict:
         """What the loop returns to the driver (rank 0's)."""
         has_best = self.stopper.best_epoch >= 0
-        return {"history": self.history, "images_per_epoch": self.images_per_epoch,
-                "empty_steps_per_epoch": self.empty_steps_per_epoch,
-                "best_epoch": self.stopper.best_epoch if has_best else len(self.history) - 1,
-                "best_val_loss": self.stopper.best if has_best else None, "stopped_early": self.stopped_early,
-                "restores": self.restores, "start_epoch": self.start_epoch, "world_size": world_size}
+        return {
+            "history": self.history,
+            "images_per_epoch": self.images_per_epoch,
+            "empty_steps_per_epoch": self.empty_steps_per_epoch,
+            "best_epoch": self.stopper.best_epoch if has_best else len(self.history) - 1,
+            "best_val_loss": self.stopper.best if has_best else None,
+            "stopped_early": self.stopped_early,
+            "restores": self.restores,
+            "start_epoch": self.start_epoch,
+            "world_size": world_size,
+        }
 
 
-def state_dict(model: Stfpm, optimizer: torch.optim.Optimizer, progress: TrainProgress, epoch: int,
-               fit_id: str) -> dict:
+def state_dict(
+    model: Stfpm, optimizer: torch.optim.Optimizer, progress: TrainProgress, epoch: int, fit_id: str
+) -> dict:
     """A checkpoint's content after `epoch` (tensors, numbers, lists: loadable with weights_only=True)."""
-    return {"student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "stopper": asdict(progress.stopper),
-            "history": progress.history, "images_per_epoch": progress.images_per_epoch,
-            "empty_steps_per_epoch": progress.empty_steps_per_epoch,
-            "restores": progress.restores, "fit_id": fit_id,
-            "stopped_early": progress.stopped_early,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    return {
+        "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "stopper": asdict(progress.stopper),
+        "history": progress.history,
+        "images_per_epoch": progress.images_per_epoch,
+        "empty_steps_per_epoch": progress.empty_steps_per_epoch,
+        "restores": progress.restores,
+        "fit_id": fit_id,
+        "stopped_early": progress.stopped_early,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    }
 
 
 def save_state(folder: str | os.PathLike, state: dict) -> None:
@@ -81,8 +95,7 @@ def load_state(checkpoint_dir: str | os.PathLike) -> dict:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(state: dict, model: Stfpm, optimizer: torch.optim.Optimizer, patience: int,
-            fit_id: str) -> TrainProgress:
+def restore(state: dict, model: Stfpm, optimizer: torch.optim.Optimizer, patience: int, fit_id: str) -> TrainProgress:
     """Load a checkpoint's state into the model, optimizer and RNG; count it as a failure restart (same
     fit_id: this call of train_stfpm_ray) or a resume (a later call). Patience is the caller's."""
     model.student.load_state_dict(state["student"])
@@ -92,10 +105,15 @@ def restore(state: dict, model: Stfpm, optimizer: torch.optim.Optimizer, patienc
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return TrainProgress(stopper=engine.EarlyStopping(**{**state["stopper"], "patience": patience}),
-                         history=list(state["history"]), images_per_epoch=list(state["images_per_epoch"]),
-                         empty_steps_per_epoch=list(state["empty_steps_per_epoch"]), restores=restores,
-                         start_epoch=state["epoch"] + 1, stopped_early=state["stopped_early"])
+    return TrainProgress(
+        stopper=engine.EarlyStopping(**{**state["stopper"], "patience": patience}),
+        history=list(state["history"]),
+        images_per_epoch=list(state["images_per_epoch"]),
+        empty_steps_per_epoch=list(state["empty_steps_per_epoch"]),
+        restores=restores,
+        start_epoch=state["epoch"] + 1,
+        stopped_early=state["stopped_early"],
+    )
 
 
 class LocalStore:
@@ -128,8 +146,11 @@ class LocalStore:
         shutil.move(str(src), dst)
         entries = [e for e in self.entries() if e["dir"] != name] + [{"dir": name, "epoch": epoch, "score": score}]
         latest = max(entries, key=lambda d: d["epoch"])
-        key = (lambda d: (d["score"] if d["score"] is not None else math.inf, d["epoch"])) if self.scored else \
-            (lambda d: -d["epoch"])
+        key = (
+            (lambda d: (d["score"] if d["score"] is not None else math.inf, d["epoch"]))
+            if self.scored
+            else (lambda d: -d["epoch"])
+        )
         kept = sorted(entries, key=key)[: self.keep]
         if latest not in kept:
             kept.append(latest)
@@ -151,12 +172,16 @@ def find_run(resume_from: str, local: bool) -> str:
             if len(found) == 1:
                 return str(found[0].parent)
             if len(found) > 1:
-                raise UserError(f"{parent} holds several training runs ({', '.join(p.parent.name for p in found)}); "
-                                "pass the one to resume")
+                raise UserError(
+                    f"{parent} holds several training runs ({', '.join(p.parent.name for p in found)}); "
+                    "pass the one to resume"
+                )
     other = RAY_SNAPSHOT if local else LOCAL_INDEX
     if shared.exists(shared.join(resume_from, other)):
-        raise UserError(f"{resume_from} was trained {'on Ray workers' if local else 'in-process (workers=0)'}; "
-                        f"resume it with {'workers >= 1' if local else 'workers=0'}")
+        raise UserError(
+            f"{resume_from} was trained {'on Ray workers' if local else 'in-process (workers=0)'}; "
+            f"resume it with {'workers >= 1' if local else 'workers=0'}"
+        )
     raise UserError(f"nothing to resume in {resume_from}: no {marker} (is it a training run folder?)")
 
 

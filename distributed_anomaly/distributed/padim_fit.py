@@ -21,9 +21,7 @@ embeddings per worker; Ray Data's object-store budget for decoded batches is cap
 (pool.object_store_budget) and decoding runs in at most workers + 1 tasks. None of this grows with the
 number of images. See README.md, "Distributed PADIM fitting".
 
-The pipeline itself (pool.py) is shared with scoring (scoring.py); the names other modules import from here
-(anomaly_maps_ray, check_cluster_cpus, decode_task_count, DECODE_CPUS, model_payload, build_from_payload)
-are re-exported from their homes.
+The pipeline itself (pool.py) is shared with scoring (scoring.py); models travel as payloads (payload.py).
 """
 
 from __future__ import annotations
@@ -47,10 +45,7 @@ from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload
 from distributed_anomaly.distributed.pool import (
-    DECODE_CPUS,
-    check_cluster_cpus,
     check_pool_args,
-    decode_task_count,
     default_threads,
     pool_pipeline,
     require_ray,
@@ -58,14 +53,9 @@ from distributed_anomaly.distributed.pool import (
     set_threads,
     warn,
 )
-from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.stats import GaussianStats
-
-__all__ = ["CHUNK_BYTES", "DECODE_CPUS", "NodePartials", "PadimEmbedder", "PartialRegistry", "anomaly_maps_ray",
-           "build_from_payload", "check_cluster_cpus", "chunk_bounds", "decode_task_count", "fit_padim_ray",
-           "model_payload"]
 
 # A partial moves in chunks of whole patch positions of at most this many bytes (m2 dominates).
 CHUNK_BYTES = 64 << 20
@@ -79,6 +69,7 @@ def chunk_bounds(n_positions: int, n_features: int, dtype: torch.dtype) -> list[
 
 
 # --------------------------------------------------------------------------------------------- actors
+
 
 class NodePartials:
     """The partial GaussianStats of the pool actors on one node, one per worker (a threaded actor). Created by
@@ -123,9 +114,11 @@ class PartialRegistry:
 
     def _store(self, node_id: str) -> Any:
         if node_id not in self.node_stores:
-            self.node_stores[node_id] = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(
-                NodePartials).options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True)
-                                      ).remote(*self.args)
+            self.node_stores[node_id] = (
+                ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(NodePartials)
+                .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True))
+                .remote(*self.args)
+            )
         return self.node_stores[node_id]
 
     def store_for(self, worker_id: str, node_id: str) -> list:
@@ -164,11 +157,17 @@ class PadimEmbedder:
             # Folded before these rows are reported: exact accounting.
             ray.get(self.store.update.remote(self.worker_id, emb))
         n = len(ok)
-        return {"idx": batch["idx"], "ok": ok, "error": batch["error"],
-                "worker": np.full(n, self.worker_id), "node": np.full(n, self.node_id)}
+        return {
+            "idx": batch["idx"],
+            "ok": ok,
+            "error": batch["error"],
+            "worker": np.full(n, self.worker_id),
+            "node": np.full(n, self.node_id),
+        }
 
 
 # --------------------------------------------------------------------------------------------- driver side
+
 
 @dataclass
 class _Tally:
@@ -210,31 +209,53 @@ class _Tally:
     def check_complete(self) -> None:
         if not self.seen.all():
             missing = np.flatnonzero(~self.seen)
-            raise RuntimeError(f"{len(missing)} images never came back from the pipeline (first: "
-                               f"{self.records[missing[0]].path})")
+            raise RuntimeError(
+                f"{len(missing)} images never came back from the pipeline (first: {self.records[missing[0]].path})"
+            )
         n_images = len(self.records) - len(self.skipped)
         if n_images < 2:
-            raise UserError(f"PADIM needs at least 2 readable training images, got {n_images} "
-                            f"({len(self.skipped)} unreadable skipped)")
+            raise UserError(
+                f"PADIM needs at least 2 readable training images, got {n_images} "
+                f"({len(self.skipped)} unreadable skipped)"
+            )
 
     def info(self, acc: GaussianStats) -> dict:
         n = len(self.records)
         seconds = time.perf_counter() - self.started
-        steady = (round((n - self.n_first) / (self.last_out - self.first_out), 2)
-                  if self.n_out >= 4 and self.last_out > self.first_out else None)
-        return {"images": acc.count, "manifest_images": n, "skipped": self.skipped, "num_skipped": len(self.skipped),
-                "workers": [{"worker": w, "node": self.node_of[w], "images": k}
-                            for w, k in sorted(self.rows_per_worker.items())],
-                "nodes": sorted({self.node_of[w] for w in self.rows_per_worker}), "seconds": round(seconds, 3),
-                "images_per_s": round(n / seconds, 2),
-                # Start-up (actors, model load) until the first batch is out; then the pipeline's steady rate.
-                "startup_s": round(self.first_out - self.started, 3), "steady_images_per_s": steady,
-                "dtype": str(acc.dtype).replace("torch.", "")}
+        steady = (
+            round((n - self.n_first) / (self.last_out - self.first_out), 2)
+            if self.n_out >= 4 and self.last_out > self.first_out
+            else None
+        )
+        return {
+            "images": acc.count,
+            "manifest_images": n,
+            "skipped": self.skipped,
+            "num_skipped": len(self.skipped),
+            "workers": [
+                {"worker": w, "node": self.node_of[w], "images": k} for w, k in sorted(self.rows_per_worker.items())
+            ],
+            "nodes": sorted({self.node_of[w] for w in self.rows_per_worker}),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(n / seconds, 2),
+            # Start-up (actors, model load) until the first batch is out; then the pipeline's steady rate.
+            "startup_s": round(self.first_out - self.started, 3),
+            "steady_images_per_s": steady,
+            "dtype": str(acc.dtype).replace("torch.", ""),
+        }
 
 
-def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, workers: int, progress: bool = True,
-                  skip_corrupt: bool = False, cpus_per_worker: float = 1.0,
-                  threads_per_worker: int | None = None) -> tuple[GaussianStats, dict]:
+def fit_padim_ray(
+    model: Padim,
+    records: Sequence[Record],
+    *,
+    batch_size: int,
+    workers: int,
+    progress: bool = True,
+    skip_corrupt: bool = False,
+    cpus_per_worker: float = 1.0,
+    threads_per_worker: int | None = None,
+) -> tuple[GaussianStats, dict]:
     """Fit PADIM's Gaussians on a Ray cluster (Ray must be initialised: see ensure_ray); same result as
     engine.fit_padim up to float64 rounding. Sets the model's mean/inv_cov and returns (stats, info).
 
@@ -253,13 +274,16 @@ def fit_padim_ray(model: Padim, records: Sequence[Record], *, batch_size: int, w
     acc = engine.empty_stats(model)
     threads = default_threads(cpus_per_worker, threads_per_worker)
     payload = ray.put(model_payload(model, with_gaussian=False))
-    registry = ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    ).remote(model.n_positions, model.n_features, str(acc.dtype).replace("torch.", ""), threads)
+    registry = (
+        ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
+        .remote(model.n_positions, model.n_features, str(acc.dtype).replace("torch.", ""), threads)
+    )
     bar = Progress(len(records), f"fit padim (ray, {workers} workers)", progress)
     try:
-        with pool_pipeline(records, model.image_size, batch_size, workers, cpus_per_worker, PadimEmbedder,
-                           (payload, registry, threads)) as batches:
+        with pool_pipeline(
+            records, model.image_size, batch_size, workers, cpus_per_worker, PadimEmbedder, (payload, registry, threads)
+        ) as batches:
             for out in batches:
                 tally.add(out)
                 bar.update(len(out["idx"]))
@@ -296,14 +320,17 @@ def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, 
             try:
                 count, mean, m2 = ray.get(refs[i])
             except ray.exceptions.RayActorError as exc:
-                raise RuntimeError(f"the statistics of worker {worker} on node {node_of[worker]} ({n} images) "
-                                   f"were lost: {exc}") from exc
+                raise RuntimeError(
+                    f"the statistics of worker {worker} on node {node_of[worker]} ({n} images) were lost: {exc}"
+                ) from exc
             refs[i] = None  # release the chunk once merged
             if i + 2 < len(bounds):
                 refs.append(store.chunk.remote(worker, *bounds[i + 2]))
             if count != n:
-                raise RuntimeError(f"worker {worker} on node {node_of[worker]} reported {n} images but its "
-                                   f"statistics count {count}: the fit is inconsistent")
+                raise RuntimeError(
+                    f"worker {worker} on node {node_of[worker]} reported {n} images but its "
+                    f"statistics count {count}: the fit is inconsistent"
+                )
             part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
             del mean, m2
             # A view of the accumulator's positions [p0, p1): merge_ updates it in place.

@@ -23,13 +23,24 @@ def model_payload(model: torch.nn.Module, *, with_gaussian: bool = True) -> dict
     drop = () if with_gaussian else GAUSSIAN_KEYS
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in drop}
     if isinstance(model, Padim):
-        return {"kind": "padim", "state": state,
-                "kwargs": dict(backbone=model.extractor.backbone, layers=list(model.extractor.layers),
-                               n_features=model.n_features, image_size=model.image_size)}
+        return {
+            "kind": "padim",
+            "state": state,
+            "kwargs": dict(
+                backbone=model.extractor.backbone,
+                layers=list(model.extractor.layers),
+                n_features=model.n_features,
+                image_size=model.image_size,
+            ),
+        }
     if isinstance(model, Stfpm):
-        return {"kind": "stfpm", "state": state,
-                "kwargs": dict(backbone=model.teacher.backbone, layers=list(model.teacher.layers),
-                               image_size=model.image_size)}
+        return {
+            "kind": "stfpm",
+            "state": state,
+            "kwargs": dict(
+                backbone=model.teacher.backbone, layers=list(model.teacher.layers), image_size=model.image_size
+            ),
+        }
     return {"kind": "module", "module": model}  # anything else travels pickled
 
 
@@ -42,6 +53,7 @@ def build_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
         module = cls(**payload["kwargs"], pretrained=False)
         missing, unexpected = module.load_state_dict(payload["state"], strict=False)
         if unexpected or set(missing) - set(GAUSSIAN_KEYS):
-            raise RuntimeError(f"model state does not fit the rebuilt {payload['kind']}: missing {missing}, "
-                               f"unexpected {unexpected}")
+            raise RuntimeError(
+                f"model state does not fit the rebuilt {payload['kind']}: missing {missing}, unexpected {unexpected}"
+            )
     return module.eval().requires_grad_(False)

@@ -27,16 +27,10 @@ from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.distributed.cpus import PADIM_DECODE_CPUS, padim_decode_tasks
 from distributed_anomaly.errors import UserError
 
-DECODE_CPUS = PADIM_DECODE_CPUS  # logical CPUs of one decode task (cpus.py says why this many)
 # Ray Data starts the pool's actors, then feeds whichever is ready: on a small dataset the first actor up can
 # take every batch while the others still import torch (a node left idle). The pool is awaited (up to this long)
 # before any batch is dispatched, so every worker gets its share.
 POOL_START_TIMEOUT_S = 600
-
-
-def decode_task_count(workers: int) -> int:
-    """Decode tasks in flight at most for a pool of `workers` (cpus.padim_decode_tasks)."""
-    return padim_decode_tasks(workers)
 
 
 def check_cluster_cpus(workers: int, cpus_per_worker: float, decode_cpus: float) -> None:
@@ -44,9 +38,11 @@ def check_cluster_cpus(workers: int, cpus_per_worker: float, decode_cpus: float)
     total = ray.cluster_resources().get("CPU", 0.0)
     need = workers * cpus_per_worker + decode_cpus
     if total < need:
-        raise UserError(f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} CPUs "
-                        f"plus {decode_cpus:g} for decoding need {need:g} (use fewer workers, fewer CPUs per worker, "
-                        "or add nodes)")
+        raise UserError(
+            f"the Ray cluster has {total:g} logical CPUs; {workers} workers x {cpus_per_worker:g} CPUs "
+            f"plus {decode_cpus:g} for decoding need {need:g} (use fewer workers, fewer CPUs per worker, "
+            "or add nodes)"
+        )
 
 
 def require_ray() -> None:
@@ -61,7 +57,7 @@ def check_pool_args(batch_size: int, workers: int, cpus_per_worker: float) -> No
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    check_cluster_cpus(workers, cpus_per_worker, DECODE_CPUS)
+    check_cluster_cpus(workers, cpus_per_worker, PADIM_DECODE_CPUS)
 
 
 def default_threads(cpus_per_worker: float, threads_per_worker: int | None) -> int:
@@ -90,44 +86,79 @@ def object_store_budget(image_size: int, batch_size: int, workers: int) -> int:
 
 
 @contextlib.contextmanager
-def pool_pipeline(records: Sequence[Record], image_size: int, batch_size: int, workers: int,
-                  cpus_per_worker: float, udf: type, ctor_args: tuple) -> Iterator[Iterator[dict[str, np.ndarray]]]:
-    """Run paths -> decode tasks -> actor pool `udf`; yields an iterator over its output batches (numpy dicts).
-
-    Blocks of at most `batch_size` consecutive images are the unit of work end to end (no batch_size
-    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset). Inside the
-    with-block, Ray Data's progress bars and INFO logs are off, its object-store budget is capped and the whole
-    pool is started before the first batch is dispatched.
-    """
+def _quiet_data_context(image_size: int, batch_size: int, workers: int) -> Iterator[None]:
+    """Ray Data without progress bars or INFO logs, a capped object-store budget and a whole pool started before
+    the first batch; the previous settings come back on exit."""
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits,
-             ctx.wait_for_min_actors_s)
+    saved = (
+        ctx.enable_progress_bars,
+        ctx.print_on_execution_start,
+        ctx.execution_options.resource_limits,
+        ctx.wait_for_min_actors_s,
+    )
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
-    it = None
     try:
         data_logger.setLevel(logging.ERROR)
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.wait_for_min_actors_s = POOL_START_TIMEOUT_S
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(
-            object_store_memory=object_store_budget(image_size, batch_size, workers))
-        items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-        # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed, and
-        # bound the number of decode worker processes (each imports torch: ~0.3 GB).
-        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=None,
-                            batch_format="numpy", num_cpus=DECODE_CPUS,
-                            compute=ray.data.TaskPoolStrategy(size=decode_task_count(workers)))
-        ds = ds.map_batches(udf, fn_constructor_args=ctor_args, batch_size=None, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker)
-        it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
-        yield it
+            object_store_memory=object_store_budget(image_size, batch_size, workers)
+        )
+        yield
     finally:
-        close = getattr(it, "close", None)  # stops the execution now (not at garbage collection) on errors
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
-        (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.resource_limits,
-         ctx.wait_for_min_actors_s) = saved
+        (
+            ctx.enable_progress_bars,
+            ctx.print_on_execution_start,
+            ctx.execution_options.resource_limits,
+            ctx.wait_for_min_actors_s,
+        ) = saved
         data_logger.setLevel(saved_level)
+
+
+@contextlib.contextmanager
+def pool_pipeline(
+    records: Sequence[Record],
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    cpus_per_worker: float,
+    udf: type,
+    ctor_args: tuple,
+) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """Run paths -> decode tasks -> actor pool `udf`; yields an iterator over its output batches (numpy dicts).
+
+    Blocks of at most `batch_size` consecutive images are the unit of work end to end (no batch_size
+    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset).
+    """
+    it = None
+    with _quiet_data_context(image_size, batch_size, workers):
+        try:
+            items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
+            ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+            # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed, and
+            # bound the number of decode worker processes (each imports torch: ~0.3 GB).
+            ds = ds.map_batches(
+                decode_batch,
+                fn_kwargs={"image_size": image_size},
+                batch_size=None,
+                batch_format="numpy",
+                num_cpus=PADIM_DECODE_CPUS,
+                compute=ray.data.TaskPoolStrategy(size=padim_decode_tasks(workers)),
+            )
+            ds = ds.map_batches(
+                udf,
+                fn_constructor_args=ctor_args,
+                batch_size=None,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=cpus_per_worker,
+            )
+            it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+            yield it
+        finally:
+            close = getattr(it, "close", None)  # stops the execution now (not at garbage collection) on errors
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()

@@ -63,22 +63,31 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         # Ray Train gives a worker group 60 s to start; on a small, busy machine importing torch in new worker
         # processes can take longer, which would count as a failure. A local node inherits this environment.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 **({"dashboard_host": "127.0.0.1"} if dashboard else {}), **common)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            **({"dashboard_host": "127.0.0.1"} if dashboard else {}),
+            **common,
+        )
         return True
     if num_cpus is not None:
-        logging.getLogger(__name__).warning("num_cpus=%s ignored: joining the existing cluster at %s", num_cpus,
-                                            address)
+        logging.getLogger(__name__).warning(
+            "num_cpus=%s ignored: joining the existing cluster at %s", num_cpus, address
+        )
     token_mode = _enable_token_mode_for_join()
     try:
         ray.init(address=address, **common)
     except ConnectionError as exc:
-        hint = ("the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token may not be the cluster's"
-                if token_mode else
-                "if the cluster uses token authentication, set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
-                "(`ray get-auth-token` on the head node prints it)")
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {exc} (is it running and reachable? "
-                        f"{hint})") from exc
+        hint = (
+            "the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token may not be the cluster's"
+            if token_mode
+            else "if the cluster uses token authentication, set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
+            "(`ray get-auth-token` on the head node prints it)"
+        )
+        raise UserError(
+            f"cannot connect to the Ray cluster at {address}: {exc} (is it running and reachable? {hint})"
+        ) from exc
     except Exception as exc:
         if type(exc).__name__ == "AuthenticationError":
             raise UserError(f"Ray cluster at {address} refused this driver's credentials: {exc}") from exc

@@ -45,9 +45,17 @@ class ModelScorer:
         return {"idx": batch["idx"], "ok": ok, "error": batch["error"], "map": maps}
 
 
-def anomaly_maps_ray(model: torch.nn.Module, records: Sequence[Record], image_size: int, batch_size: int = 32,
-                     workers: int = 1, progress: bool = True, what: str = "score", cpus_per_worker: float = 1.0,
-                     threads_per_worker: int | None = None) -> np.ndarray:
+def anomaly_maps_ray(
+    model: torch.nn.Module,
+    records: Sequence[Record],
+    image_size: int,
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
+    what: str = "score",
+    cpus_per_worker: float = 1.0,
+    threads_per_worker: int | None = None,
+) -> np.ndarray:
     """(N, S, S) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps)."""
     out = np.empty((len(records), image_size, image_size), dtype=np.float32)
     if not records:
@@ -59,8 +67,9 @@ def anomaly_maps_ray(model: torch.nn.Module, records: Sequence[Record], image_si
     threads = default_threads(cpus_per_worker, threads_per_worker)
     seen = np.zeros(len(records), dtype=bool)
     bar = Progress(len(records), f"{what} (ray, {workers} workers)", progress)
-    with pool_pipeline(records, image_size, batch_size, workers, cpus_per_worker, ModelScorer,
-                       (payload, threads)) as batches:
+    with pool_pipeline(
+        records, image_size, batch_size, workers, cpus_per_worker, ModelScorer, (payload, threads)
+    ) as batches:
         for b in batches:
             bad = np.flatnonzero(~np.asarray(b["ok"], dtype=bool))
             if len(bad):

@@ -66,8 +66,9 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return [float(v) for v in t.cpu()]
 
-    def lockstep(self, batches: Iterator[torch.Tensor], image_size: int,
-                 empty_steps: list[int]) -> Iterator[torch.Tensor]:
+    def lockstep(
+        self, batches: Iterator[torch.Tensor], image_size: int, empty_steps: list[int]
+    ) -> Iterator[torch.Tensor]:
         """Same number of steps on every rank: a rank out of images yields empty batches while others have some."""
         if not self.distributed:
             yield from batches
@@ -95,8 +96,9 @@ def tensor_batches(shard: Any, batch_size: int, device: torch.device, what: str)
         yield torch.from_numpy(np.array(b["pixels"], dtype=np.float32)).to(device, non_blocking=True)  # writable copy
 
 
-def replica_loss_fn(model: Stfpm, student: torch.nn.Module, batch_norm: str,
-                    sync: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def replica_loss_fn(
+    model: Stfpm, student: torch.nn.Module, batch_norm: str, sync: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The training loss of one rank's batch through `student` (model.student, or its DDP wrapper).
 
     An empty batch (a rank out of images) must not touch running statistics; SyncBN ranks must all join.
@@ -126,13 +128,20 @@ class EpochTotals:
     seconds: float
 
     def result(self, epoch: int) -> engine.EpochResult:
-        return engine.EpochResult(epoch, self.train_loss, self.val_loss, self.images / max(self.seconds, 1e-9),
-                                  self.seconds)
+        return engine.EpochResult(
+            epoch, self.train_loss, self.val_loss, self.images / max(self.seconds, 1e-9), self.seconds
+        )
 
 
-def run_epoch(model: Stfpm, optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-              train: Iterator[torch.Tensor], val: Iterator[torch.Tensor] | None, ranks: Ranks,
-              image_size: int) -> EpochTotals:
+def run_epoch(
+    model: Stfpm,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    train: Iterator[torch.Tensor],
+    val: Iterator[torch.Tensor] | None,
+    ranks: Ranks,
+    image_size: int,
+) -> EpochTotals:
     """SGD over this rank's training batches in lockstep with the others, then the validation loss."""
     start = time.perf_counter()
     empty = [0]
@@ -147,8 +156,9 @@ def run_epoch(model: Stfpm, optimizer: torch.optim.Optimizer, loss_fn: Callable[
     return EpochTotals(total / max(n_all, 1), int(n_all), int(n_empty), val_loss, seconds)
 
 
-def early_stop_step(stopper: engine.EarlyStopping, epoch: int, val_loss: float | None,
-                    ranks: Ranks) -> tuple[bool, bool]:
+def early_stop_step(
+    stopper: engine.EarlyStopping, epoch: int, val_loss: float | None, ranks: Ranks
+) -> tuple[bool, bool]:
     """(improved, stop): the epoch's validation loss into `stopper`; all ranks stop together."""
     improved = val_loss is not None and stopper.step(epoch, val_loss)
     stop = val_loss is not None and stopper.should_stop

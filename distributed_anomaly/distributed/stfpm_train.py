@@ -57,7 +57,7 @@ from distributed_anomaly import storage as shared
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.images import decode_batch
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.checkpoints import STATE_FILE, LocalStore, best_state, find_run, load_state
+from distributed_anomaly.distributed.checkpoints import LocalStore, best_state, find_run
 from distributed_anomaly.distributed.cpus import STFPM_DECODE_CPUS, stfpm_decode_tasks
 from distributed_anomaly.distributed.payload import model_payload
 from distributed_anomaly.distributed.pool import check_cluster_cpus
@@ -66,21 +66,17 @@ from distributed_anomaly.distributed.stfpm_worker import StfpmLoopConfig, train_
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.stfpm import Stfpm
 
-# load_state, STATE_FILE and BATCH_NORM_MODES live in checkpoints / stfpm_steps; importable from here too.
-__all__ = ["BATCH_NORM_MODES", "DECODE_CPUS", "STATE_FILE", "decode_task_count", "load_state", "train_stfpm_ray"]
-
-DECODE_CPUS = STFPM_DECODE_CPUS  # logical CPUs of one shuffle / decode task
-
-
-def decode_task_count(workers: int) -> int:
-    """Default decode tasks in flight for `workers` ranks (cpus.stfpm_decode_tasks)."""
-    return stfpm_decode_tasks(workers)
-
-
 # --------------------------------------------------------------------------------------------- data
 
-def _datasets(fit_records: Sequence[Record], val_records: Sequence[Record], image_size: int, per_worker: int,
-              seed: int, decode_tasks: int) -> dict[str, ray.data.Dataset]:
+
+def _datasets(
+    fit_records: Sequence[Record],
+    val_records: Sequence[Record],
+    image_size: int,
+    per_worker: int,
+    seed: int,
+    decode_tasks: int,
+) -> dict[str, ray.data.Dataset]:
     """Ray Data pipelines of decoded images: training paths reshuffled every epoch (seeded), validation in order."""
 
     def build(records: Sequence[Record], shuffle: bool) -> ray.data.Dataset:
@@ -88,9 +84,17 @@ def _datasets(fit_records: Sequence[Record], val_records: Sequence[Record], imag
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_worker)))
         if shuffle:
             # Only paths are shuffled (an all-to-all over a few bytes per image); decoding streams after it.
-            ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True), num_cpus=DECODE_CPUS)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=None,
-                            batch_format="numpy", num_cpus=DECODE_CPUS, concurrency=decode_tasks)
+            ds = ds.random_shuffle(
+                seed=RandomSeedConfig(seed=seed, reseed_after_execution=True), num_cpus=STFPM_DECODE_CPUS
+            )
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": image_size},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=STFPM_DECODE_CPUS,
+            concurrency=decode_tasks,
+        )
         ds.context.execution_options.preserve_order = True  # deterministic shard assignment (workers=0 too)
         ds.context.enable_progress_bars = False  # one line per epoch from us instead
         ds.context.print_on_execution_start = False
@@ -109,8 +113,9 @@ class NoDropDataConfig(DataConfig):
     rank with the fewest rows so far.
     """
 
-    def configure(self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any,
-                  **kwargs: Any) -> list[dict]:
+    def configure(
+        self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
+    ) -> list[dict]:
         output: list[dict] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
@@ -123,6 +128,7 @@ class NoDropDataConfig(DataConfig):
 
 
 # --------------------------------------------------------------------------------------------- driver
+
 
 def _check_args(model_cfg: ModelConfig, fit_records: Sequence[Record], workers: int, batch_norm: str) -> None:
     if workers < 0:
@@ -143,8 +149,10 @@ def _run_location(storage: str | None, run_name: str, resume_from: str | None, l
         return shared.split_last(find_run(shared.normalize(resume_from), local))
     storage = shared.normalize(storage or "~/ray_results")
     if shared.exists(shared.join(storage, run_name)):
-        raise UserError(f"training run folder {shared.join(storage, run_name)} already exists: pass resume_from "
-                        "to continue it, or choose another run name / storage")
+        raise UserError(
+            f"training run folder {shared.join(storage, run_name)} already exists: pass resume_from "
+            "to continue it, or choose another run name / storage"
+        )
     return storage, run_name
 
 
@@ -178,8 +186,10 @@ def _fit(trainer: TorchTrainer, queue: Any, run_path: str) -> Result:
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise RuntimeError(f"STFPM training on Ray failed ({type(exc).__name__}: {exc}); its checkpoints are in "
-                           f"{run_path}: continue with resume_from={run_path!r}") from exc
+        raise RuntimeError(
+            f"STFPM training on Ray failed ({type(exc).__name__}: {exc}); its checkpoints are in "
+            f"{run_path}: continue with resume_from={run_path!r}"
+        ) from exc
     finally:
         data_logger.setLevel(saved_level)
         if printer is not None:
@@ -196,23 +206,74 @@ def _fit(trainer: TorchTrainer, queue: Any, run_path: str) -> Result:
 def _info(summary: dict, **call: Any) -> dict:
     """train_stfpm_ray's info: the loop's summary (rank 0's) flattened, plus how this call ran."""
     restores = summary["restores"]
-    return {"history": summary["history"], "images_per_epoch": summary["images_per_epoch"],
-            "empty_steps_per_epoch": summary["empty_steps_per_epoch"], "best_epoch": int(summary["best_epoch"]),
-            "best_val_loss": summary["best_val_loss"], "epochs_run": len(summary["history"]),
-            "stopped_early": bool(summary["stopped_early"]), "failures": restores["failures"],
-            "resumes": restores["resumes"], **call}
+    return {
+        "history": summary["history"],
+        "images_per_epoch": summary["images_per_epoch"],
+        "empty_steps_per_epoch": summary["empty_steps_per_epoch"],
+        "best_epoch": int(summary["best_epoch"]),
+        "best_val_loss": summary["best_val_loss"],
+        "epochs_run": len(summary["history"]),
+        "stopped_early": bool(summary["stopped_early"]),
+        "failures": restores["failures"],
+        "resumes": restores["resumes"],
+        **call,
+    }
 
 
-# Over 60 lines for its docstring (the public API's contract, 36 lines); the body is straight-line setup of
-# ~45 lines whose steps are the helpers above.
-def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records: Sequence[Record],
-                    val_records: Sequence[Record], *, workers: int, storage: str | None = None,
-                    run_name: str = "stfpm", resume_from: str | None = None, progress: bool = True,
-                    model: Stfpm | None = None, use_gpu: bool | None = None, cpus_per_worker: float = 1.0,
-                    max_failures: int = 3, num_to_keep: int = 2, batch_norm: str = "replica",
-                    decode_tasks: int | None = None, epoch_eval: Callable[[Stfpm, int], dict] | None = None,
-                    callbacks: Sequence[Any] = (),
-                    fault_hook: Callable[[int, int], None] | None = None) -> tuple[Stfpm, dict]:
+def _checkpoint_config(num_to_keep: int, scored: bool) -> CheckpointConfig:
+    """Keep the best `num_to_keep` by validation loss when there is one (Ray always keeps the latest too)."""
+    if not scored:
+        return CheckpointConfig(num_to_keep=num_to_keep)
+    return CheckpointConfig(
+        num_to_keep=num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+    )
+
+
+def _trainer(
+    loop: StfpmLoopConfig, workers: int, cpus_per_worker: float, run: RunConfig, datasets: dict
+) -> TorchTrainer:
+    """The TorchTrainer of one run: gloo on CPU, NCCL on GPU; workers=0 is Ray Train's local mode."""
+    local = workers == 0
+    scaling = ScalingConfig(
+        num_workers=workers,
+        use_gpu=loop.use_gpu and not local,  # + 1 GPU per worker
+        resources_per_worker=None if local else {"CPU": cpus_per_worker},
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.as_dict(),
+        torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),
+        scaling_config=scaling,
+        run_config=run,
+        datasets=datasets,
+        dataset_config=NoDropDataConfig(),
+    )
+
+
+# Over 60 lines: the public API's contract (a 36-line docstring over 20 keyword arguments) and the typed loop
+# config built field by field; the rest is straight-line setup whose steps are the helpers above.
+def train_stfpm_ray(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    fit_records: Sequence[Record],
+    val_records: Sequence[Record],
+    *,
+    workers: int,
+    storage: str | None = None,
+    run_name: str = "stfpm",
+    resume_from: str | None = None,
+    progress: bool = True,
+    model: Stfpm | None = None,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 3,
+    num_to_keep: int = 2,
+    batch_norm: str = "replica",
+    decode_tasks: int | None = None,
+    epoch_eval: Callable[[Stfpm, int], dict] | None = None,
+    callbacks: Sequence[Any] = (),
+    fault_hook: Callable[[int, int], None] | None = None,
+) -> tuple[Stfpm, dict]:
     """Train STFPM's student with Ray Train (Ray must be initialised: see ensure_ray); returns (model, info).
 
     workers: W >= 1 Ray Train workers (DDP over gloo on CPU, NCCL on GPU); 0 runs the same loop in this
@@ -227,7 +288,7 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
         student's initial weights travel to the workers (no weights download there).
     batch_norm: "replica" (DDP's per-replica statistics), "sync" (SyncBatchNorm; GPU only) or "frozen".
     cpus_per_worker: logical CPUs each worker reserves (torch threads: its integer part, at least 1);
-        decode_tasks: Ray Data decode tasks in flight at most (default 2 per worker, DECODE_CPUS each);
+        decode_tasks: Ray Data decode tasks in flight at most (default 2 per worker, STFPM_DECODE_CPUS each);
         max_failures: worker-group restarts from the latest checkpoint; num_to_keep: best checkpoints kept.
     epoch_eval: a picklable callable (model, epoch) -> {name: number} run on rank 0 after every epoch; its values
         join that epoch's reported metrics (hyperparameter search scores each epoch with it). It must leave the
@@ -251,39 +312,60 @@ def train_stfpm_ray(model_cfg: ModelConfig, train_cfg: TrainConfig, fit_records:
     local, world = workers == 0, max(workers, 1)
     per_worker = max(1, math.ceil(tcfg.batch_size / world))
     if not local:
-        check_cluster_cpus(workers, cpus_per_worker, DECODE_CPUS)
+        check_cluster_cpus(workers, cpus_per_worker, STFPM_DECODE_CPUS)
     storage, run_name = _run_location(storage, run_name, resume_from, local)
     run_path = shared.join(storage, run_name)
     if model is None:
         model = rundir.build_model(model_cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
-    payload = model_payload(model)
     queue = Queue(actor_options={"num_cpus": 0}) if progress and not local else None
     loop = StfpmLoopConfig(
-        payload=payload if local else ray.put(payload), fit_id=uuid.uuid4().hex, epochs=tcfg.epochs,
-        per_worker_batch=per_worker, image_size=model_cfg.image_size, lr=tcfg.lr, momentum=tcfg.momentum,
-        weight_decay=tcfg.weight_decay, patience=tcfg.patience, batch_norm=batch_norm, has_val=bool(val_records),
-        local=local, use_gpu=use_gpu, threads=max(1, int(cpus_per_worker)), num_to_keep=num_to_keep,
-        local_store=run_path if local else None, progress=progress, progress_queue=queue, epoch_eval=epoch_eval,
-        fault_hook=fault_hook)
-    scored = {"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"} if val_records else {}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop.as_dict(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu and not local,  # + 1 GPU per worker
-                                     resources_per_worker=None if local else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep, **scored),
-                             failure_config=FailureConfig(max_failures=max_failures), callbacks=list(callbacks)),
-        datasets=_datasets(fit_records, val_records, model_cfg.image_size, per_worker, model_cfg.seed,
-                           decode_tasks or decode_task_count(world)),
-        dataset_config=NoDropDataConfig())
+        payload=model_payload(model) if local else ray.put(model_payload(model)),
+        fit_id=uuid.uuid4().hex,
+        **{k: getattr(tcfg, k) for k in ("epochs", "lr", "momentum", "weight_decay", "patience")},
+        per_worker_batch=per_worker,
+        image_size=model_cfg.image_size,
+        batch_norm=batch_norm,
+        has_val=bool(val_records),
+        local=local,
+        use_gpu=use_gpu,
+        threads=max(1, int(cpus_per_worker)),
+        num_to_keep=num_to_keep,
+        local_store=run_path if local else None,
+        progress=progress,
+        progress_queue=queue,
+        epoch_eval=epoch_eval,
+        fault_hook=fault_hook,
+    )
+    datasets = _datasets(
+        fit_records,
+        val_records,
+        model_cfg.image_size,
+        per_worker,
+        model_cfg.seed,
+        decode_tasks or stfpm_decode_tasks(world),
+    )
+    run = RunConfig(
+        name=run_name,
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=_checkpoint_config(num_to_keep, bool(val_records)),
+        callbacks=list(callbacks),
+    )
+    trainer = _trainer(loop, workers, cpus_per_worker, run, datasets)
     start = time.perf_counter()
     result = _fit(trainer, queue, run_path)
     summary = result.return_value
     store = LocalStore(run_path, num_to_keep, bool(val_records)) if local else None
     model.student.load_state_dict(best_state(result, run_path, int(summary["best_epoch"]), store)["student"])
     model.eval()
-    return model, _info(summary, resumed=resume_from is not None, run_path=run_path, workers=workers,
-                        global_batch_size=per_worker * world, per_worker_batch_size=per_worker,
-                        batch_norm=batch_norm, device="cuda" if use_gpu else "cpu",
-                        seconds=round(time.perf_counter() - start, 3))
+    return model, _info(
+        summary,
+        resumed=resume_from is not None,
+        run_path=run_path,
+        workers=workers,
+        global_batch_size=per_worker * world,
+        per_worker_batch_size=per_worker,
+        batch_norm=batch_norm,
+        device="cuda" if use_gpu else "cpu",
+        seconds=round(time.perf_counter() - start, 3),
+    )

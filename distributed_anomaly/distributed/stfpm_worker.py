@@ -97,11 +97,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
         if progress.stopped_early:
             break
         _fault_point(cfg, rank, epoch)
-        val = (tensor_batches(val_shard, cfg.per_worker_batch, ranks.device, "validation")
-               if val_shard is not None else None)
-        totals = run_epoch(model, optimizer, loss_fn,
-                           tensor_batches(train_shard, cfg.per_worker_batch, ranks.device, "training"), val,
-                           ranks, cfg.image_size)
+        val = (
+            tensor_batches(val_shard, cfg.per_worker_batch, ranks.device, "validation")
+            if val_shard is not None
+            else None
+        )
+        totals = run_epoch(
+            model,
+            optimizer,
+            loss_fn,
+            tensor_batches(train_shard, cfg.per_worker_batch, ranks.device, "training"),
+            val,
+            ranks,
+            cfg.image_size,
+        )
         improved, progress.stopped_early = early_stop_step(progress.stopper, epoch, totals.val_loss, ranks)
         progress.record(totals.result(epoch), totals.images, totals.empty_steps)
         metrics = _metrics(epoch, totals, progress)
@@ -128,12 +137,16 @@ def _build_model(cfg: StfpmLoopConfig, ranks: Ranks) -> Stfpm:
     return model.to(ranks.device)
 
 
-def _restored_progress(cfg: StfpmLoopConfig, model: Stfpm, optimizer: torch.optim.Optimizer,
-                       store: LocalStore | None) -> TrainProgress:
+def _restored_progress(
+    cfg: StfpmLoopConfig, model: Stfpm, optimizer: torch.optim.Optimizer, store: LocalStore | None
+) -> TrainProgress:
     """Ray's latest checkpoint (after a worker failure, or a resumed run) or, in-process, ours; else a start."""
     checkpoint = ray.train.get_checkpoint()
-    folder = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(
-        store.latest() if store is not None else None)
+    folder = (
+        checkpoint.as_directory()
+        if checkpoint is not None
+        else contextlib.nullcontext(store.latest() if store is not None else None)
+    )
     with folder as ckpt_dir:
         if ckpt_dir is None:
             return TrainProgress(engine.EarlyStopping(cfg.patience))
@@ -151,16 +164,30 @@ def _fault_point(cfg: StfpmLoopConfig, rank: int, epoch: int) -> None:
 
 def _metrics(epoch: int, totals: EpochTotals, progress: TrainProgress) -> dict[str, Any]:
     record = totals.result(epoch)
-    metrics = {"epoch": epoch, "train_loss": totals.train_loss, "images_per_s": record.images_per_s,
-               "seconds": totals.seconds, "images": totals.images, "best_epoch": progress.stopper.best_epoch,
-               "stopped_early": progress.stopped_early}
+    metrics = {
+        "epoch": epoch,
+        "train_loss": totals.train_loss,
+        "images_per_s": record.images_per_s,
+        "seconds": totals.seconds,
+        "images": totals.images,
+        "best_epoch": progress.stopper.best_epoch,
+        "stopped_early": progress.stopped_early,
+    }
     if totals.val_loss is not None:
         metrics["val_loss"] = totals.val_loss
     return metrics
 
 
-def _report(cfg: StfpmLoopConfig, rank: int, metrics: dict, model: Stfpm, optimizer: torch.optim.Optimizer,
-            progress: TrainProgress, epoch: int, store: LocalStore | None) -> None:
+def _report(
+    cfg: StfpmLoopConfig,
+    rank: int,
+    metrics: dict,
+    model: Stfpm,
+    optimizer: torch.optim.Optimizer,
+    progress: TrainProgress,
+    epoch: int,
+    store: LocalStore | None,
+) -> None:
     """Every rank reports (Ray Train's barrier); rank 0 attaches the checkpoint (in-process: kept by `store`)."""
     with tempfile.TemporaryDirectory(prefix="stfpm-ckpt-") as tmp:
         ckpt = None
@@ -191,6 +218,8 @@ def _printer(cfg: StfpmLoopConfig, rank: int) -> Callable[[str], None]:
 
 def _epoch_line(cfg: StfpmLoopConfig, epoch: int, totals: EpochTotals, improved: bool, world: int) -> str:
     val = totals.val_loss
-    return (f"epoch {epoch + 1}/{cfg.epochs}: train loss {totals.train_loss:.4f}"
-            + (f", val loss {val:.4f}" + (" (best)" if improved else "") if val is not None else "")
-            + f", {totals.result(epoch).images_per_s:.1f} images/s, {world} worker(s)")
+    return (
+        f"epoch {epoch + 1}/{cfg.epochs}: train loss {totals.train_loss:.4f}"
+        + (f", val loss {val:.4f}" + (" (best)" if improved else "") if val is not None else "")
+        + f", {totals.result(epoch).images_per_s:.1f} images/s, {world} worker(s)"
+    )

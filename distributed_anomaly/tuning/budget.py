@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distributed_anomaly.distributed import padim_fit, stfpm_train
+from distributed_anomaly.distributed.cpus import cpus_needed
 from distributed_anomaly.errors import UserError
 
 TRIAL_DRIVER_CPUS = 1.0
@@ -27,9 +27,7 @@ class Budget:
 
 def fit_cpus(model: str, workers: int) -> float:
     """Logical CPUs one trial's fit holds at most besides its driver (decode tasks as the fit code sizes them)."""
-    if model == "padim":
-        return workers * 1.0 + padim_fit.decode_task_count(workers) * padim_fit.DECODE_CPUS
-    return workers * 1.0 + stfpm_train.decode_task_count(workers) * stfpm_train.DECODE_CPUS
+    return cpus_needed(model, workers)
 
 
 def plan_budget(cluster_cpus: float, workers: int, models: set[str], requested: int | None) -> Budget:
