@@ -17,6 +17,7 @@ from distributed_anomaly import storage as shared
 from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model
 from distributed_anomaly.config import Execution, ModelConfig, TrainConfig, from_dict, to_dict
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
+from distributed_anomaly.distributed.cpus import local_ray_cpus
 from distributed_anomaly.errors import TrainingInterrupted, UserError
 from distributed_anomaly.fileio import read_json, write_json
 from distributed_anomaly.postprocess import PostProcessor
@@ -41,12 +42,20 @@ def finish_run(
         metrics["report"] = str(write_report(run, test, maps, masks, post, metrics))
 
 
-def _maybe_ray(run: Execution):
+def _maybe_ray(run: Execution, model: str):
+    """The Ray session a run needs: none in process; a local Ray sized to the fit; or the cluster at the address."""
     if not run.uses_ray:
         return contextlib.nullcontext()
     from distributed_anomaly.distributed.ray_setup import ray_session
 
-    return ray_session(run.address)
+    num_cpus = None
+    if not run.address:
+        num_cpus = local_ray_cpus(model, run.workers)
+        logger.info(
+            f"starting a local Ray with {num_cpus} logical CPUs for {max(run.workers, 1)} worker(s) and "
+            "their decoding (--address joins a running cluster instead)"
+        )
+    return ray_session(run.address, num_cpus=num_cpus)
 
 
 def train(
@@ -78,7 +87,7 @@ def train(
         _write_request(out, data, cfg, tcfg, run)
     info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records), "num_val_images": len(val)}
     info.update(workers=run.workers, ray=run.uses_ray)
-    with _maybe_ray(run):
+    with _maybe_ray(run, cfg.model):
         model, fit_info, history = _fit_or_interrupt(model, cfg, tcfg, fit_records, val, run, out, progress)
         info.update(fit_info)
         if history is not None:

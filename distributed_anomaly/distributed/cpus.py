@@ -7,6 +7,9 @@ training (stfpm_train.py) shuffles and decodes in 2 tasks per rank of STFPM_DECO
 
 from __future__ import annotations
 
+import math
+import os
+
 # Differs from the pool actors' CPUs so Ray Data does not fuse decoding into them. decode_batch lives in the
 # data layer, which imports torch but not torchvision or the Ray glue: a decode worker's imports take 1.75 s
 # of CPU instead of 4.2 s (python -X importtime, this machine).
@@ -29,3 +32,12 @@ def cpus_needed(model: str, workers: int, cpus_per_worker: float = 1.0) -> float
     if model == "padim":
         return workers * cpus_per_worker + padim_decode_tasks(workers) * PADIM_DECODE_CPUS
     return workers * cpus_per_worker + stfpm_decode_tasks(workers) * STFPM_DECODE_CPUS
+
+
+def local_ray_cpus(model: str, workers: int) -> int:
+    """Logical CPUs for a local Ray that runs one fit: the machine's cores, or more when the fit needs more.
+
+    Logical CPUs are a scheduling budget, not cores: a 2-core machine still runs 2 workers and their decode
+    tasks, which share the cores, instead of refusing the fit for want of 3.5 declared CPUs.
+    """
+    return max(os.cpu_count() or 1, math.ceil(cpus_needed(model, max(workers, 1))))

@@ -1,0 +1,26 @@
+"""The CPU budget of Ray fits: what a local Ray declares for the fit it is started for (no Ray needed)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from distributed_anomaly.distributed.cpus import cpus_needed, local_ray_cpus
+
+
+@pytest.mark.parametrize("model,workers", [("padim", 1), ("padim", 2), ("stfpm", 2), ("stfpm", 4)])
+def test_a_local_ray_holds_the_fit_on_a_small_machine(
+    monkeypatch: pytest.MonkeyPatch, model: str, workers: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    declared = local_ray_cpus(model, workers)
+    assert declared >= cpus_needed(model, workers) > 2  # more than the cores: the fit is not refused
+    assert declared - cpus_needed(model, workers) < 1  # and no more than it needs
+
+
+def test_a_local_ray_declares_the_machine_when_it_has_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert local_ray_cpus("padim", 2) == 16
+    assert cpus_needed("padim", 2) == 2 + 3 * 0.5  # two actors and workers + 1 decode tasks of 0.5 CPU
+    assert cpus_needed("stfpm", 2) == 2 + 4 * 0.25  # two ranks and two decode tasks per rank of 0.25 CPU
