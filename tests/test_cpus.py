@@ -14,9 +14,9 @@ def test_a_local_ray_holds_the_fit_on_a_small_machine(
     monkeypatch: pytest.MonkeyPatch, model: str, workers: int
 ) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    declared = local_ray_cpus(model, workers)
-    assert declared >= cpus_needed(model, workers) > 2  # more than the cores: the fit is not refused
-    assert declared - cpus_needed(model, workers) < 1  # and no more than it needs
+    declared, needed = local_ray_cpus(model, workers), cpus_needed(model, workers)
+    assert declared >= needed and declared >= 2  # the fit is not refused, even beyond the 2 cores
+    assert declared - max(needed, 2) < 1  # and no more than it needs
 
 
 def test_a_local_ray_declares_the_machine_when_it_has_more(monkeypatch: pytest.MonkeyPatch) -> None:
