@@ -2,6 +2,10 @@
 
     with two_node_cluster(tmp_path, dashboard=True) as c:
         subprocess.run([...], env=c.client_env)   # c.address (GCS), c.dashboard (job API), c.token
+        c.node_ids["node_b"]                      # the worker node's id: both nodes are alive when this yields
+        state(c, "tasks", node_id=c.node_ids["node_b"])   # the Ray state API (dashboard=True): who ran where
+
+The test session shares one such cluster (the `two_nodes` fixture in conftest.py, with the dashboard).
 
 Each node is `ray start --block` in its own process group with its own ports and temp dir, so stopping the
 cluster stops exactly its processes; anything left over (matched by temp dir or token) is killed, and the
@@ -20,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +42,7 @@ class Cluster:
     client_env: dict  # environment of a client/driver: the token, no RAY_ADDRESS
     dashboard: str | None = None  # http://127.0.0.1:PORT (job submission API) when started with dashboard=True
     nodes: list = field(default_factory=list)
+    node_ids: dict = field(default_factory=dict)  # {"node_a": head NodeID, "node_b": worker NodeID}, both alive
 
 
 def free_ports(n: int) -> list[int]:
@@ -79,6 +86,60 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
+NODES_PROBE = """
+import json, sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= 2 or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({k: n["NodeID"] for n in alive for k in n["Resources"] if k.startswith("node_")}))
+"""
+
+
+def state(cluster: Cluster, kind: str, limit: int = 10000, detail: bool = False, **filters: str) -> list[dict]:
+    """The Ray state API over the dashboard's HTTP endpoint (what `ray list KIND --filter k=v` asks), with the
+    cluster's token: `state(c, "nodes")`, `state(c, "tasks", node_id=...)`, `state(c, "actors", state="ALIVE")`."""
+    assert cluster.dashboard, "the state API needs a cluster started with dashboard=True"
+    query = [("limit", str(limit)), ("detail", str(detail).lower())]
+    for key, value in filters.items():
+        query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+    req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?{urllib.parse.urlencode(query)}",
+                                 headers={"Authorization": f"Bearer {cluster.token}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body = json.loads(resp.read())
+    assert body.get("result"), body.get("msg")
+    return body["data"]["result"]["result"]
+
+
+def wait_for_nodes(cluster: Cluster, timeout: float) -> dict[str, str]:
+    """Until both nodes are registered and alive: {"node_a": NodeID, "node_b": NodeID} (the custom resources)."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, str] = {}
+    if cluster.dashboard:  # cheap: HTTP to the head's dashboard
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in cluster.nodes), "a `ray start` node exited"
+            try:
+                alive = [n for n in state(cluster, "nodes", detail=True) if n["state"] == "ALIVE"]
+            except OSError:  # the dashboard's state API not up yet
+                alive = []
+            found = {k: n["node_id"] for n in alive for k in n.get("resources_total", {}) if k.startswith("node_")}
+            if set(found) == {"node_a", "node_b"}:
+                return found
+            time.sleep(0.5)
+    else:  # a driver process asks the GCS
+        probe = subprocess.run([sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout)],
+                               env=cluster.client_env, capture_output=True, text=True, timeout=timeout + 60)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert set(found) == {"node_a", "node_b"} and found["node_a"] != found["node_b"], (
+        f"both nodes should be alive after {timeout:.0f} s, found {found}")
+    return found
+
+
 def _processes_of(temp_dir: str, token: str) -> list[psutil.Process]:
     """Processes of the test cluster: their command line names its temp dir, or (workers rename themselves
     `ray::...`) their environment holds its unique token. Nothing else on the machine matches."""
@@ -100,7 +161,8 @@ def _signal(pid: int, sig: int) -> None:
 @contextlib.contextmanager
 def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extra_env: dict | None = None
                      ) -> Iterator[Cluster]:
-    """Head (resource node_a) + worker (node_b), token auth on; yields once both are up; stops them all."""
+    """Head (resource node_a) + worker (node_b), token auth on; yields once both nodes are alive (their ids in
+    `node_ids`); stops them all."""
     base = tempfile.mkdtemp(prefix="dapd", dir="/tmp")  # short: Unix socket paths are limited to ~107 bytes
     token = os.urandom(32).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -118,8 +180,10 @@ def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extr
         nodes.append(_start_node(f"{base}/w", worker_ports, env, logs / "worker.log", head_ports[7],
                                  {"node_b": 1}, cpus, False))
         client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-        yield Cluster(address=f"127.0.0.1:{head_ports[7]}", token=token, client_env=client_env,
-                      dashboard=f"http://127.0.0.1:{head_ports[8]}" if dashboard else None, nodes=nodes)
+        cluster = Cluster(address=f"127.0.0.1:{head_ports[7]}", token=token, client_env=client_env,
+                          dashboard=f"http://127.0.0.1:{head_ports[8]}" if dashboard else None, nodes=nodes)
+        cluster.node_ids = wait_for_nodes(cluster, 180)
+        yield cluster
     finally:
         for proc in reversed(nodes):  # worker node first, then the head
             if proc.poll() is None:
