@@ -33,6 +33,7 @@ from typing import Iterator
 import psutil
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
+STOP_GRACE_S = 10
 
 
 @dataclass
@@ -132,7 +133,8 @@ def wait_for_nodes(cluster: Cluster, timeout: float) -> dict[str, str]:
             time.sleep(0.5)
     else:  # a driver process asks the GCS
         probe = subprocess.run([sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout)],
-                               env=cluster.client_env, capture_output=True, text=True, timeout=timeout + 60)
+                               env={**cluster.client_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                               timeout=timeout + 60, check=False)
         assert probe.returncode == 0, probe.stderr[-3000:]
         found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert set(found) == {"node_a", "node_b"} and found["node_a"] != found["node_b"], (
@@ -188,11 +190,16 @@ def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extr
         for proc in reversed(nodes):  # worker node first, then the head
             if proc.poll() is None:
                 _signal(proc.pid, signal.SIGTERM)
+        # `ray start --block` stops its node's processes on SIGTERM, gracefully: after a job, the worker node
+        # takes ~30 s. A test cluster keeps nothing, so after STOP_GRACE_S its whole process group
+        # (the node's processes: it was started in a session of its own) is killed.
+        deadline = time.monotonic() + STOP_GRACE_S
         for proc in reversed(nodes):
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         deadline = time.monotonic() + 30
         while _processes_of(base, token) and time.monotonic() < deadline:
