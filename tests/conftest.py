@@ -16,6 +16,7 @@ Markers (pyproject.toml): `ray`, `cluster`, `browser`, `slow`. The fast lane for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -42,6 +43,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in used and marker not in {m.name for m in item.iter_markers()}:
                 item.add_marker(marker)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k selection: the items that will run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item.nodeid for item in session.items if "two_nodes" in getattr(item, "fixturenames", ())]
+    _TWO_NODES["last_user"] = users[-1] if users else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    result = yield
+    if item.nodeid == _TWO_NODES["last_user"]:  # no test after this one needs the cluster: stop it now
+        _TWO_NODES["stack"].close()
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -172,18 +187,23 @@ def ray_local():
 # --- two nodes: one `ray start` cluster for the session's multi-node tests ---
 
 
+_TWO_NODES: dict = {"stack": contextlib.ExitStack(), "last_user": None}
+
+
 @pytest.fixture(scope="session")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory):
     """Head (resource node_a) + worker (resource node_b), 3 logical CPUs each, token auth, dashboard (job and
     state APIs), this venv's scripts on PATH; yields a ray_cluster.Cluster once both nodes are alive
-    (`node_ids`). Tests leave it as they found it (e.g. they shut down what they deployed). Stopped at the end
-    of the session; the fixture fails if any of its processes outlive it."""
+    (`node_ids`). Tests leave it as they found it (e.g. they shut down what they deployed). Stopped right after
+    the last test that uses it (not at the end of the session: its idle processes would hold ~1 GB and some CPU
+    while the rest of the suite runs); stopping fails if any of its processes outlive it."""
     from ray_cluster import two_node_cluster
 
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    with two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True,
-                          extra_env=path_env) as cluster:
-        yield cluster
+    stack = _TWO_NODES["stack"]
+    with stack:
+        yield stack.enter_context(two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True,
+                                                   extra_env=path_env))
 
 
 # --- the browser: installed by the set-up step, never by a test ---

@@ -33,7 +33,7 @@ from typing import Iterator
 import psutil
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-STOP_GRACE_S = 10
+STOP_GRACE_S = 5
 
 
 @dataclass

@@ -397,6 +397,8 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
 def test_interrupted_search_resumes_without_repeating_finished_trials(search) -> None:
     out, first = search["out"], search["first"]
     assert first["rc"] == 130, f"the first run should stop on the interrupt and say how to resume:\n{first['log'][-3000:]}"
+    # one trial at a time on the session's 4 logical CPUs, whatever the machine's core count
+    assert re.search(r"at most 1 at once \(\S+ of 4 CPUs each\)", first["log"]), first["log"][-3000:]
     assert first["summary"]["interrupted"] and first["summary"]["completed"] == 1
     assert [s for _, s, _ in search["seen"]["at_interrupt"]].count("COMPLETE") == 1
     assert search["resumed_rc"] == 0, first["resume_log"][-3000:]
