@@ -35,7 +35,9 @@ from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.export import INPUT_NAME, OUTPUT_NAME, export_run
 from distributed_anomaly.inference import OpenVINOInferencer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the first test also trains and exports
+# Every test that uses the shared runs or exports is `slow` (conftest.py marks the users of `exports`); the CLI
+# parser test is not. The first test to ask for the runs trains them and exports: a longer time limit.
+pytestmark = pytest.mark.timeout(600)
 
 SIZES = {"padim": 128, "stfpm": 64}  # the shared runs' image sizes (conftest.py)
 # Documented tolerances (export.py docstring), as shares of the range of the torch maps on the demo test split:
