@@ -59,13 +59,28 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+WORKER_PORTS = 60  # each node's workers listen on ports [ports[6], ports[6] + WORKER_PORTS]
+
+
+def node_ports() -> tuple[list[int], list[int]]:
+    """Ten free ports for each node, such that neither node's worker-port range holds any other chosen port
+    (Ray refuses to start a node whose components would share a port)."""
+    for _ in range(100):
+        ports = free_ports(20)
+        ranges = [range(p, p + WORKER_PORTS + 1) for p in (ports[6], ports[16])]
+        others = [p for i, p in enumerate(ports) if i not in (6, 16)]
+        if not any(p in r for r in ranges for p in others) and not set(ranges[0]) & set(ranges[1]):
+            return ports[:10], ports[10:]
+    raise AssertionError("no two disjoint port sets found for the test cluster")
+
+
 def _start_node(temp_dir: str, ports: list[int], env: dict, log: Path, head_port: int | None, resources: dict,
                 cpus: int, dashboard: bool) -> subprocess.Popen:
     common = [f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
               f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
               f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
               f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
-              f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + 60}", "--disable-usage-stats"]
+              f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + WORKER_PORTS}", "--disable-usage-stats"]
     if head_port is None:
         args = ["start", "--head", "--block", f"--port={ports[7]}", f"--include-dashboard={str(dashboard).lower()}",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[8]}",
@@ -89,12 +104,17 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 NODES_PROBE = """
 import json, sys, time
-import ray
+import psutil, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 deadline = time.monotonic() + float(sys.argv[2])
+def running(pid):  # a `ray start` process that exited is a zombie until the test reaps it
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 while True:
     alive = [n for n in ray.nodes() if n["Alive"]]
-    if len(alive) >= 2 or time.monotonic() > deadline:
+    if len(alive) >= 2 or time.monotonic() > deadline or not all(running(int(p)) for p in sys.argv[3:]):
         break
     time.sleep(0.5)
 print(json.dumps({k: n["NodeID"] for n in alive for k in n["Resources"] if k.startswith("node_")}))
@@ -132,11 +152,14 @@ def wait_for_nodes(cluster: Cluster, timeout: float) -> dict[str, str]:
                 return found
             time.sleep(0.5)
     else:  # a driver process asks the GCS
-        probe = subprocess.run([sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout)],
+        pids = [str(p.pid) for p in cluster.nodes]
+        probe = subprocess.run([sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout), *pids],
                                env={**cluster.client_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
                                timeout=timeout + 60, check=False)
         assert probe.returncode == 0, probe.stderr[-3000:]
         found = json.loads(probe.stdout.strip().splitlines()[-1])
+    exited = [p.args[1:4] for p in cluster.nodes if p.poll() is not None]
+    assert not exited, f"`ray start` exited (see head.log / worker.log): {exited}"
     assert set(found) == {"node_a", "node_b"} and found["node_a"] != found["node_b"], (
         f"both nodes should be alive after {timeout:.0f} s, found {found}")
     return found
@@ -169,8 +192,7 @@ def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extr
     token = os.urandom(32).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
-    ports = free_ports(20)
-    head_ports, worker_ports = ports[:10], ports[10:]
+    head_ports, worker_ports = node_ports()
     nodes: list[subprocess.Popen] = []
     leftovers: list[psutil.Process] = []
     try:
