@@ -1,8 +1,25 @@
-"""Shared fixtures: tiny deterministic demo data and the offline MobileNetV2 weights."""
+"""Session-wide fixtures, each built once and only if a selected test asks for it:
+
+* demo data (`demo_root`, `demo_category`) and the offline MobileNetV2 weights (`mobilenet_weights`);
+* trained runs and their OpenVINO exports, shared by every file that only reads them: `padim_run` (PADIM,
+  MobileNetV2, 128 px, trained through the CLI), `stfpm_run` (STFPM, MobileNetV2, 64 px, one epoch) and
+  `exports(model, precision)`. They are read-only: a test that changes a run copies it first (`copy_run`);
+* `ray_local`: one local Ray for the session (4 logical CPUs whatever the machine has), used by the Ray, Serve
+  and Tune tests, including the `tune` CLI subprocesses, which join it;
+* `two_nodes`: one two-node Ray cluster (tests/ray_cluster.py) for the session's multi-node tests, up (both
+  nodes alive) before its first test; `s3_bucket`: a local S3 server; `chromium`: the headless browser, which
+  the set-up step tests/setup_browser.sh installs (the tests never install anything).
+
+Markers (pyproject.toml): `ray`, `cluster`, `browser`, `slow`. The fast lane for development leaves them out:
+    python -m pytest -q -m "not (ray or cluster or browser or slow)"
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +28,35 @@ import torch
 from distributed_anomaly.models.backbones import offline_mobilenet_weights
 
 torch.set_num_threads(2)
+
+
+# A test that uses one of these fixtures (directly or through another fixture) gets the marker, so the fast lane
+# (-m "not (ray or cluster or browser or slow)") leaves it out even if its module forgot to say so.
+FIXTURE_MARKERS = {"ray_local": "ray", "two_nodes": "cluster", "chromium": "browser", "padim_run": "slow",
+                   "stfpm_run": "slow", "exports": "slow"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in used and marker not in {m.name for m in item.iter_markers()}:
+                item.add_marker(marker)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k selection: the items that will run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item.nodeid for item in session.items if "two_nodes" in getattr(item, "fixturenames", ())]
+    _TWO_NODES["last_user"] = users[-1] if users else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    result = yield
+    if item.nodeid == _TWO_NODES["last_user"]:  # no test after this one needs the cluster: stop it now
+        _TWO_NODES["stack"].close()
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +81,60 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_category(demo_root: Path) -> Path:
     """The aligned-object category: the one real ImageNet features separate well at 128 px."""
     return demo_root / "washer"
+
+
+# --- trained runs and exports, shared across files (read-only: copy_run before changing one) ---
+
+PADIM_TRAIN_ARGS = ["--model", "padim", "--backbone", "mobilenet_v2", "--image-size", "128", "--quiet"]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a shared run or export, for a test that writes into it."""
+    shutil.copytree(run, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def padim_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mobilenet_weights: Path) -> Path:
+    """`distributed-anomaly train` of PADIM on MobileNetV2 (offline ImageNet weights) at 128 px, default layers,
+    on the demo washer category; test_cli checks this very CLI run, test_report and test_export read it."""
+    from distributed_anomaly.cli import main
+
+    out = tmp_path_factory.mktemp("shared_runs") / "padim"
+    assert main(["train", "--data", str(demo_category), "--out", str(out), "--weights", str(mobilenet_weights),
+                 *PADIM_TRAIN_ARGS]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def stfpm_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mobilenet_weights: Path) -> Path:
+    """STFPM on MobileNetV2 at 64 px after one epoch (weak but real), on the demo washer category."""
+    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly.training import train
+
+    out = tmp_path_factory.mktemp("shared_runs") / "stfpm"
+    train(demo_category, out, ModelConfig("stfpm", "mobilenet_v2", image_size=64),
+          TrainConfig(epochs=1, weights_file=str(mobilenet_weights)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exports(padim_run: Path, stfpm_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    """exports(model, precision) -> IR folder of `padim_run` / `stfpm_run`, each exported once per session, on
+    first use (int8 calibrated on 8 images). `exports.runs[model]` is the run it came from."""
+    from distributed_anomaly.export import export_run
+
+    root = tmp_path_factory.mktemp("shared_irs")
+    runs = {"padim": padim_run, "stfpm": stfpm_run}
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(model: str, precision: str) -> Path:
+        if (model, precision) not in cache:
+            cache[model, precision] = export_run(runs[model], root / f"{model}_{precision}", precision,
+                                                 calibration_images=8)
+        return cache[model, precision]
+    get.runs = runs
+    return get
 
 
 # --- Ray: one local cluster per test session (only started if a test asks for it), shut down at the end. ---
@@ -82,6 +182,44 @@ def ray_local():
                 p.kill()
             except psutil.Error:
                 pass
+
+
+# --- two nodes: one `ray start` cluster for the session's multi-node tests ---
+
+
+_TWO_NODES: dict = {"stack": contextlib.ExitStack(), "last_user": None}
+
+
+@pytest.fixture(scope="session")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory):
+    """Head (resource node_a) + worker (resource node_b), 3 logical CPUs each, token auth, dashboard (job and
+    state APIs), this venv's scripts on PATH; yields a ray_cluster.Cluster once both nodes are alive
+    (`node_ids`). Tests leave it as they found it (e.g. they shut down what they deployed). Stopped right after
+    the last test that uses it (not at the end of the session: its idle processes would hold ~1 GB and some CPU
+    while the rest of the suite runs); stopping fails if any of its processes outlive it."""
+    from ray_cluster import two_node_cluster
+
+    path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    stack = _TWO_NODES["stack"]
+    with stack:
+        yield stack.enter_context(two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True,
+                                                   extra_env=path_env))
+
+
+# --- the browser: installed by the set-up step, never by a test ---
+
+SETUP_BROWSER = "bash tests/setup_browser.sh"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium: $CHROMIUM or `chromium` on PATH. Missing is a failure (not a skip) naming the set-up
+    step that installs it."""
+    exe = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not exe or not os.access(exe, os.X_OK):
+        pytest.fail(f"headless Chromium is not installed (no `chromium` on PATH, CHROMIUM unset): run the set-up "
+                    f"step `{SETUP_BROWSER}` before pytest (see README)", pytrace=False)
+    return exe
 
 
 # --- S3: a local moto server, so --storage s3://... runs against a real S3 protocol endpoint. ---

@@ -1,4 +1,7 @@
-"""The CLI contract end to end on the demo data: train, evaluate, predict, and the errors users see."""
+"""The CLI contract end to end on the demo data: train, evaluate, predict, and the errors users see.
+
+`padim_run` is the session's shared PADIM run (conftest.py), trained through this CLI: `train` is checked on it.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import PADIM_TRAIN_ARGS, copy_run
 from distributed_anomaly.cli import main
 from distributed_anomaly.evaluation import METRIC_KEYS
 
-TRAIN_PADIM = ["--model", "padim", "--backbone", "mobilenet_v2", "--image-size", "128", "--quiet"]
+slow = pytest.mark.slow  # trains real models (the shared PADIM run, or its own)
 
 
-@pytest.fixture(scope="module")
-def padim_run(tmp_path_factory, demo_category: Path, mobilenet_weights: Path) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "padim"
-    assert main(["train", "--data", str(demo_category), "--out", str(out), "--weights", str(mobilenet_weights),
-                 *TRAIN_PADIM]) == 0
-    return out
-
-
+@slow
 def test_train_writes_a_complete_run_dir(padim_run: Path) -> None:
     for name in ("config.json", "model.safetensors", "postprocess.json", "metrics.json"):
         assert (padim_run / name).is_file(), name
@@ -39,21 +36,26 @@ def test_train_writes_a_complete_run_dir(padim_run: Path) -> None:
     assert config["info"]["images_counted"] == config["info"]["num_train_images"] == 22  # 24 minus 10 % held out
 
 
-def test_train_refuses_to_overwrite_a_model(padim_run: Path, demo_category: Path, capsys) -> None:
-    weights_before = (padim_run / "model.safetensors").read_bytes()
-    assert main(["train", "--data", str(demo_category), "--out", str(padim_run), *TRAIN_PADIM]) == 2
+@slow
+def test_train_refuses_to_overwrite_a_model(padim_run: Path, demo_category: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(padim_run, tmp_path / "run")  # were the refusal broken, only this copy would be overwritten
+    weights_before = (run / "model.safetensors").read_bytes()
+    assert main(["train", "--data", str(demo_category), "--out", str(run), *PADIM_TRAIN_ARGS]) == 2
     assert "already holds a trained model" in capsys.readouterr().err
-    assert (padim_run / "model.safetensors").read_bytes() == weights_before
+    assert (run / "model.safetensors").read_bytes() == weights_before
 
 
-def test_evaluate_reproduces_train_metrics(padim_run: Path, capsys) -> None:
+@slow
+def test_evaluate_reproduces_train_metrics(padim_run: Path, tmp_path: Path, capsys) -> None:
     before = json.loads((padim_run / "metrics.json").read_text())
-    assert main(["evaluate", "--run", str(padim_run), "--json", "--quiet"]) == 0
+    run = copy_run(padim_run, tmp_path / "run")  # evaluate rewrites metrics.json
+    assert main(["evaluate", "--run", str(run), "--json", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
     for key in METRIC_KEYS:
         assert printed[key] == pytest.approx(before[key], abs=1e-9), key
 
 
+@slow
 def test_predict_writes_json_and_overlays_for_each_task(padim_run: Path, demo_category: Path, tmp_path: Path) -> None:
     defect_dir = next(d for d in sorted((demo_category / "test").iterdir()) if d.name != "good")
     for task in ("classification", "detection", "segmentation"):
@@ -72,6 +74,7 @@ def test_predict_writes_json_and_overlays_for_each_task(padim_run: Path, demo_ca
                 assert bool(mask.any()) == bool(r["boxes"])
 
 
+@slow
 def test_predict_keeps_going_past_a_corrupt_image(padim_run: Path, demo_category: Path, tmp_path: Path, capsys) -> None:
     good = next((demo_category / "test" / "good").iterdir())
     bad = tmp_path / "broken.png"
@@ -82,6 +85,7 @@ def test_predict_keeps_going_past_a_corrupt_image(padim_run: Path, demo_category
     assert (tmp_path / "o" / f"{good.stem}.json").is_file()
 
 
+@slow
 def test_stfpm_train_with_early_stopping_history(demo_category: Path, tmp_path: Path) -> None:
     out = tmp_path / "stfpm"
     assert main(["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
@@ -94,6 +98,7 @@ def test_stfpm_train_with_early_stopping_history(demo_category: Path, tmp_path: 
     assert json.loads((out / "metrics.json").read_text())["image_auroc"] is not None
 
 
+@slow
 def test_val_fraction_zero_reports_threshold_free_metrics_only(demo_category: Path, tmp_path: Path) -> None:
     out = tmp_path / "nothr"
     args = ["train", "--data", str(demo_category), "--model", "padim", "--no-pretrained", "--layers", "layer1,layer2",

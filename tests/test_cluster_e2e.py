@@ -1,7 +1,8 @@
-"""End to end on a real two-node Ray cluster (token auth on): `ray job submit` the pipeline with `--storage` on an
-S3 server (moto), follow it, check its outputs locally and in S3 (the trials wrote the search there, Serve loaded
-the model from there), get a correct answer from the deployed model over HTTP, rerun it (finished stages are
-skipped), and stop every process the test started (tests/ray_cluster.py)."""
+"""End to end on a real two-node Ray cluster (token auth on; the session's `two_nodes`, both nodes alive): `ray job
+submit` the pipeline with `--storage` on an S3 server (moto), follow it, check its outputs locally and in S3 (the
+trials wrote the search there, Serve loaded the model from there), check through the Ray state API that the
+second node ran part of the job, get a correct answer from the deployed model over HTTP, rerun it (finished
+stages are skipped), and leave the cluster as it was (Serve shut down)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import pytest
 from distributed_anomaly import storage
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
-from ray_cluster import RAY_BIN, free_ports, two_node_cluster
+from ray_cluster import RAY_BIN, free_ports, state
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 
 def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -37,12 +39,20 @@ def _submit(cluster, env: dict, pipeline_args: list[str]) -> tuple[str, str]:
     assert job, sub.stdout + sub.stderr
     logs = _ray(["job", "logs", "--address", cluster.dashboard, "--follow", job.group(0)], env, 1200)
     status = _ray(["job", "status", "--address", cluster.dashboard, job.group(0)], env, 120)
-    return status.stdout + status.stderr, logs.stdout + logs.stderr
+    return job.group(0), status.stdout + status.stderr, logs.stdout + logs.stderr
 
 
-@pytest.mark.slow
-def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: Path, tmp_path: Path,
+def _work_on(cluster, node: str) -> dict[str, str]:
+    """{id: name} of the finished tasks and the actors the Ray state API places on a node."""
+    tasks = state(cluster, "tasks", node_id=node, state="FINISHED")
+    actors = state(cluster, "actors", node_id=node)
+    return {**{t["task_id"]: t["name"] for t in tasks}, **{a["actor_id"]: a["class_name"] for a in actors}}
+
+
+@pytest.mark.timeout(1500)  # two pipeline jobs (a 2-trial search, export, Serve), and the cluster's start
+def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_category: Path, tmp_path: Path,
                                                                 s3_bucket) -> None:
+    cluster = two_nodes
     out = tmp_path / "pipeline"
     port = free_ports(1)[0]
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
@@ -51,11 +61,22 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: P
             "--fix", "backbone=resnet18", "--fix", "image_size=128", "--no-pretrained", "--out", str(out),
             "--address", "auto", "--storage", shared, "--quiet"]
     serve_args = ["--serve", "--host", "127.0.0.1", "--port", str(port), "--proxy-location", "HeadOnly"]
-    with two_node_cluster(tmp_path, cpus=3, dashboard=True, extra_env=path_env) as cluster:
-        # Ray's CLI clients (ray job ...) need token mode on as well as the token (cluster/README.md)
-        env = {**cluster.client_env, "RAY_AUTH_MODE": "token", **path_env}
-        status, logs = _submit(cluster, env, [*args, *serve_args])
+    # Ray's CLI clients (ray job ...) need token mode on as well as the token (cluster/README.md)
+    env = {**cluster.client_env, "RAY_AUTH_MODE": "token", **path_env}
+    try:
+        alive = {n["node_id"] for n in state(cluster, "nodes") if n["state"] == "ALIVE"}
+        assert alive == set(cluster.node_ids.values()), (alive, cluster.node_ids)  # both nodes, before the job
+        before = {name: _work_on(cluster, node) for name, node in cluster.node_ids.items()}
+        _, status, logs = _submit(cluster, env, [*args, *serve_args])
         assert "succeeded" in status.lower(), f"{status}\n{logs[-5000:]}"
+
+        # The second node did part of the job's work: the state API places tasks that finished and actors there
+        # since the job started (nothing else runs on the cluster meanwhile). The search's 2 trials x 3 CPUs
+        # (trial, fit actor, decode tasks) fill both nodes' 3 CPUs, so each node runs one trial's work.
+        new = {name: {k: v for k, v in _work_on(cluster, node).items() if k not in before[name]}
+               for name, node in cluster.node_ids.items()}
+        print("job's work per node:", {name: sorted(set(work.values())) for name, work in new.items()})
+        assert len(new["node_b"]) >= 3 and len(new["node_a"]) >= 3, new
 
         # outputs: the search, its best run, the OpenVINO model, the record of it all
         record = json.loads((out / "pipeline.json").read_text())
@@ -96,6 +117,10 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(demo_category: P
         assert answer["label"] == local.label and len(answer["boxes"]) == len(local.boxes)
 
         # a rerun of the same job finds every stage done and says so
-        status, logs = _submit(cluster, env, args)
+        _, status, logs = _submit(cluster, env, args)
         assert "succeeded" in status.lower(), f"{status}\n{logs[-5000:]}"
         assert "search: already finished" in logs and "export:" in logs and "skipping" in logs
+    finally:  # the session's cluster goes on to other tests: take down the Serve application the job deployed
+        down = subprocess.run([str(Path(RAY_BIN).with_name("serve")), "shutdown", "--address", cluster.dashboard,
+                               "--yes"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert down.returncode == 0, (down.stdout + down.stderr)[-3000:]

@@ -1,13 +1,12 @@
-"""The HTML evaluation report: its content without a browser, and a real render in headless Chromium."""
+"""The HTML evaluation report: its content without a browser, and a real render in headless Chromium (the
+`chromium` fixture, conftest.py: installed by the set-up step tests/setup_browser.sh)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
-import os
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,13 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import copy_run
 from distributed_anomaly import engine, report, rundir
-from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split
 from distributed_anomaly.evaluation import compute_metrics
 from distributed_anomaly.postprocess import no_threshold_postprocessor
-from distributed_anomaly.training import train
 
 GALLERIES = ("missed", "false-alarms", "top-defects")
 SECTIONS = ("summary", "metrics", "curves", "scores", *GALLERIES)
@@ -110,16 +108,14 @@ def check_self_contained(page: Page) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# fixtures: a tiny PADIM run and its scored test split
+# fixtures: the session's PADIM run (a private copy) and its scored test split
 # --------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mobilenet_weights: Path) -> Path:
-    out = tmp_path_factory.mktemp("report") / "run"
-    train(demo_category, out, ModelConfig(model="padim", backbone="mobilenet_v2", image_size=128),
-          TrainConfig(weights_file=str(mobilenet_weights)), progress=False)
-    return out
+def run(tmp_path_factory: pytest.TempPathFactory, padim_run: Path) -> Path:
+    """A copy of the shared PADIM run (MobileNetV2, 128 px): the report is written into it."""
+    return copy_run(padim_run, tmp_path_factory.mktemp("report") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -136,29 +132,6 @@ def scored(run: Path):
 def run_report(run: Path) -> Path:
     """What `evaluate --run RUN --report` writes."""
     return report.report_for_run(run)
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """The headless browser; installed with apt when missing. A failed install fails, never skips."""
-    exe = shutil.which("chromium")
-    if exe is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "chromium"]
-        try:
-            proc = subprocess.run(install, check=False, capture_output=True, text=True, env=env, timeout=1500)
-            if proc.returncode != 0:  # stale package lists: refresh once, then retry
-                subprocess.run(["apt-get", "update"], check=False, capture_output=True, text=True, env=env, timeout=600)
-                proc = subprocess.run(install, check=False, capture_output=True, text=True, env=env, timeout=1500)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"could not install chromium with apt-get: {exc}")
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr)[-2000:]
-            pytest.fail(f"apt-get install -y chromium failed ({proc.returncode}):\n{tail}")
-        exe = shutil.which("chromium")
-        if exe is None:
-            pytest.fail("apt-get installed chromium but no `chromium` executable is on PATH")
-    return exe
 
 
 def _independent_galleries(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, list[int]]:
@@ -324,7 +297,8 @@ window.addEventListener("load", () => {
 
 
 @pytest.mark.slow
-def test_report_renders_in_headless_chromium(run_report: Path, chromium: str, tmp_path: Path) -> None:
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(chromium: str, run_report: Path, tmp_path: Path) -> None:
     text = run_report.read_text(encoding="utf-8")
     # The report has no script; a copy gets a probe that records what the browser made of the images.
     probe_page = tmp_path / "probe.html"

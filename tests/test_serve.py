@@ -343,6 +343,8 @@ def reference(irs):
     return answer
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
     """`distributed-anomaly serve` as a user runs it (joining this session's cluster, so no second Ray):
     prints a live URL, answers, and on Ctrl-C removes Serve and exits 0. Runs before the module's server,
@@ -417,6 +419,8 @@ def model_stats(server) -> dict:
     return serve.get_deployment_handle(MODEL_DEPLOYMENT, server.app_name).stats.remote().result()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
 def test_http_answers_equal_the_inferencer(client, images, reference, task) -> None:
     boxes_seen = 0
@@ -438,6 +442,8 @@ def test_http_answers_equal_the_inferencer(client, images, reference, task) -> N
         assert boxes_seen > 0  # the defective images give boxes, so their format was checked above
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_multipart_header_model_and_odd_images(client, images, reference) -> None:
     _, data = images["tile"][3]
     r = client.post("/predict", files={"file": ("part.png", data, "image/png")}, data={"task": "detection"},
@@ -461,6 +467,8 @@ def test_multipart_header_model_and_odd_images(client, images, reference) -> Non
     assert r.json()["width"] == r.json()["height"] == 1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, client, images, reference) -> None:
     _, good = images["washer"][2]
     pid = model_stats(server)["pid"]
@@ -507,6 +515,8 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, cli
     assert r.status_code == 200
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_exact(server, client, images, reference) -> None:
     jobs = [(m, d, t) for m in ("washer", "tile") for _, d in images[m] for t in ("detection", "segmentation")]
     before = model_stats(server)
@@ -542,6 +552,8 @@ def test_concurrent_requests_are_batched_and_exact(server, client, images, refer
     assert after["serve_env"] == REPLICA_ENV
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_healthz_metadata_and_docs(server, client, reference) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok", "models": ["washer", "tile"]}  # no key
     assert httpx.get(f"{server.url}/metadata").status_code == 401
@@ -563,6 +575,8 @@ def test_healthz_metadata_and_docs(server, client, reference) -> None:
     assert r.status_code == 404 and r.json()["status"] == 404
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_python_handles(server, images, reference) -> None:
     from ray import serve
 
@@ -588,6 +602,7 @@ def test_python_handles(server, images, reference) -> None:
     assert server.handle.predict.remote(rgb, "classification", "washer").result()["model"] == "washer"
 
 
+@pytest.mark.slow
 def test_builder_and_deploy_config(irs) -> None:
     """`serve run distributed_anomaly.serve:app models=...` and cluster/serve_config.yaml build the same app."""
     import yaml

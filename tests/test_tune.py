@@ -1,9 +1,10 @@
 """Hyperparameter search (`tune`): spaces and their constraints, objectives, results, the report, and a real search.
 
 Pure parts first (no Ray, no training). Then one tiny real search on the demo data, 3 trials of two models
-(seeded TPE proposes STFPM, then PADIM twice), run through the CLI on the shared local Ray: it is interrupted
-with SIGINT (a real Ctrl-C, caught by Tune) right after its first trial finishes, and resumed with
-`tune --resume`. One search serves the resume test, the end-to-end checks (study in SQLite, best/, results,
+(seeded TPE proposes STFPM, then PADIM twice), run through the CLI on the shared local Ray (`--address`: the
+session's 4 logical CPUs, whatever the machine has, and `--max-concurrent 1`, so the trials run one at a time
+on any machine): it is interrupted with SIGINT (a real Ctrl-C, caught by Tune) right after its first trial
+finishes, and resumed with `tune --resume`. One search serves the resume test, the end-to-end checks (study in SQLite, best/, results,
 TensorBoard logs) and the report rendered in headless Chromium, because every trial costs Ray start-up time on
 a small CI machine. A second search whose trials all fail on unusable weights shows failures are recorded
 and the search goes on.
@@ -39,7 +40,7 @@ from distributed_anomaly.models.backbones import get_spec, validate_layers
 from distributed_anomaly.tuning import objective as O
 from distributed_anomaly.tuning import results as R
 from distributed_anomaly.tuning.space import SpaceError, load_space, parse_space, preview, trial_configs
-from test_report import CHROMIUM_FLAGS, PROBE, chromium, run_chromium  # noqa: F401  (chromium: the session fixture)
+from test_report import CHROMIUM_FLAGS, PROBE, run_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -355,10 +356,14 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
     space = work / "tiny.yaml"
     space.write_text(TINY_SPACE)
     out = work / "tune_out"
+    # The search runs as the CLI in its own process, as a user runs it: the Ctrl-C goes to that process, not
+    # to pytest's, which holds the session's Ray driver, OpenVINO and torch threads. It joins the session's
+    # Ray (4 logical CPUs on any machine) and runs one trial at a time, so what has finished when the
+    # interrupt lands does not depend on the machine's core count.
+    address = ray_local.get_runtime_context().gcs_address
     argv = ["tune", "--data", str(demo_category), "--space", str(space), "--samples", "3", "--out", str(out),
-            "--weights", f"mobilenet_v2={mobilenet_weights}", "--seed", "0"]
-    # The search runs as the CLI in its own process (its own local Ray), as a user runs it: the Ctrl-C goes to
-    # that process, not to pytest's, which holds the session's Ray, OpenVINO and torch threads.
+            "--weights", f"mobilenet_v2={mobilenet_weights}", "--seed", "0", "--max-concurrent", "1",
+            "--address", address]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "distributed_anomaly"]
     done, seen = threading.Event(), {}
@@ -378,18 +383,22 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
              "summary": json.loads((out / "summary.json").read_text()),
              "trial_results": {p.parent.name: p.read_bytes() for p in (out / "search").glob("trial_*/result.json")},
              "checkpoints": {p.parent.name: p.stat().st_mtime for p in (out / "search").glob("trial_*/checkpoint_*")}}
-    resumed = subprocess.run([*cmd, "tune", "--out", str(out), "--resume"], env=env, capture_output=True, text=True,
-                             timeout=1500)
+    resumed = subprocess.run([*cmd, "tune", "--out", str(out), "--resume", "--address", address], env=env,
+                             capture_output=True, text=True, timeout=1500)
     resumed_rc = resumed.returncode
     first["resume_log"] = resumed.stdout + resumed.stderr
     return {"out": out, "first": first, "seen": seen, "resumed_rc": resumed_rc, "seconds": time.monotonic() - start,
             "data": demo_category}
 
 
+@pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the search fixture: 3 trials, an interrupt and a resume
 def test_interrupted_search_resumes_without_repeating_finished_trials(search) -> None:
     out, first = search["out"], search["first"]
     assert first["rc"] == 130, f"the first run should stop on the interrupt and say how to resume:\n{first['log'][-3000:]}"
+    # one trial at a time on the session's 4 logical CPUs, whatever the machine's core count
+    assert re.search(r"at most 1 at once \(\S+ of 4 CPUs each\)", first["log"]), first["log"][-3000:]
     assert first["summary"]["interrupted"] and first["summary"]["completed"] == 1
     assert [s for _, s, _ in search["seen"]["at_interrupt"]].count("COMPLETE") == 1
     assert search["resumed_rc"] == 0, first["resume_log"][-3000:]
@@ -410,7 +419,9 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(search) ->
     assert sorted(numbers) == [0, 1, 2]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_tiny_search_end_to_end_study_best_and_outputs(search, tmp_path: Path) -> None:
     out = search["out"]
     # the Optuna study in SQLite: 3 finished (COMPLETE) trials, both models
@@ -469,8 +480,11 @@ def _render(browser: str, page: Path, tmp_path: Path) -> tuple[dict, np.ndarray]
     return dict(re.findall(r'data-([a-z]+)="([^"]*)"', m.group(1))), np.asarray(Image.open(shot).convert("L"), float)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_tune_report_renders_in_headless_chromium(search, chromium: str, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.browser
+@pytest.mark.timeout(900)
+def test_tune_report_renders_in_headless_chromium(chromium: str, search, tmp_path: Path) -> None:
     from distributed_anomaly.tuning.report import SECTIONS
 
     report = search["out"] / "report.html"
@@ -519,7 +533,7 @@ def test_searcher_records_completed_pruned_and_failed_trials_in_the_study() -> N
     assert trials[0].user_attrs["config"]["backbone"] == "mobilenet_v2"  # fixed settings recorded per trial
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_stopped_trials_train_placement_group_is_released(ray_local, tmp_path: Path) -> None:
     """ASHA's stop kills a trial with its Ray Train controller; the workers' placement group it reported is
     removed by the driver (else it holds CPUs the next trials wait for), and so are its student checkpoints."""
@@ -551,6 +565,7 @@ def test_a_stopped_trials_train_placement_group_is_released(ray_local, tmp_path:
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_failed_trials_are_recorded_and_the_search_goes_on(ray_local, demo_category: Path, tmp_path: Path) -> None:
     from distributed_anomaly.tuning.search import TuneRequest, tune_search
