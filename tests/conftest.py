@@ -32,8 +32,14 @@ torch.set_num_threads(2)
 
 # A test that uses one of these fixtures (directly or through another fixture) gets the marker, so the fast lane
 # (-m "not (ray or cluster or browser or slow)") leaves it out even if its module forgot to say so.
-FIXTURE_MARKERS = {"ray_local": "ray", "two_nodes": "cluster", "chromium": "browser", "padim_run": "slow",
-                   "stfpm_run": "slow", "exports": "slow"}
+FIXTURE_MARKERS = {
+    "ray_local": "ray",
+    "two_nodes": "cluster",
+    "chromium": "browser",
+    "padim_run": "slow",
+    "stfpm_run": "slow",
+    "exports": "slow",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection
@@ -70,7 +76,7 @@ def mobilenet_weights() -> Path:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Both demo categories at 128 px with few images: enough for end-to-end checks, fast on 2 cores."""
-    from distributed_anomaly.data.synthetic import generate
+    from distributed_anomaly.data.demo import generate
 
     root = tmp_path_factory.mktemp("demo")
     generate(root, seed=0, image_size=128, n_train=24, n_test_good=6, n_per_defect=3)
@@ -101,8 +107,21 @@ def padim_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mob
     from distributed_anomaly.cli import main
 
     out = tmp_path_factory.mktemp("shared_runs") / "padim"
-    assert main(["train", "--data", str(demo_category), "--out", str(out), "--weights", str(mobilenet_weights),
-                 *PADIM_TRAIN_ARGS]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_category),
+                "--out",
+                str(out),
+                "--weights",
+                str(mobilenet_weights),
+                *PADIM_TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -113,8 +132,13 @@ def stfpm_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mob
     from distributed_anomaly.training import train
 
     out = tmp_path_factory.mktemp("shared_runs") / "stfpm"
-    train(demo_category, out, ModelConfig("stfpm", "mobilenet_v2", image_size=64),
-          TrainConfig(epochs=1, weights_file=str(mobilenet_weights)), progress=False)
+    train(
+        demo_category,
+        out,
+        ModelConfig("stfpm", "mobilenet_v2", image_size=64),
+        TrainConfig(epochs=1, weights_file=str(mobilenet_weights)),
+        progress=False,
+    )
     return out
 
 
@@ -130,9 +154,11 @@ def exports(padim_run: Path, stfpm_run: Path, tmp_path_factory: pytest.TempPathF
 
     def get(model: str, precision: str) -> Path:
         if (model, precision) not in cache:
-            cache[model, precision] = export_run(runs[model], root / f"{model}_{precision}", precision,
-                                                 calibration_images=8)
+            cache[model, precision] = export_run(
+                runs[model], root / f"{model}_{precision}", precision, calibration_images=8
+            )
         return cache[model, precision]
+
     get.runs = runs
     return get
 
@@ -202,8 +228,9 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     stack = _TWO_NODES["stack"]
     with stack:
-        yield stack.enter_context(two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True,
-                                                   extra_env=path_env))
+        yield stack.enter_context(
+            two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True, extra_env=path_env)
+        )
 
 
 # --- the browser: installed by the set-up step, never by a test ---
@@ -217,8 +244,11 @@ def chromium() -> str:
     step that installs it."""
     exe = os.environ.get("CHROMIUM") or shutil.which("chromium")
     if not exe or not os.access(exe, os.X_OK):
-        pytest.fail(f"headless Chromium is not installed (no `chromium` on PATH, CHROMIUM unset): run the set-up "
-                    f"step `{SETUP_BROWSER}` before pytest (see README)", pytrace=False)
+        pytest.fail(
+            f"headless Chromium is not installed (no `chromium` on PATH, CHROMIUM unset): run the set-up "
+            f"step `{SETUP_BROWSER}` before pytest (see README)",
+            pytrace=False,
+        )
     return exe
 
 

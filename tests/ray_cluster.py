@@ -26,9 +26,9 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 
@@ -74,21 +74,47 @@ def node_ports() -> tuple[list[int], list[int]]:
     raise AssertionError("no two disjoint port sets found for the test cluster")
 
 
-def _start_node(temp_dir: str, ports: list[int], env: dict, log: Path, head_port: int | None, resources: dict,
-                cpus: int, dashboard: bool) -> subprocess.Popen:
-    common = [f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
-              f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-              f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-              f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
-              f"--min-worker-port={ports[6]}", f"--max-worker-port={ports[6] + WORKER_PORTS}", "--disable-usage-stats"]
+def _start_node(
+    temp_dir: str,
+    ports: list[int],
+    env: dict,
+    log: Path,
+    head_port: int | None,
+    resources: dict,
+    cpus: int,
+    dashboard: bool,
+) -> subprocess.Popen:
+    common = [
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={cpus}",
+        f"--resources={json.dumps(resources)}",
+        f"--node-manager-port={ports[0]}",
+        f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}",
+        f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--metrics-export-port={ports[4]}",
+        f"--runtime-env-agent-port={ports[5]}",
+        f"--min-worker-port={ports[6]}",
+        f"--max-worker-port={ports[6] + WORKER_PORTS}",
+        "--disable-usage-stats",
+    ]
     if head_port is None:
-        args = ["start", "--head", "--block", f"--port={ports[7]}", f"--include-dashboard={str(dashboard).lower()}",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[8]}",
-                f"--ray-client-server-port={ports[9]}", *common]
+        args = [
+            "start",
+            "--head",
+            "--block",
+            f"--port={ports[7]}",
+            f"--include-dashboard={str(dashboard).lower()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports[8]}",
+            f"--ray-client-server-port={ports[9]}",
+            *common,
+        ]
     else:
         args = ["start", "--block", f"--address=127.0.0.1:{head_port}", *common]
-    return subprocess.Popen([RAY_BIN, *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [RAY_BIN, *args], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -128,8 +154,10 @@ def state(cluster: Cluster, kind: str, limit: int = 10000, detail: bool = False,
     query = [("limit", str(limit)), ("detail", str(detail).lower())]
     for key, value in filters.items():
         query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
-    req = urllib.request.Request(f"{cluster.dashboard}/api/v0/{kind}?{urllib.parse.urlencode(query)}",
-                                 headers={"Authorization": f"Bearer {cluster.token}"})
+    req = urllib.request.Request(
+        f"{cluster.dashboard}/api/v0/{kind}?{urllib.parse.urlencode(query)}",
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         body = json.loads(resp.read())
     assert body.get("result"), body.get("msg")
@@ -153,15 +181,21 @@ def wait_for_nodes(cluster: Cluster, timeout: float) -> dict[str, str]:
             time.sleep(0.5)
     else:  # a driver process asks the GCS
         pids = [str(p.pid) for p in cluster.nodes]
-        probe = subprocess.run([sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout), *pids],
-                               env={**cluster.client_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                               timeout=timeout + 60, check=False)
+        probe = subprocess.run(
+            [sys.executable, "-c", NODES_PROBE, cluster.address, str(timeout), *pids],
+            env={**cluster.client_env, "RAY_AUTH_MODE": "token"},
+            capture_output=True,
+            text=True,
+            timeout=timeout + 60,
+            check=False,
+        )
         assert probe.returncode == 0, probe.stderr[-3000:]
         found = json.loads(probe.stdout.strip().splitlines()[-1])
     exited = [p.args[1:4] for p in cluster.nodes if p.poll() is not None]
     assert not exited, f"`ray start` exited (see head.log / worker.log): {exited}"
     assert set(found) == {"node_a", "node_b"} and found["node_a"] != found["node_b"], (
-        f"both nodes should be alive after {timeout:.0f} s, found {found}")
+        f"both nodes should be alive after {timeout:.0f} s, found {found}"
+    )
     return found
 
 
@@ -184,8 +218,9 @@ def _signal(pid: int, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extra_env: dict | None = None
-                     ) -> Iterator[Cluster]:
+def two_node_cluster(
+    logs: Path, *, cpus: int = 3, dashboard: bool = False, extra_env: dict | None = None
+) -> Iterator[Cluster]:
     """Head (resource node_a) + worker (node_b), token auth on; yields once both nodes are alive (their ids in
     `node_ids`); stops them all."""
     base = tempfile.mkdtemp(prefix="dapd", dir="/tmp")  # short: Unix socket paths are limited to ~107 bytes
@@ -196,16 +231,21 @@ def two_node_cluster(logs: Path, *, cpus: int = 3, dashboard: bool = False, extr
     nodes: list[subprocess.Popen] = []
     leftovers: list[psutil.Process] = []
     try:
-        nodes.append(_start_node(f"{base}/h", head_ports, env, logs / "head.log", None, {"node_a": 1}, cpus,
-                                 dashboard))
+        nodes.append(_start_node(f"{base}/h", head_ports, env, logs / "head.log", None, {"node_a": 1}, cpus, dashboard))
         wait_port(head_ports[7], nodes[0], 120)
         if dashboard:
             wait_port(head_ports[8], nodes[0], 120)
-        nodes.append(_start_node(f"{base}/w", worker_ports, env, logs / "worker.log", head_ports[7],
-                                 {"node_b": 1}, cpus, False))
+        nodes.append(
+            _start_node(f"{base}/w", worker_ports, env, logs / "worker.log", head_ports[7], {"node_b": 1}, cpus, False)
+        )
         client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-        cluster = Cluster(address=f"127.0.0.1:{head_ports[7]}", token=token, client_env=client_env,
-                          dashboard=f"http://127.0.0.1:{head_ports[8]}" if dashboard else None, nodes=nodes)
+        cluster = Cluster(
+            address=f"127.0.0.1:{head_ports[7]}",
+            token=token,
+            client_env=client_env,
+            dashboard=f"http://127.0.0.1:{head_ports[8]}" if dashboard else None,
+            nodes=nodes,
+        )
         cluster.node_ids = wait_for_nodes(cluster, 180)
         yield cluster
     finally:

@@ -10,11 +10,12 @@ import torch
 
 from distributed_anomaly.errors import UserError, WeightsUnavailableError
 from distributed_anomaly.models import backbones as bb
+from distributed_anomaly.models import specs
 
 
-@pytest.mark.parametrize("name", sorted(bb.BACKBONES))
+@pytest.mark.parametrize("name", sorted(specs.BACKBONES))
 def test_taps_have_declared_channels_and_strides(name: str) -> None:
-    spec = bb.BACKBONES[name]
+    spec = specs.BACKBONES[name]
     if name == "wide_resnet50_2":
         layers = ("layer1",)  # keep the test light; deeper taps are covered by the registry table
     else:
@@ -50,8 +51,9 @@ def test_offline_without_cache_names_the_file(tmp_path: Path, monkeypatch: pytes
     assert "--weights FILE" in msg and "--no-pretrained" in msg
 
 
-def test_local_weights_file_and_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        mobilenet_weights: Path) -> None:
+def test_local_weights_file_and_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mobilenet_weights: Path
+) -> None:
     fx = bb.FeatureExtractor("mobilenet_v2", weights_file=mobilenet_weights)
     reference = torch.load(mobilenet_weights, weights_only=True)
     torch.testing.assert_close(fx.stages["s0"][0].weight, reference["features.0.0.weight"])
@@ -79,5 +81,5 @@ def test_random_weights_are_seeded() -> None:
     a = bb.FeatureExtractor("resnet18", ("layer1",), pretrained=False, seed=1)
     b = bb.FeatureExtractor("resnet18", ("layer1",), pretrained=False, seed=1)
     c = bb.FeatureExtractor("resnet18", ("layer1",), pretrained=False, seed=2)
-    w = lambda fx: fx.stages["s0"][0].weight  # noqa: E731
+    w = lambda fx: fx.stages["s0"][0].weight
     assert torch.equal(w(a), w(b)) and not torch.equal(w(a), w(c))

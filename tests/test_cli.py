@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PADIM_TRAIN_ARGS, copy_run
 from PIL import Image
 
-from conftest import PADIM_TRAIN_ARGS, copy_run
 from distributed_anomaly.cli import main
 from distributed_anomaly.evaluation import METRIC_KEYS
 
@@ -88,9 +88,34 @@ def test_predict_keeps_going_past_a_corrupt_image(padim_run: Path, demo_category
 @slow
 def test_stfpm_train_with_early_stopping_history(demo_category: Path, tmp_path: Path) -> None:
     out = tmp_path / "stfpm"
-    assert main(["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
-                 "--backbone", "resnet18", "--layers", "layer1,layer2", "--image-size", "64", "--epochs", "3",
-                 "--patience", "1", "--lr", "0.05", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_category),
+                "--out",
+                str(out),
+                "--model",
+                "stfpm",
+                "--no-pretrained",
+                "--backbone",
+                "resnet18",
+                "--layers",
+                "layer1,layer2",
+                "--image-size",
+                "64",
+                "--epochs",
+                "3",
+                "--patience",
+                "1",
+                "--lr",
+                "0.05",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     history = json.loads((out / "history.json").read_text())
     info = json.loads((out / "config.json").read_text())["info"]
     assert 2 <= len(history) <= 3 and info["epochs_run"] == len(history)
@@ -101,8 +126,23 @@ def test_stfpm_train_with_early_stopping_history(demo_category: Path, tmp_path: 
 @slow
 def test_val_fraction_zero_reports_threshold_free_metrics_only(demo_category: Path, tmp_path: Path) -> None:
     out = tmp_path / "nothr"
-    args = ["train", "--data", str(demo_category), "--model", "padim", "--no-pretrained", "--layers", "layer1,layer2",
-            "--n-features", "16", "--image-size", "64", "--val-fraction", "0", "--quiet"]
+    args = [
+        "train",
+        "--data",
+        str(demo_category),
+        "--model",
+        "padim",
+        "--no-pretrained",
+        "--layers",
+        "layer1,layer2",
+        "--n-features",
+        "16",
+        "--image-size",
+        "64",
+        "--val-fraction",
+        "0",
+        "--quiet",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["image_auroc"] is not None and m["aupro"] is not None
@@ -112,16 +152,20 @@ def test_val_fraction_zero_reports_threshold_free_metrics_only(demo_category: Pa
     assert m["image_f1"] == 0.0 and m["threshold_source"] == "user"  # nothing exceeds a huge threshold
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--data", "/nonexistent", "--out", "x"], "dataset folder /nonexistent does not exist"),
-    (["train", "--data", ".", "--out", "x", "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
-    (["train", "--data", ".", "--out", "x", "--layers", "layer1,layer7"], "no feature layer 'layer7'"),
-    (["train", "--data", ".", "--out", "x", "--n-features", "999", "--no-pretrained"], "0 < n_features <= 448"),
-    (["evaluate", "--run", "/nonexistent"], "not a run directory"),
-    (["predict", "--model", "/nonexistent", "--out", "x", "a.png"], "not a run directory"),
-])
-def test_user_errors_are_one_line_messages(argv: list[str], message: str, capsys, demo_category: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/nonexistent", "--out", "x"], "dataset folder /nonexistent does not exist"),
+        (["train", "--data", ".", "--out", "x", "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
+        (["train", "--data", ".", "--out", "x", "--layers", "layer1,layer7"], "no feature layer 'layer7'"),
+        (["train", "--data", ".", "--out", "x", "--n-features", "999", "--no-pretrained"], "0 < n_features <= 448"),
+        (["evaluate", "--run", "/nonexistent"], "not a run directory"),
+        (["predict", "--model", "/nonexistent", "--out", "x", "a.png"], "not a run directory"),
+    ],
+)
+def test_user_errors_are_one_line_messages(
+    argv: list[str], message: str, capsys, demo_category: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(demo_category)
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -129,7 +173,9 @@ def test_user_errors_are_one_line_messages(argv: list[str], message: str, capsys
 
 
 def test_console_entry_points_show_help() -> None:
-    for cmd in ([sys.executable, "-m", "distributed_anomaly", "--help"],
-                [sys.executable, "-m", "distributed_anomaly", "train", "--help"]):
+    for cmd in (
+        [sys.executable, "-m", "distributed_anomaly", "--help"],
+        [sys.executable, "-m", "distributed_anomaly", "train", "--help"],
+    ):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and "usage: distributed-anomaly" in res.stdout

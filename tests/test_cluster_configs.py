@@ -5,22 +5,34 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
 from distributed_anomaly.cli import build_parser
-from distributed_anomaly.serve.protocol import AppConfig
+from distributed_anomaly.serve.settings import AppConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 YAMLS = sorted(CLUSTER.rglob("*.yaml"))
-RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "excludes", "env_vars", "pip", "uv", "conda", "container",
-                    "image_uri", "config", "nsight", "py_executable"}
+RUNTIME_ENV_KEYS = {
+    "working_dir",
+    "py_modules",
+    "excludes",
+    "env_vars",
+    "pip",
+    "uv",
+    "conda",
+    "container",
+    "image_uri",
+    "config",
+    "nsight",
+    "py_executable",
+}
 
 
 def _requirement(name: str) -> Requirement:
@@ -29,7 +41,9 @@ def _requirement(name: str) -> Requirement:
 
 
 def _k8s(kind: str) -> dict:
-    docs = [d for f in YAMLS for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict) and d.get("kind") == kind]
+    docs = [
+        d for f in YAMLS for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict) and d.get("kind") == kind
+    ]
     assert len(docs) == 1, f"expected one {kind} manifest in cluster/, found {len(docs)}"
     return docs[0]
 
@@ -45,13 +59,16 @@ def _cli_commands() -> list[tuple[str, list[str]]]:
                 found.append(("cluster/README.md", line.split("#")[0]))
     text = (CLUSTER / "ray-cluster.yaml").read_text()  # the usage in its header comment
     joined = re.sub(r"\\\n#\s*", " ", text)
-    found += [("cluster/ray-cluster.yaml", line.lstrip("# ")) for line in joined.splitlines()
-              if "distributed-anomaly pipeline" in line]
+    found += [
+        ("cluster/ray-cluster.yaml", line.lstrip("# "))
+        for line in joined.splitlines()
+        if "distributed-anomaly pipeline" in line
+    ]
     out = []
     for where, line in found:
         words = shlex.split(line)
         i = words.index("distributed-anomaly")
-        out.append((where, words[i + 1:]))
+        out.append((where, words[i + 1 :]))
     return out
 
 
@@ -69,8 +86,10 @@ def test_entrypoints_are_real_commands_with_valid_options(capsys) -> None:
         try:
             parser.parse_args(argv)
         except SystemExit as exc:
-            pytest.fail(f"{where}: `distributed-anomaly {' '.join(argv)}` does not parse "
-                        f"({capsys.readouterr().err.strip()[-300:]}; exit {exc.code})")
+            pytest.fail(
+                f"{where}: `distributed-anomaly {' '.join(argv)}` does not parse "
+                f"({capsys.readouterr().err.strip()[-300:]}; exit {exc.code})"
+            )
         with pytest.raises(SystemExit) as exc_info:  # and the command's own --help works
             parser.parse_args([argv[0], "--help"])
         assert exc_info.value.code == 0
@@ -85,7 +104,8 @@ def test_ray_versions_and_images_agree_with_pyproject() -> None:
     from_line = re.search(r"^FROM rayproject/ray:([0-9.]+)-(py\d+)", texts[CLUSTER / "Dockerfile"], flags=re.M)
     assert from_line, "cluster/Dockerfile must build FROM a rayproject/ray image"
     assert ray_versions and image_versions == ray_versions == {from_line.group(1)} == {ray.__version__}, (
-        f"images {image_versions}, rayVersion {ray_versions}, Dockerfile {from_line.group(1)}, tested {ray.__version__}")
+        f"images {image_versions}, rayVersion {ray_versions}, Dockerfile {from_line.group(1)}, tested {ray.__version__}"
+    )
     assert ray_req.specifier.contains(ray.__version__), f"pyproject's {ray_req} excludes Ray {ray.__version__}"
     for name in ("torch", "torchvision"):
         pins = re.findall(rf'"{name}==([0-9.]+)"', texts[CLUSTER / "Dockerfile"])

@@ -15,11 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ray_cluster import RAY_BIN, free_ports, state
 
 from distributed_anomaly import storage
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
-from ray_cluster import RAY_BIN, free_ports, state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
@@ -31,9 +31,25 @@ def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProc
 
 def _submit(cluster, env: dict, pipeline_args: list[str]) -> tuple[str, str]:
     """Submit, follow the logs to the end, return (final status line, logs)."""
-    sub = _ray(["job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-                "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--no-wait", "--",
-                "distributed-anomaly", "pipeline", *pipeline_args], env, 300)
+    sub = _ray(
+        [
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env",
+            str(ROOT / "cluster" / "runtime_env.yaml"),
+            "--no-wait",
+            "--",
+            "distributed-anomaly",
+            "pipeline",
+            *pipeline_args,
+        ],
+        env,
+        300,
+    )
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
     job = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr)
     assert job, sub.stdout + sub.stderr
@@ -50,16 +66,34 @@ def _work_on(cluster, node: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(1500)  # two pipeline jobs (a 2-trial search, export, Serve), and the cluster's start
-def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_category: Path, tmp_path: Path,
-                                                                s3_bucket) -> None:
+def test_pipeline_job_on_two_node_cluster_serves_the_best_model(
+    two_nodes, demo_category: Path, tmp_path: Path, s3_bucket
+) -> None:
     cluster = two_nodes
     out = tmp_path / "pipeline"
     port = free_ports(1)[0]
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     shared = s3_bucket("e2e")
-    args = ["--data", str(demo_category), "--space", "search_spaces/padim.yaml", "--samples", "2",
-            "--fix", "backbone=resnet18", "--fix", "image_size=128", "--no-pretrained", "--out", str(out),
-            "--address", "auto", "--storage", shared, "--quiet"]
+    args = [
+        "--data",
+        str(demo_category),
+        "--space",
+        "search_spaces/padim.yaml",
+        "--samples",
+        "2",
+        "--fix",
+        "backbone=resnet18",
+        "--fix",
+        "image_size=128",
+        "--no-pretrained",
+        "--out",
+        str(out),
+        "--address",
+        "auto",
+        "--storage",
+        shared,
+        "--quiet",
+    ]
     serve_args = ["--serve", "--host", "127.0.0.1", "--port", str(port), "--proxy-location", "HeadOnly"]
     # Ray's CLI clients (ray job ...) need token mode on as well as the token (cluster/README.md)
     env = {**cluster.client_env, "RAY_AUTH_MODE": "token", **path_env}
@@ -73,8 +107,10 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_
         # The second node did part of the job's work: the state API places tasks that finished and actors there
         # since the job started (nothing else runs on the cluster meanwhile). The search's 2 trials x 3 CPUs
         # (trial, fit actor, decode tasks) fill both nodes' 3 CPUs, so each node runs one trial's work.
-        new = {name: {k: v for k, v in _work_on(cluster, node).items() if k not in before[name]}
-               for name, node in cluster.node_ids.items()}
+        new = {
+            name: {k: v for k, v in _work_on(cluster, node).items() if k not in before[name]}
+            for name, node in cluster.node_ids.items()
+        }
         print("job's work per node:", {name: sorted(set(work.values())) for name, work in new.items()})
         assert len(new["node_b"]) >= 3 and len(new["node_a"]) >= 3, new
 
@@ -94,8 +130,13 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_
         fetched = storage.download(remote, tmp_path / "fetched")
         trials = [p for p in (fetched / "tune" / "search").iterdir() if p.name.startswith("trial_")]
         assert len(trials) == 2 and all((p / "result.json").is_file() for p in trials)
-        for name in ("pipeline.json", "tune/summary.json", "tune/best/metrics.json", "model/model.xml",
-                     "model/metadata.json"):
+        for name in (
+            "pipeline.json",
+            "tune/summary.json",
+            "tune/best/metrics.json",
+            "model/model.xml",
+            "model/metadata.json",
+        ):
             assert (fetched / name).read_bytes() == (out / name).read_bytes(), name
         served_from = storage.join(remote, "model")
         assert record["stages"]["export"]["shared"] == served_from
@@ -107,8 +148,12 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_
 
         defect = next(r for r in records_of_split(load_dataset(demo_category), "test") if r.label)
         body = Path(defect.path).read_bytes()
-        req = urllib.request.Request(f"{url}/predict?task=detection", data=body, method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+        req = urllib.request.Request(
+            f"{url}/predict?task=detection",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/octet-stream"},
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200
             answer = json.loads(resp.read())
@@ -121,6 +166,12 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(two_nodes, demo_
         assert "succeeded" in status.lower(), f"{status}\n{logs[-5000:]}"
         assert "search: already finished" in logs and "export:" in logs and "skipping" in logs
     finally:  # the session's cluster goes on to other tests: take down the Serve application the job deployed
-        down = subprocess.run([str(Path(RAY_BIN).with_name("serve")), "shutdown", "--address", cluster.dashboard,
-                               "--yes"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        down = subprocess.run(
+            [str(Path(RAY_BIN).with_name("serve")), "shutdown", "--address", cluster.dashboard, "--yes"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
     assert down.returncode == 0, (down.stdout + down.stderr)[-3000:]

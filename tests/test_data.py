@@ -49,14 +49,17 @@ def test_parent_folder_of_categories(tmp_path: Path) -> None:
     assert {r.category for r in recs} == {"a", "b"}
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda r: __import__("shutil").rmtree(r / "train"), "missing folder .*train/good"),
-    (lambda r: [p.unlink() for p in (r / "train" / "good").iterdir()], "train/good holds no images"),
-    (lambda r: (r / "ground_truth" / "scratch" / "000_mask.png").unlink(), "test/scratch/000.png has no mask"),
-    (lambda r: _png(r / "ground_truth" / "scratch" / "007_mask.png", mode="L"), "007_mask.png has no image"),
-    (lambda r: [p.unlink() for p in (r / "test" / "scratch").iterdir()], "test/scratch holds no images"),
-    (lambda r: _png(r / "ground_truth" / "dent" / "000_mask.png", mode="L"), "masks folder .*dent has no matching"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda r: __import__("shutil").rmtree(r / "train"), "missing folder .*train/good"),
+        (lambda r: [p.unlink() for p in (r / "train" / "good").iterdir()], "train/good holds no images"),
+        (lambda r: (r / "ground_truth" / "scratch" / "000_mask.png").unlink(), "test/scratch/000.png has no mask"),
+        (lambda r: _png(r / "ground_truth" / "scratch" / "007_mask.png", mode="L"), "007_mask.png has no image"),
+        (lambda r: [p.unlink() for p in (r / "test" / "scratch").iterdir()], "test/scratch holds no images"),
+        (lambda r: _png(r / "ground_truth" / "dent" / "000_mask.png", mode="L"), "masks folder .*dent has no matching"),
+    ],
+)
 def test_layout_errors_name_the_path(tmp_path: Path, breakage, message: str) -> None:
     root = _category(tmp_path / "cat")
     breakage(root)

@@ -171,8 +171,13 @@ def test_two_node_cluster_fit_equals_in_process(train_records, demo_category, re
     with two_node_cluster(tmp_path) as cluster:
         # The driver gets only the token: ensure_ray must turn token mode on itself (Ray does not, for an
         # explicit address).
-        driver = subprocess.run([sys.executable, "-c", DRIVER, cluster.address, str(demo_category), str(tmp_path)],
-                                env=cluster.client_env, capture_output=True, text=True, timeout=600)
+        driver = subprocess.run(
+            [sys.executable, "-c", DRIVER, cluster.address, str(demo_category), str(tmp_path)],
+            env=cluster.client_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert driver.returncode == 0, driver.stderr[-3000:]
         info = json.loads((tmp_path / "info.json").read_text())
         saved = np.load(tmp_path / "stats.npz")
@@ -192,8 +197,23 @@ def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path):
     from distributed_anomaly import rundir
     from distributed_anomaly.cli import main
 
-    common = ["train", "--data", str(demo_category), "--model", "padim", "--no-pretrained", "--layers",
-              "layer1,layer2", "--n-features", "20", "--image-size", "64", "--batch-size", "5", "--quiet"]
+    common = [
+        "train",
+        "--data",
+        str(demo_category),
+        "--model",
+        "padim",
+        "--no-pretrained",
+        "--layers",
+        "layer1,layer2",
+        "--n-features",
+        "20",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "5",
+        "--quiet",
+    ]
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     assert main([*common, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
     local = json.loads((tmp_path / "local" / rundir.METRICS).read_text())

@@ -64,24 +64,37 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_local, norm
     expected = _student(reference)
 
     for workers in (0, 1, 2):
-        model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=workers, storage=str(tmp_path),
-                                      run_name=f"w{workers}", resume_from=None, progress=False,
-                                      batch_norm="frozen", decode_tasks=1)
+        model, info = train_stfpm_ray(
+            CFG,
+            tcfg,
+            fit,
+            val,
+            workers=workers,
+            storage=str(tmp_path),
+            run_name=f"w{workers}",
+            resume_from=None,
+            progress=False,
+            batch_norm="frozen",
+            decode_tasks=1,
+        )
         assert info["per_worker_batch_size"] == 8 // max(workers, 1)
         assert info["images_per_epoch"] == [8] and info["epochs_run"] == 1
         got = _student(model)
         assert not torch.equal(got["stages.s0.0.weight"], initial["stages.s0.0.weight"])
         for k, v in expected.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5,
-                                       msg=lambda m, w=workers, k=k: f"{w} workers, {k}: {m}")
+            torch.testing.assert_close(
+                got[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, w=workers, k=k: f"{w} workers, {k}: {m}"
+            )
         # the reported training loss is the per-image loss before the step, whatever the sharding
         assert info["history"][0]["train_loss"] == pytest.approx(loss.item() / 8, rel=1e-4)
 
 
 def _max_rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], keys) -> float:
     """Largest |got - want| of a tensor relative to that tensor's largest |want|, over `keys`."""
-    return max(float((got[k].double() - want[k].double()).abs().max() / want[k].double().abs().max().clamp_min(1e-12))
-               for k in keys)
+    return max(
+        float((got[k].double() - want[k].double()).abs().max() / want[k].double().abs().max().clamp_min(1e-12))
+        for k in keys
+    )
 
 
 def _restored(initial: Stfpm, state: dict | None, tcfg: TrainConfig) -> tuple[Stfpm, torch.optim.Optimizer]:
@@ -131,9 +144,20 @@ def test_two_workers_with_replica_batch_norm_over_epochs(ray_local, normal_image
     tcfg = TrainConfig(epochs=3, batch_size=4, pretrained=False)
     initial = rundir.build_model(CFG, pretrained=False)
     storage = tmp_path / "ray_train"
-    model, info = train_stfpm_ray(CFG, tcfg, fit, [], workers=2, storage=str(storage), run_name="replica",
-                                  resume_from=None, progress=False, model=copy.deepcopy(initial), num_to_keep=3,
-                                  decode_tasks=1)
+    model, info = train_stfpm_ray(
+        CFG,
+        tcfg,
+        fit,
+        [],
+        workers=2,
+        storage=str(storage),
+        run_name="replica",
+        resume_from=None,
+        progress=False,
+        model=copy.deepcopy(initial),
+        num_to_keep=3,
+        decode_tasks=1,
+    )
     assert info["batch_norm"] == "replica" and info["per_worker_batch_size"] == 2
     # 2 input blocks of 2 shuffle into 2 blocks of 2: each rank 2 images, one step, no empty step
     assert info["images_per_epoch"] == [4, 4, 4] and info["empty_steps_per_epoch"] == [0, 0, 0]
@@ -160,17 +184,31 @@ def test_two_workers_with_replica_batch_norm_over_epochs(ray_local, normal_image
         m, o = _restored(initial, states.get(epoch - 1), tcfg)
         engine.stfpm_epoch(m, [x], o)  # the whole batch's statistics instead
         step_gaps.append(_max_rel_diff(m.student.state_dict(), want["student"], params))
-        print(f"epoch {epoch}: ghost batch norm fits {fits:.1e} (next split {runner_up:.1e}), "
-              f"whole batch {step_gaps[-1]:.1e}")
+        print(
+            f"epoch {epoch}: ghost batch norm fits {fits:.1e} (next split {runner_up:.1e}), "
+            f"whole batch {step_gaps[-1]:.1e}"
+        )
     assert _max_rel_diff(model.student.state_dict(), states[2]["student"], keys) == 0  # no val: the last epoch
 
     whole = copy.deepcopy(initial)
-    result = engine.train_stfpm(whole, fit, [], epochs=3, batch_size=4, lr=tcfg.lr, momentum=tcfg.momentum,
-                                weight_decay=tcfg.weight_decay, patience=tcfg.patience, progress=False)
+    result = engine.train_stfpm(
+        whole,
+        fit,
+        [],
+        epochs=3,
+        batch_size=4,
+        lr=tcfg.lr,
+        momentum=tcfg.momentum,
+        weight_decay=tcfg.weight_decay,
+        patience=tcfg.patience,
+        progress=False,
+    )
     weights = _max_rel_diff(model.student.state_dict(), whole.student.state_dict(), params)
     losses = max(abs(a["train_loss"] - b.train_loss) / b.train_loss for a, b in zip(info["history"], result.history))
-    print(f"replica vs whole-batch batch norm: per step {min(step_gaps):.1e}-{max(step_gaps):.1e}, after 3 "
-          f"epochs: weights {weights:.1e}, train loss {losses:.1e}")
+    print(
+        f"replica vs whole-batch batch norm: per step {min(step_gaps):.1e}-{max(step_gaps):.1e}, after 3 "
+        f"epochs: weights {weights:.1e}, train loss {losses:.1e}"
+    )
     assert min(step_gaps) > 1e-2, step_gaps
     assert weights < 1.0 and losses < 2e-2, (weights, losses)
 
@@ -189,24 +227,52 @@ def test_killed_worker_restarts_then_interrupted_run_resumes(ray_local, normal_i
     tcfg = TrainConfig(epochs=3, batch_size=4, pretrained=False)
     storage = tmp_path / "ray_train"
     markers = [tmp_path / "killed_rank1_epoch1", tmp_path / "killed_rank0_epoch2"]
-    faults = FaultPlan((Fault(rank=1, epoch=1, action="kill", marker=str(markers[0])),
-                        Fault(rank=0, epoch=2, action="kill", marker=str(markers[1]))))
+    faults = FaultPlan(
+        (
+            Fault(rank=1, epoch=1, action="kill", marker=str(markers[0])),
+            Fault(rank=0, epoch=2, action="kill", marker=str(markers[1])),
+        )
+    )
     with pytest.raises(RuntimeError, match="resume_from") as failed:
-        train_stfpm_ray(CFG, tcfg, fit, val, workers=2, storage=str(storage), run_name="run", resume_from=None,
-                        progress=False, max_failures=1, decode_tasks=1, fault_hook=faults)
+        train_stfpm_ray(
+            CFG,
+            tcfg,
+            fit,
+            val,
+            workers=2,
+            storage=str(storage),
+            run_name="run",
+            resume_from=None,
+            progress=False,
+            max_failures=1,
+            decode_tasks=1,
+            fault_hook=faults,
+        )
     assert markers[0].is_file(), f"the first fault was never injected; the run failed with {failed.value}"
     with pytest.raises(UserError, match="already exists"):  # never silently continued nor overwritten
-        train_stfpm_ray(CFG, tcfg, fit, val, workers=2, storage=str(storage), run_name="run", resume_from=None,
-                        progress=False)
-    model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=1, storage=None, run_name="ignored",
-                                  resume_from=str(tmp_path), progress=False, decode_tasks=1)  # finds ray_train/run
+        train_stfpm_ray(
+            CFG, tcfg, fit, val, workers=2, storage=str(storage), run_name="run", resume_from=None, progress=False
+        )
+    model, info = train_stfpm_ray(
+        CFG,
+        tcfg,
+        fit,
+        val,
+        workers=1,
+        storage=None,
+        run_name="ignored",
+        resume_from=str(tmp_path),
+        progress=False,
+        decode_tasks=1,
+    )  # finds ray_train/run
     assert info["failures"] >= 1 and info["resumes"] == 1 and info["resumed"]
     assert info["run_path"] == str(storage / "run")
     assert [h["epoch"] for h in info["history"]] == [0, 1, 2]
     assert info["images_per_epoch"] == [5, 5, 5]
     # Ray Data's shuffle leaves blocks of 3 and 2 images here: the 2-image rank steps once with no image
-    assert info["empty_steps_per_epoch"][:2] == [1, 1] and info["empty_steps_per_epoch"][2] == 0, \
+    assert info["empty_steps_per_epoch"][:2] == [1, 1] and info["empty_steps_per_epoch"][2] == 0, (
         f"{info['empty_steps_per_epoch']}: the uneven-shard path was not exercised (did Ray Data's block sizes change?)"
+    )
     assert info["per_worker_batch_size"] == 4 and info["global_batch_size"] == 4
     _check_best(model, info, val)
 
@@ -217,16 +283,26 @@ def test_in_process_run_resumes(ray_local, normal_images, tmp_path):
     tcfg = TrainConfig(epochs=4, batch_size=6, pretrained=False)
     fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
     with pytest.raises(RuntimeError, match="resume_from"):
-        train_stfpm_ray(CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None,
-                        progress=False, fault_hook=fail)
+        train_stfpm_ray(
+            CFG,
+            tcfg,
+            fit,
+            val,
+            workers=0,
+            storage=str(tmp_path),
+            run_name="run",
+            resume_from=None,
+            progress=False,
+            fault_hook=fail,
+        )
     assert (tmp_path / "interrupted").is_file()
     with pytest.raises(UserError, match="already exists"):
-        train_stfpm_ray(CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None,
-                        progress=False)
+        train_stfpm_ray(
+            CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None, progress=False
+        )
     with pytest.raises(UserError, match="workers=0"):  # a checkpoint kind the other mode cannot continue
         train_stfpm_ray(CFG, tcfg, fit, val, workers=1, resume_from=str(tmp_path / "run"), progress=False)
-    model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=0, resume_from=str(tmp_path / "run"),
-                                  progress=False)
+    model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=0, resume_from=str(tmp_path / "run"), progress=False)
     assert info["resumes"] == 1 and info["failures"] == 0
     assert [h["epoch"] for h in info["history"]] == [0, 1, 2, 3]
     assert info["images_per_epoch"] == [6] * 4
@@ -243,8 +319,9 @@ def _check_best(model, info, val) -> None:
         assert model.loss(load_batch(val, CFG.image_size)).item() / len(val) == pytest.approx(min(losses), rel=1e-4)
 
 
-def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category, tmp_path, monkeypatch, capsys,
-                                                       s3_bucket):
+def test_cli_train_resume_continues_an_interrupted_run(
+    ray_local, demo_category, tmp_path, monkeypatch, capsys, s3_bucket
+):
     """`train --workers 1 --max-failures 0 --storage s3://...` stops at an injected fault; `train --resume RUN_DIR`
     finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is uploaded there."""
     from distributed_anomaly import storage
@@ -252,9 +329,31 @@ def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category,
 
     out = tmp_path / "run"
     shared = s3_bucket("cli-resume")
-    argv = ["train", "--data", str(demo_category), "--out", str(out), "--model", "stfpm", "--no-pretrained",
-            "--layers", "layer1,layer2", "--image-size", "64", "--epochs", "3", "--batch-size", "8",
-            "--workers", "1", "--max-failures", "0", "--storage", shared, "--quiet"]
+    argv = [
+        "train",
+        "--data",
+        str(demo_category),
+        "--out",
+        str(out),
+        "--model",
+        "stfpm",
+        "--no-pretrained",
+        "--layers",
+        "layer1,layer2",
+        "--image-size",
+        "64",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--max-failures",
+        "0",
+        "--storage",
+        shared,
+        "--quiet",
+    ]
     # The CLI takes no fault hook: the first call's train_stfpm_ray (looked up when training starts) gets one.
     fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
     with monkeypatch.context() as patch:
@@ -288,9 +387,9 @@ def test_cli_train_resume_continues_an_interrupted_run(ray_local, demo_category,
 def test_epoch_checkpoint_and_fault_modules_import_no_ray():
     """The pure pieces of the Ray glue (the epoch, checkpoints, fault hooks, payloads, CPU budget) are torch only:
     importing them -- and the distributed package -- leaves Ray out of the process."""
-    modules = ", ".join(f"distributed_anomaly.distributed.{m}"
-                        for m in ("stfpm_steps", "checkpoints", "faults", "payload", "cpus"))
+    modules = ", ".join(
+        f"distributed_anomaly.distributed.{m}" for m in ("stfpm_steps", "checkpoints", "faults", "payload", "cpus")
+    )
     code = f"import sys, {modules}; assert not [m for m in sys.modules if m.split('.')[0] == 'ray'], 'ray imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-

@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distributed_anomaly import metrics, predict
+from distributed_anomaly import metrics, predict, runner
 from distributed_anomaly.data.images import read_image, to_tensor
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
 from distributed_anomaly.errors import RunDirError, UserError
-from distributed_anomaly.export import INPUT_NAME, OUTPUT_NAME, export_run
+from distributed_anomaly.export import export_run
 from distributed_anomaly.inference import OpenVINOInferencer
+from distributed_anomaly.irformat import INPUT_NAME, OUTPUT_NAME
 
 # Every test that uses the shared runs or exports is `slow` (conftest.py marks the users of `exports`); the CLI
 # parser test is not. The first test to ask for the runs trains them and exports: a longer time limit.
@@ -50,8 +51,9 @@ SCORE_TOL = {"fp32": 1e-3, "fp16": 1e-2, "int8": 0.15}
 AUROC_TOL = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-2}
 
 
-def assert_auroc_close(ref_scores: np.ndarray, got_scores: np.ndarray, labels: np.ndarray, tol: float,
-                       score_tol: float) -> None:
+def assert_auroc_close(
+    ref_scores: np.ndarray, got_scores: np.ndarray, labels: np.ndarray, tol: float, score_tol: float
+) -> None:
     """|AUROC - torch AUROC| <= tol, plus the share of (anomalous, normal) pairs whose torch scores are so close
     (within 2 * score_tol) that the documented score error may legitimately swap them. For a model that
     separates the classes by more than that (PADIM here) this is exactly `tol`; one swap out of the demo's
@@ -80,7 +82,7 @@ def test_split(demo_category: Path):
 @pytest.fixture(scope="module")
 def torch_maps(runs, test_split) -> dict[str, np.ndarray]:
     images, _ = test_split
-    return {m: predict.TorchRunner.from_run(runs[m]).raw_maps(to_tensor(images, SIZES[m])) for m in runs}
+    return {m: runner.TorchRunner.from_run(runs[m]).raw_maps(to_tensor(images, SIZES[m])) for m in runs}
 
 
 def _image_auroc(maps: np.ndarray, labels: np.ndarray) -> float:
@@ -99,7 +101,7 @@ def test_fp32_scores_like_torch(model, runs, exports, test_split, torch_maps) ->
     assert abs(_image_auroc(got, labels) - _image_auroc(ref, labels)) <= AUROC_TOL["fp32"]  # no excuses
     # Whole predictions (in the images' own 128 px coordinates) through the shared post-processing.
     ours = inf.predict(images)
-    theirs = predict.predict_arrays(*_torch_model(runs[model]), images, size)
+    theirs = runner.predict_arrays(*_torch_model(runs[model]), images, size)
     assert len(ours) == len(theirs) == len(images)
     for a, b in zip(ours, theirs):
         assert a.label == b.label
@@ -116,8 +118,9 @@ def _torch_model(run: Path):
     return model, post
 
 
-@pytest.mark.parametrize("model,precision", [("padim", "fp16"), ("stfpm", "fp16"), ("padim", "int8"),
-                                             ("stfpm", "int8")])
+@pytest.mark.parametrize(
+    "model,precision", [("padim", "fp16"), ("stfpm", "fp16"), ("padim", "int8"), ("stfpm", "int8")]
+)
 def test_reduced_precision_within_tolerance(model, precision, exports, test_split, torch_maps) -> None:
     images, labels = test_split
     inf = OpenVINOInferencer(exports(model, precision))
@@ -135,9 +138,10 @@ def test_reduced_precision_within_tolerance(model, precision, exports, test_spli
     assert_auroc_close(ref_scores, got_scores, labels, AUROC_TOL[precision], SCORE_TOL[precision] * scale)
     if model == "padim":  # separable: the tolerance above is the plain one, and labels agree
         assert metrics.auroc(got_scores, labels) == pytest.approx(metrics.auroc(ref_scores, labels), abs=0.01)
-        torch_post = predict.TorchRunner.from_run(exports.runs[model]).postprocessor
+        torch_post = runner.TorchRunner.from_run(exports.runs[model]).postprocessor
         assert [p.label for p in inf.postprocessor.predict_batch(got)] == [
-            p.label for p in torch_post.predict_batch(ref)]
+            p.label for p in torch_post.predict_batch(ref)
+        ]
     if precision == "int8":  # thresholds refitted on the quantized model's own maps
         assert inf.postprocessor.extra["recalibrated_for"] == "int8"
         assert inf.postprocessor.threshold_source == inf.metadata["threshold_source"]
@@ -153,8 +157,10 @@ def _quantised_ops(ir: Path) -> int:
 
 def _runtime_layers(inf: OpenVINOInferencer) -> list[tuple[str, str]]:
     """(layer type, runtime precision) of every layer the CPU plugin compiled (its runtime model)."""
-    return [(op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
-            for op in inf.compiled.get_runtime_model().get_ops()]
+    return [
+        (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+        for op in inf.compiled.get_runtime_model().get_ops()
+    ]
 
 
 @pytest.mark.parametrize("model", ["padim", "stfpm"])
@@ -199,7 +205,7 @@ def test_export_files_metadata_and_io(runs, exports) -> None:
     assert [i.get_any_name() for i in model.inputs] == ["image"]
     assert [o.get_any_name() for o in model.outputs] == ["anomaly_map"]
     assert model.inputs[0].get_partial_shape() == ov.PartialShape([-1, 3, SIZE, SIZE])
-    info = lambda k: model.get_rt_info(["model_info", k]).astype(str)  # noqa: E731
+    info = lambda k: model.get_rt_info(["model_info", k]).astype(str)
     assert info("model_type") == "AnomalyDetection"
     assert float(info("image_threshold")) == post["image_threshold"]  # full precision, not 6 digits
     assert float(info("normalization_scale")) == pytest.approx(post["norm_max"] - post["norm_min"], rel=1e-12)
@@ -210,8 +216,10 @@ def test_export_files_metadata_and_io(runs, exports) -> None:
     assert inf.compiled.get_property("INFERENCE_NUM_THREADS") == 1
     # Not pinned to cores (other processes share the node), unless the caller asks.
     assert inf.compiled.get_property("ENABLE_CPU_PINNING") is False
-    assert OpenVINOInferencer(ir, 1, config={"ENABLE_CPU_PINNING": True}).compiled.get_property(
-        "ENABLE_CPU_PINNING") is True
+    assert (
+        OpenVINOInferencer(ir, 1, config={"ENABLE_CPU_PINNING": True}).compiled.get_property("ENABLE_CPU_PINNING")
+        is True
+    )
     for b in (1, 3):
         assert inf.anomaly_maps(np.zeros((b, 3, SIZE, SIZE), np.float32)).shape == (b, SIZE, SIZE)
     fp16 = exports("padim", "fp16")
@@ -320,8 +328,10 @@ def test_model_api_defaults_agree_within_the_bf16_tolerance(model, exports, test
     score_err = np.array([abs(_their_score(r) - p.score) for p, r in pairs])
     map_err = np.stack([np.abs(r.anomaly_map.astype(float) - np.round(p.anomaly_map * 255)) for p, r in pairs])
     flips = [i for i, (p, r) in enumerate(pairs) if r.pred_label != ("Anomaly" if p.label else "Normal")]
-    print(f"Model API defaults ({hint}) vs ours, {model}: score max {score_err.max():.4g}, map max "
-          f"{map_err.max():g} mean {map_err.mean():.3g} (0..255), labels differ on {flips}")
+    print(
+        f"Model API defaults ({hint}) vs ours, {model}: score max {score_err.max():.4g}, map max "
+        f"{map_err.max():g} mean {map_err.mean():.3g} (0..255), labels differ on {flips}"
+    )
     assert score_err.max() <= score_tol
     assert map_err.max() <= map_tol and map_err.mean() <= mean_map_tol
     assert all(abs(pairs[i][0].score - 0.5) <= score_tol for i in flips), flips  # only near-ties may differ
@@ -341,7 +351,7 @@ def test_incomplete_ir_folder_is_a_clear_error(exports, tmp_path, broken) -> Non
 def test_foreign_metadata_and_bad_xml_are_clear_errors(exports, tmp_path) -> None:
     ir = tmp_path / "ir"
     shutil.copytree(exports("stfpm", "fp32"), ir)
-    (ir / "metadata.json").write_text("{\"model\": \"padim\"}")
+    (ir / "metadata.json").write_text('{"model": "padim"}')
     with pytest.raises(RunDirError, match="not metadata written by `export`"):
         OpenVINOInferencer(ir)
     (ir / "metadata.json").write_text("{not json")
@@ -363,8 +373,9 @@ def test_export_cli_parser(monkeypatch, capsys) -> None:
     from distributed_anomaly.cli import build_parser
 
     parser = build_parser()
-    a = parser.parse_args(["export", "--run", "runs/r", "--out", "ir/r", "--precision", "int8",
-                           "--calibration-images", "50"])
+    a = parser.parse_args(
+        ["export", "--run", "runs/r", "--out", "ir/r", "--precision", "int8", "--calibration-images", "50"]
+    )
     assert a.func(a) == 0
     assert calls == [(("runs/r", "ir/r", "int8", 50), {"task": "segmentation", "data": None})]
     assert "exported runs/r (int8) to ir/r" in capsys.readouterr().out

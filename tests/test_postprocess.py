@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distributed_anomaly.postprocess import (PostProcessor, boxes_from_mask, fit_postprocessor,
-                                             no_threshold_postprocessor, remove_small_regions)
+from distributed_anomaly.postprocess import (
+    PostProcessor,
+    boxes_from_mask,
+    fit_postprocessor,
+    no_threshold_postprocessor,
+    remove_small_regions,
+)
 
 
 def test_boxes_from_hand_made_mask() -> None:
@@ -58,8 +63,14 @@ def test_user_threshold_wins() -> None:
 
 
 def test_prediction_threshold_maps_to_half_and_labels_agree_with_masks() -> None:
-    post = PostProcessor(image_threshold=2.0, pixel_threshold=2.0, norm_min=0.0, norm_max=4.0,
-                         threshold_source="user", min_region_fraction=0.0)
+    post = PostProcessor(
+        image_threshold=2.0,
+        pixel_threshold=2.0,
+        norm_min=0.0,
+        norm_max=4.0,
+        threshold_source="user",
+        min_region_fraction=0.0,
+    )
     raw = np.zeros((16, 16), np.float32)
     raw[4:8, 4:8] = 3.0
     pred = post(raw)

@@ -13,20 +13,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_run
 from PIL import Image
 
-from conftest import copy_run
 from distributed_anomaly import engine, report, rundir
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split
 from distributed_anomaly.evaluation import compute_metrics
 from distributed_anomaly.postprocess import no_threshold_postprocessor
+from distributed_anomaly.training import evaluate_run
 
 GALLERIES = ("missed", "false-alarms", "top-defects")
 SECTIONS = ("summary", "metrics", "curves", "scores", *GALLERIES)
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,4000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1280,4000",
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -131,7 +142,7 @@ def scored(run: Path):
 @pytest.fixture(scope="module")
 def run_report(run: Path) -> Path:
     """What `evaluate --run RUN --report` writes."""
-    return report.report_for_run(run)
+    return Path(evaluate_run(run, report=True)["report"])
 
 
 def _independent_galleries(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, list[int]]:
@@ -159,8 +170,10 @@ def test_gallery_selection_and_per_defect_counts() -> None:
     defects = ["good", "good", "good", "crack", "crack", "oil", "oil"]
     records = [Record(f"/x/{d}/{i}.png", "test", int(d != "good"), d, "c") for i, d in enumerate(defects)]
     assert report.per_defect_counts(records, scores, 4.0) == {
-        "crack": {"count": 2, "detected": 1, "missed": 1}, "oil": {"count": 2, "detected": 1, "missed": 1},
-        "good": {"count": 3, "false_alarms": 2}}
+        "crack": {"count": 2, "detected": 1, "missed": 1},
+        "oil": {"count": 2, "detected": 1, "missed": 1},
+        "good": {"count": 3, "false_alarms": 2},
+    }
     assert report.per_defect_counts(records, scores, None)["crack"] == {"count": 2, "detected": None, "missed": None}
 
 
@@ -221,8 +234,8 @@ def test_report_without_threshold_ranks_by_score_and_says_so(scored, run: Path, 
     labels = np.array([r.label for r in test], bool)
     scores = maps.reshape(len(maps), -1).max(1)
     anomalous = sorted(np.flatnonzero(labels), key=lambda i: scores[i])
-    assert page.tiles["missed"] == anomalous[:report.MAX_TILES]
-    assert page.tiles["false-alarms"] == sorted(np.flatnonzero(~labels), key=lambda i: -scores[i])[:report.MAX_TILES]
+    assert page.tiles["missed"] == anomalous[: report.MAX_TILES]
+    assert page.tiles["false-alarms"] == sorted(np.flatnonzero(~labels), key=lambda i: -scores[i])[: report.MAX_TILES]
     assert all(cells[3] == "—" for d, cells in page.rows.items() if d != "good")
     check_self_contained(page)
 
@@ -256,7 +269,7 @@ def test_report_for_run_writes_run_dir_report(run_report: Path, run: Path, score
     page = Page(run_report.read_text())
     labels = np.array([r.label for r in test], bool)
     expected = _independent_galleries(labels, maps.reshape(len(maps), -1).max(1), post.image_threshold)
-    assert page.tiles == {g: v[:report.MAX_TILES] for g, v in expected.items()}
+    assert page.tiles == {g: v[: report.MAX_TILES] for g, v in expected.items()}
     check_self_contained(page)
 
 
@@ -264,10 +277,12 @@ def test_report_for_run_writes_run_dir_report(run_report: Path, run: Path, score
 # a real browser
 # --------------------------------------------------------------------------------------------------------
 
+
 def run_chromium(commands: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
     """Run headless Chromium commands side by side; {name: (stdout, stderr)}, each asserted to exit 0."""
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
+    procs = {
+        k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, c in commands.items()
+    }
     out = {}
     try:
         for k, p in procs.items():
@@ -305,10 +320,21 @@ def test_report_renders_in_headless_chromium(chromium: str, run_report: Path, tm
     probe_page.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
     shot = tmp_path / "report.png"
     commands = {
-        "screenshot": [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
-                       f"--screenshot={shot}", run_report.resolve().as_uri()],
-        "dom": [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}",
-                "--virtual-time-budget=5000", "--dump-dom", probe_page.resolve().as_uri()],
+        "screenshot": [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile1'}",
+            f"--screenshot={shot}",
+            run_report.resolve().as_uri(),
+        ],
+        "dom": [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe_page.resolve().as_uri(),
+        ],
     }
     out = run_chromium(commands)
 

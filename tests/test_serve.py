@@ -29,10 +29,11 @@ from PIL import Image
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.export import FORMAT, export_run
+from distributed_anomaly.export import export_run
 from distributed_anomaly.inference import OpenVINOInferencer
+from distributed_anomaly.irformat import FORMAT
 from distributed_anomaly.postprocess import PostProcessor
-from distributed_anomaly.serve import protocol as P
+from distributed_anomaly.serve import registry, requests, responses, settings
 from distributed_anomaly.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,14 @@ def multipart(fields: dict[str, tuple | str], boundary: str = "XyZb0und4ry") -> 
         out += f"--{boundary}\r\n".encode()
         if isinstance(value, tuple):
             filename, data = value
-            out += (f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                    "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+            out += (
+                (
+                    f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n"
+                ).encode()
+                + data
+                + b"\r\n"
+            )
         else:
             out += f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
     out += f"--{boundary}--\r\n".encode()
@@ -75,8 +82,9 @@ def fake_ir(folder: Path, **meta) -> Path:
     for name in ("model.xml", "model.bin"):
         (folder / name).write_text(f"<{name} of {folder.name}>")
     (folder / "postprocess.json").write_text("{}")
-    (folder / "metadata.json").write_text(json.dumps({"format": FORMAT, "model": "padim", "image_size": 64,
-                                                      "image_threshold": 1.5, **meta}))
+    (folder / "metadata.json").write_text(
+        json.dumps({"format": FORMAT, "model": "padim", "image_size": 64, "image_threshold": 1.5, **meta})
+    )
     return folder
 
 
@@ -89,171 +97,180 @@ def test_registry_names_versions_and_errors(tmp_path: Path) -> None:
     fake_ir(tmp_path / "lines" / "tile")
     fake_ir(tmp_path / "lines" / "grid", backbone="resnet18")
     (tmp_path / "lines" / "notes").mkdir()  # not an IR folder: ignored inside a folder of models
-    entries = P.discover_models([a, tmp_path / "lines", f"other={a}"])
+    entries = registry.discover_models([a, tmp_path / "lines", f"other={a}"])
     assert list(entries) == ["washer", "grid", "tile", "other"]
     assert entries["washer"].path == str(a.resolve()) and entries["grid"].info["backbone"] == "resnet18"
     assert entries["washer"].info["image_threshold"] == 1.5 and entries["washer"].info["image_size"] == 64
     assert entries["washer"].version == entries["other"].version and len(entries["washer"].version) == 12
     assert entries["washer"].version != entries["tile"].version  # different files
-    assert P.ModelEntry.from_dict(entries["tile"].to_dict()) == entries["tile"]
+    assert registry.ModelEntry.from_dict(entries["tile"].to_dict()) == entries["tile"]
     (a / "metadata.json").write_text(json.dumps({"format": FORMAT, "exported_at": "later"}))
-    assert P.discover_models([a])["washer"].version != entries["washer"].version  # a re-export is a new version
+    assert registry.discover_models([a])["washer"].version != entries["washer"].version  # a re-export is a new version
 
     with pytest.raises(UserError, match="two models are named 'washer'"):
-        P.discover_models([a, f"washer={tmp_path / 'lines' / 'tile'}"])
+        registry.discover_models([a, f"washer={tmp_path / 'lines' / 'tile'}"])
     with pytest.raises(UserError, match="no such folder"):
-        P.discover_models([tmp_path / "missing"])
+        registry.discover_models([tmp_path / "missing"])
     with pytest.raises(UserError, match="neither an IR folder"):
-        P.discover_models([tmp_path / "lines" / "notes"])
+        registry.discover_models([tmp_path / "lines" / "notes"])
     with pytest.raises(UserError, match="no model given"):
-        P.discover_models([])
+        registry.discover_models([])
     with pytest.raises(UserError, match="must be letters"):
-        P.discover_models([fake_ir(tmp_path / "bad name")])
+        registry.discover_models([fake_ir(tmp_path / "bad name")])
     (tmp_path / "lines" / "tile" / "model.bin").unlink()
     with pytest.raises(UserError, match="missing model.bin"):
-        P.discover_models([tmp_path / "lines" / "tile"])
+        registry.discover_models([tmp_path / "lines" / "tile"])
     (fake_ir(tmp_path / "foreign") / "metadata.json").write_text('{"model": "padim"}')
     with pytest.raises(UserError, match="not metadata written by `export`"):
-        P.discover_models([tmp_path / "foreign"])
+        registry.discover_models([tmp_path / "foreign"])
 
 
 def test_request_rules() -> None:
-    assert P.parse_task(None) == "segmentation" and P.parse_task(" Detection ") == "detection"
-    with pytest.raises(P.BadRequest, match="unknown task 'x'"):
-        P.parse_task("x")
-    assert P.resolve_model(None, ["a"]) == "a" and P.resolve_model("b", ["a", "b"]) == "b"
-    with pytest.raises(P.UnknownModel, match="unknown model 'c'; served models: a, b") as e:
-        P.resolve_model("c", ["a", "b"])
+    assert requests.parse_task(None) == "segmentation" and requests.parse_task(" Detection ") == "detection"
+    with pytest.raises(requests.BadRequest, match="unknown task 'x'"):
+        requests.parse_task("x")
+    assert requests.resolve_model(None, ["a"]) == "a" and requests.resolve_model("b", ["a", "b"]) == "b"
+    with pytest.raises(requests.UnknownModel, match="unknown model 'c'; served models: a, b") as e:
+        requests.resolve_model("c", ["a", "b"])
     assert e.value.status == 404
-    with pytest.raises(P.BadRequest, match="2 models are served"):
-        P.resolve_model(None, ["a", "b"])
-    assert P.model_from_request({"model": "q"}, {"x-model": "h"}) == "q"
-    assert P.model_from_request({}, {"x-model": "h"}) == "h"
-    assert P.model_from_request({}, {"serve_multiplexed_model_id": "s"}) == "s"
-    assert P.model_from_request({}, {}) is None
+    with pytest.raises(requests.BadRequest, match="2 models are served"):
+        requests.resolve_model(None, ["a", "b"])
+    assert requests.model_from_request({"model": "q"}, {"x-model": "h"}) == "q"
+    assert requests.model_from_request({}, {"x-model": "h"}) == "h"
+    assert requests.model_from_request({}, {"serve_multiplexed_model_id": "s"}) == "s"
+    assert requests.model_from_request({}, {}) is None
 
-    P.check_api_key(None, {})  # no key configured: open
-    P.check_api_key("k", {"x-api-key": "k"})
-    P.check_api_key("k", {"authorization": "Bearer k"})
+    requests.check_api_key(None, {})  # no key configured: open
+    requests.check_api_key("k", {"x-api-key": "k"})
+    requests.check_api_key("k", {"authorization": "Bearer k"})
     for headers in ({}, {"x-api-key": "K"}, {"authorization": "Basic k"}, {"authorization": "Bearer "}):
-        with pytest.raises(P.Unauthorized):
-            P.check_api_key("k", headers)
+        with pytest.raises(requests.Unauthorized):
+            requests.check_api_key("k", headers)
 
-    assert P.DEFAULT_MAX_BODY_BYTES == 20 * 1024 * 1024
-    P.check_content_length(None, 10)
-    P.check_content_length("10", 10)
-    with pytest.raises(P.PayloadTooLarge, match="11 bytes is over the limit of 10"):
-        P.check_content_length("11", 10)
-    with pytest.raises(P.BadRequest, match="invalid Content-Length"):
-        P.check_content_length("ten", 10)
+    assert settings.DEFAULT_MAX_BODY_BYTES == 20 * 1024 * 1024
+    requests.check_content_length(None, 10)
+    requests.check_content_length("10", 10)
+    with pytest.raises(requests.PayloadTooLarge, match="11 bytes is over the limit of 10"):
+        requests.check_content_length("11", 10)
+    with pytest.raises(requests.BadRequest, match="invalid Content-Length"):
+        requests.check_content_length("ten", 10)
     chunks: list[bytes] = []
-    size = P.accumulate(chunks, b"12345", 0, 10)
-    size = P.accumulate(chunks, b"12345", size, 10)
-    with pytest.raises(P.PayloadTooLarge):
-        P.accumulate(chunks, b"1", size, 10)
+    size = requests.accumulate(chunks, b"12345", 0, 10)
+    size = requests.accumulate(chunks, b"12345", size, 10)
+    with pytest.raises(requests.PayloadTooLarge):
+        requests.accumulate(chunks, b"1", size, 10)
     assert chunks == [b"12345", b"12345"]
 
     # Exceptions keep their class, status and message when Ray pickles them between processes.
-    err = pickle.loads(pickle.dumps(P.UnknownModel("nope")))
-    assert type(err) is P.UnknownModel and err.status == 404 and err.body() == {"error": "nope", "status": 404}
+    err = pickle.loads(pickle.dumps(requests.UnknownModel("nope")))
+    assert type(err) is requests.UnknownModel and err.status == 404 and err.body() == {"error": "nope", "status": 404}
 
 
 def test_parse_body_raw_and_multipart() -> None:
     png = png_bytes(np.zeros((4, 4, 3), np.uint8))
-    assert P.parse_body(png, "image/png").data == png
-    assert P.parse_body(png, None).data == png
+    assert requests.parse_body(png, "image/png").data == png
+    assert requests.parse_body(png, None).data == png
     body, ctype = multipart({"task": "detection", "file": ("a.png", png), "model": "tile"})
-    up = P.parse_body(body, ctype)
+    up = requests.parse_body(body, ctype)
     assert up.data == png and up.filename == "a.png" and up.fields == {"task": "detection", "model": "tile"}
     body, ctype = multipart({"upload": ("b.png", png)})  # any field with a file name
-    assert P.parse_body(body, ctype).data == png
+    assert requests.parse_body(body, ctype).data == png
     body = httpx.Request("POST", "http://x", files={"file": ("c.png", png, "image/png")}, data={"task": "x"})
     body.read()
-    up = P.parse_body(body.content, body.headers["content-type"])  # what httpx/requests/curl -F send
+    up = requests.parse_body(body.content, body.headers["content-type"])  # what httpx/requests/curl -F send
     assert up.data == png and up.fields == {"task": "x"}
 
-    with pytest.raises(P.BadRequest, match="empty request body"):
-        P.parse_body(b"", "application/octet-stream")
-    with pytest.raises(P.BadRequest, match="no file part"):
-        P.parse_body(*multipart({"task": "detection"}))
-    with pytest.raises(P.BadRequest, match="is empty"):
-        P.parse_body(*multipart({"file": ("a.png", b"")}))
-    with pytest.raises(P.BadRequest, match="without a boundary"):
-        P.parse_body(png, "multipart/form-data")
-    with pytest.raises(P.BadRequest, match="malformed multipart"):
-        P.parse_body(b"not multipart at all", "multipart/form-data; boundary=abc")
+    with pytest.raises(requests.BadRequest, match="empty request body"):
+        requests.parse_body(b"", "application/octet-stream")
+    with pytest.raises(requests.BadRequest, match="no file part"):
+        requests.parse_body(*multipart({"task": "detection"}))
+    with pytest.raises(requests.BadRequest, match="is empty"):
+        requests.parse_body(*multipart({"file": ("a.png", b"")}))
+    with pytest.raises(requests.BadRequest, match="without a boundary"):
+        requests.parse_body(png, "multipart/form-data")
+    with pytest.raises(requests.BadRequest, match="malformed multipart"):
+        requests.parse_body(b"not multipart at all", "multipart/form-data; boundary=abc")
 
 
 def test_decode_image_any_mode_and_bad_bytes() -> None:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    assert np.array_equal(P.decode_image(png_bytes(rgb)), rgb)
-    grey = P.decode_image(png_bytes(rgb[..., 0]))
+    assert np.array_equal(requests.decode_image(png_bytes(rgb)), rgb)
+    grey = requests.decode_image(png_bytes(rgb[..., 0]))
     assert grey.shape == (5, 7, 3) and np.array_equal(grey[..., 2], rgb[..., 0])
-    assert P.decode_image(png_bytes(np.dstack([rgb, np.full((5, 7), 255, np.uint8)]))).shape == (5, 7, 3)
-    assert P.decode_image(png_bytes(rgb[..., 0].astype(np.uint16) * 257)).shape == (5, 7, 3)
+    assert requests.decode_image(png_bytes(np.dstack([rgb, np.full((5, 7), 255, np.uint8)]))).shape == (5, 7, 3)
+    assert requests.decode_image(png_bytes(rgb[..., 0].astype(np.uint16) * 257)).shape == (5, 7, 3)
     buf = io.BytesIO()
     Image.fromarray(rgb).convert("P").save(buf, format="GIF")
-    assert P.decode_image(buf.getvalue()).shape == (5, 7, 3)
-    with pytest.raises(P.BadRequest, match="zero bytes"):
-        P.decode_image(b"")
-    with pytest.raises(P.BadRequest, match=r"not a decodable image \(9 bytes\): cannot identify image file$"):
-        P.decode_image(b"not a png")
-    with pytest.raises(P.BadRequest, match="truncated"):
-        P.decode_image(png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))[:200])
+    assert requests.decode_image(buf.getvalue()).shape == (5, 7, 3)
+    with pytest.raises(requests.BadRequest, match="zero bytes"):
+        requests.decode_image(b"")
+    with pytest.raises(requests.BadRequest, match=r"not a decodable image \(9 bytes\): cannot identify image file$"):
+        requests.decode_image(b"not a png")
+    with pytest.raises(requests.BadRequest, match="truncated"):
+        requests.decode_image(png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))[:200])
 
-    assert np.array_equal(P.as_rgb(rgb), rgb) and P.as_rgb(png_bytes(rgb)).shape == (5, 7, 3)
-    assert P.as_rgb(rgb[..., :1]).shape == (5, 7, 3) and P.as_rgb(rgb[..., 0]).shape == (5, 7, 3)
-    assert np.array_equal(P.as_rgb(np.dstack([rgb, rgb[..., :1]])), rgb)
-    with pytest.raises(P.BadRequest, match="must be uint8"):
-        P.as_rgb(rgb.astype(np.float32))
-    with pytest.raises(P.BadRequest, match=r"got \(5, 7, 2\)"):
-        P.as_rgb(rgb[..., :2])
-    with pytest.raises(P.BadRequest, match="got"):
-        P.as_rgb(np.zeros((0, 3, 3), np.uint8))
+    assert np.array_equal(requests.as_rgb(rgb), rgb) and requests.as_rgb(png_bytes(rgb)).shape == (5, 7, 3)
+    assert requests.as_rgb(rgb[..., :1]).shape == (5, 7, 3) and requests.as_rgb(rgb[..., 0]).shape == (5, 7, 3)
+    assert np.array_equal(requests.as_rgb(np.dstack([rgb, rgb[..., :1]])), rgb)
+    with pytest.raises(requests.BadRequest, match="must be uint8"):
+        requests.as_rgb(rgb.astype(np.float32))
+    with pytest.raises(requests.BadRequest, match=r"got \(5, 7, 2\)"):
+        requests.as_rgb(rgb[..., :2])
+    with pytest.raises(requests.BadRequest, match="got"):
+        requests.as_rgb(np.zeros((0, 3, 3), np.uint8))
 
 
 def test_prediction_response_per_task() -> None:
-    post = PostProcessor(image_threshold=2.0, pixel_threshold=2.0, norm_min=0.0, norm_max=4.0,
-                         threshold_source="user", min_region_fraction=0.0)
+    post = PostProcessor(
+        image_threshold=2.0,
+        pixel_threshold=2.0,
+        norm_min=0.0,
+        norm_max=4.0,
+        threshold_source="user",
+        min_region_fraction=0.0,
+    )
     raw = np.zeros((20, 30), np.float32)
     raw[5:9, 10:16] = 3.0
     pred = post(raw)
-    entry = P.ModelEntry("washer", "/ir/washer", "abc123def456", {"image_threshold": 2.0})
-    seg = P.prediction_response(pred, "segmentation", entry, (20, 30, 3))
+    entry = registry.ModelEntry("washer", "/ir/washer", "abc123def456", {"image_threshold": 2.0})
+    seg = responses.prediction_response(pred, "segmentation", entry, (20, 30, 3))
     assert seg["model"] == "washer" and seg["version"] == "abc123def456" and seg["task"] == "segmentation"
     assert seg["score"] == 0.75 and seg["raw_score"] == 3.0 and seg["label"] == 1 and seg["label_name"] == "anomalous"
     assert seg["threshold"] == 2.0 and seg["score_threshold"] == 0.5 and (seg["width"], seg["height"]) == (30, 20)
     assert seg["boxes"] == [[10, 5, 16, 9, 0.75]]
-    assert np.array_equal(P.decode_mask(seg["mask"]), raw >= 2.0) and seg["mask_format"] == "png;base64"
+    assert np.array_equal(responses.decode_mask(seg["mask"]), raw >= 2.0) and seg["mask_format"] == "png;base64"
     assert base64.b64decode(seg["mask"])[:4] == b"\x89PNG"
-    det = P.prediction_response(pred, "detection", entry, (20, 30, 3))
+    det = responses.prediction_response(pred, "detection", entry, (20, 30, 3))
     assert det["boxes"] == seg["boxes"] and "mask" not in det
-    cls = P.prediction_response(pred, "classification", entry, (20, 30, 3))
+    cls = responses.prediction_response(pred, "classification", entry, (20, 30, 3))
     assert "boxes" not in cls and "mask" not in cls and cls["score"] == 0.75
     json.dumps(seg, allow_nan=False)  # plain JSON types only
 
     no_thr = PostProcessor(None, None, 0.0, 4.0, "none")
-    seg = P.prediction_response(no_thr(raw), "segmentation", P.ModelEntry("m", "/m", "v", {}), (20, 30, 3))
+    seg = responses.prediction_response(
+        no_thr(raw), "segmentation", registry.ModelEntry("m", "/m", "v", {}), (20, 30, 3)
+    )
     assert seg["label"] is None and seg["mask"] is None and seg["threshold"] is None
 
 
 def test_app_config_from_builder_args() -> None:
-    cfg = P.AppConfig.from_args({"models": "ir/a, ir/b", "replicas": "2", "cpus_per_replica": "1.5",
-                                 "max_batch_size": "4", "max_body_mb": "2"})  # strings, as `serve run k=v` gives
+    cfg = settings.AppConfig.from_args(
+        {"models": "ir/a, ir/b", "replicas": "2", "cpus_per_replica": "1.5", "max_batch_size": "4", "max_body_mb": "2"}
+    )  # strings, as `serve run k=v` gives
     assert cfg.models == ["ir/a", "ir/b"] and cfg.replicas == 2 and cfg.cpus_per_replica == 1.5
     assert cfg.max_batch_size == 4 and cfg.max_body_bytes == 2 * 1024 * 1024 and cfg.api_key is None
-    cfg = P.AppConfig.from_args({"models": ["ir/a"], "api_key": "k"})
-    assert cfg.max_body_bytes == P.DEFAULT_MAX_BODY_BYTES and cfg.max_batch_size == 8 and cfg.api_key == "k"
+    cfg = settings.AppConfig.from_args({"models": ["ir/a"], "api_key": "k"})
+    assert cfg.max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES and cfg.max_batch_size == 8 and cfg.api_key == "k"
     with pytest.raises(UserError, match="unknown application argument"):
-        P.AppConfig.from_args({"models": "a", "replica": 2})
+        settings.AppConfig.from_args({"models": "a", "replica": 2})
     with pytest.raises(UserError, match="needs models"):
-        P.AppConfig.from_args({})
+        settings.AppConfig.from_args({})
     with pytest.raises(UserError, match="not a number"):
-        P.AppConfig.from_args({"models": "a", "replicas": "two"})
+        settings.AppConfig.from_args({"models": "a", "replicas": "two"})
     with pytest.raises(UserError, match="max_batch_size must be >= 1"):
-        P.AppConfig.from_args({"models": "a", "max_batch_size": 0})
-    assert [P.threads_for_cpus(c) for c in (None, 0.0, 0.5, 1.0, 2.0, 3.7)] == [1, 1, 1, 1, 2, 3]
+        settings.AppConfig.from_args({"models": "a", "max_batch_size": 0})
+    assert [settings.threads_for_cpus(c) for c in (None, 0.0, 0.5, 1.0, 2.0, 3.7)] == [1, 1, 1, 1, 2, 3]
 
 
 def test_serve_cli_parser(monkeypatch) -> None:
@@ -261,21 +278,39 @@ def test_serve_cli_parser(monkeypatch) -> None:
     from distributed_anomaly.serve import server
 
     seen = []
-    monkeypatch.setattr(server, "serve_forever", lambda cfg, host, port, address: seen.append((cfg, host, port,
-                                                                                                  address)) or 0)
-    monkeypatch.setenv(P.API_KEY_ENV, "from-env")
-    a = build_parser().parse_args(["serve", "--model", "ir/a", "ir/b", "--port", "9000", "--replicas", "2",
-                                   "--max-batch-size", "16", "--max-body-mb", "5", "--batch-wait-ms", "20"])
+    monkeypatch.setattr(
+        server, "serve_forever", lambda cfg, host, port, address: seen.append((cfg, host, port, address)) or 0
+    )
+    monkeypatch.setenv(settings.API_KEY_ENV, "from-env")
+    a = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "ir/a",
+            "ir/b",
+            "--port",
+            "9000",
+            "--replicas",
+            "2",
+            "--max-batch-size",
+            "16",
+            "--max-body-mb",
+            "5",
+            "--batch-wait-ms",
+            "20",
+        ]
+    )
     assert a.func(a) == 0
     cfg, host, port, address = seen[0]
     assert (host, port, address) == ("127.0.0.1", 9000, None)
     assert cfg.models == ["ir/a", "ir/b"] and cfg.replicas == 2 and cfg.max_batch_size == 16
     assert cfg.max_body_bytes == 5 * 1024 * 1024 and cfg.batch_wait_timeout_s == pytest.approx(0.02)
     assert cfg.api_key == "from-env"
-    a = build_parser().parse_args(["serve", "--model", "x", "--api-key", "flag", "--address", "auto",
-                                   "--host", "0.0.0.0"])
+    a = build_parser().parse_args(
+        ["serve", "--model", "x", "--api-key", "flag", "--address", "auto", "--host", "0.0.0.0"]
+    )
     assert a.func(a) == 0 and seen[1][0].api_key == "flag" and seen[1][1:] == ("0.0.0.0", 8000, "auto")
-    assert seen[1][0].max_body_bytes == P.DEFAULT_MAX_BODY_BYTES
+    assert seen[1][0].max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve"])  # --model is required
 
@@ -312,8 +347,13 @@ def irs(tmp_path_factory, demo_root: Path) -> dict[str, Path]:
     out = {}
     for cat in ("washer", "tile"):
         run = root / "runs" / cat
-        train(demo_root / cat, run, ModelConfig("padim", "resnet18", ("layer1", "layer2"), image_size=SIZE),
-              TrainConfig(pretrained=False), progress=False)
+        train(
+            demo_root / cat,
+            run,
+            ModelConfig("padim", "resnet18", ("layer1", "layer2"), image_size=SIZE),
+            TrainConfig(pretrained=False),
+            progress=False,
+        )
         out[cat] = export_run(run, root / "ir" / cat)
     return out
 
@@ -325,7 +365,8 @@ def images(demo_root: Path) -> dict[str, list[tuple[str, bytes]]]:
     for cat in ("washer", "tile"):
         test = demo_root / cat / "test"
         paths = sorted((test / "good").glob("*.png"))[:2] + [
-            min(d.glob("*.png")) for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"]
+            min(d.glob("*.png")) for d in sorted(test.iterdir()) if d.is_dir() and d.name != "good"
+        ]
         out[cat] = [(f"{p.parent.name}/{p.name}", p.read_bytes()) for p in paths]
     return out
 
@@ -333,12 +374,13 @@ def images(demo_root: Path) -> dict[str, list[tuple[str, bytes]]]:
 @pytest.fixture(scope="module")
 def reference(irs):
     """What the inferencer answers for an image, through the same response builder as the server."""
-    entries = P.discover_models([irs["washer"], irs["tile"]])
+    entries = registry.discover_models([irs["washer"], irs["tile"]])
     inferencers = {name: OpenVINOInferencer(e.path, num_threads=1) for name, e in entries.items()}
 
     def answer(model: str, data: bytes, task: str) -> dict:
-        img = P.decode_image(data)
-        return P.prediction_response(inferencers[model].predict([img])[0], task, entries[model], img.shape)
+        img = requests.decode_image(data)
+        return responses.prediction_response(inferencers[model].predict([img])[0], task, entries[model], img.shape)
+
     answer.entries = entries
     return answer
 
@@ -353,11 +395,26 @@ def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
 
     assert _serve_client() is None, "Serve already runs on the test cluster: this test must run first"
     port = free_port()
-    env = {**os.environ, P.API_KEY_ENV: "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "distributed_anomaly", "serve", "--model",
-                             f"product={irs['washer']}", "--port", str(port), "--address",
-                             ray_local.get_runtime_context().gcs_address], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, settings.API_KEY_ENV: "env-key"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed_anomaly",
+            "serve",
+            "--model",
+            f"product={irs['washer']}",
+            "--port",
+            str(port),
+            "--address",
+            ray_local.get_runtime_context().gcs_address,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -371,8 +428,7 @@ def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
         url = f"http://127.0.0.1:{port}"
         assert f"URL      {url}" in out and "serving 1 model(s): product; requests need the API key" in out
         _, data = images["washer"][2]
-        r = httpx.post(f"{url}/predict?task=classification", content=data, headers={"X-API-Key": "env-key"},
-                       timeout=60)
+        r = httpx.post(f"{url}/predict?task=classification", content=data, headers={"X-API-Key": "env-key"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "product", r.text
         assert httpx.post(f"{url}/predict", content=data, timeout=60).status_code == 401
         proc.send_signal(signal.SIGINT)
@@ -395,8 +451,15 @@ def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
 def server(ray_local, irs):
     from distributed_anomaly.serve.server import start_server
 
-    cfg = P.AppConfig(models=[str(irs["washer"]), str(irs["tile"])], replicas=1, cpus_per_replica=1,
-                      max_batch_size=4, batch_wait_timeout_s=0.05, max_body_bytes=MAX_BODY, api_key=KEY)
+    cfg = settings.AppConfig(
+        models=[str(irs["washer"]), str(irs["tile"])],
+        replicas=1,
+        cpus_per_replica=1,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.05,
+        max_body_bytes=MAX_BODY,
+        api_key=KEY,
+    )
     srv = start_server(cfg, "127.0.0.1", free_port())
     assert srv.started_serve and not srv.started_ray  # Ray is the session's; Serve is ours
     try:
@@ -426,8 +489,9 @@ def test_http_answers_equal_the_inferencer(client, images, reference, task) -> N
     boxes_seen = 0
     for model in ("washer", "tile"):
         for name, data in images[model]:
-            r = client.post("/predict", params={"task": task, "model": model}, content=data,
-                            headers={"Content-Type": "image/png"})
+            r = client.post(
+                "/predict", params={"task": task, "model": model}, content=data, headers={"Content-Type": "image/png"}
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             assert body == reference(model, data, task), f"{model} {name}"  # every field, floats exactly
@@ -435,7 +499,7 @@ def test_http_answers_equal_the_inferencer(client, images, reference, task) -> N
             assert 0.0 <= body["score"] <= 1.0 and body["label"] in (0, 1)
             assert (body["label"] == 1) == (body["score"] >= 0.5)
             if task == "segmentation":
-                mask = P.decode_mask(body["mask"])
+                mask = responses.decode_mask(body["mask"])
                 assert mask.shape == (body["height"], body["width"]) == (128, 128)
             boxes_seen += len(body.get("boxes", []))
     if task != "classification":
@@ -446,24 +510,32 @@ def test_http_answers_equal_the_inferencer(client, images, reference, task) -> N
 @pytest.mark.slow
 def test_multipart_header_model_and_odd_images(client, images, reference) -> None:
     _, data = images["tile"][3]
-    r = client.post("/predict", files={"file": ("part.png", data, "image/png")}, data={"task": "detection"},
-                    headers={"X-Model": "tile"})
+    r = client.post(
+        "/predict",
+        files={"file": ("part.png", data, "image/png")},
+        data={"task": "detection"},
+        headers={"X-Model": "tile"},
+    )
     assert r.status_code == 200 and r.json() == reference("tile", data, "detection")
     r = client.post("/predict", files={"file": ("part.png", data)}, data={"model": "tile"})  # form field
     assert r.status_code == 200 and r.json() == reference("tile", data, "segmentation")
     # Any mode and size: grey, RGBA, 16-bit, a JPEG, a 1 x 1 image; answers are in the image's own size.
-    rgb = P.decode_image(data)
+    rgb = requests.decode_image(data)
     buf = io.BytesIO()
     Image.fromarray(rgb).resize((301, 77)).save(buf, format="JPEG")
-    odd = {"grey": png_bytes(rgb[..., 0]), "rgba": png_bytes(np.dstack([rgb, rgb[..., 0]])),
-           "16bit": png_bytes(rgb[..., 0].astype(np.uint16) * 257), "jpeg": buf.getvalue(),
-           "tiny": png_bytes(rgb[:1, :1])}
+    odd = {
+        "grey": png_bytes(rgb[..., 0]),
+        "rgba": png_bytes(np.dstack([rgb, rgb[..., 0]])),
+        "16bit": png_bytes(rgb[..., 0].astype(np.uint16) * 257),
+        "jpeg": buf.getvalue(),
+        "tiny": png_bytes(rgb[:1, :1]),
+    }
     for kind, blob in odd.items():
         r = client.post("/predict?model=washer&task=segmentation", content=blob)
         assert r.status_code == 200, (kind, r.text)
         body = r.json()
         assert body == reference("washer", blob, "segmentation"), kind
-        assert P.decode_mask(body["mask"]).shape == (body["height"], body["width"])
+        assert responses.decode_mask(body["mask"]).shape == (body["height"], body["width"])
     assert r.json()["width"] == r.json()["height"] == 1
 
 
@@ -491,7 +563,12 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, cli
         ("multipart not an image", dict(files={"file": ("x.png", b"GIF89a-nope")}), 400, "not a decodable"),
         ("bad task", dict(content=good, params={"task": "ocr"}), 400, "unknown task 'ocr'"),
         ("unknown model", dict(content=good, params={"model": "gearbox"}), 404, "unknown model 'gearbox'"),
-        ("unknown model header", dict(content=good, params={}, headers={"X-Model": "gearbox"}), 404, "served models: washer"),
+        (
+            "unknown model header",
+            dict(content=good, params={}, headers={"X-Model": "gearbox"}),
+            404,
+            "served models: washer",
+        ),
         ("no model", dict(content=good, params={}), 400, "2 models are served"),
         ("too large", dict(content=too_big), 413, "over the limit"),
         ("too large, streamed", dict(content=chunks()), 413, "over the limit"),
@@ -538,7 +615,7 @@ def test_concurrent_requests_are_batched_and_exact(server, client, images, refer
         assert got["score"] == pytest.approx(want["score"], rel=1e-5, abs=1e-6)
         assert got["raw_score"] == pytest.approx(want["raw_score"], rel=1e-5)
         if task == "segmentation":
-            assert np.mean(P.decode_mask(got["mask"]) != P.decode_mask(want["mask"])) < 1e-3
+            assert np.mean(responses.decode_mask(got["mask"]) != responses.decode_mask(want["mask"])) < 1e-3
     after = model_stats(server)
     assert after["images"] - before["images"] == len(jobs)
     assert after["batches"] - before["batches"] < len(jobs)  # several images per OpenVINO call
@@ -583,7 +660,7 @@ def test_python_handles(server, images, reference) -> None:
     from distributed_anomaly.serve.deployments import MODEL_DEPLOYMENT
 
     _, data = images["washer"][3]
-    rgb = P.decode_image(data)
+    rgb = requests.decode_image(data)
     # The application's handle (what serve.run returns): arrays or bytes, model by argument.
     assert server.handle.predict.remote(rgb, "detection", "washer").result() == reference("washer", data, "detection")
     assert server.handle.predict.remote(data, model="washer").result() == reference("washer", data, "segmentation")
@@ -591,13 +668,13 @@ def test_python_handles(server, images, reference) -> None:
     model = serve.get_deployment_handle(MODEL_DEPLOYMENT, server.app_name)
     got = model.options(multiplexed_model_id="tile").predict.remote(rgb, task="classification").result()
     assert got == reference("tile", data, "classification")
-    with pytest.raises(P.UnknownModel, match="unknown model 'gearbox'"):
+    with pytest.raises(requests.UnknownModel, match="unknown model 'gearbox'"):
         server.handle.predict.remote(rgb, model="gearbox").result()
-    with pytest.raises(P.UnknownModel):
+    with pytest.raises(requests.UnknownModel):
         model.options(multiplexed_model_id="gearbox").predict.remote(rgb).result()
-    with pytest.raises(P.BadRequest, match="must be uint8"):
+    with pytest.raises(requests.BadRequest, match="must be uint8"):
         model.predict.remote(rgb.astype(np.float64), model="washer").result()
-    with pytest.raises(P.BadRequest, match="2 models are served"):
+    with pytest.raises(requests.BadRequest, match="2 models are served"):
         model.predict.remote(rgb).result()
     assert server.handle.predict.remote(rgb, "classification", "washer").result()["model"] == "washer"
 
@@ -620,6 +697,6 @@ def test_builder_and_deploy_config(irs) -> None:
     assert (module, attr) == ("distributed_anomaly.serve", "app") and spec.route_prefix == "/"
     args = {**spec.args, "models": [str(irs["washer"]), str(irs["tile"])]}  # the file's paths are the cluster's
     assert isinstance(getattr(__import__(module, fromlist=[attr]), attr)(args), Application)
-    assert P.AppConfig.from_args(spec.args).max_body_bytes == P.DEFAULT_MAX_BODY_BYTES
+    assert settings.AppConfig.from_args(spec.args).max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES
     with pytest.raises(UserError, match="no such folder"):
         da_serve.app({"models": "/nonexistent/ir"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -26,18 +27,22 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(2, 40), cuts=st.lists(st.floats(0, 1), max_size=6), seed=st.integers(0, 2**16),
-       offset=st.sampled_from([0.0, 1e3]))
+@given(
+    n=st.integers(2, 40),
+    cuts=st.lists(st.floats(0, 1), max_size=6),
+    seed=st.integers(0, 2**16),
+    offset=st.sampled_from([0.0, 1e3]),
+)
 def test_any_partition_and_merge_order_matches_one_pass(n: int, cuts: list[float], seed: int, offset: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 5, 3, generator=gen, dtype=torch.float64) * 3 + offset  # offset: far-from-zero means
     bounds = sorted({0, n, *(int(c * n) for c in cuts)})
-    parts = [GaussianStats.from_batch(x[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+    parts = [GaussianStats.from_batch(x[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
     random.Random(seed).shuffle(parts)
     # A random binary tree of merges (associativity), not just left-to-right.
     while len(parts) > 1:
         i = random.Random(seed + len(parts)).randrange(len(parts) - 1)
-        parts[i: i + 2] = [parts[i].merge(parts[i + 1])]
+        parts[i : i + 2] = [parts[i].merge(parts[i + 1])]
     merged = parts[0]
     mean, cov = _reference(x)
     assert merged.count == n
@@ -49,7 +54,7 @@ def test_update_in_batches_equals_from_batch() -> None:
     x = torch.randn(17, 4, 6, dtype=torch.float64)
     s = GaussianStats.empty(6, 4)
     for i in range(0, 17, 5):
-        s.update(x[i: i + 5])
+        s.update(x[i : i + 5])
     whole = GaussianStats.from_batch(x)
     assert s.count == 17
     torch.testing.assert_close(s.mean, whole.mean, rtol=1e-12, atol=1e-12)
@@ -61,7 +66,7 @@ def test_float32_accumulation_stays_accurate_around_large_means() -> None:
     x = torch.randn(200, 8, 4, dtype=torch.float64) + 500.0
     s = GaussianStats.empty(4, 8, dtype=torch.float32)
     for i in range(0, 200, 7):
-        s.update(x[i: i + 7])
+        s.update(x[i : i + 7])
     _, cov = _reference(x)
     assert _rel_err(s.covariance().double().numpy(), cov) < 1e-3
 

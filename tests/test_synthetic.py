@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from distributed_anomaly.data import synthetic
-from distributed_anomaly.data.synthetic import CATEGORIES, DEFECT_TYPES, generate, render_sample
+from distributed_anomaly.data import demo
+from distributed_anomaly.data.demo import CATEGORIES, DEFECT_TYPES, generate, render_sample
 
 SIZE = 128
 SMALL = dict(image_size=SIZE, n_train=3, n_test_good=2, n_per_defect=2)
@@ -43,7 +43,7 @@ def test_categories_have_at_least_three_defect_types() -> None:
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_layout_is_mvtec(dataset: Path, category: str) -> None:
     cat = dataset / category
-    names = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    names = lambda folder: sorted(p.name for p in folder.iterdir())
     assert names(cat / "train") == ["good"]
     assert names(cat / "train" / "good") == ["000.png", "001.png", "002.png"]
     assert names(cat / "test") == sorted(["good", *DEFECT_TYPES[category]])
@@ -75,7 +75,7 @@ def test_masks_are_binary_non_empty_and_realistically_sized(dataset: Path, categ
             mask = np.asarray(mask_img)
             assert set(np.unique(mask)) == {0, 255}
             frac = (mask > 0).mean()
-            assert synthetic.MIN_DEFECT_FRACTION <= frac <= synthetic.MAX_DEFECT_FRACTION, (img_path, frac)
+            assert demo.MIN_DEFECT_FRACTION <= frac <= demo.MAX_DEFECT_FRACTION, (img_path, frac)
 
 
 @pytest.mark.parametrize("category,defect", [(c, d) for c in CATEGORIES for d in DEFECT_TYPES[c]])
@@ -83,8 +83,8 @@ def test_mask_is_exactly_the_changed_pixels(category: str, defect: str) -> None:
     # Same streams with and without the defect: every changed pixel is masked, and nearly
     # every masked pixel changed (a faint alpha can round to the same byte now and then).
     for index in range(3):
-        clean, none = synthetic._render(category, SIZE, 5, f"test/{defect}", index, None)
-        bad, mask = synthetic._render(category, SIZE, 5, f"test/{defect}", index, defect)
+        clean, none = demo.render(category, SIZE, 5, f"test/{defect}", index, None)
+        bad, mask = demo.render(category, SIZE, 5, f"test/{defect}", index, defect)
         assert none is None and mask is not None and mask.any()
         changed = (clean != bad).any(axis=-1)
         assert not (changed & ~mask).any()
@@ -99,8 +99,8 @@ def _object_region(img: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("defect", DEFECT_TYPES["washer"])
 def test_washer_defects_lie_on_the_object(defect: str) -> None:
     for index in range(4):
-        clean, _ = synthetic._render("washer", SIZE, 1, f"test/{defect}", index, None)
-        _, mask = synthetic._render("washer", SIZE, 1, f"test/{defect}", index, defect)
+        clean, _ = demo.render("washer", SIZE, 1, f"test/{defect}", index, None)
+        _, mask = demo.render("washer", SIZE, 1, f"test/{defect}", index, defect)
         region = ndimage.binary_dilation(_object_region(clean), iterations=1)
         assert mask.any() and not (mask & ~region).any()
 
@@ -166,10 +166,18 @@ def test_refuses_to_overwrite_foreign_folder(tmp_path: Path) -> None:
     assert (real / "000.png").read_bytes() == b"a real image"
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(n_train=0), dict(n_test_good=0), dict(n_per_defect=0), dict(image_size=63), dict(seed=-1),
-    dict(categories=[]), dict(n_train=2.5),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n_train=0),
+        dict(n_test_good=0),
+        dict(n_per_defect=0),
+        dict(image_size=63),
+        dict(seed=-1),
+        dict(categories=[]),
+        dict(n_train=2.5),
+    ],
+)
 def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path, **kwargs)

@@ -4,15 +4,16 @@ Pure parts first (no Ray, no training). Then one tiny real search on the demo da
 (seeded TPE proposes STFPM, then PADIM twice), run through the CLI on the shared local Ray (`--address`: the
 session's 4 logical CPUs, whatever the machine has, and `--max-concurrent 1`, so the trials run one at a time
 on any machine): it is interrupted with SIGINT (a real Ctrl-C, caught by Tune) right after its first trial
-finishes, and resumed with `tune --resume`. One search serves the resume test, the end-to-end checks (study in SQLite, best/, results,
-TensorBoard logs) and the report rendered in headless Chromium, because every trial costs Ray start-up time on
-a small CI machine. A second search whose trials all fail on unusable weights shows failures are recorded
-and the search goes on.
+finishes, and resumed with `tune --resume`. One search serves the resume test, the end-to-end checks (study in
+SQLite, best/, results, TensorBoard logs) and the report rendered in headless Chromium, because every trial
+costs Ray start-up time on a small CI machine. A second search whose trials all fail on unusable weights
+shows failures are recorded and the search goes on.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_report import CHROMIUM_FLAGS, PROBE, run_chromium
 
 from distributed_anomaly import cli, engine, metrics, rundir
 from distributed_anomaly.config import ModelConfig
@@ -39,8 +41,8 @@ from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.backbones import get_spec, validate_layers
 from distributed_anomaly.tuning import objective as O
 from distributed_anomaly.tuning import results as R
-from distributed_anomaly.tuning.space import SpaceError, load_space, parse_space, preview, trial_configs
-from test_report import CHROMIUM_FLAGS, PROBE, run_chromium
+from distributed_anomaly.tuning.space import SpaceError, preview, trial_configs
+from distributed_anomaly.tuning.space_file import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -130,49 +132,82 @@ def test_space_enumerates_and_names_conditional_choices_per_parent() -> None:
     assert "layers" not in trial.params
 
 
-@pytest.mark.parametrize("text,message", [
-    ("model: [padim", "not valid YAML"),
-    ("fixed: {model: padim}\ndimensions: {}", "no dimensions"),
-    ("fixed: {model: padim}\nsearch: {}\ndimensions: {image_size: {choice: [64]}}", "unknown key 'search'"),
-    ("fixed: {model: padim}\ndimensions: {colour: {choice: [red]}}", "unknown setting 'colour'"),
-    ("fixed: {model: padim}\ndimensions: {image_size: {choice: [64], log: true}}", "apply to int and float"),
-    ("fixed: {model: padim}\ndimensions: {image_size: {between: [64, 128]}}", "unknown key 'between'"),
-    ("fixed: {model: padim}\ndimensions: {lr: {int: [1, 2]}}", "use `float"),
-    ("fixed: {model: padim}\ndimensions: {lr: {float: [0, 1], log: true}}", "log range needs low > 0"),
-    ("fixed: {model: padim}\ndimensions:\n  layers: {by: backbone, choice: {resnet18: [[layer1]]}}\n"
-     "  backbone: {choice: [resnet18]}", "`by: backbone` must name a setting fixed or searched above"),
-    ("fixed: {model: padim}\ndimensions:\n  backbone: {choice: [resnet18, mobilenet_v2]}\n"
-     "  layers: {by: backbone, choice: {resnet18: [[layer1]]}}", "no choices for backbone=mobilenet_v2"),
-    ("fixed: {model: padim, backbone: mobilenet_v2}\ndimensions: {layers: {choice: [[layer1, layer2]]}}",
-     "has no feature layer 'layer1'"),
-    ("fixed: {backbone: mobilenet_v2}\ndimensions:\n  model: {choice: [padim, stfpm]}\n"
-     "  n_features: {int: [16, 64]}", "applies to PADIM only"),
-    ("fixed: {model: padim, backbone: mobilenet_v2, layers: [features.3, features.6]}\n"
-     "dimensions: {n_features: {int: [100, 200], at_most: channels}}", "is empty under its constraints"),
-    ("dimensions: {image_size: {choice: [64]}}", "no model"),
-    ("fixed: {model: stfpm}\ndimensions: {epochs: {int: [0, 3]}}", "epochs must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("model: [padim", "not valid YAML"),
+        ("fixed: {model: padim}\ndimensions: {}", "no dimensions"),
+        ("fixed: {model: padim}\nsearch: {}\ndimensions: {image_size: {choice: [64]}}", "unknown key 'search'"),
+        ("fixed: {model: padim}\ndimensions: {colour: {choice: [red]}}", "unknown setting 'colour'"),
+        ("fixed: {model: padim}\ndimensions: {image_size: {choice: [64], log: true}}", "apply to int and float"),
+        ("fixed: {model: padim}\ndimensions: {image_size: {between: [64, 128]}}", "unknown key 'between'"),
+        ("fixed: {model: padim}\ndimensions: {lr: {int: [1, 2]}}", "use `float"),
+        ("fixed: {model: padim}\ndimensions: {lr: {float: [0, 1], log: true}}", "log range needs low > 0"),
+        (
+            "fixed: {model: padim}\ndimensions:\n  layers: {by: backbone, choice: {resnet18: [[layer1]]}}\n"
+            "  backbone: {choice: [resnet18]}",
+            "`by: backbone` must name a setting fixed or searched above",
+        ),
+        (
+            "fixed: {model: padim}\ndimensions:\n  backbone: {choice: [resnet18, mobilenet_v2]}\n"
+            "  layers: {by: backbone, choice: {resnet18: [[layer1]]}}",
+            "no choices for backbone=mobilenet_v2",
+        ),
+        (
+            "fixed: {model: padim, backbone: mobilenet_v2}\ndimensions: {layers: {choice: [[layer1, layer2]]}}",
+            "has no feature layer 'layer1'",
+        ),
+        (
+            "fixed: {backbone: mobilenet_v2}\ndimensions:\n  model: {choice: [padim, stfpm]}\n"
+            "  n_features: {int: [16, 64]}",
+            "applies to PADIM only",
+        ),
+        (
+            "fixed: {model: padim, backbone: mobilenet_v2, layers: [features.3, features.6]}\n"
+            "dimensions: {n_features: {int: [100, 200], at_most: channels}}",
+            "is empty under its constraints",
+        ),
+        ("dimensions: {image_size: {choice: [64]}}", "no model"),
+        ("fixed: {model: stfpm}\ndimensions: {epochs: {int: [0, 3]}}", "epochs must be >= 1"),
+    ],
+)
 def test_bad_space_files_are_refused_with_a_clear_message(text: str, message: str) -> None:
     with pytest.raises(SpaceError, match=re.escape(message)):
         parse_space(text, "bad.yaml")
 
 
-@pytest.mark.parametrize("fix,message", [
-    ("colour=red", "has no dimension 'colour'"),
-    ("backbone", "expected NAME=VALUE"),
-    ("backbone=vgg16", "vgg16 is not among the choices of 'backbone'"),
-    ("n_features=5000", "outside the range of 'n_features'"),
-    ("image_size=abc", "image_size must be an integer"),
-    ("layers=layer1,layer2", "not among the choices for backbone=mobilenet_v2"),
-])
+@pytest.mark.parametrize(
+    "fix,message",
+    [
+        ("colour=red", "has no dimension 'colour'"),
+        ("backbone", "expected NAME=VALUE"),
+        ("backbone=vgg16", "vgg16 is not among the choices of 'backbone'"),
+        ("n_features=5000", "outside the range of 'n_features'"),
+        ("image_size=abc", "image_size must be an integer"),
+        ("layers=layer1,layer2", "not among the choices for backbone=mobilenet_v2"),
+    ],
+)
 def test_bad_fix_is_refused(fix: str, message: str) -> None:
     with pytest.raises(SpaceError, match=re.escape(message)):
         load_space(SPACES / "combined.yaml").fix([fix])
 
 
 def test_cli_dry_run_and_bad_arguments(capsys) -> None:
-    assert cli.main(["tune", "--space", str(SPACES / "combined.yaml"), "--samples", "3", "--dry-run",
-                     "--fix", "backbone=mobilenet_v2"]) == 0
+    assert (
+        cli.main(
+            [
+                "tune",
+                "--space",
+                str(SPACES / "combined.yaml"),
+                "--samples",
+                "3",
+                "--dry-run",
+                "--fix",
+                "backbone=mobilenet_v2",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert sum(l.startswith(("0:", "1:", "2:")) for l in lines) == 3
     assert all("backbone=mobilenet_v2" in l for l in lines if l[:2] in ("0:", "1:", "2:"))
@@ -180,8 +215,12 @@ def test_cli_dry_run_and_bad_arguments(capsys) -> None:
     assert "has no dimension 'colour'" in capsys.readouterr().err
     assert cli.main(["tune", "--out", "x", "--resume", "--samples", "4"]) == 2
     assert "drop --samples" in capsys.readouterr().err
-    assert cli.main(["tune", "--data", "d", "--space", str(SPACES / "padim.yaml"), "--out", "x",
-                     "--weights", "mobilenet_v2"]) == 2
+    assert (
+        cli.main(
+            ["tune", "--data", "d", "--space", str(SPACES / "padim.yaml"), "--out", "x", "--weights", "mobilenet_v2"]
+        )
+        == 2
+    )
     assert "expected BACKBONE=FILE" in capsys.readouterr().err
 
 
@@ -191,8 +230,11 @@ def test_cli_dry_run_and_bad_arguments(capsys) -> None:
 
 
 def _records(spec: dict[str, int], category: str = "c") -> list[Record]:
-    return [Record(f"/{category}/{d}/{i:03d}.png", "test", int(d != "good"), d, category)
-            for d, n in spec.items() for i in range(n)]
+    return [
+        Record(f"/{category}/{d}/{i:03d}.png", "test", int(d != "good"), d, category)
+        for d, n in spec.items()
+        for i in range(n)
+    ]
 
 
 def test_test_split_is_stratified_seeded_and_disjoint() -> None:
@@ -201,8 +243,9 @@ def test_test_split_is_stratified_seeded_and_disjoint() -> None:
     assert {r.path for r in search}.isdisjoint({r.path for r in held})
     assert sorted(search + held, key=test.index) == test
     assert [r for r in test if r in search] == search  # order kept
-    per = lambda part: {(r.category, r.defect): sum(1 for x in part if (x.category, x.defect) == (r.category, r.defect))
-                        for r in part}
+    per = lambda part: {
+        (r.category, r.defect): sum(1 for x in part if (x.category, x.defect) == (r.category, r.defect)) for r in part
+    }
     assert per(search) == {("c", "good"): 5, ("c", "crack"): 3, ("c", "oil"): 2, ("d", "good"): 2, ("d", "hole"): 1}
     assert ("c", "rare") not in per(search)  # a single image stays held out
     assert O.split_test(test, 0.5, seed=0) == (search, held)
@@ -226,22 +269,26 @@ def test_synthetic_anomalies_are_seeded_and_masked(demo_category: Path) -> None:
         assert (a == b).all() and (ma == mb).all()
         assert ma.any() == bool(la)
     clean = items[0][0]
-    for image, mask, label in items[1:4]:
+    for image, mask, _label in items[1:4]:
         assert (image[~mask] == clean[~mask]).all() and (image[mask] != clean[mask]).any()
-    areas = {k: synthetic_anomaly(clean, np.random.default_rng(i), k)[1].mean()
-             for i, k in enumerate(("cutpaste", "scar", "patch"))}
+    areas = {
+        k: synthetic_anomaly(clean, np.random.default_rng(i), k)[1].mean()
+        for i, k in enumerate(("cutpaste", "scar", "patch"))
+    }
     assert all(0 < v < 0.1 for v in areas.values()), areas
 
 
-def test_objectives_match_the_evaluation_code_and_the_epoch_hook_leaves_the_model_alone(demo_category: Path,
-                                                                                      mobilenet_weights: Path) -> None:
+def test_objectives_match_the_evaluation_code_and_the_epoch_hook_leaves_the_model_alone(
+    demo_category: Path, mobilenet_weights: Path
+) -> None:
     records = load_dataset(demo_category)
     fit, val = split_train_val(records, 0.2, 0)
     search, _ = O.split_test(records_of_split(records, "test"), 0.5, 0)
     data = O.ObjectiveData(tuple(search), tuple(val[:2]), copies=2, seed=0)
     layers = ("features.3", "features.6")
-    padim = rundir.build_model(ModelConfig("padim", "mobilenet_v2", layers, 32, image_size=64),
-                               weights_file=str(mobilenet_weights))
+    padim = rundir.build_model(
+        ModelConfig("padim", "mobilenet_v2", layers, 32, image_size=64), weights_file=str(mobilenet_weights)
+    )
     engine.fit_padim(padim, fit, 8, progress=False)
     values = data.evaluate(padim, batch_size=5)  # batches that do not divide the sets
     maps = engine.anomaly_maps(padim, search, 64, 8, progress=False)
@@ -262,8 +309,9 @@ def test_objectives_match_the_evaluation_code_and_the_epoch_hook_leaves_the_mode
     assert values["synthetic_auroc"] == pytest.approx(expected, abs=1e-6)
     assert values["synthetic_pixel_auroc"] is not None
 
-    stfpm = rundir.build_model(ModelConfig("stfpm", "mobilenet_v2", layers, image_size=64),
-                               weights_file=str(mobilenet_weights))
+    stfpm = rundir.build_model(
+        ModelConfig("stfpm", "mobilenet_v2", layers, image_size=64), weights_file=str(mobilenet_weights)
+    )
     stfpm.train()
     before = {k: v.clone() for k, v in stfpm.state_dict().items()}
     hook = O.EpochObjective(data, "synthetic_auroc", tuple(fit), batch_size=8)
@@ -307,7 +355,7 @@ def test_results_table_sorting_csv_and_summary(tmp_path: Path) -> None:
 
 
 def test_resources_budget_keeps_trials_from_starving_their_workers() -> None:
-    from distributed_anomaly.tuning.search import plan_budget
+    from distributed_anomaly.tuning.budget import plan_budget
 
     assert plan_budget(4, 1, {"padim"}, None).concurrent == 1  # 1 trial + 1 actor + 2 decode tasks x 0.5
     assert plan_budget(16, 1, {"padim", "stfpm"}, None).per_trial == 3.0
@@ -328,8 +376,12 @@ def _study(db: Path) -> list[tuple[int, str, str]]:
     """(number, state, params) of the study's trials, read with plain sqlite3 as any other tool would."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         rows = con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
-        params = dict(con.execute("SELECT t.number, group_concat(p.param_name || '=' || p.param_value) FROM trials t "
-                                  "JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.number").fetchall())
+        params = dict(
+            con.execute(
+                "SELECT t.number, group_concat(p.param_name || '=' || p.param_value) FROM trials t "
+                "JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.number"
+            ).fetchall()
+        )
     return [(n, s, params.get(n, "")) for n, s in rows]
 
 
@@ -361,16 +413,33 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
     # Ray (4 logical CPUs on any machine) and runs one trial at a time, so what has finished when the
     # interrupt lands does not depend on the machine's core count.
     address = ray_local.get_runtime_context().gcs_address
-    argv = ["tune", "--data", str(demo_category), "--space", str(space), "--samples", "3", "--out", str(out),
-            "--weights", f"mobilenet_v2={mobilenet_weights}", "--seed", "0", "--max-concurrent", "1",
-            "--address", address]
+    argv = [
+        "tune",
+        "--data",
+        str(demo_category),
+        "--space",
+        str(space),
+        "--samples",
+        "3",
+        "--out",
+        str(out),
+        "--weights",
+        f"mobilenet_v2={mobilenet_weights}",
+        "--seed",
+        "0",
+        "--max-concurrent",
+        "1",
+        "--address",
+        address,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "distributed_anomaly"]
     done, seen = threading.Event(), {}
     start = time.monotonic()
     proc = subprocess.Popen([*cmd, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watcher = threading.Thread(target=_interrupt_after_first_completed_trial,
-                               args=(out / "study.db", done, seen, proc.pid), daemon=True)
+    watcher = threading.Thread(
+        target=_interrupt_after_first_completed_trial, args=(out / "study.db", done, seen, proc.pid), daemon=True
+    )
     watcher.start()
     try:
         log, _ = proc.communicate(timeout=1500)
@@ -379,16 +448,31 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
         watcher.join(timeout=5)
         if proc.poll() is None:
             proc.kill()
-    first = {"rc": proc.returncode, "seconds": time.monotonic() - start, "log": log,
-             "summary": json.loads((out / "summary.json").read_text()),
-             "trial_results": {p.parent.name: p.read_bytes() for p in (out / "search").glob("trial_*/result.json")},
-             "checkpoints": {p.parent.name: p.stat().st_mtime for p in (out / "search").glob("trial_*/checkpoint_*")}}
-    resumed = subprocess.run([*cmd, "tune", "--out", str(out), "--resume", "--address", address], env=env,
-                             capture_output=True, text=True, timeout=1500)
+    first = {
+        "rc": proc.returncode,
+        "seconds": time.monotonic() - start,
+        "log": log,
+        "summary": json.loads((out / "summary.json").read_text()),
+        "trial_results": {p.parent.name: p.read_bytes() for p in (out / "search").glob("trial_*/result.json")},
+        "checkpoints": {p.parent.name: p.stat().st_mtime for p in (out / "search").glob("trial_*/checkpoint_*")},
+    }
+    resumed = subprocess.run(
+        [*cmd, "tune", "--out", str(out), "--resume", "--address", address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     resumed_rc = resumed.returncode
     first["resume_log"] = resumed.stdout + resumed.stderr
-    return {"out": out, "first": first, "seen": seen, "resumed_rc": resumed_rc, "seconds": time.monotonic() - start,
-            "data": demo_category}
+    return {
+        "out": out,
+        "first": first,
+        "seen": seen,
+        "resumed_rc": resumed_rc,
+        "seconds": time.monotonic() - start,
+        "data": demo_category,
+    }
 
 
 @pytest.mark.ray
@@ -396,7 +480,9 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
 @pytest.mark.timeout(900)  # the search fixture: 3 trials, an interrupt and a resume
 def test_interrupted_search_resumes_without_repeating_finished_trials(search) -> None:
     out, first = search["out"], search["first"]
-    assert first["rc"] == 130, f"the first run should stop on the interrupt and say how to resume:\n{first['log'][-3000:]}"
+    assert first["rc"] == 130, (
+        f"the first run should stop on the interrupt and say how to resume:\n{first['log'][-3000:]}"
+    )
     # one trial at a time on the session's 4 logical CPUs, whatever the machine's core count
     assert re.search(r"at most 1 at once \(\S+ of 4 CPUs each\)", first["log"]), first["log"][-3000:]
     assert first["summary"]["interrupted"] and first["summary"]["completed"] == 1
@@ -429,7 +515,7 @@ def test_tiny_search_end_to_end_study_best_and_outputs(search, tmp_path: Path) -
     assert [s for _, s, _ in study] == ["COMPLETE"] * 3
     models = {p.split("model=")[1].split(",")[0] for _, _, p in study}
     assert len(models) == 2  # model is stored as Optuna's categorical index: two distinct values
-    rows = list(csv.DictReader(open(out / "results.csv", newline="")))
+    rows = list(csv.DictReader(io.StringIO(Path(out / "results.csv").read_text())))
     assert [r["rank"] for r in rows] == ["1", "2", "3"] and {r["model"] for r in rows} == {"padim", "stfpm"}
     objs = [float(r["objective"]) for r in rows]
     assert objs == sorted(objs, reverse=True)
@@ -467,10 +553,23 @@ def _render(browser: str, page: Path, tmp_path: Path) -> tuple[dict, np.ndarray]
     probe_page = page.with_name("probe_" + page.name)
     probe_page.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
     shot = tmp_path / "tune_report.png"
-    commands = {"screenshot": [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", f"--screenshot={shot}",
-                               page.resolve().as_uri()],
-                "dom": [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--virtual-time-budget=5000",
-                        "--dump-dom", probe_page.resolve().as_uri()]}
+    commands = {
+        "screenshot": [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'p1'}",
+            f"--screenshot={shot}",
+            page.resolve().as_uri(),
+        ],
+        "dom": [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'p2'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe_page.resolve().as_uri(),
+        ],
+    }
     try:
         out = run_chromium(commands)
     finally:
@@ -496,7 +595,7 @@ def test_tune_report_renders_in_headless_chromium(chromium: str, search, tmp_pat
         assert not re.search(pattern, text, re.IGNORECASE), pattern
     links = [h for h in re.findall(r'href="([^"]+)"', text) if not h.startswith("#")]
     assert links == ["best/report.html"] and (search["out"] / links[0]).is_file()
-    rows = list(csv.DictReader(open(search["out"] / "results.csv", newline="")))
+    rows = list(csv.DictReader(io.StringIO(Path(search["out"] / "results.csv").read_text())))
     assert all(f'data-trial="{r["trial"]}"' in text for r in rows)
 
     attrs, img = _render(chromium, report, tmp_path)
@@ -514,11 +613,16 @@ def test_searcher_records_completed_pruned_and_failed_trials_in_the_study() -> N
     the value it was stopped on, an exception -> FAIL; the define-by-run config carries the Optuna number."""
     import optuna
 
-    from distributed_anomaly.tuning.search import DefineByRun, PrunedAwareOptunaSearch
+    from distributed_anomaly.tuning.tuner import DefineByRun, PrunedAwareOptunaSearch
 
     space = parse_space(TINY_SPACE, "tiny.yaml")
-    searcher = PrunedAwareOptunaSearch(space=DefineByRun(space), metric="objective", mode="max",
-                                       sampler=optuna.samplers.TPESampler(seed=0), study_name="s")
+    searcher = PrunedAwareOptunaSearch(
+        space=DefineByRun(space),
+        metric="objective",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0),
+        study_name="s",
+    )
     configs = {t: searcher.suggest(t) for t in ("done", "pruned", "failed")}
     assert [c["optuna_trial"] for c in configs.values()] == [0, 1, 2]
     assert all(c["backbone"] == "mobilenet_v2" and c["image_size"] == 64 for c in configs.values())
@@ -539,7 +643,8 @@ def test_a_stopped_trials_train_placement_group_is_released(ray_local, tmp_path:
     removed by the driver (else it holds CPUs the next trials wait for), and so are its student checkpoints."""
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from distributed_anomaly.tuning.search import TRAIN_PG_KEY, TrialProgress
+    from distributed_anomaly.tuning.trial import TRAIN_PG_KEY
+    from distributed_anomaly.tuning.tuner import TrialProgress
 
     pg = placement_group([{"CPU": 0.5}])
     ray_local.get(pg.ready(), timeout=120)
@@ -568,21 +673,27 @@ def test_a_stopped_trials_train_placement_group_is_released(ray_local, tmp_path:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_failed_trials_are_recorded_and_the_search_goes_on(ray_local, demo_category: Path, tmp_path: Path) -> None:
-    from distributed_anomaly.tuning.search import TuneRequest, tune_search
+    from distributed_anomaly.tuning.request import TuneRequest
+    from distributed_anomaly.tuning.search import tune_search
 
     broken = tmp_path / "mobilenet_v2-broken.pth"
     broken.write_bytes(b"not a state dict")
     space = tmp_path / "tiny.yaml"
     space.write_text(TINY_SPACE.replace("model: {choice: [padim, stfpm]}", "model: {choice: [padim]}"))
-    request = TuneRequest(data=str(demo_category), space_file=str(space), space_text=space.read_text(), samples=2,
-                          weights=(("mobilenet_v2", str(broken)),))
+    request = TuneRequest(
+        data=str(demo_category),
+        space_file=str(space),
+        space_text=space.read_text(),
+        samples=2,
+        weights=(("mobilenet_v2", str(broken)),),
+    )
     summary = tune_search(request, tmp_path / "out", progress=False)
     assert summary["trials"] == 2 and summary["failed"] == 2 and summary["completed"] == 0
     assert summary["best"] is None and not (tmp_path / "out" / "best").exists()
     assert len(summary["failures"]) == 1 and summary["failures"][0]["trials"] == 2
     assert summary["failures"][0]["error"].startswith("WeightsUnavailableError: cannot load weights file")
     assert [s for _, s, _ in _study(tmp_path / "out" / "study.db")] == ["FAIL", "FAIL"]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv", newline="")))
+    rows = list(csv.DictReader(io.StringIO(Path(tmp_path / "out" / "results.csv").read_text())))
     assert [r["status"] for r in rows] == ["failed", "failed"]
     assert all("cannot load weights" in r["error"] for r in rows)
     assert "cannot load weights file" in (tmp_path / "out" / "report.html").read_text()
