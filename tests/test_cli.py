@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PADIM_TRAIN_ARGS, copy_run
 from PIL import Image
 
-from conftest import PADIM_TRAIN_ARGS, copy_run
 from distributed_anomaly.cli import main
 from distributed_anomaly.evaluation import METRIC_KEYS
 

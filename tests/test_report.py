@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_run
 from PIL import Image
 
-from conftest import copy_run
 from distributed_anomaly import engine, report, rundir
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split
