@@ -6,8 +6,8 @@ session's 4 logical CPUs, whatever the machine has, and `--max-concurrent 1`, so
 on any machine): it is interrupted with SIGINT (a real Ctrl-C, caught by Tune) right after its first trial
 finishes, and resumed with `tune --resume`. One search serves the resume test, the end-to-end checks (study in
 SQLite, best/, results, TensorBoard logs) and the report rendered in headless Chromium, because every trial
-costs Ray start-up time on a small CI machine. A second search whose trials all fail on unusable weights
-shows failures are recorded and the search goes on.
+costs Ray start-up time on a small CI machine. A second search whose trials all fail on unusable weights shows
+failures are recorded and the search goes on.
 """
 
 from __future__ import annotations
