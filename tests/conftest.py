@@ -171,17 +171,25 @@ def exports(padim_run: Path, stfpm_run: Path, tmp_path_factory: pytest.TempPathF
 RAY_TEST_CPUS = 4
 
 
-def _ray_processes_of_this_session() -> list:
+def _ray_processes_of_this_session(raylets: set[str]) -> list:
+    """This process's Ray children, and any process a worker of this session's raylets left behind (workers
+    whose raylet exited are re-parented to init: they carry RAY_RAYLET_PID in their environment)."""
     import psutil
 
-    found = []
+    found = {}
     for p in psutil.Process().children(recursive=True):
         try:
             if p.name().startswith("ray::") or "ray" in " ".join(p.cmdline()):
-                found.append(p)
+                found[p.pid] = p
         except psutil.Error:
             pass
-    return found
+    for p in psutil.process_iter():
+        try:
+            if raylets and p.environ().get("RAY_RAYLET_PID") in raylets:
+                found[p.pid] = p
+        except psutil.Error:
+            pass
+    return list(found.values())
 
 
 @pytest.fixture(scope="session")
@@ -195,15 +203,16 @@ def ray_local():
     from distributed_anomaly.distributed import ensure_ray
 
     started = ensure_ray(None, num_cpus=RAY_TEST_CPUS)
+    raylets = {str(p.pid) for p in psutil.Process().children(recursive=True) if p.name() == "raylet"}
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
         deadline = time.monotonic() + 20
-        while _ray_processes_of_this_session() and time.monotonic() < deadline:
+        while _ray_processes_of_this_session(raylets) and time.monotonic() < deadline:
             time.sleep(0.2)
-        for p in _ray_processes_of_this_session():  # ours (children of this process), by pid
+        for p in _ray_processes_of_this_session(raylets):  # ours, by pid
             try:
                 p.kill()
             except psutil.Error:
