@@ -41,6 +41,15 @@ ours. Documented differences: Model API labels an image anomalous when score > t
 1 - normalised score for images it labels normal, and its mask is simply map >= pixel_threshold (no small-region
 removal, no peak-relative cut for normal-only thresholds), so its masks and boxes can be larger than ours;
 labels and scores agree.
+
+Model API on CPUs whose default precision is bf16 (avx512_bf16 / AMX): it compiles without our f32 hint, so
+its maps differ from ours (measured on an AMD EPYC with avx512_bf16, demo washer: image scores by up to 0.038,
+maps by up to 36/255, labels equal). For f32 maps pass the hint through the adapter's plugin configuration:
+    adapter = OpenvinoAdapter(create_core(), xml, device="CPU",
+                              plugin_config={**get_user_config("CPU", "1", None), "INFERENCE_PRECISION_HINT": "f32"})
+    model = Model.create_model(adapter)
+(`Model.create_model(path, configuration=...)` cannot: `configuration` is the wrapper's own settings.) With it,
+scores agree to ~1e-6 and maps to 1/255 (tests/test_export.py tests both paths).
 """
 
 from __future__ import annotations

@@ -179,3 +179,22 @@ def test_console_entry_points_show_help() -> None:
     ):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and "usage: distributed-anomaly" in res.stdout
+
+
+def test_verbosity_options_set_what_our_loggers_print(capsys) -> None:
+    import logging
+
+    from distributed_anomaly.cli import build_parser
+    from distributed_anomaly.cli.common import configure_logging
+
+    log = logging.getLogger("distributed_anomaly.some_module")
+    for argv, shown in (
+        (["synth", "out", "-v"], {"detail", "status", "warning: careful"}),
+        (["synth", "out"], {"status", "warning: careful"}),
+        (["synth", "out", "--quiet"], {"status", "warning: careful"}),
+    ):  # -q: progress off only
+        configure_logging(build_parser().parse_args(argv))
+        log.debug("detail")
+        log.info("status")
+        log.warning("careful")
+        assert set(capsys.readouterr().err.splitlines()) == shown, argv

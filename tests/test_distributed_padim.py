@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ray_cluster import two_node_cluster
 
 from distributed_anomaly import engine
 from distributed_anomaly.data.mvtec import Record, load_category, records_of_split
@@ -167,20 +166,19 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_node_cluster_fit_equals_in_process(train_records, demo_category, reference, tmp_path):
-    with two_node_cluster(tmp_path) as cluster:
-        # The driver gets only the token: ensure_ray must turn token mode on itself (Ray does not, for an
-        # explicit address).
-        driver = subprocess.run(
-            [sys.executable, "-c", DRIVER, cluster.address, str(demo_category), str(tmp_path)],
-            env=cluster.client_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        info = json.loads((tmp_path / "info.json").read_text())
-        saved = np.load(tmp_path / "stats.npz")
+def test_two_node_cluster_fit_equals_in_process(two_nodes, train_records, demo_category, reference, tmp_path):
+    # The driver gets only the token: ensure_ray must turn token mode on itself (Ray does not, for an
+    # explicit address).
+    driver = subprocess.run(
+        [sys.executable, "-c", DRIVER, two_nodes.address, str(demo_category), str(tmp_path)],
+        env=two_nodes.client_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    info = json.loads((tmp_path / "info.json").read_text())
+    saved = np.load(tmp_path / "stats.npz")
 
     ref_stats, _ = reference
     assert int(saved["count"]) == info["images"] == len(train_records)

@@ -11,10 +11,16 @@ from typing import Any
 
 from distributed_anomaly.errors import UserError
 
-# -v / -q on every command (one parent parser): INFO by default, DEBUG with -v, warnings only with -q.
+# -v / -q on every command (one parent parser). -q turns progress off (bars, per-epoch and per-trial lines); the
+# few status lines a command prints (what it skipped, where results went) and warnings stay. -v adds debug.
 VERBOSITY = argparse.ArgumentParser(add_help=False)
 VERBOSITY.add_argument("-v", "--verbose", action="store_true", help="debug messages as well")
-VERBOSITY.add_argument("-q", "--quiet", action="store_true", help="no progress output: warnings and errors only")
+VERBOSITY.add_argument(
+    "-q",
+    "--quiet",
+    action="store_true",
+    help="no progress output (bars, per-epoch and per-trial lines); status lines and warnings stay",
+)
 
 
 class _Formatter(logging.Formatter):
@@ -41,12 +47,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def configure_logging(args: argparse.Namespace) -> None:
-    """Our loggers (`distributed_anomaly.*`) to stderr at the level the verbosity options ask for."""
-    level = (
-        logging.DEBUG
-        if getattr(args, "verbose", False)
-        else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    )
+    """Our loggers (`distributed_anomaly.*`) to stderr: INFO, DEBUG with -v (-q acts on progress, not here)."""
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     handler = _StderrHandler()
     handler.setFormatter(_Formatter("%(message)s"))
     root = logging.getLogger("distributed_anomaly")
