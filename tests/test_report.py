@@ -263,7 +263,7 @@ def test_single_class_test_split_still_renders(scored, tmp_path: Path, keep: str
 
 
 @pytest.mark.slow
-def test_report_for_run_writes_run_dir_report(run_report: Path, run: Path, scored) -> None:
+def test_evaluate_with_report_writes_run_dir_report(run_report: Path, run: Path, scored) -> None:
     test, maps, _, post = scored
     assert run_report == run / "report.html"
     page = Page(run_report.read_text())
