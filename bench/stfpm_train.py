@@ -13,7 +13,7 @@ Same data (all of train/good, no validation pass, as anomalib's Engine.fit witho
                  the loop in this process, data still through Ray Data); each worker runs torch with
                  cores // N threads and reserves that many logical CPUs.
 * "anomalib":    anomalib's own STFPM (Lightning Engine, its loss/optimizer) in bench/.anomalib-venv, created
-                 and cached by bench/compare_anomalib.py's ensure_anomalib_venv (reused, not duplicated).
+                 and cached by bench/compare_setup.py's ensure_anomalib_venv (reused, not duplicated).
 
 Each configuration runs in its own subprocess, --repeat times (the best repetition is reported: on a shared
 machine the minimum is the least disturbed). Reported: mean epoch seconds and images/s over the epochs after
@@ -177,7 +177,7 @@ def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path)
 
 def anomalib(a: argparse.Namespace, data: Path, work: Path) -> dict:
     sys.path.insert(0, str(HERE))
-    from compare_anomalib import ANOMALIB_VERSION, DEFAULT_VENV, backbone_weights, ensure_anomalib_venv, student_init
+    from compare_setup import ANOMALIB_VERSION, DEFAULT_VENV, backbone_weights, ensure_anomalib_venv, student_init
 
     py = ensure_anomalib_venv(DEFAULT_VENV, ANOMALIB_VERSION)
     out = work / "anomalib"
