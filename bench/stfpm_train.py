@@ -8,7 +8,7 @@ Same data (all of train/good, no validation pass, as anomalib's Engine.fit witho
 (resnet18 layer1-3, seeded random torchvision weights: no download), same initial student, same epochs and
 (global) batch size everywhere:
 
-* "engine":      engine.train_stfpm in this process (no Ray), torch with all the cores' threads.
+* "engine":      the in-process fit (training.fit_model, engine.train_stfpm; no Ray), torch with all the cores' threads.
 * "ray wN":      distributed.stfpm_train.train_stfpm_ray with N Ray Train workers (N=0: Ray Train's local mode,
                  the loop in this process, data still through Ray Data); each worker runs torch with
                  cores // N threads and reserves that many logical CPUs.
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,32 +49,22 @@ def log(msg: str) -> None:
 def run_ours(a: argparse.Namespace) -> dict:
     import torch
 
-    from distributed_anomaly import engine, rundir
-    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly import rundir
+    from distributed_anomaly.config import Execution, ModelConfig, TrainConfig
     from distributed_anomaly.data.mvtec import load_dataset, records_of_split
+    from distributed_anomaly.training import fit_model
 
     cores = a.cores
     fit = records_of_split(load_dataset(a.data), "train")
     cfg = ModelConfig(model="stfpm", backbone="resnet18", layers=LAYERS, image_size=a.image_size, seed=a.seed)
     tcfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, pretrained=False, val_fraction=0.0)
+    tcfg = tcfg.resolved("stfpm")
     model = rundir.build_model(cfg, pretrained=False)
     start = time.perf_counter()
     if a.mode == "engine":
         torch.set_num_threads(cores)
-        res = engine.train_stfpm(
-            model,
-            fit,
-            [],
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=tcfg.lr,
-            momentum=tcfg.momentum,
-            weight_decay=tcfg.weight_decay,
-            patience=tcfg.patience,
-            seed=a.seed,
-            progress=False,
-        )
-        history = [vars(h) for h in res.history]
+        # training.fit_model in process, without the batch-norm recompute: the epochs alone are timed
+        _, _, history = fit_model(model, cfg, replace(tcfg, bn_recompute=False), fit, [], Execution(), "", False)
         wall = time.perf_counter() - start
     else:
         from distributed_anomaly.distributed import ray_session
