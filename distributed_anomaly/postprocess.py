@@ -23,7 +23,6 @@ over the calibration maps, so 0.5 always means "at the threshold" whatever the m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -187,7 +186,3 @@ def no_threshold_postprocessor(
 ) -> PostProcessor:
     """Normalisation only: used with --val-fraction 0 and no --threshold (labels and masks are then None)."""
     return PostProcessor(None, None, float(maps.min()), float(maps.max()), "none", min_region_fraction)
-
-
-def stack_maps(maps: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(m, dtype=np.float32).reshape(m.shape[-2:]) for m in maps])
