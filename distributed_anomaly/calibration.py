@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from distributed_anomaly import engine
-from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.config import DEFAULT_RUNTIME, ModelConfig, TrainConfig
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.evaluation import compute_metrics
@@ -20,8 +20,12 @@ from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, no
 Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N, S, S) raw maps
 
 
-def in_process_scorer(model, image_size: int, batch_size: int, progress: bool) -> Scorer:
-    return lambda records, what: engine.anomaly_maps(model, records, image_size, batch_size, progress, what)
+def in_process_scorer(
+    model, image_size: int, batch_size: int, progress: bool, runtime: str = DEFAULT_RUNTIME
+) -> Scorer:
+    return lambda records, what: engine.anomaly_maps(
+        model, records, image_size, batch_size, progress, what, runtime=runtime
+    )
 
 
 def calibrate(

@@ -18,6 +18,9 @@ from distributed_anomaly.models.specs import (
 )
 
 MODELS = ("padim", "stfpm")
+# Where PADIM's frozen backbone runs in fits and scoring (frozen.py); results agree within the tested tolerance.
+RUNTIMES = ("openvino", "torch")
+DEFAULT_RUNTIME = "openvino"
 DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100}
 DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 32}  # stfpm: anomalib's default, same loss scale
 
@@ -110,6 +113,11 @@ class Execution:
     resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
     run_name: str | None = None  # that folder's name under storage; default a fresh unique one
     max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
+    runtime: str = DEFAULT_RUNTIME  # PADIM's frozen backbone in fit and scoring: openvino or torch
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
 
     @property
     def uses_ray(self) -> bool:

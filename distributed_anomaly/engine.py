@@ -6,17 +6,19 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.frozen import FrozenPatches, patch_runtime
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm
-from distributed_anomaly.stats import GaussianStats, accumulation_dtype
+from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
 
 
 def empty_stats(model: Padim) -> GaussianStats:
@@ -25,17 +27,42 @@ def empty_stats(model: Padim) -> GaussianStats:
     )
 
 
-def fit_padim(model: Padim, records: Sequence[Record], batch_size: int = 32, progress: bool = True) -> GaussianStats:
-    """One pass of the frozen backbone over the normal images; memory independent of their number."""
+def accumulate(
+    frozen: FrozenPatches, model: Padim, batches: Iterator[torch.Tensor], on_batch: Callable[[int], None]
+) -> MomentAccumulator:
+    """Fold every batch's patch embeddings; the first batch fixes the shift, the rest stream one batch ahead."""
+    acc = MomentAccumulator(model.n_positions, model.n_features)
+    first = next(batches, None)
+    if first is None:
+        return acc
+    patches, _ = frozen(first, torch.zeros(model.n_positions, model.n_features))
+    acc.add_patches(patches)
+    on_batch(first.shape[0])
+    for dev, total in frozen.stream(batches, acc.shift):
+        acc.add_deviations(dev, total)
+        on_batch(dev.shape[0])
+    return acc
+
+
+def fit_padim(
+    model: Padim,
+    records: Sequence[Record],
+    batch_size: int = 32,
+    progress: bool = True,
+    runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
+) -> GaussianStats:
+    """One pass of the frozen backbone (on `runtime`, frozen.RUNTIMES) over the normal images; memory
+    independent of their number."""
     if len(records) < 2:
         raise ValueError(f"PADIM needs at least 2 training images, got {len(records)}")
-    stats = empty_stats(model)
     bar = Progress(len(records), "fit padim", progress)
     model.eval()
+    frozen = patch_runtime(model, runtime, precision=precision)
     with torch.inference_mode():
-        for chunk, x in iter_batches(records, model.image_size, batch_size):
-            stats.update(model.embed(x))
-            bar.update(len(chunk))
+        batches = (x for _, x in iter_batches(records, model.image_size, batch_size))
+        acc = accumulate(frozen, model, batches, bar.update)
+        stats = acc.to_stats(accumulation_dtype(model.n_positions, model.n_features))
     bar.close()
     model.set_gaussian(stats)
     return stats
@@ -48,19 +75,47 @@ def anomaly_maps(
     batch_size: int = 32,
     progress: bool = True,
     what: str = "score",
+    runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
 ) -> np.ndarray:
-    """(N, S, S) float32 raw anomaly maps, in record order."""
+    """(N, S, S) float32 raw anomaly maps, in record order. PADIM's frozen network runs on `runtime`
+    (frozen.RUNTIMES) and its head in torch; other models run in torch."""
     out = np.empty((len(records), image_size, image_size), dtype=np.float32)
     bar = Progress(len(records), what, progress)
     model.eval()
+    batches = (x for _, x in iter_batches(records, image_size, batch_size))
     i = 0
     with torch.inference_mode():
-        for chunk, x in iter_batches(records, image_size, batch_size):
-            out[i : i + len(chunk)] = model(x)[:, 0].numpy()
-            i += len(chunk)
-            bar.update(len(chunk))
+        for maps in _map_stream(model, batches, runtime, precision):
+            out[i : i + len(maps)] = maps[:, 0].numpy()
+            i += len(maps)
+            bar.update(len(maps))
     bar.close()
     return out
+
+
+def _map_stream(
+    model: torch.nn.Module, batches: Iterator[torch.Tensor], runtime: str, precision: str
+) -> Iterator[torch.Tensor]:
+    if not isinstance(model, Padim) or runtime == "torch":
+        yield from (model(x) for x in batches)
+        return
+    for dev, _ in patch_runtime(model, runtime, precision=precision).stream(batches, model.mean):
+        yield model.score_deviations(dev, padim_input_size(model))
+
+
+def padim_input_size(model: Padim) -> tuple[int, int]:
+    return model.grid[0] * model.extractor.strides[0], model.grid[1] * model.extractor.strides[0]
+
+
+def map_function(
+    model: torch.nn.Module, runtime: str = DEFAULT_RUNTIME, precision: str = "f32", threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, 3, H, W) -> raw maps (B, 1, H, W), one batch at a time (a Ray scoring actor's step)."""
+    if not isinstance(model, Padim) or runtime == "torch":
+        return model
+    frozen = patch_runtime(model, runtime, threads, precision)
+    return lambda x: model.score_deviations(frozen(x, model.mean)[0], padim_input_size(model))
 
 
 @dataclass

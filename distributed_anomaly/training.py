@@ -14,8 +14,8 @@ import numpy as np
 
 from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
-from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model
-from distributed_anomaly.config import Execution, ModelConfig, TrainConfig, from_dict, to_dict
+from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model, in_process_scorer
+from distributed_anomaly.config import DEFAULT_RUNTIME, Execution, ModelConfig, TrainConfig, from_dict, to_dict
 from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
 from distributed_anomaly.distributed.cpus import local_ray_cpus
 from distributed_anomaly.errors import TrainingInterrupted, UserError
@@ -96,7 +96,11 @@ def train(
             logger.warning(
                 "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
             )
-        score = _ray_scorer(model, cfg, tcfg, run, progress) if run.uses_ray else None
+        score = (
+            _ray_scorer(model, cfg, tcfg, run, progress)
+            if run.uses_ray
+            else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime)
+        )
         post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
         metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
@@ -167,7 +171,8 @@ def fit_model(
 def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Execution, progress: bool) -> tuple:
     """PADIM's Gaussians on a Ray Data actor pool or in this process; (model, info)."""
     if not run.uses_ray:
-        return model, {"images_counted": engine.fit_padim(model, fit_records, tcfg.batch_size, progress).count}
+        stats = engine.fit_padim(model, fit_records, tcfg.batch_size, progress, runtime=run.runtime)
+        return model, {"images_counted": stats.count, "runtime": run.runtime}
     from distributed_anomaly.distributed.padim_fit import fit_padim_ray
 
     stats, ray_info = fit_padim_ray(
@@ -177,8 +182,9 @@ def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Executi
         workers=max(run.workers, 1),
         progress=progress,
         skip_corrupt=run.skip_corrupt,
+        runtime=run.runtime,
     )
-    return model, {"images_counted": stats.count, "ray_fit": ray_info}
+    return model, {"images_counted": stats.count, "runtime": run.runtime, "ray_fit": ray_info}
 
 
 def _fit_stfpm(
@@ -240,7 +246,14 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
     from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 
     return lambda records, what: anomaly_maps_ray(
-        model, records, cfg.image_size, tcfg.batch_size, workers=max(run.workers, 1), progress=progress, what=what
+        model,
+        records,
+        cfg.image_size,
+        tcfg.batch_size,
+        workers=max(run.workers, 1),
+        progress=progress,
+        what=what,
+        runtime=run.runtime,
     )
 
 
@@ -293,6 +306,7 @@ def evaluate_run(
     batch_size: int = 32,
     progress: bool = True,
     report: bool = False,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds."""
     cfg, model, post = rundir.load_model(run)
@@ -301,7 +315,8 @@ def evaluate_run(
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
     test = records_of_split(load_dataset(data), "test")
-    metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress)
+    score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime)
+    metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")
     finish_run(run, metrics, test, maps, masks, post, report)
     return metrics

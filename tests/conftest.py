@@ -16,10 +16,12 @@ Markers (pyproject.toml): `ray`, `cluster`, `browser`, `slow`. The fast lane for
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,12 @@ import torch
 from distributed_anomaly.models.backbones import offline_mobilenet_weights
 
 torch.set_num_threads(2)
+
+# OpenVINO extractors converted during the session (frozen.py) go to one temp folder, shared by every test and
+# by the Ray workers (started later, they inherit the variable), and removed at exit: not the user's cache.
+_CACHE = tempfile.mkdtemp(prefix="distributed-anomaly-test-cache-")
+os.environ["DISTRIBUTED_ANOMALY_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 # A test that uses one of these fixtures (directly or through another fixture) gets the marker, so the fast lane

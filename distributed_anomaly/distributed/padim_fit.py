@@ -1,14 +1,14 @@
 """PADIM fitting as a Ray Data pipeline: exact statistics, memory independent of the dataset.
 
     driver: manifest (paths) --from_items--> [decode tasks: read_image + to_tensor]
-            --> [actor pool: backbone] --embeddings--> [NodePartials actor of that node: one partial per worker]
+            --> [actor pool: frozen backbone] --deviations--> [NodePartials actor of that node: one partial per worker]
             --> one small row per image back to the driver; at the end the driver merges the partials.
 
 Getting state out of a Ray Data actor pool: a callable class gets no "end of input" call and Ray Data retires
 the actors itself, so the partial statistics do not live in the pool actors. Each pool actor, when it starts,
 asks the fit's PartialRegistry (an actor owned by the driver) for the NodePartials actor of its own node, and
-folds each batch's embeddings into its partial there (exact Chan updates, stats.py), waiting for the fold
-before it returns the batch's rows. The partials thus outlive the pool, and the driver reads them back with
+folds each batch's deviations into its partial there (exact moment updates, stats.MomentAccumulator), waiting
+for the fold before it returns the batch's rows. The partials thus outlive the pool, and the driver reads them back with
 ordinary method calls, one chunk of patch positions at a time, merging into one accumulator. Flushing from the
 pool actor's `__del__` does not work: objects it creates there (ray.put, large task arguments) get the same
 ObjectID in every actor (nil task context at shutdown, Ray 2.60), so partials silently overwrite each other.
@@ -41,6 +41,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distributed_anomaly import engine
+from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload
@@ -54,8 +55,9 @@ from distributed_anomaly.distributed.pool import (
     warn,
 )
 from distributed_anomaly.errors import ImageReadError, UserError
+from distributed_anomaly.frozen import patch_runtime
 from distributed_anomaly.models.padim import Padim
-from distributed_anomaly.stats import GaussianStats
+from distributed_anomaly.stats import GaussianStats, MomentAccumulator
 
 # A partial moves in chunks of whole patch positions of at most this many bytes (m2 dominates).
 CHUNK_BYTES = 64 << 20
@@ -72,30 +74,35 @@ def chunk_bounds(n_positions: int, n_features: int, dtype: torch.dtype) -> list[
 
 
 class NodePartials:
-    """The partial GaussianStats of the pool actors on one node, one per worker (a threaded actor). Created by
-    the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive the pool actors."""
+    """The partial statistics of the pool actors on one node, one MomentAccumulator per worker (a threaded
+    actor). Created by the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive
+    the pool actors."""
 
     def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
         set_threads(threads)
-        # Embeddings arrive as read-only object-store buffers that from_batch only reads: once, for this actor's
+        # Deviations arrive as read-only object-store buffers that are only read: once, for this actor's
         # process (catch_warnings per call would race between the concurrent calls of this threaded actor).
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.shape = (n_positions, n_features)
         self.dtype = getattr(torch, dtype)
-        self.partials: dict[str, GaussianStats] = {}
+        self.partials: dict[str, MomentAccumulator] = {}
 
-    def update(self, worker: str, embeddings: np.ndarray) -> int:
-        """Fold a batch of embeddings (B, C, P) into `worker`'s partial. Each worker calls this serially."""
-        stats = self.partials.get(worker)
-        if stats is None:
-            stats = self.partials.setdefault(worker, GaussianStats.empty(*self.shape, self.dtype))
-        stats.update(torch.from_numpy(embeddings))
-        return stats.count
+    def update(self, worker: str, dev: np.ndarray, dev_sum: np.ndarray, shift: np.ndarray | None) -> int:
+        """Fold a batch of deviations (B, P, C) from `worker`'s shift (sent with its first batch) into its
+        partial. Each worker calls this serially."""
+        acc = self.partials.get(worker)
+        if acc is None:
+            acc = self.partials.setdefault(worker, MomentAccumulator(*self.shape))
+        if shift is not None:
+            acc.set_shift(torch.from_numpy(shift))
+        acc.add_deviations(torch.from_numpy(dev), torch.from_numpy(dev_sum))
+        return acc.count
 
     def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Positions [p0, p1) of `worker`'s partial as (count, mean, m2), in the accumulation dtype."""
-        stats = self.partials[worker]
-        return stats.count, stats.mean[p0:p1].numpy(), stats.m2[p0:p1].numpy()
+        acc = self.partials[worker]
+        stats = acc.stats_chunk(p0, p1, self.dtype)
+        return acc.count, stats.mean.numpy(), stats.m2.numpy()
 
     def drop(self, worker: str) -> None:
         self.partials.pop(worker, None)
@@ -136,26 +143,35 @@ class PartialRegistry:
 
 
 class PadimEmbedder:
-    """Pool actor (map_batches callable class): runs the backbone on its share of the images and folds the
-    embeddings into its own partial (in its node's NodePartials), waiting for each fold before it reports
-    the images."""
+    """Pool actor (map_batches callable class): runs the frozen backbone (on `runtime`) on its share of the
+    images and folds the deviations of their embeddings into its own partial (in its node's NodePartials),
+    waiting for each fold before it reports the images."""
 
-    def __init__(self, payload: Any, registry: Any, threads: int) -> None:
+    def __init__(self, payload: Any, registry: Any, threads: int, runtime: str) -> None:
         set_threads(threads)
         self.worker_id = uuid.uuid4().hex
         self.node_id = ray.get_runtime_context().get_node_id()
         store = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model is built
         self.model = build_from_payload(resolve(payload))
+        self.frozen = patch_runtime(self.model, runtime, threads)
+        self.shift: torch.Tensor | None = None  # this worker's: the mean of its first batch
         self.store = ray.get(store)[0]
+
+    def _deviations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        if self.shift is not None:
+            return (*self.frozen(x, self.shift), None)
+        patches, _ = self.frozen(x, torch.zeros(self.model.n_positions, self.model.n_features))
+        self.shift = patches.mean(0)
+        dev = patches - self.shift
+        return dev, dev.sum(0), self.shift.numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             with torch.inference_mode():
-                emb = self.model.embed(x).contiguous().numpy()
+                dev, dev_sum, shift = self._deviations(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
             # Folded before these rows are reported: exact accounting.
-            ray.get(self.store.update.remote(self.worker_id, emb))
+            ray.get(self.store.update.remote(self.worker_id, dev.numpy(), dev_sum.numpy(), shift))
         n = len(ok)
         return {
             "idx": batch["idx"],
@@ -255,12 +271,14 @@ def fit_padim_ray(
     skip_corrupt: bool = False,
     cpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> tuple[GaussianStats, dict]:
     """Fit PADIM's Gaussians on a Ray cluster (Ray must be initialised: see ensure_ray); same result as
     engine.fit_padim up to float64 rounding. Sets the model's mean/inv_cov and returns (stats, info).
 
     workers: size of the actor pool running the backbone; each actor reserves `cpus_per_worker` logical CPUs
-    and runs torch with `threads_per_worker` threads (default: cpus_per_worker).
+    and runs its frozen backbone on `runtime` (frozen.RUNTIMES) with `threads_per_worker` threads (default:
+    cpus_per_worker).
     skip_corrupt: an unreadable image is skipped with a warning (listed in info) instead of stopping the fit.
     info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images}],
     nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype.
@@ -282,7 +300,13 @@ def fit_padim_ray(
     bar = Progress(len(records), f"fit padim (ray, {workers} workers)", progress)
     try:
         with pool_pipeline(
-            records, model.image_size, batch_size, workers, cpus_per_worker, PadimEmbedder, (payload, registry, threads)
+            records,
+            model.image_size,
+            batch_size,
+            workers,
+            cpus_per_worker,
+            PadimEmbedder,
+            (payload, registry, threads, runtime),
         ) as batches:
             for out in batches:
                 tally.add(out)

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import torch
 
+from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload
@@ -25,15 +26,17 @@ from distributed_anomaly.distributed.pool import (
     resolve,
     set_threads,
 )
+from distributed_anomaly.engine import map_function
 from distributed_anomaly.errors import ImageReadError
 
 
 class ModelScorer:
     """Pool actor for batch inference: (B, 3, S, S) -> raw anomaly maps (B, S, S)."""
 
-    def __init__(self, payload: Any, threads: int) -> None:
+    def __init__(self, payload: Any, threads: int, runtime: str) -> None:
         set_threads(threads)
         self.model = build_from_payload(resolve(payload))
+        self.maps = map_function(self.model, runtime, threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
@@ -41,7 +44,7 @@ class ModelScorer:
         maps = np.zeros((len(ok), pixels.shape[-2], pixels.shape[-1]), dtype=np.float32)
         if ok.any():
             with torch.inference_mode():
-                maps[ok] = self.model(torch.from_numpy(np.ascontiguousarray(pixels[ok])))[:, 0].numpy()
+                maps[ok] = self.maps(torch.from_numpy(np.ascontiguousarray(pixels[ok])))[:, 0].numpy()
         return {"idx": batch["idx"], "ok": ok, "error": batch["error"], "map": maps}
 
 
@@ -55,8 +58,10 @@ def anomaly_maps_ray(
     what: str = "score",
     cpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> np.ndarray:
-    """(N, S, S) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps)."""
+    """(N, S, S) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps;
+    PADIM's frozen network on `runtime`)."""
     out = np.empty((len(records), image_size, image_size), dtype=np.float32)
     if not records:
         return out
@@ -68,7 +73,7 @@ def anomaly_maps_ray(
     seen = np.zeros(len(records), dtype=bool)
     bar = Progress(len(records), f"{what} (ray, {workers} workers)", progress)
     with pool_pipeline(
-        records, image_size, batch_size, workers, cpus_per_worker, ModelScorer, (payload, threads)
+        records, image_size, batch_size, workers, cpus_per_worker, ModelScorer, (payload, threads, runtime)
     ) as batches:
         for b in batches:
             bad = np.flatnonzero(~np.asarray(b["ok"], dtype=bool))

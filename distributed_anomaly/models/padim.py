@@ -39,7 +39,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
 
 def mahalanobis(embedding: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
     """sqrt((x - mu)^T Sigma^-1 (x - mu)) per patch: embedding (B, C, P), mean (P, C), inv_cov (P, C, C) -> (B, P)."""
-    delta = embedding.permute(2, 0, 1) - mean[:, None, :]  # (P, B, C)
+    return mahalanobis_deviations(embedding.transpose(1, 2) - mean, inv_cov)
+
+
+def mahalanobis_deviations(dev: torch.Tensor, inv_cov: torch.Tensor) -> torch.Tensor:
+    """The same from deviations x - mu laid out (B, P, C), as the frozen-network runtimes emit them -> (B, P)."""
+    delta = dev.permute(1, 0, 2)  # (P, B, C): per position, a (B, C) @ (C, C) product
     dist = (torch.bmm(delta, inv_cov) * delta).sum(-1)  # (P, B)
     return dist.clamp_min(0).sqrt().transpose(0, 1)
 
@@ -105,9 +110,12 @@ class Padim(nn.Module):
         self.mean.copy_(mean)
         self.inv_cov.copy_(inv_cov)
 
+    def score_deviations(self, dev: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Deviations from the means (B, P, C) -> anomaly maps (B, 1, H, W) at `size` (H, W)."""
+        dist = mahalanobis_deviations(dev, self.inv_cov).reshape(-1, 1, *self.grid)
+        dist = F.interpolate(dist, size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur(dist)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> anomaly maps (B, 1, S, S)."""
-        emb = self.embed(images)
-        dist = mahalanobis(emb, self.mean, self.inv_cov).reshape(-1, 1, *self.grid)
-        dist = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return gaussian_blur(dist)
+        return self.score_deviations(self.embed(images).transpose(1, 2) - self.mean, images.shape[-2:])

@@ -1,0 +1,262 @@
+"""PADIM's frozen backbone on OpenVINO or torch, emitting what the statistics and the head consume.
+
+A PADIM fit is one forward pass of a frozen network per image plus a statistics update. In eager torch on a
+CPU the backbone runs at a fraction of what OpenVINO gets from the same weights, and the embedding's
+(B, C, P) layout forces a transpose before every per-position product. So the frozen network runs here as an
+OpenVINO graph that emits, for a shift K given per call (the accumulator's, or the Gaussian means when
+scoring), the deviations d = x - K laid out (B, P, C) and their sum over the batch: exactly what
+`stats.MomentAccumulator` and `Padim.score_deviations` take, with no copy in between.
+
+The taps-only network (the torchvision module up to its deepest tap, taps as outputs) is converted once and
+cached on disk per (backbone, taps, image size, sha256 of the weights) under `cache_dir()`; the cheap tail
+(PADIM's channel choice, nearest upsampling, layout, shift) is appended as OpenVINO ops at load time, so
+every seed and feature count reuses one conversion. `TorchPatches` is the same interface on torch, the
+reference that tests/test_frozen.py compares against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distributed_anomaly.config import RUNTIMES
+from distributed_anomaly.models.padim import Padim
+
+FROZEN_PRECISIONS = ("f32", "bf16")
+CACHE_ENV = "DISTRIBUTED_ANOMALY_CACHE"
+_COMPLETE = "complete.json"  # written last: a cache entry without it is ignored and rebuilt
+
+
+def cache_dir() -> Path:
+    """Where converted extractors live: $DISTRIBUTED_ANOMALY_CACHE, else ~/.cache/distributed_anomaly."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "distributed_anomaly")
+    return Path(root) / "extractors"
+
+
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the module's state (names, shapes, bytes): a changed weight is a different cache entry."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def extractor_key(model: Padim) -> str:
+    ext = model.extractor
+    spec = {
+        "backbone": ext.backbone,
+        "layers": list(ext.layers),
+        "image_size": list(_hw(model.image_size)),
+        "weights": weights_sha256(ext),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class _Taps(torch.nn.Module):
+    """The extractor with its taps as a tuple of outputs (what gets traced)."""
+
+    def __init__(self, extractor: torch.nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.extractor(x)
+        return tuple(feats[name] for name in self.extractor.layers)
+
+
+def _convert_taps(model: Padim, xml: Path) -> None:
+    """Trace the torch extractor, convert it with OpenVINO and save it (fp32 weights) at `xml`."""
+    import warnings
+
+    import openvino as ov
+
+    h, w = _hw(model.image_size)
+    example = torch.zeros(2, 3, h, w)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation notices; the graph is checked by parity tests
+        traced = torch.jit.trace(_Taps(model.extractor).eval(), example, check_trace=False)
+        ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, 3, h, w])])
+    ov.save_model(ov_model, xml, compress_to_fp16=False)
+
+
+def taps_model_path(model: Padim) -> Path:
+    """The cached taps-only IR for this model's extractor, converting it first if absent (atomic per entry)."""
+    entry = cache_dir() / extractor_key(model)
+    if (entry / _COMPLETE).is_file():
+        return entry / "taps.xml"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        _convert_taps(model, tmp / "taps.xml")
+        (tmp / _COMPLETE).write_text(json.dumps({"backbone": model.extractor.backbone}))
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first (or a stale one is in the way)
+            if not (entry / _COMPLETE).is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry / "taps.xml"
+
+
+def _tap_selections(model: Padim) -> list[np.ndarray]:
+    """PADIM's sorted global channel choice split into local indices per tap (same order as cat + select)."""
+    idx = model.idx.numpy()
+    out, start = [], 0
+    for channels in model.extractor.channels:
+        local = idx[(idx >= start) & (idx < start + channels)] - start
+        out.append(local.astype(np.int64))
+        start += channels
+    return out
+
+
+def patch_graph(model: Padim, taps_xml: Path):
+    """The taps IR with PADIM's tail appended: inputs (image, shift (P, C)) -> (deviations (B, P, C), sum (P, C))."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    taps_model = ov.Core().read_model(taps_xml)
+    results = list(taps_model.get_results())
+    taps = [r.input_value(0) for r in results]
+    for r in results:  # the taps feed PADIM's tail now; dangling Result ops would confuse the CPU plugin
+        taps_model.remove_result(r)
+    grid_h, grid_w = model.grid
+    parts = []
+    for i, sel in enumerate(_tap_selections(model)):
+        if len(sel) == 0:
+            continue
+        part = ops.gather(taps[i], ops.constant(sel), ops.constant(np.int64(1)))
+        factor = model.extractor.strides[i] // model.extractor.strides[0]
+        if factor > 1:  # torch's mode="nearest" at integer factors: floor of the asymmetric source index
+            part = ops.interpolate(
+                part,
+                ops.constant(np.array([grid_h, grid_w], dtype=np.int64)),
+                mode="nearest",
+                shape_calculation_mode="sizes",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+                axes=ops.constant(np.array([2, 3], dtype=np.int64)),
+            )
+        parts.append(part)
+    emb = ops.concat(parts, 1) if len(parts) > 1 else parts[0]
+    emb = ops.transpose(emb, ops.constant(np.array([0, 2, 3, 1], dtype=np.int64)))
+    emb = ops.reshape(emb, ops.constant(np.array([0, grid_h * grid_w, model.n_features], dtype=np.int64)), True)
+    shift = ops.parameter([grid_h * grid_w, model.n_features], np.float32, name="shift")
+    dev = ops.subtract(emb, shift)
+    total = ops.reduce_sum(dev, ops.constant(np.int64(0)))
+    taps_model.add_parameters([shift])
+    taps_model.add_results([ops.result(dev), ops.result(total)])
+    return taps_model
+
+
+class TorchPatches:
+    """The reference runtime: eager torch, same interface as OpenVinoPatches."""
+
+    runtime = "torch"
+
+    def __init__(self, model: Padim) -> None:
+        self.model = model.eval()
+
+    def __call__(self, images: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(deviations (B, P, C), their sum (P, C)) of the images' patch embeddings from `shift`."""
+        with torch.inference_mode():
+            dev = self.model.embed(images).transpose(1, 2) - shift
+            return dev, dev.sum(0)
+
+    def stream(
+        self, batches: Iterable[torch.Tensor], shift: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x in batches:
+            yield self(x, shift)
+
+
+class OpenVinoPatches:
+    """The frozen network compiled by OpenVINO on the CPU (see the module docstring).
+
+    `precision` is OpenVINO's inference precision: f32 (the reference, and the default) or bf16 where the CPU
+    has it. `threads` defaults to torch's thread count (a Ray actor sets that to its reservation).
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, model: Padim, threads: int | None = None, precision: str = "f32") -> None:
+        import openvino as ov
+
+        if precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
+        self.precision = precision
+        self.n_positions, self.n_features = model.n_positions, model.n_features
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        compiled = ov.Core().compile_model(patch_graph(model, taps_model_path(model)), "CPU", config)
+        # Two requests: the next batch runs in OpenVINO's threads while the caller folds the previous one.
+        self._requests = [compiled.create_infer_request() for _ in range(2)]
+
+    def _outputs(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, total = request.get_output_tensor(0).data, request.get_output_tensor(1).data
+        return torch.from_numpy(dev), torch.from_numpy(total)
+
+    def _start(self, request, images: torch.Tensor, shift: torch.Tensor) -> None:
+        request.start_async({0: np.ascontiguousarray(images.numpy()), 1: np.ascontiguousarray(shift.numpy())})
+
+    def __call__(self, images: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As TorchPatches.__call__; the tensors are copies the caller may keep."""
+        request = self._requests[0]
+        self._start(request, images, shift.float())
+        request.wait()
+        dev, total = self._outputs(request)
+        return dev.clone(), total.clone()
+
+    def stream(
+        self, batches: Iterable[torch.Tensor], shift: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(deviations, sum) per batch, one batch ahead. Each yielded pair views OpenVINO's output buffers and
+        is valid until the next one is requested (the accumulator folds it and lets go)."""
+        shift = shift.float().contiguous()
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return
+        k = 0
+        self._start(self._requests[k], first, shift)
+        for x in it:
+            self._start(self._requests[1 - k], x, shift)
+            self._requests[k].wait()
+            yield self._outputs(self._requests[k])
+            k = 1 - k
+        self._requests[k].wait()
+        yield self._outputs(self._requests[k])
+
+
+FrozenPatches = TorchPatches | OpenVinoPatches
+
+
+def patch_runtime(
+    model: Padim, runtime: str = "openvino", threads: int | None = None, precision: str = "f32"
+) -> FrozenPatches:
+    """The frozen network of `model` on `runtime` (RUNTIMES): a TorchPatches or an OpenVinoPatches."""
+    if runtime == "torch":
+        if precision != "f32":
+            raise ValueError("the torch runtime computes in f32 only; bf16 is an OpenVINO precision")
+        return TorchPatches(model)
+    if runtime == "openvino":
+        return OpenVinoPatches(model, threads, precision)
+    raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")

@@ -1,0 +1,156 @@
+"""The frozen-network runtimes (frozen.py) and the fit's moment accumulator (stats.MomentAccumulator).
+
+OpenVINO features must give the torch path's statistics within 1e-4 relative (means and covariances) and the
+same AUROC to 3 decimals; the accumulator must equal a float64 pass however the images are split; the
+converted extractor is cached per backbone, taps, image size and weights, and a half-written entry is rebuilt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_anomaly import engine, frozen
+from distributed_anomaly.data.loader import iter_batches
+from distributed_anomaly.data.mvtec import load_category, records_of_split
+from distributed_anomaly.metrics import auroc
+from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.stats import GaussianStats, MomentAccumulator
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def _patches(n: int, p: int = 6, c: int = 4, offset: float = 50.0, seed: int = 0) -> torch.Tensor:
+    """(N, P, C) float32 embeddings with means far from zero (where naive float32 sums lose digits)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(c, c, generator=gen)
+    return (torch.randn(n, p, c, generator=gen) @ mix + offset + torch.rand(p, c, generator=gen) * 10).float()
+
+
+def test_accumulator_equals_a_float64_pass_for_any_batching() -> None:
+    x = _patches(301)
+    reference = GaussianStats.from_batch(x.double().transpose(1, 2))
+    for sizes in ([301], [1, 300], [7] * 43, [150, 1, 150]):
+        acc = MomentAccumulator(6, 4)
+        start = 0
+        for size in sizes:
+            acc.add_patches(x[start : start + size])
+            start += size
+        stats = acc.to_stats(chunk_positions=4)  # two chunks, one partial
+        assert stats.count == 301
+        assert _rel(stats.mean, reference.mean) < 1e-6
+        assert _rel(stats.covariance(), reference.covariance()) < 1e-4
+
+
+def test_partials_of_different_shifts_merge_exactly() -> None:
+    """Two workers, each shifted by its own first batch, merged as GaussianStats: one pass over all."""
+    x = _patches(120, seed=1)
+    a, b = MomentAccumulator(6, 4), MomentAccumulator(6, 4)
+    a.add_patches(x[:50])
+    b.add_patches(x[50:51] + 5.0)  # a shift far from b's other images: still exact
+    b.add_patches(x[51:])
+    b_ref = torch.cat([x[50:51] + 5.0, x[51:]])
+    merged = a.to_stats().merge(b.to_stats())
+    reference = GaussianStats.from_batch(torch.cat([x[:50], b_ref]).double().transpose(1, 2))
+    assert merged.count == 120
+    assert _rel(merged.covariance(), reference.covariance()) < 1e-4
+    assert _rel(merged.mean, reference.mean) < 1e-6
+
+
+def test_accumulator_refuses_deviations_without_a_shift_and_wrong_shapes() -> None:
+    acc = MomentAccumulator(6, 4)
+    with pytest.raises(ValueError, match="first batch"):
+        acc.add_deviations(torch.zeros(2, 6, 4), torch.zeros(6, 4))
+    acc.add_patches(_patches(3))
+    with pytest.raises(ValueError, match="deviations must be"):
+        acc.add_deviations(torch.zeros(2, 4, 6), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="fixed once"):
+        acc.set_shift(torch.zeros(6, 4))
+
+
+@pytest.fixture(scope="module")
+def small_model() -> Padim:
+    """resnet18 (seeded random weights), 64 px, two taps of different strides: the tail's upsampling runs."""
+    return Padim("resnet18", ["layer1", "layer2"], n_features=40, image_size=64, pretrained=False, seed=3).eval()
+
+
+def test_openvino_patches_equal_torch_patches(small_model: Padim) -> None:
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    shift = torch.randn(small_model.n_positions, small_model.n_features)
+    dev_t, sum_t = frozen.TorchPatches(small_model)(images, shift)
+    dev_o, sum_o = frozen.OpenVinoPatches(small_model, threads=2)(images, shift)
+    assert dev_o.shape == (3, small_model.n_positions, small_model.n_features)
+    assert _rel(dev_o, dev_t) < 1e-4
+    assert _rel(sum_o, sum_t) < 1e-4
+    streamed = [d.clone() for d, _ in frozen.OpenVinoPatches(small_model).stream([images[:2], images[2:]], shift)]
+    assert _rel(torch.cat(streamed), dev_t) < 1e-4
+
+
+def test_the_converted_extractor_is_cached_per_weights(
+    small_model: Padim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(frozen.CACHE_ENV, str(tmp_path))
+    first = frozen.taps_model_path(small_model)
+    assert (first.parent / "complete.json").is_file()
+
+    def no_conversion(*_args) -> None:
+        raise AssertionError("converted again although the cache holds this extractor")
+
+    with monkeypatch.context() as m:
+        m.setattr(frozen, "_convert_taps", no_conversion)
+        assert frozen.taps_model_path(small_model) == first
+    other = Padim("resnet18", ["layer1", "layer2"], n_features=40, image_size=64, pretrained=False, seed=4)
+    assert frozen.extractor_key(other) != frozen.extractor_key(small_model)  # other weights
+    resized = Padim("resnet18", ["layer1", "layer2"], n_features=40, image_size=96, pretrained=False, seed=3)
+    assert frozen.extractor_key(resized) != frozen.extractor_key(small_model)
+    reseeded_head = Padim("resnet18", ["layer1", "layer2"], n_features=20, image_size=64, pretrained=False, seed=3)
+    assert frozen.extractor_key(reseeded_head) == frozen.extractor_key(small_model)  # same network, other tail
+    (first.parent / "complete.json").unlink()  # a half-written entry: rebuilt, not trusted
+    assert frozen.taps_model_path(small_model) == first
+    assert (first.parent / "complete.json").is_file()
+
+
+def test_unknown_runtime_and_precision_are_refused(small_model: Padim) -> None:
+    with pytest.raises(ValueError, match="unknown runtime"):
+        frozen.patch_runtime(small_model, "tensorrt")
+    with pytest.raises(ValueError, match="f32 only"):
+        frozen.patch_runtime(small_model, "torch", precision="bf16")
+
+
+def test_openvino_fit_matches_torch_fit_on_demo_data(demo_category: Path, mobilenet_weights: Path) -> None:
+    """MobileNetV2 (ImageNet weights), 128 px: statistics within 1e-4 relative, AUROC equal to 3 decimals."""
+    records = load_category(demo_category)
+    train, test = records_of_split(records, "train"), records_of_split(records, "test")
+    results = {}
+    for runtime in ("torch", "openvino"):
+        model = Padim("mobilenet_v2", image_size=128, weights_file=mobilenet_weights).eval()
+        stats = engine.fit_padim(model, train, batch_size=8, progress=False, runtime=runtime)
+        maps = engine.anomaly_maps(model, test, 128, 8, progress=False, runtime=runtime)
+        results[runtime] = (stats, maps)
+    (s_t, m_t), (s_o, m_o) = results["torch"], results["openvino"]
+    assert s_o.count == s_t.count == len(train)
+    assert _rel(s_o.mean, s_t.mean) < 1e-4
+    assert _rel(s_o.covariance(), s_t.covariance()) < 1e-4
+    labels = np.array([r.label for r in test])
+    score_t, score_o = m_t.reshape(len(test), -1).max(1), m_o.reshape(len(test), -1).max(1)
+    assert round(auroc(score_o, labels), 3) == round(auroc(score_t, labels), 3)
+    assert np.abs(m_o - m_t).max() <= 1e-3 * np.ptp(m_t)
+
+
+def test_streamed_scoring_keeps_record_order(demo_category: Path) -> None:
+    """The streamed scoring path (next batch in OpenVINO while the head scores this one) returns each image's
+    own map, in record order, as scoring one image at a time in torch does."""
+    records = load_category(demo_category)
+    model = Padim("resnet18", ["layer1", "layer2"], n_features=40, image_size=64, pretrained=False, seed=3)
+    engine.fit_padim(model, records_of_split(records, "train"), batch_size=8, progress=False)
+    test = records_of_split(records, "test")[:5]
+    assert len(list(iter_batches(test, 64, 2))) == 3  # two full batches and a short one
+    by_stream = engine.anomaly_maps(model, test, 64, 2, progress=False, runtime="openvino")
+    one_by_one = np.concatenate([engine.anomaly_maps(model, [r], 64, 1, False, runtime="torch") for r in test])
+    assert np.ptp(one_by_one) > 0
+    assert np.abs(by_stream - one_by_one).max() <= 1e-3 * np.ptp(one_by_one)
