@@ -15,7 +15,7 @@ import torch
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.frozen import FrozenPatches, patch_runtime
+from distributed_anomaly.frozen import FrozenPatches, patch_runtime, torch_beside
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm
 from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
@@ -59,7 +59,7 @@ def fit_padim(
     bar = Progress(len(records), "fit padim", progress)
     model.eval()
     frozen = patch_runtime(model, runtime, precision=precision)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_beside(frozen):
         batches = (x for _, x in iter_batches(records, model.image_size, batch_size))
         acc = accumulate(frozen, model, batches, bar.update)
         stats = acc.to_stats(accumulation_dtype(model.n_positions, model.n_features))
@@ -100,8 +100,10 @@ def _map_stream(
     if not isinstance(model, Padim) or runtime == "torch":
         yield from (model(x) for x in batches)
         return
-    for dev, _ in patch_runtime(model, runtime, precision=precision).stream(batches, model.mean):
-        yield model.score_deviations(dev, padim_input_size(model))
+    frozen = patch_runtime(model, runtime, precision=precision)
+    with torch_beside(frozen):
+        for dev, _ in frozen.stream(batches, model.mean):
+            yield model.score_deviations(dev, padim_input_size(model))
 
 
 def padim_input_size(model: Padim) -> tuple[int, int]:

@@ -16,6 +16,7 @@ reference that tests/test_frozen.py compares against.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,10 +190,14 @@ class OpenVinoPatches:
     """The frozen network compiled by OpenVINO on the CPU (see the module docstring).
 
     `precision` is OpenVINO's inference precision: f32 (the reference, and the default) or bf16 where the CPU
-    has it. `threads` defaults to torch's thread count (a Ray actor sets that to its reservation).
+    has it. `threads` defaults to torch's thread count (a Ray actor sets that to its reservation). They run as
+    that many single-threaded streams (OpenVINO's throughput mode, at most MAX_STREAMS), each on its own batch:
+    on a few cores shared with decoding and the statistics update, one multi-threaded stream stalls at every
+    layer on whichever of its threads was preempted.
     """
 
     runtime = "openvino"
+    MAX_STREAMS = 4
 
     def __init__(self, model: Padim, threads: int | None = None, precision: str = "f32") -> None:
         import openvino as ov
@@ -200,21 +205,25 @@ class OpenVinoPatches:
         if precision not in FROZEN_PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
         self.precision = precision
-        self.n_positions, self.n_features = model.n_positions, model.n_features
+        threads = max(1, int(threads or torch.get_num_threads()))
+        self.streams = min(threads, self.MAX_STREAMS)
         config = {
             "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "NUM_STREAMS": self.streams,
         }
         compiled = ov.Core().compile_model(patch_graph(model, taps_model_path(model)), "CPU", config)
-        # Two requests: the next batch runs in OpenVINO's threads while the caller folds the previous one.
-        self._requests = [compiled.create_infer_request() for _ in range(2)]
+        # One request per stream plus one: every stream busy while the caller folds the oldest result.
+        self._requests = [compiled.create_infer_request() for _ in range(self.streams + 1)]
 
-    def _outputs(self, request) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _outputs(request) -> tuple[torch.Tensor, torch.Tensor]:
         dev, total = request.get_output_tensor(0).data, request.get_output_tensor(1).data
         return torch.from_numpy(dev), torch.from_numpy(total)
 
-    def _start(self, request, images: torch.Tensor, shift: torch.Tensor) -> None:
+    @staticmethod
+    def _start(request, images: torch.Tensor, shift: torch.Tensor) -> None:
         request.start_async({0: np.ascontiguousarray(images.numpy()), 1: np.ascontiguousarray(shift.numpy())})
 
     def __call__(self, images: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,25 +237,47 @@ class OpenVinoPatches:
     def stream(
         self, batches: Iterable[torch.Tensor], shift: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(deviations, sum) per batch, one batch ahead. Each yielded pair views OpenVINO's output buffers and
-        is valid until the next one is requested (the accumulator folds it and lets go)."""
+        """(deviations, sum) per batch in order, up to one batch per request in flight. Each yielded pair views
+        OpenVINO's output buffers and is valid until the next one is requested (the caller folds it, lets go)."""
         shift = shift.float().contiguous()
-        it = iter(batches)
-        first = next(it, None)
-        if first is None:
-            return
-        k = 0
-        self._start(self._requests[k], first, shift)
-        for x in it:
-            self._start(self._requests[1 - k], x, shift)
-            self._requests[k].wait()
-            yield self._outputs(self._requests[k])
-            k = 1 - k
-        self._requests[k].wait()
-        yield self._outputs(self._requests[k])
+        ring, it = self._requests, iter(batches)
+        in_flight = 0
+        for x in it:  # fill every request but one
+            self._start(ring[in_flight], x, shift)
+            in_flight += 1
+            if in_flight == len(ring) - 1:
+                break
+        oldest = 0
+        while in_flight:
+            x = next(it, None)
+            if x is not None:  # the free request takes the next batch before we wait on the oldest
+                self._start(ring[(oldest + in_flight) % len(ring)], x, shift)
+                in_flight += 1
+            ring[oldest].wait()
+            yield self._outputs(ring[oldest])
+            oldest, in_flight = (oldest + 1) % len(ring), in_flight - 1
 
 
 FrozenPatches = TorchPatches | OpenVinoPatches
+
+
+@contextlib.contextmanager
+def torch_beside(frozen: FrozenPatches) -> Iterator[None]:
+    """Torch on one thread while an OpenVINO runtime holds the cores (restored after).
+
+    The caller's torch work (statistics update, Mahalanobis head) runs while OpenVINO computes the next batch
+    in its own threads. Torch's OpenMP workers spin-wait between parallel regions, so with torch's default
+    thread count beside OpenVINO's the two fight for the cores: measured on 2 cores, 13 CPU-ms per image with
+    one torch thread against 27-186 with two (bench/padim_profile.py runs the fit this way)."""
+    if frozen.runtime == "torch":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def patch_runtime(

@@ -1,6 +1,6 @@
-"""In-process batching of records into model-ready tensors, decoding in threads one batch ahead.
+"""In-process batching of records into model-ready tensors, decoding in threads two batches ahead.
 
-Decoding (PIL releases the GIL) overlaps the forward pass; memory is bounded by two batches, whatever the
+Decoding (PIL releases the GIL) overlaps the forward pass; memory is bounded by three batches, whatever the
 dataset size.
 """
 
@@ -23,24 +23,34 @@ def load_batch(records: Sequence[Record], image_size: int) -> torch.Tensor:
     return to_tensor([read_image(r.path) for r in records], image_size)
 
 
+def _prepare(path: str, image_size: int) -> torch.Tensor:
+    """Decode, resize and normalise one image: the whole per-image cost, in a loader thread."""
+    return to_tensor(read_image(path), image_size)[0]
+
+
 def iter_batches(
     records: Sequence[Record], image_size: int, batch_size: int, threads: int = 2
 ) -> Iterator[tuple[Sequence[Record], torch.Tensor]]:
-    """Yield (records, tensor) batches in order, preparing the next batch while the caller works."""
+    """Yield (records, tensor) batches in order, preparing the next two batches while the caller works.
+
+    Each image is decoded, resized and normalised in a pool thread (PIL and torch release the GIL), so the
+    caller's thread only stacks finished images; with a frozen network on OpenVINO the caller keeps torch on
+    one thread (frozen.torch_beside), so these threads do not multiply torch's own.
+    """
     chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
 
         def submit(chunk: Sequence[Record]):
-            return [pool.submit(read_image, r.path) for r in chunk]
+            return [pool.submit(_prepare, r.path, image_size) for r in chunk]
 
-        pending = submit(chunks[0])
+        pending = [submit(c) for c in chunks[:2]]
         for i, chunk in enumerate(chunks):
-            images = [f.result() for f in pending]
-            if i + 1 < len(chunks):
-                pending = submit(chunks[i + 1])
-            yield chunk, to_tensor(images, image_size)
+            images = [f.result() for f in pending.pop(0)]
+            if i + 2 < len(chunks):
+                pending.append(submit(chunks[i + 2]))
+            yield chunk, torch.stack(images)
 
 
 def load_masks(records: Sequence[Record], image_size: int) -> np.ndarray:
