@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.models.padim import Padim, gaussian_blur, mahalanobis
+from distributed_anomaly.models.padim import (
+    Padim,
+    gaussian_blur,
+    mahalanobis,
+    mahalanobis_blocks,
+    mahalanobis_deviations,
+    whitening_blocks,
+)
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map, stfpm_loss
 from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
 
@@ -144,3 +151,27 @@ def test_batchnorm_recompute_gives_exact_statistics_of_the_kept_weights(demo_cat
         assert torch.equal(v, weights[k]), k  # only statistics change
     # a cap draws a seeded subset
     assert recompute_batchnorm(model, records, batch_size=2, max_images=4) == 4
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_block_triangular_head_equals_the_plain_formula(blocks: int) -> None:
+    """||U d||^2 over row blocks of the Cholesky factor of Sigma^-1 (the head the export traces) against
+    d^T Sigma^-1 d, for a feature count the blocks do not divide."""
+    gen = torch.Generator().manual_seed(blocks)
+    a = torch.randn(5, 7, 7, generator=gen)
+    inv_cov = a @ a.transpose(1, 2) / 7 + 0.1 * torch.eye(7)
+    dev = torch.randn(3, 5, 7, generator=gen) * 4
+    factors = whitening_blocks(inv_cov, blocks)
+    assert len(factors) == blocks and factors[0][0] == 0
+    assert sum(f.numel() for _, f in factors) < inv_cov.numel() or blocks == 1
+    torch.testing.assert_close(
+        mahalanobis_blocks(dev, factors), mahalanobis_deviations(dev, inv_cov), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_unfitted_padim_scores_with_the_plain_formula() -> None:
+    """An all-zero Sigma^-1 (before the fit) has no Cholesky factor: maps are zeros, not an error."""
+    model = _tiny_padim().eval()
+    assert model.head_blocks() == []
+    with torch.no_grad():
+        assert float(model(torch.randn(1, 3, 32, 32)).abs().max()) == 0.0
