@@ -20,7 +20,7 @@ from distributed_anomaly.errors import DatasetLayoutError
 
 
 def load_batch(records: Sequence[Record], image_size: int) -> torch.Tensor:
-    return to_tensor([read_image(r.path) for r in records], image_size)
+    return to_tensor([read_image(r.path, target_size=image_size) for r in records], image_size)
 
 
 def iter_batches(
@@ -33,7 +33,7 @@ def iter_batches(
     with ThreadPoolExecutor(max_workers=threads) as pool:
 
         def submit(chunk: Sequence[Record]):
-            return [pool.submit(read_image, r.path) for r in chunk]
+            return [pool.submit(read_image, r.path, target_size=image_size) for r in chunk]
 
         pending = submit(chunks[0])
         for i, chunk in enumerate(chunks):

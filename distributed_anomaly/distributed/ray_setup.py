@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from distributed_anomaly.data.limits import MAX_PIXELS_ENV
 from distributed_anomaly.errors import UserError
 
 LOCAL_ADDRESSES = (None, "", "local")
@@ -76,6 +77,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             "num_cpus=%s ignored: joining the existing cluster at %s", num_cpus, address
         )
     token_mode = _enable_token_mode_for_join()
+    if os.environ.get(MAX_PIXELS_ENV):  # --max-pixels: the cluster's workers do not inherit our environment
+        common["runtime_env"] = {"env_vars": {MAX_PIXELS_ENV: os.environ[MAX_PIXELS_ENV]}}
     try:
         ray.init(address=address, **common)
     except ConnectionError as exc:
