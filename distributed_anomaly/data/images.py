@@ -55,7 +55,7 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.array(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # no extra copy of RGB
 
 
 def _source_name(source: str | os.PathLike | bytes) -> str:
