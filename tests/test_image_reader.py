@@ -8,6 +8,7 @@ Every header-only image here declares far more pixels than it holds: decoding it
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,19 @@ def test_predict_names_an_oversized_image_in_one_line(
         == 1
     )
     assert f"{good}: ERROR image {good} is {w} x {h}" in capsys.readouterr().err
+
+
+def test_the_limit_reaches_a_joined_clusters_workers(monkeypatch) -> None:
+    from distributed_anomaly.distributed.ray_setup import _max_pixels_runtime_env
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _max_pixels_runtime_env() is None
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
+    assert _max_pixels_runtime_env() == {"env_vars": {MAX_PIXELS_ENV: "1000"}}
+    # Inside `ray job submit` whose runtime_env sets it already, Ray would refuse a second value: leave it.
+    job = {"runtime_env": {"working_dir": ".", "env_vars": {MAX_PIXELS_ENV: "5"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _max_pixels_runtime_env() is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "."}}))
+    assert _max_pixels_runtime_env() == {"env_vars": {MAX_PIXELS_ENV: "1000"}}

@@ -20,6 +20,9 @@ from distributed_anomaly.data.limits import READ_FORMATS, max_pixels_setting
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Our own limit (check_pixels, on every image read here) replaces the warning Pillow prints above ~89 MP. Set once
+# at import: warnings.catch_warnings per call is not thread-safe, and the loader and Serve decode in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL.Image")
 ACCEPTED = "PNG, JPEG, BMP, TIFF or WebP"
 DRAFT_MARGIN = 2  # a reduced-scale JPEG decode keeps at least twice the model's side, for the antialiased resize
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,11 +69,8 @@ def _identify(source: str | os.PathLike | bytes) -> Image.Image:
     """Image.open limited to the documented formats: reads the header only."""
     name = _source_name(source)
     try:
-        with warnings.catch_warnings():  # our own limit (check_pixels) replaces Pillow's warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(
-                io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name, formats=READ_FORMATS
-            )
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else name
+        return Image.open(fp, formats=READ_FORMATS)
     except FileNotFoundError as exc:
         raise ImageReadError(f"image file not found: {name}") from exc
     except Image.DecompressionBombError as exc:  # over Pillow's own hard limit, whatever ours is

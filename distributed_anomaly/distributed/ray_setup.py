@@ -13,6 +13,7 @@ Token authentication (Ray >= 2.59 turns it on by default for local clusters):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -47,6 +48,21 @@ def _enable_token_mode_for_join() -> bool:
     return True
 
 
+def _max_pixels_runtime_env() -> dict | None:
+    """--max-pixels for a cluster's workers, which do not inherit this process's environment: a runtime_env
+    for ray.init. None when unset, or when a `ray job submit` runtime_env already sets it (Ray refuses to merge
+    two values of one variable)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if not value:
+        return None
+    try:  # the submitted job's config, as Ray hands it to the driver
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = ((job.get("runtime_env") or {}).get("env_vars") or {}) if isinstance(job, dict) else {}
+    except ValueError:
+        job_vars = {}
+    return None if MAX_PIXELS_ENV in job_vars else {"env_vars": {MAX_PIXELS_ENV: value}}
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Make this process a Ray driver. Returns True if this call started/joined Ray (the caller shuts it down).
 
@@ -77,8 +93,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             "num_cpus=%s ignored: joining the existing cluster at %s", num_cpus, address
         )
     token_mode = _enable_token_mode_for_join()
-    if os.environ.get(MAX_PIXELS_ENV):  # --max-pixels: the cluster's workers do not inherit our environment
-        common["runtime_env"] = {"env_vars": {MAX_PIXELS_ENV: os.environ[MAX_PIXELS_ENV]}}
+    pass_on = _max_pixels_runtime_env()
+    if pass_on:
+        common["runtime_env"] = pass_on
     try:
         ray.init(address=address, **common)
     except ConnectionError as exc:
