@@ -8,8 +8,12 @@
   OpenVINO call. Models are loaded through Serve's model multiplexing (`@serve.multiplexed`), so with
   several replicas Serve routes a model's requests to replicas that already hold it, and a replica holds
   at most `max_models_per_replica` compiled models (LRU; 0 = all, all compiled when the replica starts).
+  An image that fails inside a batch fails only its own request (the batch is re-scored image by image), and
+  Serve's health check runs a tiny inference (`check_health`).
 * AnomalyIngress checks the API key and the body size, parses raw or multipart uploads, decodes the image
-  (off the event loop), answers bad input with a JSON 4xx itself, and forwards good images by handle.
+  (off the event loop; pixel limit from the header, documented formats only, large JPEGs at reduced scale),
+  answers bad input with a JSON 4xx itself (serve.http: with the request id, nothing internal), and forwards
+  good images and their own size by handle. Both deployments bound their queues (503 with Retry-After).
   It reserves no CPU (it waits on the model most of the time), so a replica of N CPUs fits an N-CPU node.
 
 The request and response rules are in `requests` and `responses` (Ray-free, unit-tested). Build the application with

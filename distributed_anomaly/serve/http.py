@@ -43,7 +43,9 @@ def _error_response(request: Request, status: int, message: str, headers: Mappin
 
 @api.exception_handler(HTTPError)
 async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-    return _error_response(request, exc.status, exc.message, getattr(exc, "headers", None))
+    cause = getattr(exc, "cause", None)  # Ray's wrapper of a replica's error subclasses it; answer the original
+    err = cause if isinstance(cause, HTTPError) else exc
+    return _error_response(request, err.status, err.message, getattr(err, "headers", None))
 
 
 @api.exception_handler(StarletteHTTPException)
