@@ -63,6 +63,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="longest wait for a batch to fill, in milliseconds (default %(default)g; a lone request waits this "
         "long, a full batch does not wait)",
     )
+    _limit_options(p)
+    add_api_key(p, "require this key (header X-API-Key or Authorization: Bearer) on /predict and /metadata")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    """What the server refuses or bounds: body size, pixels, queue length, request time."""
     p.add_argument(
         "--max-body-mb",
         type=float,
@@ -82,9 +90,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_REQUEST_TIMEOUT_S,
         help="HTTP requests not answered by then get 408 (default %(default)g; applies when this command starts Serve)",
     )
-    add_api_key(p, "require this key (header X-API-Key or Authorization: Bearer) on /predict and /metadata")
-    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray)")
-    p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
