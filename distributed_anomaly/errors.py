@@ -23,3 +23,15 @@ class RunDirError(UserError):
 
 class TrainingInterrupted(Exception):
     """Training stopped part-way (workers lost beyond the allowed restarts); its checkpoints are kept."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image's header declares more pixels than the limit (--max-pixels); nothing was decoded."""
+
+    def __init__(self, message: str, pixels: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.pixels = pixels
+        self.limit = limit
+
+    def __reduce__(self):  # Ray pickles errors between processes: keep the numbers
+        return (type(self), (str(self), self.pixels, self.limit))

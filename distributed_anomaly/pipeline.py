@@ -34,7 +34,7 @@ from distributed_anomaly.export import export_run
 from distributed_anomaly.fileio import read_json, write_json
 from distributed_anomaly.irformat import METADATA
 from distributed_anomaly.serve.server import start_server
-from distributed_anomaly.serve.settings import AppConfig
+from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig, is_local_host
 from distributed_anomaly.tuning.request import BEST, REPORT, REQUEST, STUDY_DB, SUMMARY, TuneRequest
 from distributed_anomaly.tuning.search import tune_search
 
@@ -217,6 +217,8 @@ def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:
         models=[ir_dir], replicas=opts.replicas, cpus_per_replica=opts.cpus_per_replica, api_key=opts.api_key
     )
     cfg.validate()
+    if not cfg.api_key and not is_local_host(opts.host):
+        logger.warning(f"serve: listening on {opts.host} without an API key (set --api-key-file or ${API_KEY_ENV})")
     server = start_server(cfg, opts.host, opts.port, address, proxy_location=opts.proxy_location)
     dash = dashboard_url()
     if server.started_ray:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distributed_anomaly.data.images import is_image_file, read_image
+from distributed_anomaly.data.images import is_image_file, load_image
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.fileio import atomic_write, write_json
 from distributed_anomaly.inference import OpenVINOInferencer
@@ -61,11 +61,13 @@ def predict(
     task: str = "segmentation",
     batch_size: int = 8,
     num_threads: int | None = None,
+    max_pixels: int | None = None,
 ) -> list[dict]:
     """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation).
 
     MODEL_DIR is a run directory (torch) or a folder written by `export` (OpenVINO, detected by its
-    model.xml); both go through the same pre- and post-processing.
+    model.xml); both go through the same pre- and post-processing. An image over `max_pixels` (default
+    data.limits) or that cannot be decoded gets an error record naming it; the others are still scored.
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
@@ -76,27 +78,37 @@ def predict(
     results = []
     names = _unique_names(paths)
     for start in range(0, len(paths), batch_size):
-        chunk, chunk_names, images = [], [], []
+        chunk, chunk_names, images, shapes = [], [], [], []
         for p, name in zip(paths[start : start + batch_size], names[start : start + batch_size]):
             try:
-                images.append(read_image(p))
+                pixels, shape = load_image(p, max_pixels=max_pixels, target_size=runner.image_size)
             except ImageReadError as exc:  # one bad file must not lose the other results
                 results.append({"image": str(p), "task": task, "error": str(exc)})
                 continue
             chunk.append(p)
             chunk_names.append(name)
+            images.append(pixels)
+            shapes.append(shape)
         if not images:
             continue
-        for p, name, img, pred in zip(chunk, chunk_names, images, predict_images(runner, images)):
+        preds = predict_images(runner, images, shapes)
+        for p, name, img, shape, pred in zip(chunk, chunk_names, images, shapes, preds):
             record = {"image": str(p), "task": task, **pred.to_json(task)}
             if task == "segmentation" and pred.mask is not None:
                 _save_png(out / f"{name}_mask.png", Image.fromarray(pred.mask.astype(np.uint8) * 255))
                 record["mask"] = f"{name}_mask.png"
-            _save_png(out / f"{name}_overlay.png", render_overlay(img, pred, task))
+            _save_png(out / f"{name}_overlay.png", render_overlay(_full_size(img, shape), pred, task))
             record["overlay"] = f"{name}_overlay.png"
             write_json(out / f"{name}.json", record)
             results.append(record)
     return results
+
+
+def _full_size(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A reduced-scale JPEG decode back at the image's own size, for the overlay (drawn in image coordinates)."""
+    if pixels.shape[:2] == tuple(shape):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((shape[1], shape[0]), Image.BILINEAR))
 
 
 def _unique_names(paths: Iterable[Path]) -> list[str]:

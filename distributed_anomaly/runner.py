@@ -59,15 +59,19 @@ class TorchRunner:
             return self.model(batch)[:, 0].numpy()
 
 
-def predict_images(runner: ModelRunner, images: Sequence[np.ndarray]) -> list[Prediction]:
+def predict_images(
+    runner: ModelRunner, images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]] | None = None
+) -> list[Prediction]:
     """The one scoring path of every runtime: to_tensor -> raw maps -> resize to each image -> post-process.
 
-    Predictions are in each image's own coordinates (maps resized back before masks and boxes).
+    Predictions are in each image's own coordinates (maps resized back before masks and boxes): `shapes`
+    gives each image's (H, W) when its pixels were decoded smaller (data.images.load_image), else its shape.
     """
     if len(images) == 0:
         return []
+    sizes = [tuple(s) for s in shapes] if shapes is not None else [img.shape[:2] for img in images]
     maps = runner.raw_maps(to_tensor(list(images), runner.image_size))
-    return [runner.postprocessor(resize_map(m, img.shape[:2])) for m, img in zip(maps, images)]
+    return [runner.postprocessor(resize_map(m, size)) for m, size in zip(maps, sizes)]
 
 
 def predict_arrays(

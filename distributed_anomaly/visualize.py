@@ -32,7 +32,8 @@ def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
 
 def render_overlay(image: np.ndarray, pred: Prediction, task: str) -> Image.Image:
     """Image | heatmap blend with mask outline and boxes, side by side."""
-    heat = (0.5 * image + 0.5 * heatmap_rgb(pred.anomaly_map)).astype(np.uint8)
+    # Integer blend (the mean, rounded down): no float64 copy of a large image.
+    heat = ((image.astype(np.uint16) + heatmap_rgb(pred.anomaly_map)) // 2).astype(np.uint8)
     if task == "segmentation" and pred.mask is not None and pred.mask.any():
         heat[outline(pred.mask, max(1, image.shape[0] // 256))] = (255, 255, 255)
     right = Image.fromarray(heat)

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from bad_images import eps_bytes, header_only_png, psd_bytes
 from PIL import Image
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
@@ -33,6 +34,7 @@ from distributed_anomaly.export import export_run
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.irformat import FORMAT
 from distributed_anomaly.postprocess import PostProcessor
+from distributed_anomaly.runner import predict_images
 from distributed_anomaly.serve import registry, requests, responses, settings
 from distributed_anomaly.training import train
 
@@ -201,12 +203,19 @@ def test_decode_image_any_mode_and_bad_bytes() -> None:
     assert requests.decode_image(png_bytes(np.dstack([rgb, np.full((5, 7), 255, np.uint8)]))).shape == (5, 7, 3)
     assert requests.decode_image(png_bytes(rgb[..., 0].astype(np.uint16) * 257)).shape == (5, 7, 3)
     buf = io.BytesIO()
-    Image.fromarray(rgb).convert("P").save(buf, format="GIF")
+    Image.fromarray(rgb).convert("P").save(buf, format="PNG")
     assert requests.decode_image(buf.getvalue()).shape == (5, 7, 3)
     with pytest.raises(requests.BadRequest, match="zero bytes"):
         requests.decode_image(b"")
-    with pytest.raises(requests.BadRequest, match=r"not a decodable image \(9 bytes\): cannot identify image file$"):
+    not_ours = r"not a decodable image \(9 bytes\): not a PNG, JPEG, BMP, TIFF or WebP image$"
+    with pytest.raises(requests.BadRequest, match=not_ours):
         requests.decode_image(b"not a png")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("P").save(buf, format="GIF")  # a format we do not document
+    with pytest.raises(requests.BadRequest, match="not a PNG, JPEG"):
+        requests.decode_image(buf.getvalue())
+    with pytest.raises(requests.PayloadTooLarge, match=r"image is 7 x 5 = 0.0 megapixels, over the limit"):
+        requests.decode_upload(png_bytes(rgb), max_pixels=34)
     with pytest.raises(requests.BadRequest, match="truncated"):
         requests.decode_image(png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))[:200])
 
@@ -279,7 +288,7 @@ def test_serve_cli_parser(monkeypatch) -> None:
 
     seen = []
     monkeypatch.setattr(
-        server, "serve_forever", lambda cfg, host, port, address: seen.append((cfg, host, port, address)) or 0
+        server, "serve_forever", lambda cfg, host, port, address, **kw: seen.append((cfg, host, port, address)) or 0
     )
     monkeypatch.setenv(settings.API_KEY_ENV, "from-env")
     a = build_parser().parse_args(
@@ -378,8 +387,9 @@ def reference(irs):
     inferencers = {name: OpenVINOInferencer(e.path, num_threads=1) for name, e in entries.items()}
 
     def answer(model: str, data: bytes, task: str) -> dict:
-        img = requests.decode_image(data)
-        return responses.prediction_response(inferencers[model].predict([img])[0], task, entries[model], img.shape)
+        img, shape = requests.decode_upload(data, target_size=SIZE)  # as the ingress decodes
+        pred = predict_images(inferencers[model], [img], [shape])[0]
+        return responses.prediction_response(pred, task, entries[model], shape)
 
     answer.entries = entries
     return answer
@@ -387,15 +397,23 @@ def reference(irs):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path, stop_signal) -> None:
     """`distributed-anomaly serve` as a user runs it (joining this session's cluster, so no second Ray):
-    prints a live URL, answers, and on Ctrl-C removes Serve and exits 0. Runs before the module's server,
-    which needs Serve not to be running yet (Serve has one HTTP port per cluster)."""
+    prints a live URL, answers, and on Ctrl-C (SIGINT) or a service manager's SIGTERM removes Serve and its
+    application and exits 0. The key comes from the environment, or from --api-key-file. Runs before the
+    module's server, which needs Serve not to be running yet (Serve has one HTTP port per cluster)."""
     from distributed_anomaly.serve.server import _serve_client
 
     assert _serve_client() is None, "Serve already runs on the test cluster: this test must run first"
     port = free_port()
-    env = {**os.environ, settings.API_KEY_ENV: "env-key"}
+    env = {k: v for k, v in os.environ.items() if k != settings.API_KEY_ENV}
+    key_args: list[str] = []
+    if stop_signal == signal.SIGINT:
+        env[settings.API_KEY_ENV] = "env-key"
+    else:
+        (tmp_path / "key").write_text("env-key\n")
+        key_args = ["--api-key-file", str(tmp_path / "key")]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -408,6 +426,7 @@ def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
             str(port),
             "--address",
             ray_local.get_runtime_context().gcs_address,
+            *key_args,
         ],
         cwd=ROOT,
         env=env,
@@ -431,7 +450,7 @@ def test_cli_serves_until_interrupted(ray_local, irs, images) -> None:
         r = httpx.post(f"{url}/predict?task=classification", content=data, headers={"X-API-Key": "env-key"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "product", r.text
         assert httpx.post(f"{url}/predict", content=data, timeout=60).status_code == 401
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=120) == 0, "".join(lines)
     finally:
         if proc.poll() is None:
@@ -523,7 +542,10 @@ def test_multipart_header_model_and_odd_images(client, images, reference) -> Non
     rgb = requests.decode_image(data)
     buf = io.BytesIO()
     Image.fromarray(rgb).resize((301, 77)).save(buf, format="JPEG")
+    big = io.BytesIO()  # at least 4x the model's 64 px: the ingress decodes it at 1/2 scale (data.images)
+    Image.fromarray(rgb).resize((600, 400)).save(big, format="JPEG")
     odd = {
+        "large jpeg": big.getvalue(),
         "grey": png_bytes(rgb[..., 0]),
         "rgba": png_bytes(np.dstack([rgb, rgb[..., 0]])),
         "16bit": png_bytes(rgb[..., 0].astype(np.uint16) * 257),
@@ -549,6 +571,9 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, cli
     truncated = png_bytes(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))[:300]
     mp_no_file, ct_no_file = multipart({"task": "detection"})
     mp_empty, ct_empty = multipart({"file": ("a.png", b"")})
+    gif_buf = io.BytesIO()
+    Image.new("P", (8, 8)).save(gif_buf, format="GIF")
+    gif = gif_buf.getvalue()
 
     def chunks():  # no Content-Length: the limit must hold while streaming
         for _ in range(MAX_BODY // 65536 + 2):
@@ -571,6 +596,10 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, cli
         ),
         ("no model", dict(content=good, params={}), 400, "2 models are served"),
         ("too large", dict(content=too_big), 413, "over the limit"),
+        ("13000 x 13000 header", dict(content=header_only_png(13000, 13000)), 413, "13000 x 13000 = 169.0 megapixels"),
+        ("PSD", dict(content=psd_bytes()), 400, "not a PNG, JPEG, BMP, TIFF or WebP image"),
+        ("EPS", dict(content=eps_bytes()), 400, "not a PNG, JPEG, BMP, TIFF or WebP image"),
+        ("GIF", dict(content=gif), 400, "not a PNG, JPEG, BMP, TIFF or WebP image"),
         ("too large, streamed", dict(content=chunks()), 413, "over the limit"),
         ("no key", dict(content=good, headers={"X-API-Key": ""}), 401, "API key"),
         ("wrong key", dict(content=good, headers={"X-API-Key": "nope"}), 401, "API key"),
@@ -582,6 +611,8 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server, cli
         assert r.headers["content-type"] == "application/json", label
         body = r.json()
         assert message in body["error"] and body["status"] == status, (label, body)
+        # The request id Serve's proxy answers with is in the body too (and in the replica's log lines).
+        assert body["request_id"] and body["request_id"] == r.headers["x-request-id"], (label, r.headers)
     # Every bad request was answered by the ingress; the model replica neither crashed nor restarted.
     assert model_stats(server)["pid"] == pid
     assert client.get("/healthz").json()["status"] == "ok"
@@ -697,6 +728,10 @@ def test_builder_and_deploy_config(irs) -> None:
     assert (module, attr) == ("distributed_anomaly.serve", "app") and spec.route_prefix == "/"
     args = {**spec.args, "models": [str(irs["washer"]), str(irs["tile"])]}  # the file's paths are the cluster's
     assert isinstance(getattr(__import__(module, fromlist=[attr]), attr)(args), Application)
-    assert settings.AppConfig.from_args(spec.args).max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES
+    deployed = settings.AppConfig.from_args(spec.args)
+    assert deployed.max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES
+    assert deployed.max_pixels == settings.DEFAULT_MAX_PIXELS
+    assert deployed.max_queued_requests == settings.DEFAULT_MAX_QUEUED_REQUESTS
+    assert schema.http_options.request_timeout_s == settings.DEFAULT_REQUEST_TIMEOUT_S
     with pytest.raises(UserError, match="no such folder"):
         da_serve.app({"models": "/nonexistent/ir"})

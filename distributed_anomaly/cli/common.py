@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from distributed_anomaly.data.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_max_pixels
 from distributed_anomaly.errors import UserError
 
 # -v / -q on every command (one parent parser). -q turns progress off (bars, per-epoch and per-trial lines); the
@@ -86,3 +88,41 @@ def changed_options(a: argparse.Namespace, defaults: dict, allowed: Sequence[str
     """The options given besides `allowed` (a --resume call may not change what the run was started with)."""
     skip = {*allowed, "func", "command", "verbose", "quiet"}
     return [f"--{k.replace('_', '-')}" for k, v in vars(a).items() if k not in skip and v != defaults.get(k)]
+
+
+def _max_pixels_arg(text: str) -> int:
+    try:
+        return parse_max_pixels(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_max_pixels(p: argparse.ArgumentParser) -> None:
+    """--max-pixels on every command that reads images; the default is data.limits' one constant."""
+    p.add_argument(
+        "--max-pixels",
+        type=_max_pixels_arg,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images whose header declares more pixels than this, before decoding them "
+        f"(default %(default)d = {DEFAULT_MAX_PIXELS / 1e6:g} MP)",
+    )
+
+
+def apply_max_pixels(a: argparse.Namespace) -> int:
+    """Make --max-pixels the limit of this process and of the Ray workers it starts (they inherit the
+    environment; ray_setup passes it on to a cluster it joins)."""
+    os.environ[MAX_PIXELS_ENV] = str(a.max_pixels)
+    return int(a.max_pixels)
+
+
+def add_api_key(p: argparse.ArgumentParser, what: str) -> None:
+    """--api-key and --api-key-file; the environment variable is the default (serve.settings.resolve_api_key)."""
+    p.add_argument(
+        "--api-key",
+        help=f"{what} (visible in the process list: prefer --api-key-file or $DISTRIBUTED_ANOMALY_API_KEY)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="read the key from FILE (its first line); default: $DISTRIBUTED_ANOMALY_API_KEY; neither: no key",
+    )

@@ -10,7 +10,14 @@ import argparse
 import json
 import sys
 
-from distributed_anomaly.cli.common import VERBOSITY, changed_options, default, layers
+from distributed_anomaly.cli.common import (
+    VERBOSITY,
+    add_max_pixels,
+    apply_max_pixels,
+    changed_options,
+    default,
+    layers,
+)
 from distributed_anomaly.config import MODELS, RUNTIMES, Execution, ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
@@ -42,7 +49,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted STFPM run started with --workers N "
-        "from its latest checkpoint, with the arguments it was started with (only --address, --report "
+        "from its latest checkpoint, with the arguments it was started with (only --address, --report, --max-pixels "
         "and --quiet may be given again)",
     )
     _model_options(p)
@@ -50,6 +57,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _execution_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--report", action="store_true", help=REPORT_HELP)
+    add_max_pixels(p)
     p.set_defaults(func=cmd_train)
     _TRAIN_DEFAULTS.update(vars(p.parse_args([])))  # to tell which options a --resume call was given
 
@@ -181,8 +189,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from distributed_anomaly.evaluation import format_metrics
     from distributed_anomaly.training import resume, train
 
+    apply_max_pixels(a)
     if a.resume:
-        given = changed_options(a, _TRAIN_DEFAULTS, ("resume", "address", "report"))
+        given = changed_options(a, _TRAIN_DEFAULTS, ("resume", "address", "report", "max_pixels"))
         if given:
             raise UserError(f"--resume continues a run with the arguments it was started with; drop {', '.join(given)}")
         metrics = resume(a.resume, progress=not a.quiet, report=a.report, address=a.address)
@@ -223,6 +232,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", action="store_true", help=REPORT_HELP)
     add_runtime(p)
+    add_max_pixels(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -230,6 +240,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from distributed_anomaly.evaluation import format_metrics
     from distributed_anomaly.training import evaluate_run
 
+    apply_max_pixels(a)
     metrics = evaluate_run(a.run, a.data, a.batch_size, progress=not a.quiet, report=a.report, runtime=a.runtime)
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
     if a.report and not a.json:
@@ -256,6 +267,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         help="inference threads (OpenVINO INFERENCE_NUM_THREADS, or torch "
         "threads for a run directory; default: all cores)",
     )
+    add_max_pixels(p)
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.set_defaults(func=cmd_predict)
 
@@ -263,7 +275,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(a: argparse.Namespace) -> int:
     from distributed_anomaly.predict import predict
 
-    results = predict(a.model, a.images, a.out, a.task, a.batch_size, a.threads)
+    results = predict(a.model, a.images, a.out, a.task, a.batch_size, a.threads, apply_max_pixels(a))
     failed = [r for r in results if "error" in r]
     for r in results:
         if "error" in r:

@@ -6,12 +6,11 @@ The defaults are tuning.request.TuneRequest's; the search modules are imported w
 from __future__ import annotations
 
 import argparse
-import os
 
-from distributed_anomaly.cli.common import VERBOSITY, changed_options, default, weights_pairs
+from distributed_anomaly.cli.common import VERBOSITY, add_api_key, changed_options, default, weights_pairs
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import PRECISIONS
-from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig
+from distributed_anomaly.serve.settings import AppConfig, resolve_api_key
 from distributed_anomaly.tuning.request import OBJECTIVES, TuneRequest
 
 _TUNE_DEFAULTS: dict = {}
@@ -238,11 +237,7 @@ def add_pipeline(sub: argparse._SubParsersAction) -> None:
         help="--serve: where Serve runs HTTP proxies if it is not running yet (default EveryNode; "
         "HeadOnly when several nodes share one machine and port)",
     )
-    p.add_argument(
-        "--api-key",
-        help="--serve: require this key on /predict and /metadata "
-        "(default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)",
-    )
+    add_api_key(p, "--serve: require this key on /predict and /metadata")
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -257,7 +252,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
             a.port,
             a.replicas,
             a.cpus_per_replica,
-            a.api_key or os.environ.get(API_KEY_ENV) or None,
+            resolve_api_key(a.api_key, a.api_key_file),
             a.proxy_location,
         )
         if a.serve

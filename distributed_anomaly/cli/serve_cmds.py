@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from distributed_anomaly.cli.common import VERBOSITY, default
-from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig
+from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_max_pixels, default
+from distributed_anomaly.serve.settings import DEFAULT_REQUEST_TIMEOUT_S, AppConfig, resolve_api_key
 
 DESCRIPTION = (
     "Deploy IR folders written by `export` as a Ray Serve application: POST /predict (raw image "
@@ -64,19 +63,33 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="longest wait for a batch to fill, in milliseconds (default %(default)g; a lone request waits this "
         "long, a full batch does not wait)",
     )
+    _limit_options(p)
+    add_api_key(p, "require this key (header X-API-Key or Authorization: Bearer) on /predict and /metadata")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    """What the server refuses or bounds: body size, pixels, queue length, request time."""
     p.add_argument(
         "--max-body-mb",
         type=float,
         default=default(AppConfig, "max_body_bytes") / 2**20,
         help="larger request bodies get 413 (default %(default)g)",
     )
+    add_max_pixels(p)
     p.add_argument(
-        "--api-key",
-        help="require this key (header X-API-Key or Authorization: Bearer) on /predict "
-        "and /metadata (default: $DISTRIBUTED_ANOMALY_API_KEY; unset: no key)",
+        "--max-queued-requests",
+        type=int,
+        default=default(AppConfig, "max_queued_requests"),
+        help="requests waiting for a replica beyond which Serve answers 503 with Retry-After (default %(default)s)",
     )
-    p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (default: a local Ray)")
-    p.set_defaults(func=cmd_serve)
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="HTTP requests not answered by then get 408 (default %(default)g; applies when this command starts Serve)",
+    )
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -89,7 +102,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_batch_size=a.max_batch_size,
         batch_wait_timeout_s=a.batch_wait_ms / 1000.0,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
-        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=resolve_api_key(a.api_key, a.api_key_file),
+        max_pixels=a.max_pixels,
+        max_queued_requests=a.max_queued_requests,
     )
     cfg.validate()
-    return serve_forever(cfg, a.host, a.port, a.address)
+    return serve_forever(cfg, a.host, a.port, a.address, request_timeout_s=a.request_timeout_s)

@@ -20,12 +20,12 @@ from distributed_anomaly.errors import DatasetLayoutError
 
 
 def load_batch(records: Sequence[Record], image_size: int) -> torch.Tensor:
-    return to_tensor([read_image(r.path) for r in records], image_size)
+    return to_tensor([read_image(r.path, target_size=image_size) for r in records], image_size)
 
 
 def _prepare(path: str, image_size: int) -> torch.Tensor:
     """Decode, resize and normalise one image: the whole per-image cost, in a loader thread."""
-    return to_tensor(read_image(path), image_size)[0]
+    return to_tensor(read_image(path, target_size=image_size), image_size)[0]
 
 
 def iter_batches(

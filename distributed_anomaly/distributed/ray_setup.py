@@ -13,11 +13,13 @@ Token authentication (Ray >= 2.59 turns it on by default for local clusters):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from distributed_anomaly.data.limits import MAX_PIXELS_ENV
 from distributed_anomaly.errors import UserError
 
 LOCAL_ADDRESSES = (None, "", "local")
@@ -44,6 +46,21 @@ def _enable_token_mode_for_join() -> bool:
     except Exception:  # pragma: no cover - private API moved; the env var still reaches new processes
         pass
     return True
+
+
+def _max_pixels_runtime_env() -> dict | None:
+    """--max-pixels for a cluster's workers, which do not inherit this process's environment: a runtime_env
+    for ray.init. None when unset, or when a `ray job submit` runtime_env already sets it (Ray refuses to merge
+    two values of one variable)."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if not value:
+        return None
+    try:  # the submitted job's config, as Ray hands it to the driver
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = ((job.get("runtime_env") or {}).get("env_vars") or {}) if isinstance(job, dict) else {}
+    except ValueError:
+        job_vars = {}
+    return None if MAX_PIXELS_ENV in job_vars else {"env_vars": {MAX_PIXELS_ENV: value}}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
@@ -76,6 +93,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
             "num_cpus=%s ignored: joining the existing cluster at %s", num_cpus, address
         )
     token_mode = _enable_token_mode_for_join()
+    pass_on = _max_pixels_runtime_env()
+    if pass_on:
+        common["runtime_env"] = pass_on
     try:
         ray.init(address=address, **common)
     except ConnectionError as exc:

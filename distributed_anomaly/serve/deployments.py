@@ -8,8 +8,12 @@
   OpenVINO call. Models are loaded through Serve's model multiplexing (`@serve.multiplexed`), so with
   several replicas Serve routes a model's requests to replicas that already hold it, and a replica holds
   at most `max_models_per_replica` compiled models (LRU; 0 = all, all compiled when the replica starts).
+  An image that fails inside a batch fails only its own request (the batch is re-scored image by image), and
+  Serve's health check runs a tiny inference (`check_health`).
 * AnomalyIngress checks the API key and the body size, parses raw or multipart uploads, decodes the image
-  (off the event loop), answers bad input with a JSON 4xx itself, and forwards good images by handle.
+  (off the event loop; pixel limit from the header, documented formats only, large JPEGs at reduced scale),
+  answers bad input with a JSON 4xx itself (serve.http: with the request id, nothing internal), and forwards
+  good images and their own size by handle. Both deployments bound their queues (503 with Retry-After).
   It reserves no CPU (it waits on the model most of the time), so a replica of N CPUs fits an N-CPU node.
 
 The request and response rules are in `requests` and `responses` (Ray-free, unit-tested). Build the application with
@@ -27,37 +31,53 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distributed_anomaly import __version__
+from distributed_anomaly.data.images import to_tensor
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.postprocess import TASKS
+from distributed_anomaly.runner import predict_images
+from distributed_anomaly.serve.http import api, logger, request_id
+from distributed_anomaly.serve.openapi import PREDICT_BODY, PREDICT_RESPONSES
 from distributed_anomaly.serve.registry import ModelEntry, discover_models, local_ir
 from distributed_anomaly.serve.requests import (
     DEFAULT_TASK,
     HTTPError,
+    ScoringFailed,
+    ServerError,
+    Unavailable,
     accumulate,
     as_rgb,
     check_api_key,
     check_content_length,
-    decode_image,
+    decode_upload,
     model_from_request,
     parse_body,
     parse_task,
     resolve_model,
 )
 from distributed_anomaly.serve.responses import metadata_response, prediction_response
-from distributed_anomaly.serve.settings import API_KEY_ENV, AppConfig, threads_for_cpus
+from distributed_anomaly.serve.settings import (
+    API_KEY_ENV,
+    RETRY_AFTER_S,
+    AppConfig,
+    api_key_text,
+    threads_for_cpus,
+)
 
 APP_NAME = "distributed_anomaly"
 MODEL_DEPLOYMENT = "AnomalyModel"
 INGRESS_DEPLOYMENT = "AnomalyIngress"
 HEALTH_TIMEOUT_S = 10.0
+# Serve's replica health check: every 10 s (Serve's default) a tiny inference; 3 failures in a row and Serve
+# replaces the replica. The timeout leaves room for a full batch queued ahead of the probe on 1 CPU.
+HEALTH_CHECK = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0}
 
 # Ray Serve's own request-path settings, the replica half of its RAY_SERVE_THROUGHPUT_OPTIMIZED mode (direct
 # ingress left off: it would move the HTTP port): our code runs on the replica's event loop instead of a second
@@ -71,14 +91,6 @@ REPLICA_ENV = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
     "RAY_SERVE_LOG_TO_STDERR": "0",
 }
-
-
-class ServerError(HTTPError):
-    status = 500
-
-
-class Unavailable(HTTPError):
-    status = 503
 
 
 def _assigned_cpus() -> float | None:
@@ -101,9 +113,11 @@ class AnomalyModel:
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.05,
         max_models_per_replica: int = 0,
+        max_pixels: int | None = None,
     ) -> None:
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
+        self.max_pixels = max_pixels  # for encoded bytes sent through the handle (HTTP bodies: the ingress)
         self.num_cpus = _assigned_cpus()
         self.num_threads = threads_for_cpus(self.num_cpus)
         torch.set_num_threads(self.num_threads)  # to_tensor's resize and the map resize run in torch
@@ -131,30 +145,42 @@ class AnomalyModel:
         self._stats["compiled"].append(name)
         return inferencer
 
-    async def predict(self, image: Any, task: str = DEFAULT_TASK, model: str | None = None) -> dict[str, Any]:
+    async def predict(
+        self, image: Any, task: str = DEFAULT_TASK, model: str | None = None, size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
         """One image (RGB uint8 array or encoded bytes) -> the /predict JSON. The model is `model`, else the
-        handle's `multiplexed_model_id`, else the only one served."""
+        handle's `multiplexed_model_id`, else the only one served. `size` is the image's own (H, W) when the
+        array was decoded at reduced scale (the ingress does for large JPEGs); answers are in that size."""
         name = resolve_model(model or serve.get_multiplexed_model_id() or None, self.names)
         task = parse_task(task)
         if isinstance(image, (bytes, bytearray, memoryview)):
-            rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image)
+            rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image, self.max_pixels)
         else:
-            rgb = as_rgb(image)
-        return await self._predict_batch((name, rgb, task))
+            rgb = as_rgb(image, self.max_pixels)
+        shape = tuple(int(v) for v in size) if size is not None else rgb.shape[:2]
+        answer = await self._predict_batch((name, rgb, task, shape))
+        if isinstance(answer, BaseException):  # this image's own failure (see _score); the batch went on
+            raise answer
+        return answer
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _predict_batch(self, items: list[tuple[str, Any, str]]) -> list[dict[str, Any]]:
+    async def _predict_batch(self, items: list[tuple[str, Any, str, tuple]]) -> list[dict[str, Any] | HTTPError]:
         """Serve splits batches by multiplexed model id; grouping by name also covers handle calls that name
-        the model by argument instead."""
-        out: list[dict[str, Any] | None] = [None] * len(items)
+        the model by argument instead. A failure is returned in the place of the requests it concerns (a
+        model that cannot load: its group; an image that cannot be scored: that image) and raised by predict."""
+        out: list[dict[str, Any] | HTTPError | None] = [None] * len(items)
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, (name, _, _) in enumerate(items):
+        for i, (name, _, _, _) in enumerate(items):
             groups[name].append(i)
         loop = asyncio.get_running_loop()
         for name, idx in groups.items():
-            inferencer = await self._load(name)
             chunk = [items[i] for i in idx]
-            answers = await loop.run_in_executor(self._pool, self._score, inferencer, self.entries[name], chunk)
+            try:
+                inferencer = await self._load(name)
+                answers = await loop.run_in_executor(self._pool, self._score, inferencer, self.entries[name], chunk)
+            except Exception:
+                logger.exception("model %s could not score a batch of %d", name, len(chunk))
+                answers = [ScoringFailed(f"model {name} is unavailable on this replica")] * len(chunk)
             for i, answer in zip(idx, answers):
                 out[i] = answer
         self._stats["batches"] += 1
@@ -162,11 +188,33 @@ class AnomalyModel:
         self._stats["max_batch"] = max(self._stats["max_batch"], len(items))
         return out  # type: ignore[return-value]
 
+    def _score(self, inferencer, entry: ModelEntry, chunk: list[tuple[str, Any, str, tuple]]) -> list[dict | HTTPError]:
+        """One OpenVINO call for the chunk; if it fails, each image alone, so a bad one fails only itself."""
+        try:
+            return self._answers(inferencer, entry, chunk)
+        except Exception:
+            if len(chunk) == 1:
+                logger.exception("scoring one image failed (model %s)", entry.name)
+                return [ScoringFailed("scoring this image failed; the server log has the details")]
+        out: list[dict | HTTPError] = []
+        for item in chunk:
+            out += self._score(inferencer, entry, [item])
+        return out
+
     @staticmethod
-    def _score(inferencer, entry: ModelEntry, chunk: list[tuple[str, Any, str]]) -> list[dict[str, Any]]:
-        images = [img for _, img, _ in chunk]
-        preds = inferencer.predict(images)
-        return [prediction_response(p, task, entry, img.shape) for p, (_, img, task) in zip(preds, chunk)]
+    def _answers(inferencer, entry: ModelEntry, chunk: list[tuple[str, Any, str, tuple]]) -> list[dict[str, Any]]:
+        preds = predict_images(inferencer, [img for _, img, _, _ in chunk], [shape for *_, shape in chunk])
+        return [prediction_response(p, task, entry, shape) for p, (_, _, task, shape) in zip(preds, chunk)]
+
+    async def check_health(self) -> None:
+        """Serve's periodic replica check: a tiny inference (a black image) through a compiled model. Raising
+        marks the replica unhealthy; Serve replaces it."""
+        name = self._stats["compiled"][-1] if self._stats["compiled"] else self.names[0]
+        inferencer = await self._load(name)
+        probe = to_tensor(np.zeros((8, 8, 3), dtype=np.uint8), inferencer.image_size)
+        maps = await asyncio.get_running_loop().run_in_executor(self._pool, inferencer.raw_maps, probe)
+        if maps.shape[0] != 1 or not np.isfinite(maps).all():
+            raise RuntimeError(f"health check: model {name} gave no finite anomaly map")
 
     async def ping(self) -> str:
         return "ok"
@@ -183,82 +231,6 @@ class AnomalyModel:
         }
 
 
-api = FastAPI(
-    title="distributed_anomaly",
-    version=__version__,
-    description="Visual anomaly detection (PADIM / STFPM exported to OpenVINO) served by Ray Serve. "
-    "POST an image to /predict; /metadata lists the models, their thresholds and image sizes.",
-)
-
-_PREDICT_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The image: raw bytes (any Content-Type but multipart, e.g. image/png) or a "
-        "multipart/form-data upload with the image in the field `file` (optional text fields `task`, "
-        "`model`). PNG, JPEG, BMP, TIFF, WebP; any size and mode (grey, RGBA, 16-bit) is accepted and resized.",
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "task": {"type": "string", "enum": list(TASKS)},
-                        "model": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
-
-_ERROR_SCHEMA = {
-    "content": {
-        "application/json": {
-            "schema": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
-        }
-    }
-}
-_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "score (normalised: threshold at 0.5), raw_score, label (1 anomalous, 0 normal, null "
-        "without thresholds), label_name, threshold (raw), model, version, width, height; boxes "
-        "[[x1, y1, x2, y2, score]] (x2, y2 exclusive) for detection and segmentation; mask (base64 PNG, "
-        "255 = anomalous, image size) for segmentation"
-    },
-    400: {"description": "not an image, truncated, empty, bad task, or no model chosen", **_ERROR_SCHEMA},
-    401: {"description": "API key missing or wrong", **_ERROR_SCHEMA},
-    404: {"description": "unknown model name", **_ERROR_SCHEMA},
-    413: {"description": "body over the size limit", **_ERROR_SCHEMA},
-}
-
-
-def _error_response(exc: BaseException) -> JSONResponse:
-    """HTTPError (also when it comes back wrapped from the model replica) -> its JSON body and status."""
-    cause = getattr(exc, "cause", None)  # Ray wraps a replica's exception; the original is its cause
-    err = cause if isinstance(cause, HTTPError) else exc
-    status = getattr(err, "status", 500)
-    message = getattr(err, "message", None) or str(err)
-    return JSONResponse({"error": message, "status": status}, status_code=status)
-
-
-@api.exception_handler(HTTPError)
-async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
-    return _error_response(exc)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"error": str(exc.detail), "status": exc.status_code},
-        status_code=exc.status_code,
-        headers=getattr(exc, "headers", None),
-    )
-
-
 @serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class AnomalyIngress:
@@ -271,16 +243,19 @@ class AnomalyIngress:
         max_body_bytes: int,
         api_key: str | None = None,
         settings: dict | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.model = model
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
         self.max_body_bytes = int(max_body_bytes)
+        self.max_pixels = max_pixels
         # An explicit key wins; else the replica's environment (e.g. runtime_env env_vars in a deploy config).
-        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        self.api_key = api_key_text(api_key) or api_key_text(os.environ.get(API_KEY_ENV))
         self.settings = {
             **(settings or {}),
             "max_body_bytes": self.max_body_bytes,
+            "max_pixels": max_pixels,
             "api_key_required": self.api_key is not None,
         }
         self._handles: dict[str, DeploymentHandle] = {}
@@ -316,7 +291,7 @@ class AnomalyIngress:
         check_api_key(self.api_key, request.headers)
         return metadata_response(self.entries, self.settings)
 
-    @api.post("/predict", summary="score one image", openapi_extra=_PREDICT_BODY, responses=_PREDICT_RESPONSES)
+    @api.post("/predict", summary="score one image", openapi_extra=PREDICT_BODY, responses=PREDICT_RESPONSES)
     async def predict_http(
         self,
         request: Request,
@@ -334,21 +309,29 @@ class AnomalyIngress:
         task_name = parse_task(task or upload.fields.get("task"))
         requested = model_from_request(request.query_params, request.headers) or upload.fields.get("model")
         name = resolve_model(requested, self.names)
-        image = await asyncio.get_running_loop().run_in_executor(None, decode_image, upload.data)
+        size = self.entries[name].info.get("image_size")
+        image, shape = await asyncio.get_running_loop().run_in_executor(
+            None, decode_upload, upload.data, self.max_pixels, int(size) if size else None
+        )
         # Plain JSON types already (prediction_response): skip FastAPI's jsonable_encoder walk of the answer.
-        return JSONResponse(await self._forward(name, image, task_name))
+        return JSONResponse(await self._forward(name, image, task_name, shape, request_id(request)))
 
-    async def _forward(self, name: str, image: Any, task: str) -> dict[str, Any]:
+    async def _forward(self, name: str, image: Any, task: str, shape: tuple, rid: str) -> dict[str, Any]:
+        """Score through the model deployment. What comes back from Ray (actor ids, node addresses, stack
+        traces) goes to this replica's log under the request id; the client gets the status and the id."""
         try:
-            return await self._model_handle(name).predict.remote(image, task, name)
+            return await self._model_handle(name).predict.remote(image, task, name, shape)
         except Exception as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(exc, HTTPError) or isinstance(cause, HTTPError):
+            if isinstance(cause, HTTPError):
+                raise cause from None
+            if isinstance(exc, HTTPError):
                 raise
             kind = type(cause or exc).__name__
+            logger.error("request %s: model deployment call failed", rid, exc_info=exc)
             if "BackPressure" in kind or "Unavailable" in kind:
-                raise Unavailable(f"model deployment busy or unavailable ({kind}); retry") from None
-            raise ServerError(f"scoring failed: {kind}: {cause or exc}") from None
+                raise Unavailable(f"the model deployment is busy or unavailable (request id {rid}); retry") from None
+            raise ServerError(f"scoring failed (request id {rid}; the server log has the details)") from None
 
     async def predict(self, image: Any, task: str = DEFAULT_TASK, model: str | None = None) -> dict[str, Any]:
         """Python use through the application's handle: `serve.run(app).predict.remote(array, task, model)`.
@@ -356,7 +339,7 @@ class AnomalyIngress:
         `image` is an RGB uint8 array (grey/RGBA accepted) or encoded bytes; errors raise `requests.HTTPError`s.
         """
         name = resolve_model(model, self.names)
-        rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image)
+        rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image, self.max_pixels)
         return await self._model_handle(name).predict.remote(rgb, parse_task(task), name)
 
 
@@ -367,21 +350,25 @@ def build_app(config: AppConfig | Mapping[str, Any]):
     entries = discover_models(cfg.models)
     models = {name: e.to_dict() for name, e in entries.items()}
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}}
+    queue = {"max_queued_requests": cfg.max_queued_requests, "backpressure_config": {"retry_after_s": RETRY_AFTER_S}}
     model = AnomalyModel.options(
         num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": runtime_env},
         max_ongoing_requests=max(32, 4 * cfg.max_batch_size),
-    ).bind(models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica)
+        **queue,
+        **HEALTH_CHECK,
+    ).bind(models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica, cfg.max_pixels)
     settings = {
         "replicas": cfg.replicas,
         "cpus_per_replica": cfg.cpus_per_replica,
         "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "max_queued_requests": cfg.max_queued_requests,
         "version": __version__,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    ingress = AnomalyIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
-    return ingress.bind(model, models, cfg.max_body_bytes, cfg.api_key, settings)
+    ingress = AnomalyIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}, **queue)
+    return ingress.bind(model, models, cfg.max_body_bytes, cfg.api_key, settings, cfg.max_pixels)
 
 
 def app(args: dict[str, Any]):

@@ -11,15 +11,16 @@ import hmac
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from distributed_anomaly.data.images import read_image
-from distributed_anomaly.errors import ImageReadError, UserError
+from distributed_anomaly.data.images import load_image
+from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
+from distributed_anomaly.serve.settings import RETRY_AFTER_S
 
 API_KEY_HEADER = "x-api-key"
 MODEL_HEADER = "x-model"
@@ -56,6 +57,21 @@ class UnknownModel(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status = 413
+
+
+class ServerError(HTTPError):
+    status = 500
+
+
+class Unavailable(HTTPError):
+    status = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class ScoringFailed(HTTPError):
+    """One image of a batch could not be scored: only its own request fails (details in the replica log)."""
+
+    status = 500
 
 
 def parse_task(value: str | None) -> str:
@@ -211,19 +227,30 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[str | None, str
     return parts
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 (any mode or size, as `data.images.read_image`); 400 when undecodable."""
+def decode_upload(
+    data: bytes, max_pixels: int | None = None, target_size: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded image bytes -> (RGB uint8 pixels, the image's own (H, W)) through `data.images.load_image`: 413
+    when the header declares more than `max_pixels` (nothing decoded), 400 when undecodable or not one of the
+    documented formats. A large JPEG comes back decoded at reduced scale for the model's `target_size`."""
     if not data:
         raise BadRequest("empty image: zero bytes")
     try:
-        image = read_image(data)
+        image, shape = load_image(data, max_pixels=max_pixels, target_size=target_size)
+    except ImageTooLargeError as exc:
+        raise PayloadTooLarge(str(exc).replace("image <bytes> is ", "image is ", 1)) from None
     except ImageReadError as exc:
         raise BadRequest(f"not a decodable image ({len(data)} bytes): {_reason(exc)}") from None
     except Exception as exc:  # a decoder bug on hostile input must still be a 400, not a dead worker
-        raise BadRequest(f"not a decodable image ({len(data)} bytes): {type(exc).__name__}: {exc}") from None
+        raise BadRequest(f"not a decodable image ({len(data)} bytes): {type(exc).__name__}") from None
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise BadRequest(f"image has no pixels ({image.shape[1]} x {image.shape[0]})")
-    return image
+    return image, shape
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 at full size (any mode or size, as `data.images.read_image`)."""
+    return decode_upload(data, max_pixels)[0]
 
 
 def _reason(exc: Exception) -> str:
@@ -232,11 +259,11 @@ def _reason(exc: Exception) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
 
 
-def as_rgb(image: Any) -> np.ndarray:
+def as_rgb(image: Any, max_pixels: int | None = None) -> np.ndarray:
     """What the deployment handle accepts -> RGB uint8 (H, W, 3): encoded bytes, or a uint8 array that is
     (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA (alpha dropped)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image))
+        return decode_image(bytes(image), max_pixels)
     arr = np.asarray(image)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
@@ -246,6 +273,8 @@ def as_rgb(image: Any) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise BadRequest(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}")
+    if max_pixels is not None and arr.shape[0] * arr.shape[1] > max_pixels:
+        raise PayloadTooLarge(f"image is {arr.shape[1]} x {arr.shape[0]}, over the limit of {max_pixels} pixels")
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr[..., :3])

@@ -7,6 +7,7 @@ import io
 import math
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
@@ -56,9 +57,19 @@ def prediction_response(pred, task: str, entry: ModelEntry, image_shape: tuple[i
     return out
 
 
+def public_location(path: str) -> str:
+    """A model's path or URI as /metadata shows it: no user:password@ and no query string or fragment (where
+    storage credentials and endpoints travel, e.g. s3://bucket/ir?endpoint_override=...&access_key=...)."""
+    if "://" not in path:
+        return path
+    parts = urlsplit(path)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def metadata_response(entries: Mapping[str, ModelEntry], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The /metadata JSON: each model's description (its location without credentials) and the settings."""
     return {
-        "models": [e.describe() for e in entries.values()],
+        "models": [{**e.describe(), "path": public_location(e.path)} for e in entries.values()],
         "tasks": list(TASKS),
         "default_model": next(iter(entries)) if len(entries) == 1 else None,
         **settings,

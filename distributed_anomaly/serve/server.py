@@ -10,9 +10,11 @@ call started them (a shared cluster keeps its other applications).
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +22,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.serve.settings import AppConfig
+from distributed_anomaly.serve.settings import DEFAULT_REQUEST_TIMEOUT_S, AppConfig, is_local_host
 
 READY_TIMEOUT_S = 120.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+logger = logging.getLogger(__name__)
 
 
 def display_host(host: str) -> str:
@@ -117,11 +121,13 @@ def start_server(
     num_cpus: int | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
     proxy_location: str | None = None,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> RunningServer:
     """Deploy the application and return once it answers over HTTP (see the module docstring).
 
     proxy_location (when this call starts Serve): "EveryNode" (Serve's default: an HTTP proxy on every node),
     "HeadOnly" (one proxy; e.g. several nodes on one machine, which would all bind the same port).
+    request_timeout_s (when this call starts Serve): the proxies answer 408 to a request not done by then.
     """
     import ray
     from ray import serve
@@ -148,8 +154,9 @@ def start_server(
         if client is None:
             if local:  # on a cluster the proxies run on its nodes, not necessarily on this machine
                 check_port_free(host, port)
+            timeout = {"request_timeout_s": request_timeout_s} if request_timeout_s else {}
             serve.start(
-                http_options={"host": host, "port": port},
+                http_options={"host": host, "port": port, **timeout},
                 **({"proxy_location": proxy_location} if proxy_location else {}),
             )
             started_serve = True
@@ -165,43 +172,73 @@ def start_server(
         raise
 
 
-def serve_forever(config: AppConfig, host: str, port: int, address: str | None = None, out: TextIO = sys.stdout) -> int:
-    """`distributed-anomaly serve`: start, print the URL, block until Ctrl-C or SIGTERM, then stop cleanly."""
-    previous = signal.getsignal(signal.SIGTERM)
+def _banner(server: RunningServer, config: AppConfig, host: str, port: int) -> str:
+    if not server.started_serve:
+        where = (
+            " (Serve was already running on this cluster: its proxy serves this app; --host and --port do not apply)"
+        )
+    else:
+        where = f" (listening on {host}:{port})" if display_host(host) != host else ""
+    auth = "; requests need the API key" if config.api_key else ""
+    return (
+        f"serving {len(server.models)} model(s): {', '.join(server.models)}{auth}\n"
+        f"  URL      {server.url}{where}\n"
+        f"  predict  curl -s --data-binary @image.png '{server.url}/predict?task=segmentation"
+        f"{'&model=' + server.models[0] if len(server.models) > 1 else ''}'\n"
+        f"  docs     {server.url}/docs    health {server.url}/healthz    models {server.url}/metadata\n"
+        "Ctrl-C to stop"
+    )
 
-    def on_term(signum, frame):  # a service manager's stop is a Ctrl-C
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+def serve_forever(
+    config: AppConfig,
+    host: str,
+    port: int,
+    address: str | None = None,
+    out: TextIO = sys.stdout,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+) -> int:
+    """`distributed-anomaly serve`: start, print the URL, block until SIGINT (Ctrl-C) or SIGTERM (a service
+    manager's stop), then remove what was started and return 0.
+
+    The handlers are installed again once Serve runs: `ray.init` replaces SIGTERM's with one that exits with
+    status 15. During the teardown further signals are ignored, so a second Ctrl-C cannot leave it half done.
+    """
+    if not config.api_key and not is_local_host(host):
+        logger.warning(
+            f"listening on {host} without an API key: anyone who can reach this port can use the models "
+            "(set --api-key-file or $DISTRIBUTED_ANOMALY_API_KEY)"
+        )
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def on_signal(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt  # interrupts a start-up in progress; the wait below just returns
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
-        server = start_server(config, host, port, address)
         try:
-            if not server.started_serve:
-                where = (
-                    " (Serve was already running on this cluster: its proxy serves this app; --host and "
-                    "--port do not apply)"
-                )
-            else:
-                where = f" (listening on {host}:{port})" if display_host(host) != host else ""
-            auth = "; requests need the API key" if config.api_key else ""
-            print(
-                f"serving {len(server.models)} model(s): {', '.join(server.models)}{auth}\n"
-                f"  URL      {server.url}{where}\n"
-                f"  predict  curl -s --data-binary @image.png '{server.url}/predict?task=segmentation"
-                f"{'&model=' + server.models[0] if len(server.models) > 1 else ''}'\n"
-                f"  docs     {server.url}/docs    health {server.url}/healthz    models {server.url}/metadata\n"
-                "Ctrl-C to stop",
-                file=out,
-                flush=True,
-            )
-            while True:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+            server = start_server(config, host, port, address, request_timeout_s=request_timeout_s)
+        except (KeyboardInterrupt, SystemExit) as exc:  # stopped while starting: start_server cleaned up
+            if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+                raise
+            print("stopped before the server was up", file=out, flush=True)
+            return 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: stop.set())
+        try:
+            print(_banner(server, config, host, port), file=out, flush=True)
+            while not stop.wait(1.0):
+                pass
         finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
             print("stopping ...", file=out, flush=True)
             server.stop()
         print("stopped", file=out, flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

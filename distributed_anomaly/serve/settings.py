@@ -9,10 +9,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from distributed_anomaly.data.limits import DEFAULT_MAX_PIXELS, parse_max_pixels
 from distributed_anomaly.errors import UserError
 
 API_KEY_ENV = "DISTRIBUTED_ANOMALY_API_KEY"  # the endpoint's key, if not given as an argument
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # 20 MB: a 12-megapixel PNG fits, a stray video does not
+# Requests waiting for a replica, per caller (each proxy for the ingress, the ingress for the model), beyond
+# which Serve answers 503 with Retry-After at once instead of queueing without bound.
+DEFAULT_MAX_QUEUED_REQUESTS = 100
+RETRY_AFTER_S = 1  # the Retry-After of those 503s
+# Serve's HTTP request timeout (http_options.request_timeout_s: the proxy answers 408 after it); a cluster-wide
+# setting of the proxies, applied when this process starts Serve.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -29,6 +38,8 @@ class AppConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     api_key: str | None = None
     max_models_per_replica: int = 0  # 0: every served model stays compiled
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413, from their header, before decoding
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -49,15 +60,17 @@ class AppConfig:
             ("batch_wait_timeout_s", float),
             ("max_body_bytes", int),
             ("max_models_per_replica", int),
+            ("max_queued_requests", int),
+            ("max_pixels", parse_max_pixels),
         ):
             if args.get(name) is not None:
                 try:
                     setattr(cfg, name, kind(args[name]))
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, UserError):
                     raise UserError(f"application argument {name}={args[name]!r} is not a number") from None
         if args.get("max_body_mb") is not None:
             cfg.max_body_bytes = int(float(args["max_body_mb"]) * 1024 * 1024)
-        cfg.api_key = args.get("api_key") or None
+        cfg.api_key = api_key_text(args.get("api_key"))
         cfg.validate()
         return cfg
 
@@ -69,6 +82,8 @@ class AppConfig:
             (self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s must be >= 0"),
             (self.max_body_bytes >= 1, "max_body_bytes must be >= 1"),
             (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"),
+            (self.max_pixels >= 1, "max_pixels must be >= 1"),
+            (self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests must be >= 1"),
         )
         for ok, message in checks:
             if not ok:
@@ -80,3 +95,37 @@ def threads_for_cpus(cpus: float | None) -> int:
     if cpus is None or not math.isfinite(cpus):
         return 1
     return max(1, int(cpus))
+
+
+def api_key_text(value: Any) -> str | None:
+    """A key as configured -> str or None: YAML reads `api_key: 12345` as a number, which must still work."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def read_api_key_file(path: str | os.PathLike) -> str:
+    """The key from a file (its first line, stripped), so it need not appear on a command line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = api_key_text(f.readline())
+    except OSError as exc:
+        raise UserError(f"cannot read the API key file {os.fspath(path)}: {exc.strerror or exc}") from None
+    if key is None:
+        raise UserError(f"the API key file {os.fspath(path)} is empty")
+    return key
+
+
+def resolve_api_key(key: str | None, key_file: str | None) -> str | None:
+    """--api-key, else --api-key-file, else $DISTRIBUTED_ANOMALY_API_KEY, else None (no key)."""
+    if key and key_file:
+        raise UserError("give --api-key or --api-key-file, not both")
+    if key_file:
+        return read_api_key_file(key_file)
+    return api_key_text(key) or api_key_text(os.environ.get(API_KEY_ENV))
+
+
+def is_local_host(host: str) -> bool:
+    """Whether HTTP on `host` is reachable from this machine only."""
+    return host in LOCAL_HOSTS or host.startswith("127.")
