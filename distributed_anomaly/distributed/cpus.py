@@ -34,6 +34,12 @@ def cpus_needed(model: str, workers: int, cpus_per_worker: float = 1.0) -> float
     return workers * cpus_per_worker + stfpm_decode_tasks(workers) * STFPM_DECODE_CPUS
 
 
+def serve_ray_cpus(replicas: int, cpus_per_replica: float) -> int:
+    """Logical CPUs for a local Ray that only serves: the machine's cores, or the replicas' reservation when
+    it is larger (the ingress reserves none), so `serve --replicas 4` on 2 cores starts instead of refusing."""
+    return max(os.cpu_count() or 1, math.ceil(replicas * cpus_per_replica))
+
+
 def local_ray_cpus(model: str, workers: int) -> int:
     """Logical CPUs for a local Ray that runs one fit: the machine's cores, or more when the fit needs more.
 
