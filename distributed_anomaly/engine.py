@@ -15,9 +15,9 @@ import torch
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.frozen import FrozenPatches, patch_runtime, torch_beside
+from distributed_anomaly.frozen import FrozenPatches, OpenVinoTeacher, patch_runtime, teacher_runtime, torch_beside
 from distributed_anomaly.models.padim import Padim
-from distributed_anomaly.models.stfpm import Stfpm
+from distributed_anomaly.models.stfpm import Stfpm, anomaly_map
 from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
 
 
@@ -97,6 +97,10 @@ def anomaly_maps(
 def _map_stream(
     model: torch.nn.Module, batches: Iterator[torch.Tensor], runtime: str, precision: str
 ) -> Iterator[torch.Tensor]:
+    if isinstance(model, Stfpm) and runtime != "torch":
+        teacher = teacher_runtime(model, runtime)
+        yield from (anomaly_map(*model.features(x, teacher(x)), tuple(x.shape[-2:])) for x in batches)
+        return
     if not isinstance(model, Padim) or runtime == "torch":
         yield from (model(x) for x in batches)
         return
@@ -175,13 +179,13 @@ def stfpm_epoch(
     return total / max(n, 1), n
 
 
-def stfpm_val_loss(model: Stfpm, batches) -> tuple[float, int]:
+def stfpm_val_loss(model: Stfpm, batches, teacher: OpenVinoTeacher | None = None) -> tuple[float, int]:
     """(mean loss per image, images seen) on held-out normal images (no anomalies needed for model selection)."""
     model.eval()
     total, n = 0.0, 0
     with torch.inference_mode():
         for x in batches:
-            total += float(model.loss(x))
+            total += float(model.loss(x, teacher(x) if teacher else None))
             n += x.shape[0]
     return total / max(n, 1), n
 
@@ -253,12 +257,16 @@ def train_stfpm(
     patience: int,
     seed: int = 0,
     progress: bool = True,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> StfpmResult:
     """Train the student in-process; keep the weights of the epoch with the lowest validation loss.
 
-    Without validation images, the last epoch's weights are kept and training runs all `epochs`.
+    Without validation images, the last epoch's weights are kept and training runs all `epochs`. The frozen
+    teacher runs on `runtime` (frozen.RUNTIMES), the student in torch.
     """
     optimizer = make_optimizer(model, lr, momentum, weight_decay)
+    teacher = teacher_runtime(model, runtime)
+    loss_fn = (lambda x: model.loss(x, teacher(x))) if teacher else None
     stopper = EarlyStopping(patience)
     result = StfpmResult()
     best_state = None
@@ -267,10 +275,9 @@ def train_stfpm(
         start = time.perf_counter()
         order = [train[i] for i in rng.permutation(len(train))]
         batches = (x for _, x in iter_batches(order, model.image_size, batch_size))
-        train_loss, n = stfpm_epoch(model, batches, optimizer)
-        val_loss = (
-            stfpm_val_loss(model, (x for _, x in iter_batches(val, model.image_size, batch_size)))[0] if val else None
-        )
+        train_loss, n = stfpm_epoch(model, batches, optimizer, loss_fn)
+        val_batches = (x for _, x in iter_batches(val, model.image_size, batch_size))
+        val_loss = stfpm_val_loss(model, val_batches, teacher)[0] if val else None
         seconds = time.perf_counter() - start
         result.history.append(EpochResult(epoch, train_loss, val_loss, n / seconds, seconds))
         if val_loss is not None and stopper.step(epoch, val_loss):

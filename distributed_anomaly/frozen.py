@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from distributed_anomaly.config import RUNTIMES
+from distributed_anomaly.models.backbones import FeatureExtractor
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.stfpm import Stfpm
 
 FROZEN_PRECISIONS = ("f32", "bf16")
 CACHE_ENV = "DISTRIBUTED_ANOMALY_CACHE"
@@ -56,8 +58,13 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def extractor_key(model: Padim) -> str:
-    ext = model.extractor
+def frozen_extractor(model: Padim | Stfpm) -> FeatureExtractor:
+    """The network that never trains: PADIM's backbone, STFPM's teacher."""
+    return model.extractor if isinstance(model, Padim) else model.teacher
+
+
+def extractor_key(model: Padim | Stfpm) -> str:
+    ext = frozen_extractor(model)
     spec = {
         "backbone": ext.backbone,
         "layers": list(ext.layers),
@@ -79,7 +86,7 @@ class _Taps(torch.nn.Module):
         return tuple(feats[name] for name in self.extractor.layers)
 
 
-def _convert_taps(model: Padim, xml: Path) -> None:
+def _convert_taps(model: Padim | Stfpm, xml: Path) -> None:
     """Trace the torch extractor, convert it with OpenVINO and save it (fp32 weights) at `xml`."""
     import warnings
 
@@ -89,12 +96,12 @@ def _convert_taps(model: Padim, xml: Path) -> None:
     example = torch.zeros(2, 3, h, w)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation notices; the graph is checked by parity tests
-        traced = torch.jit.trace(_Taps(model.extractor).eval(), example, check_trace=False)
+        traced = torch.jit.trace(_Taps(frozen_extractor(model)).eval(), example, check_trace=False)
         ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, 3, h, w])])
     ov.save_model(ov_model, xml, compress_to_fp16=False)
 
 
-def taps_model_path(model: Padim) -> Path:
+def taps_model_path(model: Padim | Stfpm) -> Path:
     """The cached taps-only IR for this model's extractor, converting it first if absent (atomic per entry)."""
     entry = cache_dir() / extractor_key(model)
     if (entry / _COMPLETE).is_file():
@@ -103,7 +110,7 @@ def taps_model_path(model: Padim) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         _convert_taps(model, tmp / "taps.xml")
-        (tmp / _COMPLETE).write_text(json.dumps({"backbone": model.extractor.backbone}))
+        (tmp / _COMPLETE).write_text(json.dumps({"backbone": frozen_extractor(model).backbone}))
         try:
             os.replace(tmp, entry)
         except OSError:  # another process finished the same entry first (or a stale one is in the way)
@@ -259,6 +266,41 @@ class OpenVinoPatches:
 
 
 FrozenPatches = TorchPatches | OpenVinoPatches
+
+
+class OpenVinoTeacher:
+    """STFPM's teacher as the cached taps IR: images -> {tap: features}, as `Stfpm.teacher` returns them.
+
+    Synchronous (the student's step needs this batch's features); OpenVINO uses `threads` threads (default
+    torch's), at `precision` (f32 by default)."""
+
+    def __init__(self, model: Stfpm, threads: int | None = None, precision: str = "f32") -> None:
+        import openvino as ov
+
+        if precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": max(1, int(threads or torch.get_num_threads())),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.layers = list(model.teacher.layers)
+        self._request = ov.Core().compile_model(taps_model_path(model), "CPU", config).create_infer_request()
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._request.infer({0: np.ascontiguousarray(images.detach().numpy())})
+        return {
+            name: torch.from_numpy(self._request.get_output_tensor(i).data.copy()) for i, name in enumerate(self.layers)
+        }
+
+
+def teacher_runtime(model: Stfpm, runtime: str = "openvino", threads: int | None = None) -> OpenVinoTeacher | None:
+    """STFPM's teacher on `runtime`: an OpenVinoTeacher, or None for torch (the model's own teacher)."""
+    if runtime == "torch":
+        return None
+    if runtime == "openvino":
+        return OpenVinoTeacher(model, threads)
+    raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
 
 
 @contextlib.contextmanager

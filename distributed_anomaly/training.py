@@ -212,6 +212,7 @@ def _fit_stfpm(
             patience=tcfg.patience,
             seed=cfg.seed,
             progress=progress,
+            runtime=run.runtime,
         )
         info = {
             "best_epoch": result.best_epoch,

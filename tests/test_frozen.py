@@ -154,3 +154,30 @@ def test_streamed_scoring_keeps_record_order(demo_category: Path) -> None:
     one_by_one = np.concatenate([engine.anomaly_maps(model, [r], 64, 1, False, runtime="torch") for r in test])
     assert np.ptp(one_by_one) > 0
     assert np.abs(by_stream - one_by_one).max() <= 1e-3 * np.ptp(one_by_one)
+
+
+def test_openvino_teacher_equals_the_torch_teacher_and_trains_alike(demo_category: Path) -> None:
+    """STFPM's teacher on OpenVINO: the same features, so one epoch of training gives the same losses."""
+    from distributed_anomaly.models.stfpm import Stfpm
+
+    def model() -> Stfpm:
+        return Stfpm("resnet18", ["layer1", "layer2"], image_size=64, pretrained=False, seed=5)
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ref = model()
+    with torch.no_grad():
+        expected = ref.teacher(images)
+    got = frozen.OpenVinoTeacher(ref)(images)
+    assert list(got) == list(expected)
+    assert all(_rel(got[k], expected[k]) < 1e-4 for k in expected)
+    assert frozen.teacher_runtime(ref, "torch") is None
+    records = records_of_split(load_category(demo_category), "train")[:12]
+    losses = {}
+    for runtime in ("torch", "openvino"):
+        m = model()
+        result = engine.train_stfpm(
+            m, records[:8], records[8:], epochs=1, batch_size=4, lr=0.4, momentum=0.9, weight_decay=1e-4,
+            patience=3, progress=False, runtime=runtime,
+        )  # fmt: skip
+        losses[runtime] = (result.history[0].train_loss, result.history[0].val_loss)
+    assert losses["openvino"] == pytest.approx(losses["torch"], rel=1e-3)

@@ -70,13 +70,17 @@ class Stfpm(nn.Module):
         self.teacher.eval()
         return self
 
-    def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            teacher_feats = self.teacher(images)
+    def features(
+        self, images: torch.Tensor, teacher_feats: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(teacher, student) features; `teacher_feats` when the teacher ran elsewhere (frozen.OpenVinoTeacher)."""
+        if teacher_feats is None:
+            with torch.no_grad():
+                teacher_feats = self.teacher(images)
         return teacher_feats, self.student(images)
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        return stfpm_loss(*self.features(images))
+    def loss(self, images: torch.Tensor, teacher_feats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return stfpm_loss(*self.features(images, teacher_feats))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> anomaly maps (B, 1, S, S)."""
