@@ -67,7 +67,7 @@ def whitening_blocks(inv_cov: torch.Tensor, blocks: int = HEAD_BLOCKS) -> list[t
         upper = torch.linalg.cholesky(inv_cov.double(), upper=True).to(inv_cov.dtype)
     except torch.linalg.LinAlgError:
         return []
-    c = inv_cov.shape[-1]
+    c = int(inv_cov.shape[-1])
     bounds = sorted({round(i * c / blocks) for i in range(blocks + 1)})
     return [(a, upper[:, a:b, a:].transpose(1, 2).contiguous()) for a, b in itertools.pairwise(bounds)]
 
@@ -123,6 +123,7 @@ class Padim(nn.Module):
         n_pos = self.grid[0] * self.grid[1]
         self.register_buffer("mean", torch.zeros(n_pos, self.n_features))
         self.register_buffer("inv_cov", torch.zeros(n_pos, self.n_features, self.n_features))
+        self.register_load_state_dict_post_hook(Padim._refresh_head)
 
     @property
     def n_positions(self) -> int:
@@ -143,13 +144,22 @@ class Padim(nn.Module):
             raise ValueError(f"statistics of shape {tuple(mean.shape)} do not fit this model {tuple(self.mean.shape)}")
         self.mean.copy_(mean)
         self.inv_cov.copy_(inv_cov)
+        self._refresh_head()
 
     def head_blocks(self) -> list[tuple[int, torch.Tensor]]:
-        """whitening_blocks of the current inv_cov, recomputed only when inv_cov changes (fit, load)."""
-        key = (self.inv_cov._version, self.inv_cov.data_ptr())
-        if getattr(self, "_head_key", None) != key:
-            self._head, self._head_key = whitening_blocks(self.inv_cov), key
+        """whitening_blocks of the current inv_cov. Computed when inv_cov is set (set_gaussian, load_state_dict),
+        so a traced forward (the export) sees them as constants and never traces the Cholesky factorisation;
+        recomputed here only if inv_cov was changed some other way."""
+        if getattr(self, "_head_key", None) != self._inv_cov_key():
+            self._refresh_head()
         return self._head
+
+    def _inv_cov_key(self) -> tuple[int, int]:
+        return self.inv_cov._version, self.inv_cov.data_ptr()
+
+    def _refresh_head(self, *_args) -> None:
+        with torch.no_grad():
+            self._head, self._head_key = whitening_blocks(self.inv_cov), self._inv_cov_key()
 
     def score_deviations(self, dev: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Deviations from the means (B, P, C) -> anomaly maps (B, 1, H, W) at `size` (H, W)."""
