@@ -14,6 +14,7 @@ import torch
 
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm
 from distributed_anomaly.stats import GaussianStats, accumulation_dtype
@@ -44,13 +45,13 @@ def fit_padim(model: Padim, records: Sequence[Record], batch_size: int = 32, pro
 def anomaly_maps(
     model: torch.nn.Module,
     records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int = 32,
     progress: bool = True,
     what: str = "score",
 ) -> np.ndarray:
-    """(N, S, S) float32 raw anomaly maps, in record order."""
-    out = np.empty((len(records), image_size, image_size), dtype=np.float32)
+    """(N, H, W) float32 raw anomaly maps, in record order."""
+    out = np.empty((len(records), *as_hw(image_size)), dtype=np.float32)
     bar = Progress(len(records), what, progress)
     model.eval()
     i = 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -82,35 +83,35 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr > 0
 
 
-def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """RGB uint8 image(s) -> (B, 3, S, S) float32, resized (bilinear, antialiased) and ImageNet-normalised.
+def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: ImageSize) -> torch.Tensor:
+    """RGB uint8 image(s) -> (B, 3, H, W) float32, resized (bilinear, antialiased) and ImageNet-normalised.
 
-    Resizing to S x S with no crop follows anomalib's default, so results compare like for like.
+    Resizing to H x W with no crop follows anomalib's default, so results compare like for like.
     """
+    hw = as_hw(image_size)
     batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
-    out = torch.empty((len(batch), 3, image_size, image_size), dtype=torch.float32)
+    out = torch.empty((len(batch), 3, *hw), dtype=torch.float32)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i, img in enumerate(batch):
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-        if t.shape[1:] != (image_size, image_size):
-            t = F.interpolate(
-                t[None], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
-            )[0]
+        if t.shape[1:] != hw:
+            t = F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
         out[i] = (t - mean) / std
     return out
 
 
-def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a bool mask to S x S with nearest neighbour, so pixel metrics compare at model resolution."""
-    if mask.shape == (image_size, image_size):
+def resize_mask(mask: np.ndarray, image_size: ImageSize) -> np.ndarray:
+    """Resize a bool mask to H x W with nearest neighbour, so pixel metrics compare at model resolution."""
+    hw = as_hw(image_size)
+    if mask.shape == hw:
         return mask
     t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-    return F.interpolate(t, size=(image_size, image_size), mode="nearest")[0, 0].numpy() > 0.5
+    return F.interpolate(t, size=hw, mode="nearest")[0, 0].numpy() > 0.5
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """A batch of paths -> normalised (B, 3, S, S) float32 pixels, one row each: a file that cannot be read
+def decode_batch(batch: dict[str, np.ndarray], image_size: ImageSize) -> dict[str, np.ndarray]:
+    """A batch of paths -> normalised (B, 3, H, W) float32 pixels, one row each: a file that cannot be read
     becomes an error row (ok False, its message in error) instead of failing the batch. The decode step of the
     Ray Data pipelines (distributed/), kept here, away from torchvision and Ray, so their decode workers start fast."""
     paths = [str(p) for p in batch["path"]]
@@ -125,7 +126,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
             errors[i] = str(exc)
         except Exception as exc:  # e.g. PIL's DecompressionBombError: still one bad file, named
             errors[i] = f"cannot decode image {path}: {type(exc).__name__}: {exc}"
-    pixels = np.zeros((len(paths), 3, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((len(paths), 3, *as_hw(image_size)), dtype=np.float32)
     if images:
         pixels[ok] = to_tensor(images, image_size).numpy()
     return {

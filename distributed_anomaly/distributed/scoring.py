@@ -16,6 +16,7 @@ import torch
 
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload
 from distributed_anomaly.distributed.pool import (
     check_pool_args,
@@ -48,7 +49,7 @@ class ModelScorer:
 def anomaly_maps_ray(
     model: torch.nn.Module,
     records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int = 32,
     workers: int = 1,
     progress: bool = True,
@@ -57,7 +58,7 @@ def anomaly_maps_ray(
     threads_per_worker: int | None = None,
 ) -> np.ndarray:
     """(N, S, S) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps)."""
-    out = np.empty((len(records), image_size, image_size), dtype=np.float32)
+    out = np.empty((len(records), *as_hw(image_size)), dtype=np.float32)
     if not records:
         return out
     require_ray()
