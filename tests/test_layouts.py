@@ -270,3 +270,18 @@ def test_non_square_models_give_h_by_w_maps() -> None:
     assert Stfpm("resnet18", ("layer1", "layer2"), (64, 96), pretrained=False)(x).shape == (3, 1, 64, 96)
     with pytest.raises(UserError, match="image size 64x100: each side must be a multiple of 8"):
         Padim("resnet18", ("layer1", "layer2"), 16, (64, 100), pretrained=False)
+
+
+def test_a_search_reads_and_compares_its_layout(tmp_path: Path) -> None:
+    """tune's data split uses the request's layout; a pipeline rerun compares layouts like for like."""
+    from distributed_anomaly.pipeline import _same_search
+    from distributed_anomaly.tuning.split import prepare_data
+
+    root = _folder(tmp_path / "line", n_good=20)
+    req = TuneRequest(str(root), "s.yaml", "x", 2, objective="val_auroc", data_layout=DataLayout("folder"))
+    data = prepare_data(req)
+    assert len(data.test) == 4 + 4 and {r.defect for r in data.search_part + data.heldout} >= {"bad", "scratch"}
+    stored = {**req.to_dict(), "data_layout": DataLayout("folder").to_dict()}
+    assert _same_search(stored, TuneRequest(str(root), "s.yaml", "x", 2, objective="val_auroc").to_dict()) == []
+    other = TuneRequest(str(root), "s.yaml", "x", 2, objective="val_auroc", data_layout=DataLayout(holdout=0.3))
+    assert _same_search(stored, other.to_dict()) == ["data layout"]

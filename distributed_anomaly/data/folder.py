@@ -30,6 +30,7 @@ def _resolve(root: Path, name: str) -> Path:
 
 
 def _abnormal_dirs(root: Path, layout: DataLayout, normal_dir: Path, mask_dir: Path | None) -> list[Path]:
+    """The defect folders: those given, or every visible sub-folder but the normal and mask folders."""
     if layout.abnormal_dirs:
         dirs = [_resolve(root, d) for d in layout.abnormal_dirs]
     else:
