@@ -285,3 +285,21 @@ def test_a_search_reads_and_compares_its_layout(tmp_path: Path) -> None:
     assert _same_search(stored, TuneRequest(str(root), "s.yaml", "x", 2, objective="val_auroc").to_dict()) == []
     other = TuneRequest(str(root), "s.yaml", "x", 2, objective="val_auroc", data_layout=DataLayout(holdout=0.3))
     assert _same_search(stored, other.to_dict()) == ["data layout"]
+
+
+def test_a_search_space_may_choose_non_square_sizes() -> None:
+    from distributed_anomaly.tuning.space import SpaceError, preview, trial_configs
+    from distributed_anomaly.tuning.space_file import parse_space
+
+    space = parse_space("fixed: {model: padim, backbone: resnet18}\ndimensions: {image_size: {choice: [64, 64x128]}}")
+    assert space.dimensions[0].choices == (64, "64x128")
+    sizes = {trial_configs(c, pretrained=False)[0].image_size for c in preview(space, 6)}
+    assert sizes <= {64, (64, 128)} and (64, 128) in sizes
+    assert space.fix(["image_size=64X128"]).dimensions[0].value == "64x128"
+    with pytest.raises(SpaceError, match="64x96 is not among the choices"):
+        space.fix(["image_size=64x96"])
+    ranged = parse_space("fixed: {model: padim}\ndimensions: {image_size: {int: [64, 256]}}")
+    with pytest.raises(SpaceError, match="64x128 is outside the range"):
+        ranged.fix(["image_size=64x128"])
+    with pytest.raises(SpaceError, match="between 32 and 2048"):
+        ranged.fix(["image_size=16x128"])
