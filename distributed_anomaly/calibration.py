@@ -14,14 +14,15 @@ from distributed_anomaly import engine
 from distributed_anomaly.config import DEFAULT_RUNTIME, ModelConfig, TrainConfig
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.evaluation import compute_metrics
 from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, no_threshold_postprocessor
 
-Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N, S, S) raw maps
+Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N, H, W) raw maps
 
 
 def in_process_scorer(
-    model, image_size: int, batch_size: int, progress: bool, runtime: str = DEFAULT_RUNTIME
+    model, image_size: ImageSize, batch_size: int, progress: bool, runtime: str = DEFAULT_RUNTIME
 ) -> Scorer:
     return lambda records, what: engine.anomaly_maps(
         model, records, image_size, batch_size, progress, what, runtime=runtime

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from distributed_anomaly.data.sizes import ImageSize, check_size
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.specs import (
     DEFAULT_BACKBONE,
@@ -33,7 +34,7 @@ class ModelConfig:
     backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ()
     n_features: int | None = None  # PADIM only; None -> the backbone's paper default
-    image_size: int = 256
+    image_size: ImageSize = 256  # S (S x S) or (H, W); stored as an int when square (data.sizes)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -41,8 +42,7 @@ class ModelConfig:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
         spec = get_spec(self.backbone)
         object.__setattr__(self, "layers", validate_layers(spec, self.layers or spec.default_layers))
-        if not 32 <= self.image_size <= 2048:
-            raise UserError(f"image size must be between 32 and 2048, got {self.image_size}")
+        object.__setattr__(self, "image_size", check_size(self.image_size))
         if self.model == "stfpm" and self.n_features is not None:
             raise UserError("--n-features applies to PADIM only")
         n_total = sum(spec.taps[layer][0] for layer in self.layers)

@@ -15,6 +15,7 @@ import torch
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.frozen import FrozenPatches, OpenVinoTeacher, patch_runtime, teacher_runtime, torch_beside
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map
@@ -71,16 +72,16 @@ def fit_padim(
 def anomaly_maps(
     model: torch.nn.Module,
     records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int = 32,
     progress: bool = True,
     what: str = "score",
     runtime: str = DEFAULT_RUNTIME,
     precision: str = "f32",
 ) -> np.ndarray:
-    """(N, S, S) float32 raw anomaly maps, in record order. PADIM's frozen network runs on `runtime`
+    """(N, H, W) float32 raw anomaly maps, in record order. PADIM's frozen network runs on `runtime`
     (frozen.RUNTIMES) and its head in torch; other models run in torch."""
-    out = np.empty((len(records), image_size, image_size), dtype=np.float32)
+    out = np.empty((len(records), *as_hw(image_size)), dtype=np.float32)
     bar = Progress(len(records), what, progress)
     model.eval()
     batches = (x for _, x in iter_batches(records, image_size, batch_size))

@@ -12,10 +12,10 @@ IR_DIR layout (every file written into a temp folder next to IR_DIR, then rename
 
 Model I/O (the contract of every precision):
 
-    input  "image"        float32 [-1, 3, S, S], layout NCHW, dynamic batch: RGB scaled to [0, 1], resized to
-                          S x S and ImageNet-normalised ((x - mean) / std), exactly what `data.images.to_tensor`
+    input  "image"        float32 [-1, 3, H, W], layout NCHW, dynamic batch: RGB scaled to [0, 1], resized to
+                          H x W and ImageNet-normalised ((x - mean) / std), exactly what `data.images.to_tensor`
                           produces;
-    output "anomaly_map"  float32 [-1, 1, S, S]: the raw (un-normalised) anomaly map. The image score is its
+    output "anomaly_map"  float32 [-1, 1, H, W]: the raw (un-normalised) anomaly map. The image score is its
                           maximum; thresholds and normalisation are applied outside the network by
                           `postprocess.PostProcessor`, identical for torch and OpenVINO.
 
@@ -33,9 +33,9 @@ Precisions and tolerances (shares of the range of the torch maps over a test set
 OpenVINO Model API (`openvino-model-api`, `model_api.models.AnomalyDetection`) reads the IR's runtime info
 under `model_info`: model_type, task, labels, image_threshold, pixel_threshold, normalization_scale (and
 min/max for older releases), mean_values, scale_values, reverse_input_channels, resize_type. With these it
-embeds its own preprocessing (uint8 BGR HWC image -> resize to S x S -> RGB -> (x - 255 mean) / (255 std)),
+embeds its own preprocessing (uint8 BGR HWC image -> resize to H x W -> RGB -> (x - 255 mean) / (255 std)),
 which gives the same input tensor as ours up to the resize filter (ours is antialiased bilinear, Model API's
-is plain bilinear: identical when the image is already S x S). Its normalisation
+is plain bilinear: identical when the image is already H x W). Its normalisation
 clip((x - threshold) / normalization_scale + 0.5, 0, 1) with normalization_scale = norm_max - norm_min is
 ours. Documented differences: Model API labels an image anomalous when score > threshold (ours >=), reports
 1 - normalised score for images it labels normal, and its mask is simply map >= pixel_threshold (no small-region
@@ -68,6 +68,8 @@ import torch
 from distributed_anomaly import __version__, rundir
 from distributed_anomaly import export_int8 as int8
 from distributed_anomaly.data.images import IMAGENET_MEAN, IMAGENET_STD
+from distributed_anomaly.data.layout import DataLayout
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.irformat import (
@@ -91,19 +93,19 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
-def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
+def model_api_info(post, image_size: ImageSize, task: str) -> dict[str, str]:
     """The `model_info` runtime-info entries OpenVINO Model API's AnomalyDetection wrapper reads."""
     info = {
         "model_type": "AnomalyDetection",
         "task": task,
         "labels": " ".join(MODEL_API_LABELS),
-        "image_shape": f"{image_size} {image_size}",
+        "image_shape": " ".join(map(str, as_hw(image_size))),  # height width, as anomalib writes it
         # Model API feeds uint8 BGR HWC: reverse to RGB, then (x - 255 mean) / (255 std) == ImageNet normalisation
         # of x / 255, i.e. data.images.to_tensor.
         "mean_values": " ".join(_num(255.0 * m) for m in IMAGENET_MEAN),
         "scale_values": " ".join(_num(255.0 * s) for s in IMAGENET_STD),
         "reverse_input_channels": "True",
-        "resize_type": "standard",  # plain S x S resize, no crop or letterbox (as ours)
+        "resize_type": "standard",  # plain H x W resize, no crop or letterbox (as ours)
         "normalization_scale": _num(post._scale),
         "min": _num(post.norm_min),  # pre-0.3 Model API releases normalise with (max - min)
         "max": _num(post.norm_max),
@@ -115,18 +117,17 @@ def model_api_info(post, image_size: int, task: str) -> dict[str, str]:
     return info
 
 
-def convert(module, image_size: int):
-    """torch module -> openvino.Model with input `image` [-1, 3, S, S] and output `anomaly_map` [-1, 1, S, S]."""
+def convert(module, image_size: ImageSize):
+    """torch module -> openvino.Model with input `image` [-1, 3, H, W] and output `anomaly_map` [-1, 1, H, W]."""
     import openvino as ov
 
-    example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a batch-1 example may get specialised
+    height, width = as_hw(image_size)
+    example = torch.zeros(2, 3, height, width)  # batch 2: a batch-1 example may get specialised
     module = module.eval()
     with torch.no_grad(), _quiet_tracer():
         # Tracing ourselves (without the re-run check) halves conversion time; the graph is the same.
         traced = torch.jit.trace(module, example, check_trace=False)
-        ov_model = ov.convert_model(
-            traced, example_input=example, input=[ov.PartialShape([-1, 3, image_size, image_size])]
-        )
+        ov_model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, 3, height, width])])
     if len(ov_model.inputs) != 1 or len(ov_model.outputs) != 1:
         raise RuntimeError(f"expected one input and one output, got {len(ov_model.inputs)} and {len(ov_model.outputs)}")
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
@@ -154,11 +155,13 @@ def export_run(
     *,
     task: str = "segmentation",
     data: str | os.PathLike | None = None,
+    layout: DataLayout | None = None,
 ) -> Path:
     """Export RUN_DIR to an OpenVINO IR folder IR_DIR (see the module docstring); returns IR_DIR.
 
     `calibration_images` (int8 only): how many of the run's normal training images NNCF calibrates on;
-    `data` overrides the dataset path recorded in the run's config.json. `task` is recorded for Model API.
+    `data` (read as `layout`, default detected) overrides the dataset recorded in the run's config.json. `task`
+    is recorded for Model API.
     IR_DIR is replaced atomically if it is an earlier export; any other non-empty folder is refused.
     """
     if precision not in PRECISIONS:
@@ -174,12 +177,14 @@ def export_run(
         raise UserError(f"{ir_dir} exists and is not an earlier export; choose another --out or remove it")
 
     calibration = (
-        int8.calibration_batches(run_dir, cfg.image_size, calibration_images, data) if precision == "int8" else None
+        int8.calibration_batches(run_dir, cfg.image_size, calibration_images, data, layout=layout)
+        if precision == "int8"
+        else None
     )
     ov_model = convert(module, cfg.image_size)
     if precision == "int8":
         ov_model = int8.quantize_int8(ov_model, calibration)
-        post = int8.recalibrate(ov_model, run_dir, cfg, post, data)
+        post = int8.recalibrate(ov_model, run_dir, cfg, post, data, layout)
     for key, value in model_api_info(post, cfg.image_size, task).items():
         ov_model.set_rt_info(value, ["model_info", key])
     for key, value in (
@@ -208,6 +213,7 @@ def _metadata(
     import openvino as ov
 
     size = cfg.image_size
+    height, width = as_hw(size)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -216,7 +222,7 @@ def _metadata(
         "backbone": cfg.backbone,
         "layers": list(cfg.layers),
         "n_features": getattr(module, "n_features", None) if cfg.model == "padim" else None,
-        "image_size": size,
+        "image_size": list(size) if isinstance(size, tuple) else size,  # S, or [H, W] when not square
         "precision": precision,
         "image_threshold": post.image_threshold,
         "pixel_threshold": post.pixel_threshold,
@@ -227,14 +233,14 @@ def _metadata(
         "min_region_fraction": post.min_region_fraction,
         "normalization": {
             "formula": "clip((x - threshold) / (norm_max - norm_min) + 0.5, 0, 1)",
-            "input": "RGB / 255, resized S x S (bilinear, antialiased), (x - mean) / std",
+            "input": "RGB / 255, resized to H x W (bilinear, antialiased), (x - mean) / std",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
-        "input": {"name": INPUT_NAME, "shape": [-1, 3, size, size], "dtype": "float32", "layout": "NCHW"},
+        "input": {"name": INPUT_NAME, "shape": [-1, 3, height, width], "dtype": "float32", "layout": "NCHW"},
         "output": {
             "name": OUTPUT_NAME,
-            "shape": [-1, 1, size, size],
+            "shape": [-1, 1, height, width],
             "dtype": "float32",
             "meaning": "raw anomaly map; image score = max",
         },

@@ -21,34 +21,51 @@ import numpy as np
 
 from distributed_anomaly import rundir
 from distributed_anomaly.calibration import calibrate
+from distributed_anomaly.data.dataset import load_dataset
 from distributed_anomaly.data.images import read_image, to_tensor
+from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.data.loader import iter_batches
-from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
+from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.data.synthetic import paste_patches
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import INPUT_NAME
 
 
-def calibration_batches(
-    run_dir: Path, image_size: int, n: int, data: str | os.PathLike | None, seed: int = 0
-) -> list[np.ndarray]:
-    """int8 calibration data: up to n of the run's normal training images, each also with synthetic defects.
-
-    Activation ranges fitted on normal images alone clip what anomalies produce: on the demo washer that
-    halved PADIM's anomalous image scores. One copy of each image with random pasted patches (flat colour
-    or noise) widens the ranges to cover anomalous inputs. (1, 3, S, S) float32 batches, 2 per image.
-    """
-    if n < 1:
-        raise UserError(f"calibration_images must be >= 1, got {n}")
-    data = data or rundir.load_config(run_dir)[2].get("data")
+def run_data(
+    run_dir: Path, data: str | os.PathLike | None, layout: DataLayout | None, require_test: bool
+) -> list[Record]:
+    """The manifest of `data` read as `layout`, or by default of the run's own data read as it was trained."""
+    info = rundir.load_config(run_dir)[2]
     if not data:
-        raise UserError(f"{run_dir} does not record its training data; int8 calibration needs it (pass data=)")
+        data, layout = info.get("data"), DataLayout.from_dict(info.get("data_layout"))
+    if not data:
+        raise UserError(f"{run_dir} does not record its training data; int8 calibration needs it (pass --data)")
     if not Path(data).is_dir():
         raise UserError(
             f"int8 calibration needs the run's training images, but {data} (recorded in "
             f"{run_dir / rundir.CONFIG}) does not exist; pass --data"
         )
-    train = records_of_split(load_dataset(data, require_test=False), "train")
+    return load_dataset(data, layout, require_test=require_test)
+
+
+def calibration_batches(
+    run_dir: Path,
+    image_size: ImageSize,
+    n: int,
+    data: str | os.PathLike | None,
+    seed: int = 0,
+    layout: DataLayout | None = None,
+) -> list[np.ndarray]:
+    """int8 calibration data: up to n of the run's normal training images, each also with synthetic defects.
+
+    Activation ranges fitted on normal images alone clip what anomalies produce: on the demo washer that
+    halved PADIM's anomalous image scores. One copy of each image with random pasted patches (flat colour
+    or noise) widens the ranges to cover anomalous inputs. (1, 3, H, W) float32 batches, 2 per image.
+    """
+    if n < 1:
+        raise UserError(f"calibration_images must be >= 1, got {n}")
+    train = records_of_split(run_data(run_dir, data, layout, require_test=False), "train")
     # Evenly spaced over the manifest, so a subset still covers the whole set (sorted file names).
     pick = np.unique(np.linspace(0, len(train) - 1, min(n, len(train))).round().astype(int))
     rng = np.random.default_rng(seed)
@@ -111,7 +128,9 @@ def quantize_int8(ov_model, calibration: list[np.ndarray]):
         nncf_logger.setLevel(level)
 
 
-def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike | None):
+def recalibrate(
+    ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike | None, layout: DataLayout | None = None
+):
     """Thresholds and normalisation refitted on the quantized model's own maps, by the training rule.
 
     int8 shifts normal scores (quantization noise adds Mahalanobis distance): with the torch thresholds
@@ -121,9 +140,8 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
     """
     import openvino as ov
 
-    _, tcfg, info = rundir.load_config(run_dir)
-    tcfg = tcfg.resolved(cfg.model)
-    records = load_dataset(data or info["data"], require_test=tcfg.calibrate_on_test)
+    tcfg = rundir.load_config(run_dir)[1].resolved(cfg.model)
+    records = run_data(run_dir, data, layout, require_test=tcfg.calibrate_on_test)
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
     calib = records_of_split(records, "test") if tcfg.calibrate_on_test else val
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -133,7 +151,7 @@ def recalibrate(ov_model, run_dir: Path, cfg, old_post, data: str | os.PathLike 
             np.array(compiled({INPUT_NAME: x.numpy()})[0][:, 0])
             for _, x in iter_batches(recs, cfg.image_size, tcfg.batch_size)
         ]
-        return np.concatenate(maps) if maps else np.zeros((0, cfg.image_size, cfg.image_size), np.float32)
+        return np.concatenate(maps) if maps else np.zeros((0, *as_hw(cfg.image_size)), np.float32)
 
     post = calibrate(None, cfg, tcfg, calib, fit_records, progress=False, score=score)
     post.min_region_fraction = old_post.min_region_fraction

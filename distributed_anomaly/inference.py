@@ -2,7 +2,7 @@
 
     inf = OpenVINOInferencer("ir/tile_padim", num_threads=2)
     preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as runner.predict_arrays
-    maps = inf.anomaly_maps(to_tensor(images, inf.image_size))   # (B, S, S) raw maps
+    maps = inf.anomaly_maps(to_tensor(images, inf.image_size))   # (B, H, W) raw maps
 
 The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
 replica its share of the cores); None leaves OpenVINO's default (all cores). On CPU and GPU the inference
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from distributed_anomaly.data.sizes import as_hw, canonical
 from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.fileio import read_json
 from distributed_anomaly.irformat import BIN, INPUT_NAME, OUTPUT_NAME, POSTPROCESS, XML, check_ir_files, read_metadata
@@ -46,9 +47,9 @@ class OpenVINOInferencer:
         check_ir_files(self.ir_dir, {p.name for p in self.ir_dir.iterdir() if p.is_file()})
         self.metadata = read_metadata(self.ir_dir)
         try:
-            self.image_size = int(self.metadata["image_size"])
+            self.image_size = canonical(self.metadata["image_size"])  # S, or [H, W] when not square
             self.postprocessor = PostProcessor.from_dict(self._read_json(POSTPROCESS))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, UserError) as exc:
             raise RunDirError(f"cannot read the metadata of {self.ir_dir}: {exc}") from exc
         if num_threads is not None and num_threads < 1:
             raise UserError(f"num_threads must be >= 1, got {num_threads}")
@@ -101,13 +102,14 @@ class OpenVINOInferencer:
         return req
 
     def anomaly_maps(self, batch) -> np.ndarray:
-        """(B, 3, S, S) float32 normalised batch (torch tensor or numpy, as `to_tensor` gives) -> (B, S, S) raw maps."""
+        """(B, 3, H, W) float32 normalised batch (torch tensor or numpy, as `to_tensor` gives) -> (B, H, W) raw maps."""
         x = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
-            raise UserError(f"expected a (B, 3, {self.image_size}, {self.image_size}) batch, got {tuple(x.shape)}")
+        height, width = as_hw(self.image_size)
+        if x.ndim != 4 or x.shape[1:] != (3, height, width):
+            raise UserError(f"expected a (B, 3, {height}, {width}) batch, got {tuple(x.shape)}")
         if len(x) == 0:
-            return np.zeros((0, self.image_size, self.image_size), dtype=np.float32)
+            return np.zeros((0, height, width), dtype=np.float32)
         result = self._request().infer({INPUT_NAME: x})
         return np.array(result[self.compiled.output(0)][:, 0], dtype=np.float32)  # copy: the buffer is reused
 

@@ -3,7 +3,7 @@
 A leaf module: `export` writes this format, `inference`, `predict` and Serve read it, so the names and the
 checks live here and nothing has to import the exporter (and its NNCF/calibration dependencies) to read one.
 
-    IR_DIR/model.xml, model.bin  the network: input "image" [-1, 3, S, S] -> output "anomaly_map" [-1, 1, S, S]
+    IR_DIR/model.xml, model.bin  the network: input "image" [-1, 3, H, W] -> output "anomaly_map" [-1, 1, H, W]
     IR_DIR/postprocess.json      thresholds and normalisation (postprocess.PostProcessor)
     IR_DIR/metadata.json         written last by `export`: its presence marks a complete folder
 """

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_anomaly import storage as shared
+from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.distributed.ray_setup import dashboard_url
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.export import export_run
@@ -70,6 +71,11 @@ def _same_search(stored: dict, asked: dict) -> list[str]:
         "storage",
     )
     differ = [k for k in keys if stored.get(k) != asked.get(k)]
+    layouts = [DataLayout.from_dict(d.get("data_layout")) for d in (stored, asked)]
+    if layouts[1].format == "auto":  # stored resolved, as the objective: compare like for like
+        layouts[1] = replace(layouts[1], format=layouts[0].format)
+    if layouts[0] != layouts[1]:
+        differ.insert(0, "data layout")
     if Path(stored.get("data", "")).resolve() != Path(asked.get("data", "")).resolve():
         differ.insert(0, "data")
     return differ

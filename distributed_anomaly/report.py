@@ -72,7 +72,7 @@ def write_report(
 ) -> Path:
     """Write the HTML report of a run's test split (default RUN_DIR/report.html) and return its path.
 
-    `maps` are the raw (N, S, S) test maps in record order, `masks` the (N, S, S) bool ground truth at the
+    `maps` are the raw (N, H, W) test maps in record order, `masks` the (N, H, W) bool ground truth at the
     same resolution (None: loaded from the records), `metrics` what `evaluation.compute_metrics` returned
     for them. The run's config.json, if present, fills the header.
     """
@@ -81,9 +81,9 @@ def write_report(
         raise ValueError("no test images to report on")
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or len(maps) != len(records):
-        raise ValueError(f"maps must be (N, S, S) with N = {len(records)} records, got shape {maps.shape}")
+        raise ValueError(f"maps must be (N, H, W) with N = {len(records)} records, got shape {maps.shape}")
     if masks is None:
-        masks = load_masks(records, maps.shape[-1])
+        masks = load_masks(records, tuple(maps.shape[1:]))
     masks = np.asarray(masks, dtype=bool)
     if masks.shape != maps.shape:
         raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
@@ -195,7 +195,7 @@ def _render(
 <title>Evaluation report: {esc(run_dir.name)}</title>
 <style>{CSS}</style></head>
 <body><main>
-{header(run_dir, records, metrics, post, maps.shape[-1])}
+{header(run_dir, records, metrics, post, tuple(maps.shape[1:]))}
 <nav>{nav}</nav>
 {summary(metrics, counts, threshold)}
 {metrics_tables(metrics, counts, threshold)}

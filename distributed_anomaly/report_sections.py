@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.mvtec import GOOD, Record
+from distributed_anomaly.data.sizes import ImageSize, size_text
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.htmlpage import card, dash, esc, fmt, png_uri
 from distributed_anomaly.postprocess import PostProcessor, Prediction
@@ -104,11 +105,14 @@ def _show_path(p: str | os.PathLike) -> str:
 
 
 def _test_roots(records: Sequence[Record]) -> str:
-    roots = sorted({_show_path(Path(r.path).parent.parent.parent) for r in records})
-    return roots[0] if len(roots) == 1 else f"{len(roots)} categories"
+    """The folder holding the test images (whatever the layout's depth), or how many categories they span."""
+    categories = {r.category for r in records}
+    if len(categories) > 1:
+        return f"{len(categories)} categories"
+    return _show_path(Path(os.path.commonpath([str(Path(r.path).parent) for r in records])))
 
 
-def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_size: int) -> str:
+def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_size: ImageSize) -> str:
     cfg = None
     info: dict = {}
     try:
@@ -120,7 +124,7 @@ def header(run_dir: Path, records, metrics: dict, post: PostProcessor, image_siz
     if cfg is not None:
         model = cfg.model.upper() + (f" · {cfg.n_features} features" if cfg.model == "padim" and cfg.n_features else "")
         items += [("model", model), ("backbone", f"{cfg.backbone} ({', '.join(cfg.layers)})")]
-    items.append(("image size", f"{cfg.image_size if cfg else image_size} px"))
+    items.append(("image size", f"{size_text(cfg.image_size if cfg else image_size)} px"))
     src = post.threshold_source
     items.append(("threshold source", THRESHOLD_SOURCES.get(src, src)))
     if post.image_threshold is not None:

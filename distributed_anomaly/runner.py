@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from distributed_anomaly import rundir
 from distributed_anomaly.data.images import to_tensor
+from distributed_anomaly.data.sizes import ImageSize, canonical
 from distributed_anomaly.postprocess import PostProcessor, Prediction
 
 
@@ -31,11 +32,11 @@ def resize_map(raw_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 class ModelRunner(Protocol):
     """What scoring needs from a runtime (torch module, OpenVINO IR, ...); post-processing is shared.
 
-    `raw_maps` takes the (B, 3, S, S) float32 ImageNet-normalised batch of `data.images.to_tensor` and
-    returns the (B, S, S) float32 raw anomaly maps.
+    `raw_maps` takes the (B, 3, H, W) float32 ImageNet-normalised batch of `data.images.to_tensor` and
+    returns the (B, H, W) float32 raw anomaly maps (`image_size`: S for S x S, or (H, W)).
     """
 
-    image_size: int
+    image_size: ImageSize
     postprocessor: PostProcessor
 
     def raw_maps(self, batch: torch.Tensor) -> np.ndarray: ...
@@ -44,10 +45,10 @@ class ModelRunner(Protocol):
 class TorchRunner:
     """A torch module (PADIM or STFPM) as a ModelRunner."""
 
-    def __init__(self, model: torch.nn.Module, postprocessor: PostProcessor, image_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, postprocessor: PostProcessor, image_size: ImageSize) -> None:
         self.model = model.eval()
         self.postprocessor = postprocessor
-        self.image_size = int(image_size)
+        self.image_size = canonical(image_size)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike) -> TorchRunner:
@@ -75,7 +76,7 @@ def predict_images(
 
 
 def predict_arrays(
-    model: torch.nn.Module, post: PostProcessor, images: Sequence[np.ndarray], image_size: int
+    model: torch.nn.Module, post: PostProcessor, images: Sequence[np.ndarray], image_size: ImageSize
 ) -> list[Prediction]:
     """Torch predictions in each image's own coordinates (see predict_images)."""
     return predict_images(TorchRunner(model, post, image_size), images)

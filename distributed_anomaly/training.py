@@ -16,7 +16,9 @@ from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
 from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model, in_process_scorer
 from distributed_anomaly.config import DEFAULT_RUNTIME, Execution, ModelConfig, TrainConfig, from_dict, to_dict
-from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
+from distributed_anomaly.data.dataset import load_dataset, resolve_layout
+from distributed_anomaly.data.layout import DataLayout
+from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
 from distributed_anomaly.distributed.cpus import local_ray_cpus
 from distributed_anomaly.errors import TrainingInterrupted, UserError
 from distributed_anomaly.fileio import read_json, write_json
@@ -67,16 +69,19 @@ def train(
     overwrite: bool = False,
     report: bool = False,
     run: Execution | None = None,
+    layout: DataLayout | None = None,
 ) -> dict:
     """Fit, calibrate, evaluate and save; returns the metrics (also in RUN_DIR/metrics.json).
 
-    `run` says where the fit runs (default: in this process)."""
+    `run` says where the fit runs (default: in this process); `layout` how `data` is laid out (default:
+    detected), recorded in config.json so that `evaluate` and `export` read the data the same way."""
     run = run or Execution()
     _check_target(out, overwrite, run)
     tcfg = tcfg.resolved(cfg.model)
     if cfg.model == "stfpm" and run.uses_ray and run.run_name is None:
         run = replace(run, run_name=f"stfpm-{uuid.uuid4().hex[:8]}")
-    records = load_dataset(data)
+    layout = resolve_layout(data, layout)
+    records = load_dataset(data, layout)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
     logger.info(
@@ -84,8 +89,9 @@ def train(
     )
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
-        _write_request(out, data, cfg, tcfg, run)
-    info: dict = {"data": str(Path(data).resolve()), "num_train_images": len(fit_records), "num_val_images": len(val)}
+        _write_request(out, data, layout, cfg, tcfg, run)
+    info: dict = {"data": str(Path(data).resolve()), "data_layout": layout.to_dict()}
+    info.update(num_train_images=len(fit_records), num_val_images=len(val))
     info.update(workers=run.workers, ray=run.uses_ray)
     with _maybe_ray(run, cfg.model):
         model, fit_info, history = _fit_or_interrupt(model, cfg, tcfg, fit_records, val, run, out, progress)
@@ -265,12 +271,23 @@ def _storage(out: str | os.PathLike, run: Execution) -> str:
 
 
 def _write_request(
-    out: str | os.PathLike, data: str | os.PathLike, cfg: ModelConfig, tcfg: TrainConfig, run: Execution
+    out: str | os.PathLike,
+    data: str | os.PathLike,
+    layout: DataLayout,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    run: Execution,
 ) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(
         Path(out) / rundir.REQUEST,
-        {"data": str(Path(data).resolve()), "model": to_dict(cfg), "train": to_dict(tcfg), "execution": asdict(run)},
+        {
+            "data": str(Path(data).resolve()),
+            "data_layout": layout.to_dict(),
+            "model": to_dict(cfg),
+            "train": to_dict(tcfg),
+            "execution": asdict(run),
+        },
     )
 
 
@@ -289,6 +306,7 @@ def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, 
         req = read_json(out / rundir.REQUEST)
         cfg, tcfg = from_dict(ModelConfig, req["model"]), from_dict(TrainConfig, req["train"])
         run = Execution(**req["execution"])
+        layout = DataLayout.from_dict(req.get("data_layout"))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"cannot read {out / rundir.REQUEST}: {exc}") from exc
     if cfg.model != "stfpm" or not run.uses_ray or not run.run_name:
@@ -298,7 +316,7 @@ def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, 
         )
     run = replace(run, address=address or run.address, resume=shared.join(_storage(out, run), run.run_name))
     logger.info(f"resuming {out}: {cfg.model} on {cfg.backbone}, data {req['data']}")
-    return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run)
+    return train(req["data"], out, cfg, tcfg, progress=progress, report=report, run=run, layout=layout)
 
 
 def evaluate_run(
@@ -308,14 +326,19 @@ def evaluate_run(
     progress: bool = True,
     report: bool = False,
     runtime: str = DEFAULT_RUNTIME,
+    layout: DataLayout | None = None,
 ) -> dict:
-    """Re-score a saved run on its (or another) dataset's test split with its stored thresholds."""
+    """Re-score a saved run on its (or another) dataset's test split with its stored thresholds.
+
+    Without `data`, the run's own dataset read with its recorded layout; with `data`, `layout` (default:
+    detected)."""
     cfg, model, post = rundir.load_model(run)
     _, tcfg, info = rundir.load_config(run)
-    data = data or info.get("data")
+    if not data:
+        data, layout = info.get("data"), DataLayout.from_dict(info.get("data_layout"))
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
-    test = records_of_split(load_dataset(data), "test")
+    test = records_of_split(load_dataset(data, layout), "test")
     score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress, score)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")

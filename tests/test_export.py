@@ -377,7 +377,9 @@ def test_export_cli_parser(monkeypatch, capsys) -> None:
         ["export", "--run", "runs/r", "--out", "ir/r", "--precision", "int8", "--calibration-images", "50"]
     )
     assert a.func(a) == 0
-    assert calls == [(("runs/r", "ir/r", "int8", 50), {"task": "segmentation", "data": None})]
+    from distributed_anomaly.data.layout import DataLayout
+
+    assert calls == [(("runs/r", "ir/r", "int8", 50), {"task": "segmentation", "data": None, "layout": DataLayout()})]
     assert "exported runs/r (int8) to ir/r" in capsys.readouterr().out
     assert parser.parse_args(["export", "--run", "r", "--out", "o"]).precision == "fp32"
     with pytest.raises(SystemExit):

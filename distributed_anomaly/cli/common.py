@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from distributed_anomaly.data.layout import DEFAULT_HOLDOUT, DEFAULT_MASK_DIR, DEFAULT_NORMAL_DIR, FORMATS, DataLayout
 from distributed_anomaly.data.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_max_pixels
+from distributed_anomaly.data.sizes import ImageSize, parse_size
 from distributed_anomaly.errors import UserError
 
 # -v / -q on every command (one parent parser). -q turns progress off (bars, per-epoch and per-trial lines); the
@@ -126,3 +128,54 @@ def add_api_key(p: argparse.ArgumentParser, what: str) -> None:
         metavar="FILE",
         help="read the key from FILE (its first line); default: $DISTRIBUTED_ANOMALY_API_KEY; neither: no key",
     )
+
+
+def image_size(text: str) -> ImageSize:
+    """--image-size S or HxW (argparse reports a bad value with the option's name)."""
+    try:
+        return parse_size(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--image-size {text!r}: ")) from exc
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--format and the `folder` layout's options: on every command that takes --data (docs/data.md)."""
+    g = p.add_argument_group("data layout (docs/data.md)")
+    g.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="how --data is laid out: mvtec (train/good, test/<defect>, ground_truth/), folder (good/ and one "
+        "folder per defect type), visa (VISA_ROOT/<object> with VISA_ROOT/split_csv/1cls.csv); auto (default) "
+        "detects it and says which",
+    )
+    g.add_argument(
+        "--normal-dir",
+        default=DEFAULT_NORMAL_DIR,
+        metavar="DIR",
+        help="folder: the normal images, relative to --data (default %(default)s)",
+    )
+    g.add_argument(
+        "--abnormal-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder: abnormal images of one defect type (repeatable; default: every other sub-folder)",
+    )
+    g.add_argument(
+        "--mask-dir",
+        metavar="DIR",
+        help=f"folder: masks; <defect>/x.png's mask is DIR/<defect>/x.png or x_mask.png when DIR/<defect>/ exists, "
+        f"else DIR/x.png or x_mask.png (default {DEFAULT_MASK_DIR}/ if present; without masks no pixel metrics)",
+    )
+    g.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        help="folder: share of the normal images held out (seeded) as the test split's normal images "
+        "(default %(default)s)",
+    )
+
+
+def data_layout(a: argparse.Namespace) -> DataLayout:
+    return DataLayout(a.format, a.normal_dir, tuple(a.abnormal_dir), a.mask_dir, a.holdout)

@@ -12,13 +12,17 @@ import sys
 
 from distributed_anomaly.cli.common import (
     VERBOSITY,
+    add_data_options,
     add_max_pixels,
     apply_max_pixels,
     changed_options,
+    data_layout,
     default,
+    image_size,
     layers,
 )
 from distributed_anomaly.config import MODELS, RUNTIMES, Execution, ModelConfig, TrainConfig
+from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
 from distributed_anomaly.models.specs import BACKBONES, DEFAULT_BACKBONE
@@ -35,14 +39,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         parents=[VERBOSITY],
-        help="fit a model on train/good, calibrate thresholds, evaluate on test/",
-        description="Fit PADIM or STFPM on the normal training images of an MVTec-format category, "
+        help="fit a model on the normal training images, calibrate thresholds, evaluate on the test split",
+        description="Fit PADIM or STFPM on the normal training images of a category (MVTec, folder or VisA layout), "
         "hold out --val-fraction of them to choose thresholds (and for STFPM's early stopping), "
         "evaluate on the whole test split, and write a self-contained RUN_DIR.",
     )
-    p.add_argument(
-        "--data", help="MVTec-format category folder (train/good, test/..., ground_truth/...); required unless --resume"
-    )
+    p.add_argument("--data", help="dataset folder (layout: --format); required unless --resume")
+    add_data_options(p)
     p.add_argument("--model", choices=MODELS, default=default(ModelConfig, "model"))
     p.add_argument("--out", help="run directory to write; required unless --resume")
     p.add_argument(
@@ -80,9 +83,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-features", type=int, help=f"PADIM random channel subset (default: {n_features})")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=image_size,
         default=default(ModelConfig, "image_size"),
-        help="images are resized to S x S, no crop (default %(default)s)",
+        help="images are resized to S x S, or to H x W given as HxW (e.g. 256x512 for a wide camera), no crop "
+        "(default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=default(ModelConfig, "seed"))
 
@@ -216,7 +220,17 @@ def cmd_train(a: argparse.Namespace) -> int:
             bn_recompute=not a.no_bn_recompute,
         )
         run = Execution(a.workers, a.address, a.skip_corrupt, a.storage, max_failures=a.max_failures, runtime=a.runtime)
-        metrics = train(a.data, a.out, cfg, tcfg, progress=not a.quiet, overwrite=a.overwrite, report=a.report, run=run)
+        metrics = train(
+            a.data,
+            a.out,
+            cfg,
+            tcfg,
+            progress=not a.quiet,
+            overwrite=a.overwrite,
+            report=a.report,
+            run=run,
+            layout=data_layout(a),
+        )
     print(format_metrics(metrics))
     print(f"run written to {a.out}" + (f"; report: {metrics['report']}" if a.report else ""))
     return 0
@@ -227,7 +241,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate", parents=[VERBOSITY], help="score a run's test split with its stored thresholds; writes metrics.json"
     )
     p.add_argument("--run", required=True, help="run directory written by train")
-    p.add_argument("--data", help="category folder (default: the one the run was trained on)")
+    p.add_argument("--data", help="dataset folder (default: the one the run was trained on, read the same way)")
+    add_data_options(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", action="store_true", help=REPORT_HELP)
@@ -241,11 +256,30 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from distributed_anomaly.training import evaluate_run
 
     apply_max_pixels(a)
-    metrics = evaluate_run(a.run, a.data, a.batch_size, progress=not a.quiet, report=a.report, runtime=a.runtime)
+    metrics = evaluate_run(
+        a.run,
+        a.data,
+        a.batch_size,
+        progress=not a.quiet,
+        report=a.report,
+        layout=_layout_with_data(a),
+        runtime=a.runtime,
+    )
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
     if a.report and not a.json:
         print(f"report: {metrics['report']}")
     return 0
+
+
+def _layout_with_data(a: argparse.Namespace) -> DataLayout:
+    """The layout options apply to a --data given here; without it the run's recorded layout is used."""
+    layout = data_layout(a)
+    if not a.data and layout != DataLayout():
+        raise UserError(
+            "--format and the folder options describe --data: give --data too (without it the run's "
+            "own dataset is read as it was for training)"
+        )
+    return layout
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -294,8 +328,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         parents=[VERBOSITY],
         help="export a run to an OpenVINO IR folder (fp32, fp16 or int8) that scores like torch",
         description="Convert a run directory's model with openvino.convert_model (no ONNX step) into IR_DIR: "
-        "model.xml/.bin with input 'image' (float32 [N, 3, S, S], RGB / 255 ImageNet-normalised, dynamic batch) "
-        "and output 'anomaly_map' (float32 [N, 1, S, S], raw map), plus postprocess.json and metadata.json. "
+        "model.xml/.bin with input 'image' (float32 [N, 3, H, W], RGB / 255 ImageNet-normalised, dynamic batch) "
+        "and output 'anomaly_map' (float32 [N, 1, H, W], raw map), plus postprocess.json and metadata.json. "
         "The thresholds and normalisation also go into the IR's runtime info, so OpenVINO Model API's "
         "AnomalyDetection wrapper loads it directly. Use it with `predict --model IR_DIR`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -318,7 +352,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_CALIBRATION_IMAGES,
         help="int8: number of training images to calibrate on (default %(default)s)",
     )
-    p.add_argument("--data", help="int8: dataset folder for calibration (default: the one the run was trained on)")
+    p.add_argument(
+        "--data",
+        help="int8: dataset folder for calibration (default: the one the run was trained on, read the same way)",
+    )
+    add_data_options(p)
     p.add_argument(
         "--task", choices=TASKS, default=DEFAULT_TASK, help="task recorded for OpenVINO Model API (default %(default)s)"
     )
@@ -328,6 +366,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(a: argparse.Namespace) -> int:
     from distributed_anomaly.export import export_run
 
-    out = export_run(a.run, a.out, a.precision, a.calibration_images, task=a.task, data=a.data)
+    out = export_run(
+        a.run, a.out, a.precision, a.calibration_images, task=a.task, data=a.data, layout=_layout_with_data(a)
+    )
     print(f"exported {a.run} ({a.precision}) to {out}")
     return 0

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from distributed_anomaly.cli.common import VERBOSITY, add_api_key, changed_options, default, weights_pairs
+from distributed_anomaly.cli.common import (
+    VERBOSITY,
+    add_api_key,
+    add_data_options,
+    changed_options,
+    data_layout,
+    default,
+    weights_pairs,
+)
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import PRECISIONS
 from distributed_anomaly.serve.settings import AppConfig, resolve_api_key
@@ -24,7 +32,8 @@ def _search_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
         if resumable
         else "folder of the pipeline's outputs: OUT/tune (the search), OUT/model (OpenVINO), OUT/pipeline.json"
     )
-    p.add_argument("--data", help="MVTec-format category folder; required " + unless)
+    p.add_argument("--data", help="dataset folder (layout: --format); required " + unless)
+    add_data_options(p)
     p.add_argument("--space", help="search space YAML, e.g. search_spaces/padim.yaml; required " + unless)
     p.add_argument("--samples", type=int, default=10, help="number of trials (default 10)")
     p.add_argument("--out", help=out_help)
@@ -184,6 +193,7 @@ def _tune_request(a: argparse.Namespace, storage: str | None = None):
         grace_epochs=a.grace_epochs,
         reduction_factor=a.reduction_factor,
         storage=storage,
+        data_layout=data_layout(a),
     )
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from distributed_anomaly.data.limits import READ_FORMATS, max_pixels_setting
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -94,16 +95,17 @@ def check_pixels(name: str, size: tuple[int, int], max_pixels: int | None = None
         )
 
 
-def _draft_size(img: Image.Image, target_size: int | None) -> tuple[int, int] | None:
-    """The size to ask a JPEG's decoder for: at least DRAFT_MARGIN x the model size on each side."""
+def _draft_size(img: Image.Image, target_size: ImageSize | None) -> tuple[int, int] | None:
+    """The (W, H) to ask a JPEG's decoder for: at least DRAFT_MARGIN x the model size on each side."""
     if target_size is None or img.format != "JPEG":
         return None
-    want = DRAFT_MARGIN * int(target_size)
-    return (want, want) if min(img.size) >= 2 * want else None
+    h, w = as_hw(target_size)
+    want = (DRAFT_MARGIN * w, DRAFT_MARGIN * h)
+    return want if img.size[0] >= 2 * want[0] and img.size[1] >= 2 * want[1] else None
 
 
 def _decode(
-    source: str | os.PathLike | bytes, max_pixels: int | None = None, target_size: int | None = None
+    source: str | os.PathLike | bytes, max_pixels: int | None = None, target_size: ImageSize | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
     """(decoded PIL image, its header's (W, H)), after the header checks: a documented format, at most
     `max_pixels` pixels (default $DISTRIBUTED_ANOMALY_MAX_PIXELS, else 40 MP). With `target_size` (the model's
@@ -130,7 +132,7 @@ def _decode(
 
 
 def load_image(
-    source: str | os.PathLike | bytes, *, max_pixels: int | None = None, target_size: int | None = None
+    source: str | os.PathLike | bytes, *, max_pixels: int | None = None, target_size: ImageSize | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """(RGB uint8 pixels, the image's own (H, W)): the pixels are smaller than (H, W) when a JPEG was decoded
     at reduced scale for `target_size` (see _decode); answers in image coordinates use (H, W)."""
@@ -145,7 +147,7 @@ def load_image(
 
 
 def read_image(
-    source: str | os.PathLike | bytes, *, max_pixels: int | None = None, target_size: int | None = None
+    source: str | os.PathLike | bytes, *, max_pixels: int | None = None, target_size: ImageSize | None = None
 ) -> np.ndarray:
     """Decode a file path or encoded bytes to an (H, W, 3) uint8 RGB array (reduced for a large JPEG when
     `target_size` is given; see _decode)."""
@@ -165,35 +167,35 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr > 0
 
 
-def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: int) -> torch.Tensor:
-    """RGB uint8 image(s) -> (B, 3, S, S) float32, resized (bilinear, antialiased) and ImageNet-normalised.
+def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: ImageSize) -> torch.Tensor:
+    """RGB uint8 image(s) -> (B, 3, H, W) float32, resized (bilinear, antialiased) and ImageNet-normalised.
 
-    Resizing to S x S with no crop follows anomalib's default, so results compare like for like.
+    Resizing to H x W with no crop follows anomalib's default, so results compare like for like.
     """
+    hw = as_hw(image_size)
     batch = [images] if isinstance(images, np.ndarray) and images.ndim == 3 else list(images)
-    out = torch.empty((len(batch), 3, image_size, image_size), dtype=torch.float32)
+    out = torch.empty((len(batch), 3, *hw), dtype=torch.float32)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i, img in enumerate(batch):
         t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-        if t.shape[1:] != (image_size, image_size):
-            t = F.interpolate(
-                t[None], size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
-            )[0]
+        if t.shape[1:] != hw:
+            t = F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
         out[i] = (t - mean) / std
     return out
 
 
-def resize_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a bool mask to S x S with nearest neighbour, so pixel metrics compare at model resolution."""
-    if mask.shape == (image_size, image_size):
+def resize_mask(mask: np.ndarray, image_size: ImageSize) -> np.ndarray:
+    """Resize a bool mask to H x W with nearest neighbour, so pixel metrics compare at model resolution."""
+    hw = as_hw(image_size)
+    if mask.shape == hw:
         return mask
     t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-    return F.interpolate(t, size=(image_size, image_size), mode="nearest")[0, 0].numpy() > 0.5
+    return F.interpolate(t, size=hw, mode="nearest")[0, 0].numpy() > 0.5
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """A batch of paths -> normalised (B, 3, S, S) float32 pixels, one row each: a file that cannot be read
+def decode_batch(batch: dict[str, np.ndarray], image_size: ImageSize) -> dict[str, np.ndarray]:
+    """A batch of paths -> normalised (B, 3, H, W) float32 pixels, one row each: a file that cannot be read
     becomes an error row (ok False, its message in error) instead of failing the batch. The decode step of the
     Ray Data pipelines (distributed/), kept here, away from torchvision and Ray, so their decode workers start fast."""
     paths = [str(p) for p in batch["path"]]
@@ -208,7 +210,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
             errors[i] = str(exc)
         except Exception as exc:  # e.g. PIL's DecompressionBombError: still one bad file, named
             errors[i] = f"cannot decode image {path}: {type(exc).__name__}: {exc}"
-    pixels = np.zeros((len(paths), 3, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((len(paths), 3, *as_hw(image_size)), dtype=np.float32)
     if images:
         pixels[ok] = to_tensor(images, image_size).numpy()
     return {

@@ -16,20 +16,21 @@ from tqdm import tqdm
 
 from distributed_anomaly.data.images import image_shape, read_image, read_mask, resize_mask, to_tensor
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import DatasetLayoutError
 
 
-def load_batch(records: Sequence[Record], image_size: int) -> torch.Tensor:
+def load_batch(records: Sequence[Record], image_size: ImageSize) -> torch.Tensor:
     return to_tensor([read_image(r.path, target_size=image_size) for r in records], image_size)
 
 
-def _prepare(path: str, image_size: int) -> torch.Tensor:
+def _prepare(path: str, image_size: ImageSize) -> torch.Tensor:
     """Decode, resize and normalise one image: the whole per-image cost, in a loader thread."""
     return to_tensor(read_image(path, target_size=image_size), image_size)[0]
 
 
 def iter_batches(
-    records: Sequence[Record], image_size: int, batch_size: int, threads: int = 2
+    records: Sequence[Record], image_size: ImageSize, batch_size: int, threads: int = 2
 ) -> Iterator[tuple[Sequence[Record], torch.Tensor]]:
     """Yield (records, tensor) batches in order, preparing the next two batches while the caller works.
 
@@ -53,9 +54,9 @@ def iter_batches(
             yield chunk, torch.stack(images)
 
 
-def load_masks(records: Sequence[Record], image_size: int) -> np.ndarray:
-    """(N, S, S) bool ground truth at model resolution; all-False for normal images."""
-    out = np.zeros((len(records), image_size, image_size), dtype=bool)
+def load_masks(records: Sequence[Record], image_size: ImageSize) -> np.ndarray:
+    """(N, H, W) bool ground truth at model resolution; all-False for normal images."""
+    out = np.zeros((len(records), *as_hw(image_size)), dtype=bool)
     for i, r in enumerate(records):
         if r.mask_path is not None:
             mask = read_mask(r.mask_path)

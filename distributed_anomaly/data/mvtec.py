@@ -33,14 +33,16 @@ class Record:
         return asdict(self)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The image files of a folder (not recursive), sorted: hidden files and other extensions ignored."""
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name))
 
 
-def _require_images(folder: Path, what: str) -> list[Path]:
+def require_images(folder: Path, what: str) -> list[Path]:
+    """images_in, or an error naming the folder when it is missing or holds no image."""
     if not folder.is_dir():
         raise DatasetLayoutError(f"missing folder {folder} ({what})")
-    images = _images_in(folder)
+    images = images_in(folder)
     if not images:
         raise DatasetLayoutError(f"folder {folder} holds no images ({what}); expected e.g. .png or .jpg files")
     return images
@@ -58,7 +60,7 @@ def load_category(root: str | os.PathLike, *, require_test: bool = True) -> list
     category = root.name
     records = [
         Record(str(p), "train", 0, GOOD, category)
-        for p in _require_images(root / "train" / GOOD, "normal training images")
+        for p in require_images(root / "train" / GOOD, "normal training images")
     ]
     test_dir = root / "test"
     if not test_dir.is_dir():
@@ -70,12 +72,12 @@ def load_category(root: str | os.PathLike, *, require_test: bool = True) -> list
         raise DatasetLayoutError(f"folder {test_dir} has no sub-folders; expected test/good and test/<defect>")
     gt_root = root / "ground_truth"
     for d in defect_dirs:
-        images = _require_images(d, "test images")
+        images = require_images(d, "test images")
         if d.name == GOOD:
             records += [Record(str(p), "test", 0, GOOD, category) for p in images]
             continue
         gt_dir = gt_root / d.name
-        masks = {m.name: m for m in _images_in(gt_dir)} if gt_dir.is_dir() else {}
+        masks = {m.name: m for m in images_in(gt_dir)} if gt_dir.is_dir() else {}
         expected = set()
         for p in images:
             mask_name = f"{p.stem}_mask.png"

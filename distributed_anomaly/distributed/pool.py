@@ -24,6 +24,7 @@ from ray.data import DataContext, ExecutionResources
 
 from distributed_anomaly.data.images import decode_batch
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.distributed.cpus import PADIM_DECODE_CPUS, padim_decode_tasks
 from distributed_anomaly.errors import UserError
 
@@ -79,14 +80,15 @@ def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def object_store_budget(image_size: int, batch_size: int, workers: int) -> int:
+def object_store_budget(image_size: ImageSize, batch_size: int, workers: int) -> int:
     """Room for a few decoded batches per actor in flight; a constant, whatever the number of images."""
-    batch_bytes = batch_size * 3 * image_size * image_size * 4
+    height, width = as_hw(image_size)
+    batch_bytes = batch_size * 3 * height * width * 4
     return int(max(256 << 20, 4 * (workers + 1) * batch_bytes))
 
 
 @contextlib.contextmanager
-def _quiet_data_context(image_size: int, batch_size: int, workers: int) -> Iterator[None]:
+def _quiet_data_context(image_size: ImageSize, batch_size: int, workers: int) -> Iterator[None]:
     """Ray Data without progress bars or INFO logs, a capped object-store budget and a whole pool started before
     the first batch; the previous settings come back on exit."""
     ctx = DataContext.get_current()
@@ -120,7 +122,7 @@ def _quiet_data_context(image_size: int, batch_size: int, workers: int) -> Itera
 @contextlib.contextmanager
 def pool_pipeline(
     records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int,
     workers: int,
     cpus_per_worker: float,

@@ -17,6 +17,7 @@ import torch
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload
 from distributed_anomaly.distributed.pool import (
     check_pool_args,
@@ -51,7 +52,7 @@ class ModelScorer:
 def anomaly_maps_ray(
     model: torch.nn.Module,
     records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int = 32,
     workers: int = 1,
     progress: bool = True,
@@ -60,9 +61,9 @@ def anomaly_maps_ray(
     threads_per_worker: int | None = None,
     runtime: str = DEFAULT_RUNTIME,
 ) -> np.ndarray:
-    """(N, S, S) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps;
+    """(N, H, W) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps;
     PADIM's frozen network on `runtime`)."""
-    out = np.empty((len(records), image_size, image_size), dtype=np.float32)
+    out = np.empty((len(records), *as_hw(image_size)), dtype=np.float32)
     if not records:
         return out
     require_ray()

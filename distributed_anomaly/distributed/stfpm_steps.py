@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_anomaly import engine
+from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.models.stfpm import Stfpm, stfpm_loss
 
@@ -67,14 +68,14 @@ class Ranks:
         return [float(v) for v in t.cpu()]
 
     def lockstep(
-        self, batches: Iterator[torch.Tensor], image_size: int, empty_steps: list[int]
+        self, batches: Iterator[torch.Tensor], image_size: ImageSize, empty_steps: list[int]
     ) -> Iterator[torch.Tensor]:
         """Same number of steps on every rank: a rank out of images yields empty batches while others have some."""
         if not self.distributed:
             yield from batches
             return
         it = iter(batches)
-        empty = torch.empty((0, 3, image_size, image_size), device=self.device)
+        empty = torch.empty((0, 3, *as_hw(image_size)), device=self.device)
         while True:
             x = next(it, None)
             have = torch.tensor([0 if x is None else 1], device=self.device, dtype=torch.int32)
@@ -140,7 +141,7 @@ def run_epoch(
     train: Iterator[torch.Tensor],
     val: Iterator[torch.Tensor] | None,
     ranks: Ranks,
-    image_size: int,
+    image_size: ImageSize,
 ) -> EpochTotals:
     """SGD over this rank's training batches in lockstep with the others, then the validation loss."""
     start = time.perf_counter()

@@ -57,6 +57,7 @@ from distributed_anomaly import storage as shared
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.images import decode_batch
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.distributed.checkpoints import LocalStore, best_state, find_run
 from distributed_anomaly.distributed.cpus import STFPM_DECODE_CPUS, stfpm_decode_tasks
 from distributed_anomaly.distributed.payload import model_payload
@@ -72,7 +73,7 @@ from distributed_anomaly.models.stfpm import Stfpm
 def _datasets(
     fit_records: Sequence[Record],
     val_records: Sequence[Record],
-    image_size: int,
+    image_size: ImageSize,
     per_worker: int,
     seed: int,
     decode_tasks: int,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from distributed_anomaly import engine
+from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.distributed.checkpoints import (
     LocalStore,
     TrainProgress,
@@ -55,7 +56,7 @@ class StfpmLoopConfig:
     fit_id: str  # this train_stfpm_ray call: a restart after a failure (same id) vs a resume (a later call)
     epochs: int
     per_worker_batch: int  # ceil(global batch / W)
-    image_size: int
+    image_size: ImageSize
     lr: float
     momentum: float
     weight_decay: float

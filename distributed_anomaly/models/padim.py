@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed_anomaly.data.sizes import ImageSize, as_hw, canonical, size_text
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.backbones import FeatureExtractor, get_spec
 from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
@@ -91,7 +92,7 @@ class Padim(nn.Module):
         backbone: str = "resnet18",
         layers: Sequence[str] | None = None,
         n_features: int | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
         *,
         pretrained: bool = True,
         weights_file: str | os.PathLike | None = None,
@@ -101,14 +102,15 @@ class Padim(nn.Module):
         spec = get_spec(backbone)
         self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
         self.extractor.eval().requires_grad_(False)
-        self.image_size = int(image_size)
+        self.image_size = canonical(image_size)
+        height, width = as_hw(image_size)
         first_stride = self.extractor.strides[0]
-        if self.image_size % max(self.extractor.strides) != 0:
+        if height % max(self.extractor.strides) or width % max(self.extractor.strides):
             raise UserError(
-                f"image size {image_size} must be a multiple of {max(self.extractor.strides)} "
+                f"image size {size_text(image_size)}: each side must be a multiple of {max(self.extractor.strides)} "
                 f"for layers {','.join(self.extractor.layers)}"
             )
-        self.grid = (self.image_size // first_stride, self.image_size // first_stride)
+        self.grid = (height // first_stride, width // first_stride)
         n_total = sum(self.extractor.channels)
         self.n_features = int(n_features if n_features is not None else min(spec.default_n_features, n_total))
         if not 0 < self.n_features <= n_total:
@@ -130,7 +132,7 @@ class Padim(nn.Module):
         return self.grid[0] * self.grid[1]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised images -> (B, n_features, P) embeddings."""
+        """(B, 3, H, W) normalised images -> (B, n_features, P) embeddings."""
         feats = self.extractor(images)
         maps = [feats[l] for l in self.extractor.layers]
         size = maps[0].shape[-2:]
@@ -170,5 +172,5 @@ class Padim(nn.Module):
         return gaussian_blur(dist)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> anomaly maps (B, 1, S, S)."""
+        """(B, 3, H, W) -> anomaly maps (B, 1, H, W)."""
         return self.score_deviations(self.embed(images).transpose(1, 2) - self.mean, images.shape[-2:])

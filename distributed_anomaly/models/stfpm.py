@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distributed_anomaly.data.sizes import ImageSize, canonical
 from distributed_anomaly.models.backbones import FeatureExtractor
 
 
@@ -51,7 +52,7 @@ class Stfpm(nn.Module):
         self,
         backbone: str = "resnet18",
         layers: Sequence[str] | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
         *,
         pretrained: bool = True,
         weights_file: str | os.PathLike | None = None,
@@ -62,7 +63,7 @@ class Stfpm(nn.Module):
         self.teacher.eval().requires_grad_(False)
         # A different seed: with random (non-pretrained) teacher weights the student must not start as a copy.
         self.student = FeatureExtractor(backbone, self.teacher.layers, pretrained=False, seed=seed + 1)
-        self.image_size = int(image_size)
+        self.image_size = canonical(image_size)
 
     def train(self, mode: bool = True) -> Stfpm:
         """Only the student ever trains; the teacher stays in eval mode (frozen batch-norm statistics)."""
@@ -83,6 +84,6 @@ class Stfpm(nn.Module):
         return stfpm_loss(*self.features(images, teacher_feats))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> anomaly maps (B, 1, S, S)."""
+        """(B, 3, H, W) -> anomaly maps (B, 1, H, W)."""
         t, s = self.features(images)
         return anomaly_map(t, s, tuple(images.shape[-2:]))

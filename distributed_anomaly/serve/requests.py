@@ -18,6 +18,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from distributed_anomaly.data.images import load_image
+from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 from distributed_anomaly.serve.settings import RETRY_AFTER_S
@@ -228,7 +229,7 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[str | None, str
 
 
 def decode_upload(
-    data: bytes, max_pixels: int | None = None, target_size: int | None = None
+    data: bytes, max_pixels: int | None = None, target_size: ImageSize | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> (RGB uint8 pixels, the image's own (H, W)) through `data.images.load_image`: 413
     when the header declares more than `max_pixels` (nothing decoded), 400 when undecodable or not one of the

@@ -28,6 +28,7 @@ from distributed_anomaly import engine, metrics
 from distributed_anomaly.data.images import read_image, resize_mask, to_tensor
 from distributed_anomaly.data.loader import load_masks
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.sizes import ImageSize, as_hw, canonical
 from distributed_anomaly.data.synthetic import synthetic_anomaly
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.tuning.request import OBJECTIVES
@@ -94,11 +95,11 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def score_images(
-    model: torch.nn.Module, images: Sequence[np.ndarray], image_size: int, batch_size: int = 32
+    model: torch.nn.Module, images: Sequence[np.ndarray], image_size: ImageSize, batch_size: int = 32
 ) -> np.ndarray:
-    """(N, S, S) raw anomaly maps of RGB uint8 arrays, on the model's device (CPU or a Ray Train worker's GPU)."""
+    """(N, H, W) raw anomaly maps of RGB uint8 arrays, on the model's device (CPU or a Ray Train worker's GPU)."""
     device = _device(model)
-    out = np.empty((len(images), image_size, image_size), dtype=np.float32)
+    out = np.empty((len(images), *as_hw(image_size)), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
@@ -130,7 +131,7 @@ class ObjectiveData:
 
     def evaluate(self, model: torch.nn.Module, batch_size: int = 32) -> dict[str, float | None]:
         """val_auroc / val_pixel_auroc (with labelled images) and synthetic_auroc / synthetic_pixel_auroc."""
-        size = int(model.image_size)
+        size = canonical(model.image_size)
         out: dict[str, float | None] = {}
         for prefix, (images, labels, masks) in _inputs(self, size).items():
             maps = score_images(model, images, size, batch_size)
@@ -139,7 +140,7 @@ class ObjectiveData:
 
 
 @functools.lru_cache(maxsize=2)
-def _inputs(data: ObjectiveData, size: int) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
+def _inputs(data: ObjectiveData, size: ImageSize) -> dict[str, tuple[list[np.ndarray], np.ndarray, np.ndarray]]:
     """What `evaluate` scores, {"val" | "synthetic": (images, labels, masks at `size`)}: decoded and generated
     once per process and image size, not again after every STFPM epoch (only the model changes)."""
     out = {}

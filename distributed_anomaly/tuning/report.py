@@ -273,7 +273,7 @@ def _summary_html(out: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping
 def _meta_html(request: Any, space: Any, summary: Mapping[str, Any]) -> str:
     space_text = request.space_file + (f" — {space.description}" if space.description else "")
     meta = [
-        ("data", request.data),
+        ("data", f"{request.data} ({request.data_layout.format} layout)"),
         ("space", space_text),
         ("objective", summary["objective"]),
         ("trials", request.samples),

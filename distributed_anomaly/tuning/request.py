@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from distributed_anomaly import storage
+from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.tuning.space import SearchSpace
 from distributed_anomaly.tuning.space_file import parse_space
@@ -53,6 +54,9 @@ class TuneRequest:
     grace_epochs: int = 2
     reduction_factor: int = 3
     storage: str | None = None  # the shared counterpart of TUNE_DIR (path or URI); None: TUNE_DIR itself
+    data_layout: DataLayout = field(
+        default_factory=DataLayout
+    )  # how `data` is laid out; resolved (never auto) once the search starts
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -79,6 +83,7 @@ class TuneRequest:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fixes"], d["weights"] = list(self.fixes), [list(w) for w in self.weights]
+        d["data_layout"] = self.data_layout.to_dict()
         return d
 
     @classmethod
@@ -90,6 +95,7 @@ class TuneRequest:
         d = dict(d)
         d["fixes"] = tuple(d.get("fixes", ()))
         d["weights"] = tuple(tuple(w) for w in d.get("weights", ()))
+        d["data_layout"] = DataLayout.from_dict(d.get("data_layout"))
         return cls(**d)
 
     def space(self) -> SearchSpace:

@@ -41,7 +41,8 @@ from ray import tune
 
 from distributed_anomaly import rundir, storage
 from distributed_anomaly.calibration import evaluate_model
-from distributed_anomaly.data.mvtec import load_dataset, records_of_split
+from distributed_anomaly.data.dataset import load_dataset, resolve_layout
+from distributed_anomaly.data.mvtec import records_of_split
 from distributed_anomaly.distributed.ray_setup import dashboard_url, ray_session
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import read_json, write_json
@@ -161,9 +162,13 @@ def tune_search(
                 f"{out} already holds a search: continue it with `tune --out {out} --resume`, or choose another --out"
             )
         request.space()  # refuse a bad space, dataset or objective before writing anything
-        test = records_of_split(load_dataset(request.data, require_test=False), "test")
+        layout = resolve_layout(request.data, request.data_layout)
+        test = records_of_split(load_dataset(request.data, layout, require_test=False), "test")
         request = replace(
-            request, data=str(Path(request.data).resolve()), objective=resolve_objective(request.objective, test)
+            request,
+            data=str(Path(request.data).resolve()),
+            data_layout=layout,
+            objective=resolve_objective(request.objective, test),
         )
         prepare_data(request)
         if request.storage and storage.exists(request.experiment(out)):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.data.sizes import parse_size, size_text
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.specs import DEFAULT_BACKBONE, get_spec
 
@@ -65,9 +67,16 @@ class SpaceError(UserError):
 
 
 def normalize(name: str, value: Any, where: str = "") -> Any:
-    """A setting's value in canonical form: layers as "a,b,c", ints as int, floats as float, strings as str."""
+    """A setting's value in canonical form: layers as "a,b,c", ints as int, floats as float, strings as str;
+    image_size also as "HxW" (a non-square size; a square one is its int)."""
     kind = SETTINGS[name]
     prefix = f"{where}: " if where else ""
+    if name == "image_size" and isinstance(value, str) and re.search(r"\d\s*[xX×]\s*\d", value):
+        try:
+            size = parse_size(value)
+        except UserError as exc:
+            raise SpaceError(f"{prefix}{exc}") from None
+        return size if isinstance(size, int) else size_text(size)
     if kind == "layers":
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             parts = [v.strip() for v in value]
@@ -258,7 +267,7 @@ class SearchSpace:
                         f"--fix {text!r}: {value} is not among the choices of {name!r} in {self.source} "
                         f"({', '.join(map(str, allowed))})"
                     )
-            elif d.kind in ("int", "float") and not d.low <= value <= d.high:
+            elif d.kind in ("int", "float") and (isinstance(value, str) or not d.low <= value <= d.high):
                 raise SpaceError(
                     f"--fix {text!r}: {value} is outside the range of {name!r} in {self.source} "
                     f"([{d.low:g}, {d.high:g}])"
@@ -341,6 +350,8 @@ def trial_configs(
     m = {k: sample[k] for k in MODEL_KEYS if k in sample}
     if "layers" in m:
         m["layers"] = tuple(m["layers"].split(","))
+    if isinstance(m.get("image_size"), str):
+        m["image_size"] = parse_size(m["image_size"])
     cfg = ModelConfig(**m, seed=seed)
     t = {k: sample[k] for k in TRAIN_KEYS if k in sample}
     for k in ("epochs", "batch_size"):

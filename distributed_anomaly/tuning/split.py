@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distributed_anomaly.data.mvtec import Record, load_dataset, records_of_split, split_train_val
+from distributed_anomaly.data.dataset import load_dataset
+from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.tuning.objective import ObjectiveData, split_test
 from distributed_anomaly.tuning.request import TuneRequest
@@ -25,7 +26,7 @@ class SearchData:
 
 
 def prepare_data(request: TuneRequest) -> SearchData:
-    records = load_dataset(request.data, require_test=False)
+    records = load_dataset(request.data, request.data_layout, require_test=False)
     fit, val = split_train_val(records, request.val_fraction, request.seed)
     test = records_of_split(records, "test")
     search_part, heldout = split_test(test, request.search_fraction, request.seed)

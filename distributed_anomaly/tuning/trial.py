@@ -40,6 +40,7 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     info: dict = {
         "data": str(Path(req.data).resolve()),
+        "data_layout": req.data_layout.to_dict(),
         "num_train_images": len(data.fit),
         "num_val_images": len(data.val),
         "workers": req.workers,
