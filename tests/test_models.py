@@ -15,6 +15,7 @@ from distributed_anomaly.models.padim import (
     mahalanobis_blocks,
     mahalanobis_deviations,
     whitening_blocks,
+    whitening_factor,
 )
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map, stfpm_loss
 from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
@@ -161,8 +162,11 @@ def test_block_triangular_head_equals_the_plain_formula(blocks: int) -> None:
     a = torch.randn(5, 7, 7, generator=gen)
     inv_cov = a @ a.transpose(1, 2) / 7 + 0.1 * torch.eye(7)
     dev = torch.randn(3, 5, 7, generator=gen) * 4
-    factors = whitening_blocks(inv_cov, blocks)
-    assert len(factors) == blocks and factors[0][0] == 0
+    white = whitening_factor(inv_cov)
+    torch.testing.assert_close(white.transpose(1, 2) @ white, inv_cov, rtol=1e-5, atol=1e-5)
+    assert torch.equal(white, white.tril())
+    factors = whitening_blocks(white, blocks)
+    assert len(factors) == blocks and factors[-1][0] == 7
     assert sum(f.numel() for _, f in factors) < inv_cov.numel() or blocks == 1
     torch.testing.assert_close(
         mahalanobis_blocks(dev, factors), mahalanobis_deviations(dev, inv_cov), rtol=1e-5, atol=1e-6
@@ -175,3 +179,15 @@ def test_unfitted_padim_scores_with_the_plain_formula() -> None:
     assert model.head_blocks() == []
     with torch.no_grad():
         assert float(model(torch.randn(1, 3, 32, 32)).abs().max()) == 0.0
+
+
+def test_the_fit_s_whitening_factor_is_the_loaded_model_s() -> None:
+    """A fitted model's W = L^-1 and the one a loaded model derives from Sigma^-1 alone: one factor, one head."""
+    model = _tiny_padim().eval()
+    with torch.no_grad():
+        model.set_gaussian(GaussianStats.from_batch(model.embed(torch.randn(12, 3, 32, 32))))
+    fitted = [f.clone() for _, f in model.head_blocks()]
+    loaded = _tiny_padim().eval()
+    loaded.load_state_dict(model.state_dict())
+    for a, (_, b) in zip(fitted, loaded.head_blocks()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

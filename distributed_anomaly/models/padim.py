@@ -54,31 +54,37 @@ def mahalanobis_deviations(dev: torch.Tensor, inv_cov: torch.Tensor) -> torch.Te
 HEAD_BLOCKS = 2
 
 
-def whitening_blocks(inv_cov: torch.Tensor, blocks: int = HEAD_BLOCKS) -> list[tuple[int, torch.Tensor]]:
-    """Sigma^-1 = U^T U (U upper triangular, per position) cut into row blocks that skip U's zero corner.
-
-    The squared distance is ||U d||^2 = sum over row blocks i of ||U[rows_i, s_i:] d[s_i:]||^2 with s_i the
-    block's first row: with 2 blocks, 3/4 of Sigma^-1's bytes and products, and squares in place of the
-    (x - mu) * (Sigma^-1 (x - mu)) products. Measured on this CPU (batch 8, one thread): torch 4.1 -> 2.1 CPU ms
-    per image, OpenVINO 2.2 -> 2.1; equal to the plain formula within 1e-6 relative (tests/test_models.py).
-    Returns [(s_i, U[:, rows_i, s_i:] transposed (P, C - s_i, rows))]; [] if Sigma^-1 is not positive
-    definite (an unfitted model): the caller then uses the plain formula.
-    """
+def whitening_factor(inv_cov: torch.Tensor) -> torch.Tensor | None:
+    """W lower triangular with W^T W = Sigma^-1 (per position), for a model loaded with inv_cov only: the
+    Cholesky factor of Sigma^-1 with rows and columns reversed (that of J Sigma^-1 J, J the reversal), which is
+    the L^-1 a fit computes (the factor is unique). None if Sigma^-1 is not positive definite (unfitted)."""
     try:
-        upper = torch.linalg.cholesky(inv_cov.double(), upper=True).to(inv_cov.dtype)
+        flipped = torch.linalg.cholesky(inv_cov.double().flip(-1, -2))
     except torch.linalg.LinAlgError:
-        return []
-    c = int(inv_cov.shape[-1])
+        return None
+    return flipped.flip(-1, -2).transpose(-1, -2).to(inv_cov.dtype)
+
+
+def whitening_blocks(white: torch.Tensor, blocks: int = HEAD_BLOCKS) -> list[tuple[int, torch.Tensor]]:
+    """The lower-triangular W (W^T W = Sigma^-1) cut into row blocks that skip its zero corner.
+
+    The squared distance is ||W d||^2 = sum over row blocks [a, b) of ||W[a:b, :b] d[:b]||^2: with 2 blocks,
+    3/4 of Sigma^-1's bytes and products, and squares in place of the (x - mu) * (Sigma^-1 (x - mu))
+    products. Measured on this CPU (batch 8, one thread): torch 4.1 -> 2.1 CPU ms per image, OpenVINO 2.2 ->
+    2.1; equal to the plain formula within 1e-5 relative (tests/test_models.py).
+    Returns [(b, W[:, a:b, :b] transposed (P, b, b - a))].
+    """
+    c = int(white.shape[-1])
     bounds = sorted({round(i * c / blocks) for i in range(blocks + 1)})
-    return [(a, upper[:, a:b, a:].transpose(1, 2).contiguous()) for a, b in itertools.pairwise(bounds)]
+    return [(b, white[:, a:b, :b].transpose(1, 2).contiguous()) for a, b in itertools.pairwise(bounds)]
 
 
 def mahalanobis_blocks(dev: torch.Tensor, blocks: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """mahalanobis_deviations through `whitening_blocks`: (B, P, C) -> (B, P)."""
     delta = dev.permute(1, 0, 2)  # (P, B, C)
     dist = None
-    for start, factor in blocks:
-        part = torch.bmm(delta[:, :, start:], factor)  # (P, B, rows)
+    for end, factor in blocks:
+        part = torch.bmm(delta[:, :, :end], factor)  # (P, B, rows)
         part = (part * part).sum(-1)
         dist = part if dist is None else dist + part
     return dist.sqrt().transpose(0, 1)
@@ -141,12 +147,12 @@ class Padim(nn.Module):
         return emb.flatten(2)
 
     def set_gaussian(self, stats: GaussianStats, eps: float = COVARIANCE_EPS) -> None:
-        mean, inv_cov = stats.finalize(eps)
+        mean, inv_cov, white = stats.finalize_whitened(eps)
         if mean.shape != self.mean.shape:
             raise ValueError(f"statistics of shape {tuple(mean.shape)} do not fit this model {tuple(self.mean.shape)}")
         self.mean.copy_(mean)
         self.inv_cov.copy_(inv_cov)
-        self._refresh_head()
+        self._refresh_head(white=white)
 
     def head_blocks(self) -> list[tuple[int, torch.Tensor]]:
         """whitening_blocks of the current inv_cov. Computed when inv_cov is set (set_gaussian, load_state_dict),
@@ -159,9 +165,11 @@ class Padim(nn.Module):
     def _inv_cov_key(self) -> tuple[int, int]:
         return self.inv_cov._version, self.inv_cov.data_ptr()
 
-    def _refresh_head(self, *_args) -> None:
+    def _refresh_head(self, *_args, white: torch.Tensor | None = None) -> None:
         with torch.no_grad():
-            self._head, self._head_key = whitening_blocks(self.inv_cov), self._inv_cov_key()
+            white = white if white is not None else whitening_factor(self.inv_cov)
+            self._head = whitening_blocks(white) if white is not None else []
+            self._head_key = self._inv_cov_key()
 
     def score_deviations(self, dev: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Deviations from the means (B, P, C) -> anomaly maps (B, 1, H, W) at `size` (H, W)."""
