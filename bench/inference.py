@@ -7,7 +7,7 @@ Makes what it needs under --work if missing (demo data with `distributed-anomaly
 installed with `distributed-anomaly weights --install-offline`), exports the three IRs, then times the model
 forward pass on the same ImageNet-normalised input tensor (pre- and post-processing are shared and excluded):
 
-    latency     batch 1, median of --iters calls, in ms
+    latency     batch 1, median of --iters calls, in ms (PADIM also: "backbone only", its frozen network alone)
     throughput  batch 8, images per second, best of --rounds rounds of --iters calls
 
 Every runtime uses --threads threads (torch.set_num_threads / INFERENCE_NUM_THREADS). Runtimes are measured
@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distributed_anomaly import runner  # noqa: E402
+from distributed_anomaly import frozen, rundir, runner  # noqa: E402
 from distributed_anomaly.export import export_run  # noqa: E402
 from distributed_anomaly.inference import OpenVINOInferencer  # noqa: E402
 
@@ -77,6 +77,21 @@ def prepare(work: Path, size: int, models: list[str], calibration: int) -> dict[
     return out
 
 
+class BackboneOnly:
+    """The run's frozen network alone (its taps IR, frozen.py) in OpenVINO fp32: what the head adds is measured
+    against this (issue 17: the PADIM IR >= 0.7x its backbone-only throughput at batch 8)."""
+
+    def __init__(self, run: Path, threads: int) -> None:
+        import openvino as ov
+
+        _, module, _ = rundir.load_model(run)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        self.request = ov.Core().compile_model(frozen.taps_model_path(module), "CPU", config).create_infer_request()
+
+    def raw_maps(self, x: torch.Tensor) -> None:
+        self.request.infer({0: x.numpy()})
+
+
 def timed(fn, x, iters: int) -> list[float]:
     times = []
     for _ in range(iters):
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         runners = {"torch eager": runner.TorchRunner.from_run(paths[model]["run"])}
         for precision in ("fp32", "fp16", "int8"):
             runners[f"openvino {precision}"] = OpenVINOInferencer(paths[model][precision], num_threads=a.threads)
+        if model == "padim":
+            runners["backbone only"] = BackboneOnly(paths[model]["run"], a.threads)
         lat: dict[str, list[float]] = {k: [] for k in runners}
         thr: dict[str, list[float]] = {k: [] for k in runners}
         for r in runners.values():  # warm-up (first-call allocation, OpenVINO's lazy init)
@@ -124,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 lat[k] += timed(r.raw_maps, x1, a.iters)
                 thr[k].append(8 * a.iters / sum(timed(r.raw_maps, x8, a.iters)))
         base = max(thr["torch eager"])
+        if "backbone only" in thr:
+            share = max(thr["openvino fp32"]) / max(thr["backbone only"])
+            print(f"{model:<6} openvino fp32 / backbone only at batch 8: {share:.2f}x", flush=True)
         for k in runners:
             print(
                 f"{model:<6} {k:<14} {1000 * statistics.median(lat[k]):>16.1f} {max(thr[k]):>22.1f} "
