@@ -277,8 +277,7 @@ def fit_padim_ray(
     engine.fit_padim up to float64 rounding. Sets the model's mean/inv_cov and returns (stats, info).
 
     workers: size of the actor pool running the backbone; each actor reserves `cpus_per_worker` logical CPUs
-    and runs its frozen backbone on `runtime` (frozen.RUNTIMES) with `threads_per_worker` threads (default:
-    cpus_per_worker).
+    and runs its frozen backbone on `runtime` with `threads_per_worker` threads (default: cpus_per_worker).
     skip_corrupt: an unreadable image is skipped with a warning (listed in info) instead of stopping the fit.
     info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images}],
     nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype.

@@ -112,6 +112,18 @@ def _serve_client():
         return None
 
 
+def _local_cpus(config: AppConfig) -> int:
+    """Logical CPUs of the local Ray `serve` starts: enough for every replica (distributed.cpus)."""
+    from distributed_anomaly.distributed.cpus import serve_ray_cpus
+
+    num_cpus = serve_ray_cpus(config.replicas, config.cpus_per_replica)
+    logger.info(
+        f"starting a local Ray with {num_cpus} logical CPUs for {config.replicas} replica(s) x "
+        f"{config.cpus_per_replica:g} CPUs (--address joins a running cluster instead)"
+    )
+    return num_cpus
+
+
 def start_server(
     config: AppConfig,
     host: str = "127.0.0.1",
@@ -132,7 +144,6 @@ def start_server(
     import ray
     from ray import serve
 
-    from distributed_anomaly.distributed.cpus import serve_ray_cpus
     from distributed_anomaly.distributed.ray_setup import LOCAL_ADDRESSES, ensure_ray
     from distributed_anomaly.serve.deployments import APP_NAME, build_app
 
@@ -141,12 +152,7 @@ def start_server(
     local = address in LOCAL_ADDRESSES
     if local and not ray.is_initialized():
         check_port_free(host, port)  # a fresh local Ray cannot have Serve on it yet: fail before starting Ray
-        if num_cpus is None:
-            num_cpus = serve_ray_cpus(config.replicas, config.cpus_per_replica)
-            logger.info(
-                f"starting a local Ray with {num_cpus} logical CPUs for {config.replicas} replica(s) x "
-                f"{config.cpus_per_replica:g} CPUs (--address joins a running cluster instead)"
-            )
+        num_cpus = num_cpus or _local_cpus(config)
     started_ray = ensure_ray(address, num_cpus=num_cpus)
     started_serve = False
     try:
