@@ -12,8 +12,10 @@ import copy
 import functools
 import itertools
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,17 +324,25 @@ def _check_best(model, info, val) -> None:
 def test_cli_train_resume_continues_an_interrupted_run(
     ray_local, demo_category, tmp_path, monkeypatch, capsys, s3_bucket
 ):
-    """`train --workers 1 --max-failures 0 --storage s3://...` stops at an injected fault; `train --resume RUN_DIR`
-    finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is uploaded there."""
+    """`train --workers 1 --max-failures 0 --storage s3://... --skip-corrupt` stops at an injected fault; `train
+    --resume RUN_DIR` finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is
+    uploaded there. --skip-corrupt holds on Ray Train too (and survives the resume): a truncated training image
+    and a truncated test image are left out and listed in metrics.json."""
     from distributed_anomaly import storage
     from distributed_anomaly.cli import main
 
     out = tmp_path / "run"
     shared = s3_bucket("cli-resume")
+    data = shutil.copytree(demo_category, tmp_path / "data")
+    records = load_dataset(data)
+    bad_train = records_of_split(records, "train")[3].path
+    bad_test = next(r.path for r in records_of_split(records, "test") if r.label)
+    for bad in (bad_train, bad_test):
+        Path(bad).write_bytes(Path(bad).read_bytes()[:200])
     argv = [
         "train",
         "--data",
-        str(demo_category),
+        str(data),
         "--out",
         str(out),
         "--model",
@@ -352,6 +362,7 @@ def test_cli_train_resume_continues_an_interrupted_run(
         "0",
         "--storage",
         shared,
+        "--skip-corrupt",
         "--quiet",
     ]
     # The CLI takes no fault hook: the first call's train_stfpm_ray (looked up when training starts) gets one.
@@ -380,6 +391,11 @@ def test_cli_train_resume_continues_an_interrupted_run(
     assert (fetched / rundir.CONFIG).read_bytes() == (out / rundir.CONFIG).read_bytes()
     assert [h["epoch"] for h in json.loads((out / rundir.HISTORY).read_text())] == [0, 1, 2]
     assert info["batchnorm_recomputed_on"] == info["num_train_images"]
+    assert info["num_train_images"] + info["num_val_images"] == len(records_of_split(records, "train")) - 1
+    metrics = json.loads((out / rundir.METRICS).read_text())
+    skipped = metrics["skipped_images"]
+    assert skipped["train"] + skipped["validation"] == [bad_train] and skipped["test"] == [bad_test]
+    assert metrics["num_test_images"] == len(records_of_split(records, "test")) - 1
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume
     assert "finished run" in capsys.readouterr().err
 

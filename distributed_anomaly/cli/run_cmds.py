@@ -144,8 +144,8 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-corrupt",
         action="store_true",
-        help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
-        "instead of stopping",
+        help="skip undecodable images with a warning instead of stopping: training images (in process or on "
+        "Ray, PADIM and STFPM) and calibration/test images; metrics.json lists them (skipped_images)",
     )
     p.add_argument(
         "--storage",
@@ -209,6 +209,11 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--report", action="store_true", help=REPORT_HELP)
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave undecodable test images out with a warning (listed in metrics.json) instead of stopping",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -216,7 +221,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from distributed_anomaly.evaluation import format_metrics
     from distributed_anomaly.training import evaluate_run
 
-    metrics = evaluate_run(a.run, a.data, a.batch_size, progress=not a.quiet, report=a.report)
+    metrics = evaluate_run(
+        a.run, a.data, a.batch_size, progress=not a.quiet, report=a.report, skip_corrupt=a.skip_corrupt
+    )
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
     if a.report and not a.json:
         print(f"report: {metrics['report']}")
