@@ -7,19 +7,40 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from distributed_anomaly.config import DEFAULT_RUNTIME
+from distributed_anomaly.data.images import read_image
 from distributed_anomaly.data.loader import Progress, iter_batches
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize, as_hw
+from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.frozen import FrozenPatches, OpenVinoTeacher, patch_runtime, teacher_runtime, torch_beside
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map
 from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
+
+
+def unreadable_images(records: Sequence[Record], threads: int = 4) -> list[tuple[Record, str]]:
+    """(record, reason) of every image that does not decode: one full decode each (a truncated file fails too),
+    in threads (the decoder releases the GIL). What `--skip-corrupt` leaves out before a split is used."""
+
+    def reason(record: Record) -> str | None:
+        try:
+            read_image(record.path)
+        except ImageReadError as exc:  # its message names the file
+            return str(exc)
+        except Exception as exc:  # e.g. PIL's DecompressionBombError: still one bad file, named (as decode_batch)
+            return f"cannot decode image {record.path}: {type(exc).__name__}: {exc}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = list(pool.map(reason, records))
+    return [(r, why) for r, why in zip(records, reasons) if why is not None]
 
 
 def empty_stats(model: Padim) -> GaussianStats:

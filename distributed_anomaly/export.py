@@ -8,7 +8,8 @@ IR_DIR layout (every file written into a temp folder next to IR_DIR, then rename
     IR_DIR/model.xml, model.bin  the network
     IR_DIR/postprocess.json      thresholds and normalisation (the run's; int8: refitted), read by `inference`
     IR_DIR/metadata.json         model type, task, thresholds, normalisation, image size, backbone, layers,
-                                 precision, source run, package version, input/output description
+                                 precision, source run, package version, input/output description,
+                                 model_bin_sha256 (checked by every reader: irformat.check_model_bin)
 
 Model I/O (the contract of every precision):
 
@@ -73,6 +74,8 @@ from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
 from distributed_anomaly.irformat import (
+    BIN,
+    BIN_SHA256,
     DEFAULT_CALIBRATION_IMAGES,
     FORMAT,
     FORMAT_VERSION,
@@ -84,6 +87,7 @@ from distributed_anomaly.irformat import (
     POSTPROCESS,
     PRECISIONS,
     XML,
+    file_sha256,
 )
 from distributed_anomaly.postprocess import TASKS
 
@@ -262,7 +266,8 @@ def _write_ir(ov_model, post, metadata: dict, ir_dir: Path) -> None:
     try:
         ov.save_model(ov_model, tmp / XML, compress_to_fp16=(metadata["precision"] == "fp16"))
         write_json(tmp / POSTPROCESS, post.to_dict())
-        write_json(tmp / METADATA, metadata)  # last: its presence marks a complete export
+        # last: its presence marks a complete export; the weights' hash lets every reader verify model.bin
+        write_json(tmp / METADATA, {**metadata, BIN_SHA256: file_sha256(tmp / BIN)})
         for name in IR_FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())

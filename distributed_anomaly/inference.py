@@ -24,7 +24,16 @@ import numpy as np
 from distributed_anomaly.data.sizes import as_hw, canonical
 from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.fileio import read_json
-from distributed_anomaly.irformat import BIN, INPUT_NAME, OUTPUT_NAME, POSTPROCESS, XML, check_ir_files, read_metadata
+from distributed_anomaly.irformat import (
+    BIN,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    POSTPROCESS,
+    XML,
+    check_ir_files,
+    check_model_bin,
+    read_metadata,
+)
 from distributed_anomaly.postprocess import PostProcessor, Prediction
 from distributed_anomaly.runner import predict_images
 
@@ -46,6 +55,7 @@ class OpenVINOInferencer:
             raise RunDirError(f"{self.ir_dir} is not a folder (expected an OpenVINO export with {XML})")
         check_ir_files(self.ir_dir, {p.name for p in self.ir_dir.iterdir() if p.is_file()})
         self.metadata = read_metadata(self.ir_dir)
+        self.bin_sha256 = check_model_bin(self.ir_dir, self.metadata)  # a truncated or mixed copy fails here
         try:
             self.image_size = canonical(self.metadata["image_size"])  # S, or [H, W] when not square
             self.postprocessor = PostProcessor.from_dict(self._read_json(POSTPROCESS))

@@ -5,7 +5,8 @@ checks live here and nothing has to import the exporter (and its NNCF/calibratio
 
     IR_DIR/model.xml, model.bin  the network: input "image" [-1, 3, H, W] -> output "anomaly_map" [-1, 1, H, W]
     IR_DIR/postprocess.json      thresholds and normalisation (postprocess.PostProcessor)
-    IR_DIR/metadata.json         written last by `export`: its presence marks a complete folder
+    IR_DIR/metadata.json         written last by `export` (and last by an upload): its presence marks a complete
+                                 folder; it carries model.bin's SHA-256 (`model_bin_sha256`), checked on load
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ INPUT_NAME, OUTPUT_NAME = "image", "anomaly_map"
 XML, BIN, METADATA, POSTPROCESS = "model.xml", "model.bin", "metadata.json", POSTPROCESS_FILE
 IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
 FORMAT = "distributed_anomaly.openvino_ir"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata.json carries model_bin_sha256
+BIN_SHA256 = "model_bin_sha256"
 MODEL_API_LABELS = ("Normal", "Anomaly")
 DEFAULT_CALIBRATION_IMAGES = 300  # int8: normal training images NNCF calibrates on
-# What identifies an export without reading model.bin (which can be gigabytes): see model_version.
+# What identifies an export without reading model.bin (which can be gigabytes): metadata.json holds its
+# SHA-256, so these small files pin the weights too (see model_version).
 VERSION_FILES = (METADATA, POSTPROCESS, XML)
 DESCRIBED_KEYS = (
     "model",
@@ -42,6 +45,7 @@ DESCRIBED_KEYS = (
     "norm_max",
     "exported_at",
     "version",
+    BIN_SHA256,
 )
 
 
@@ -81,10 +85,46 @@ def describe_ir(ir_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_version(ir_dir: str | os.PathLike) -> str:
-    """12 hex digits of SHA-256 over metadata, thresholds and graph: every re-export changes it (exported_at),
-    copies of one export share it. model.bin is left out so that start-up does not read gigabytes."""
+    """12 hex digits of SHA-256 over metadata, thresholds and graph. metadata.json holds model.bin's SHA-256, so
+    the version pins the weights as well (checked against model.bin on load: check_model_bin) without start-up
+    reading gigabytes; every re-export changes it (exported_at), copies of one export share it."""
+    recorded_bin_sha256(read_metadata(ir_dir), ir_dir)
     h = hashlib.sha256()
     for name in VERSION_FILES:
         h.update(name.encode())
         h.update((Path(ir_dir) / name).read_bytes())
     return h.hexdigest()[:12]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (model.bin can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def recorded_bin_sha256(meta: dict[str, Any], where: str | os.PathLike) -> str:
+    """model.bin's SHA-256 as metadata.json records it; an export without it (format 1) cannot be verified."""
+    value = meta.get(BIN_SHA256)
+    if not isinstance(value, str) or len(value) != 64:
+        raise RunDirError(
+            f"{Path(where) / METADATA} records no {BIN_SHA256} (an export older than format {FORMAT_VERSION}): "
+            "re-run `export` so that model.bin can be verified"
+        )
+    return value
+
+
+def check_model_bin(ir_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> str:
+    """model.bin is the file `export` wrote: its SHA-256 equals metadata.json's; returns it. A clear error
+    names both hashes otherwise (a truncated or mixed copy: upload or export it again)."""
+    meta = read_metadata(ir_dir) if meta is None else meta
+    want = recorded_bin_sha256(meta, ir_dir)
+    got = file_sha256(Path(ir_dir) / BIN)
+    if got != want:
+        raise RunDirError(
+            f"{Path(ir_dir) / BIN} is not the model its metadata describes (SHA-256 {got[:12]}…, metadata.json "
+            f"says {want[:12]}…): a truncated or mixed copy? copy, upload or export it again"
+        )
+    return got

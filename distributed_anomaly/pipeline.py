@@ -100,8 +100,9 @@ def run_search_stage(request: Any, tune_dir: Path, address: str | None, progress
             summary = read_json(summary_file)
             if not summary.get("interrupted") and summary.get("best"):
                 logger.info(f"search: already finished in {tune_dir} (best trial {summary['best']['trial']}), skipping")
-                if request.storage and not shared.exists(shared.join(request.storage, SUMMARY)):
-                    shared.upload(tune_dir, request.storage)  # the run that finished it failed to upload it
+                if request.storage and not shared.complete(request.storage, SUMMARY):
+                    # the run that finished it failed to upload it, or stopped half-way through
+                    shared.upload(tune_dir, request.storage, marker=SUMMARY)
                     logger.info(f"search: uploaded to {request.storage}")
                 return {**summary, "rows": None, "skipped": True}
         logger.info(f"search: continuing the interrupted search in {tune_dir}")
@@ -209,10 +210,16 @@ def _export_and_share(best: Path, ir_dir: Path, precision: str, remote: str | No
         return str(ir_dir)
     served_from = shared.join(remote, MODEL)
     record["stages"]["export"]["shared"] = served_from
-    if exported or not shared.exists(shared.join(served_from, "model.xml")):
-        shared.upload(ir_dir, served_from)
+    if exported or not _shared_copy_is_current(ir_dir, served_from):
+        shared.upload(ir_dir, served_from, marker=METADATA)
         logger.info(f"export: uploaded to {served_from}")
     return served_from
+
+
+def _shared_copy_is_current(ir_dir: Path, served_from: str) -> bool:
+    """The upload of this very export finished: its marker (metadata.json, copied last) is there and is this
+    export's (metadata.json names model.bin's SHA-256 and the export time). Else a rerun uploads it again."""
+    return shared.read_bytes(shared.join(served_from, METADATA)) == (ir_dir / METADATA).read_bytes()
 
 
 def _deploy(ir_dir: str, opts: ServeOptions, address: str) -> dict:

@@ -84,21 +84,58 @@ def remove_tree(location: str) -> None:
         fs.delete_dir(path)
 
 
-def upload(local: str | os.PathLike, location: str) -> str:
+def upload(local: str | os.PathLike, location: str, marker: str | None = None) -> str:
     """Copy the contents of a local folder into location (created if needed; files there are replaced), or one
     local file to location (the file's own path or URI).
 
-    Not atomic: object stores have no folder rename, so a reader may see a partly copied folder while this
-    runs. The local folder stays the source of truth: every "is this stage finished?" decision reads it.
+    Object stores have no folder rename, so a reader may see a partly copied folder while this runs. `marker`
+    names the folder's completion file (config.json of a run, metadata.json of an export, summary.json of a
+    search): the copy already there loses its marker first, every other file is copied, the marker last, so a
+    folder without it is an unfinished copy (`complete` says no) and a rerun copies it again. The local folder
+    stays the source of truth: every "is this stage finished?" decision reads it.
     """
     local = Path(local).resolve()
     fs, path = filesystem(location)
+    if marker is not None and not (local / marker).is_file():
+        raise UserError(f"{local} is not complete ({marker} is missing): nothing uploaded to {location}")
     try:
         fs.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if marker is None:
+            _copy(local, path, fs)
+            return location
+        target = f"{path.rstrip('/')}/{marker}"
+        if fs.get_file_info(target).type != pafs.FileType.NotFound:
+            fs.delete_file(target)  # from now on the copy there reads as unfinished
+        for entry in sorted(local.iterdir()):
+            if entry.name != marker:
+                _copy(entry, f"{path.rstrip('/')}/{entry.name}", fs)
+        _copy(local / marker, target, fs)
     except OSError as exc:
         raise UserError(f"cannot write to storage {location}: {exc}") from exc
     return location
+
+
+def _copy(local: Path, path: str, fs) -> None:
+    if local.is_dir():
+        fs.create_dir(path, recursive=True)  # copy_files creates the folders below path, not path itself
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def complete(location: str, marker: str) -> bool:
+    """A folder uploaded with `upload(..., marker)` that finished: its marker is there."""
+    return exists(join(location, marker))
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The contents of one (small) file at location; None if nothing is there."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(path) as src:
+            return src.read()
+    except OSError as exc:
+        raise UserError(f"cannot read {location}: {exc}") from exc
 
 
 def download(location: str, local_dir: str | os.PathLike) -> Path:

@@ -20,7 +20,7 @@ from distributed_anomaly.data.dataset import load_dataset, resolve_layout
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
 from distributed_anomaly.distributed.cpus import local_ray_cpus
-from distributed_anomaly.errors import TrainingInterrupted, UserError
+from distributed_anomaly.errors import ImageReadError, TrainingInterrupted, UserError
 from distributed_anomaly.fileio import read_json, write_json
 from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.report import write_report
@@ -84,11 +84,17 @@ def train(
     records = load_dataset(data, layout)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
+    # Ray PADIM's fit pipeline skips (or stops on) unreadable images itself; every other split is checked here,
+    # before any work, so a bad test image cannot fail the run after a whole fit.
+    own_check = cfg.model == "padim" and run.uses_ray
+    fit_records, val, test, skipped = screen_splits(fit_records, val, test, run.skip_corrupt, check_fit=not own_check)
     logger.info(
         f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images"
     )
     model = rundir.build_model(cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     if run.resume is None:  # once the inputs are known good, before any work: what `train --resume` continues
+        if overwrite:  # the old run stops being complete before any of it is replaced
+            (Path(out) / rundir.CONFIG).unlink(missing_ok=True)
         _write_request(out, data, layout, cfg, tcfg, run)
     info: dict = {"data": str(Path(data).resolve()), "data_layout": layout.to_dict()}
     info.update(num_train_images=len(fit_records), num_val_images=len(val))
@@ -96,31 +102,68 @@ def train(
     with _maybe_ray(run, cfg.model):
         model, fit_info, history = _fit_or_interrupt(model, cfg, tcfg, fit_records, val, run, out, progress)
         info.update(fit_info)
+        if own_check:  # the images the Ray fit skipped are left out of everything after it too
+            skipped["train"] = list(fit_info["ray_fit"]["skipped"])
+            fit_records = [r for r in fit_records if r.path not in set(skipped["train"])]
         if history is not None:
             write_json(Path(out) / rundir.HISTORY, history)
-        if tcfg.calibrate_on_test:
-            logger.warning(
-                "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
-            )
-        score = (
-            _ray_scorer(model, cfg, tcfg, run, progress)
-            if run.uses_ray
-            else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime)
-        )
-        post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
-        metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
+        post, metrics, maps, masks = _calibrate_and_evaluate(model, cfg, tcfg, run, (fit_records, val, test), progress)
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if val else "none")
+    metrics["skipped_images"] = info["skipped_images"] = skipped
     rundir.save_model(out, cfg, tcfg, model, post, info)
     finish_run(out, metrics, test, maps, masks, post, report)
     if run.storage:
-        logger.info(f"run uploaded to {shared.upload(out, shared.counterpart(run.storage, out))}")
+        uploaded = shared.upload(out, shared.counterpart(run.storage, out), marker=rundir.CONFIG)
+        logger.info(f"run uploaded to {uploaded}")
     return metrics
+
+
+def _calibrate_and_evaluate(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, splits, progress: bool):
+    """Thresholds from the calibration split, then the test metrics; on Ray Data when the fit ran on Ray."""
+    fit_records, val, test = splits
+    if tcfg.calibrate_on_test:
+        logger.warning(
+            "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
+        )
+    score = (
+        _ray_scorer(model, cfg, tcfg, run, progress)
+        if run.uses_ray
+        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime)
+    )
+    post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
+    metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
+    return post, metrics, maps, masks
+
+
+def screen_splits(
+    fit_records: list[Record], val: list[Record], test: list[Record], skip_corrupt: bool, check_fit: bool = True
+) -> tuple[list[Record], list[Record], list[Record], dict[str, list[str]]]:
+    """The splits without their unreadable images, and {split: skipped paths} (what metrics.json lists).
+
+    Validation and test images are always checked (a bad one stops the run here, before the fit, unless
+    skip_corrupt); training images with skip_corrupt only (else the fit stops on the first one) and
+    unless the caller's fit checks them itself (check_fit False: Ray PADIM)."""
+    splits = {"train": fit_records, "validation": val, "test": test}
+    skipped: dict[str, list[str]] = {name: [] for name in splits}
+    for name, records in splits.items():
+        if name == "train" and not (skip_corrupt and check_fit):
+            continue
+        bad = engine.unreadable_images(records)
+        if bad and not skip_corrupt:
+            raise ImageReadError(
+                f"{bad[0][1]} ({len(bad)} unreadable image(s) in the {name} split; --skip-corrupt leaves them "
+                "out and lists them in metrics.json)"
+            )
+        for _, why in bad:
+            logger.warning(f"skipping unreadable image: {why}")
+        skipped[name] = [r.path for r, _ in bad]
+        gone = set(skipped[name])
+        splits[name] = [r for r in records if r.path not in gone]
+    return splits["train"], splits["validation"], splits["test"], skipped
 
 
 def _check_target(out: str | os.PathLike, overwrite: bool, run: Execution) -> None:
     """Refuse to overwrite a finished run, or to start over an interrupted one, unless asked to."""
-    if run.skip_corrupt and not run.uses_ray:
-        raise UserError("--skip-corrupt applies to Ray fitting (--workers N)")
     if (Path(out) / rundir.CONFIG).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained model; choose another --out or pass --overwrite")
     if (Path(out) / rundir.REQUEST).exists() and not overwrite and run.resume is None:
@@ -327,20 +370,23 @@ def evaluate_run(
     report: bool = False,
     runtime: str = DEFAULT_RUNTIME,
     layout: DataLayout | None = None,
+    skip_corrupt: bool = False,
 ) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds.
 
     Without `data`, the run's own dataset read with its recorded layout; with `data`, `layout` (default:
-    detected)."""
+    detected). With skip_corrupt, unreadable test images are left out and listed in metrics.json (as `train`
+    does)."""
     cfg, model, post = rundir.load_model(run)
     _, tcfg, info = rundir.load_config(run)
     if not data:
         data, layout = info.get("data"), DataLayout.from_dict(info.get("data_layout"))
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
-    test = records_of_split(load_dataset(data, layout), "test")
+    _, _, test, skipped = screen_splits([], [], records_of_split(load_dataset(data, layout), "test"), skip_corrupt)
     score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress, score)
+    metrics["skipped_images"] = {"test": skipped["test"]}
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")
     finish_run(run, metrics, test, maps, masks, post, report)
     return metrics

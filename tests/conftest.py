@@ -172,6 +172,11 @@ def exports(padim_run: Path, stfpm_run: Path, tmp_path_factory: pytest.TempPathF
 
 
 # --- Ray: one local cluster per test session (only started if a test asks for it), shut down at the end. ---
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a run's start, its end,
+# a restart, and each checkpoint a worker waits to see registered (the fault hooks do, every epoch) wait for the
+# next poll. Polled 8x as often here; a missed poll is not a failure (that takes 600 s). Set at import, before
+# any Ray process starts, so the session's Ray, `tune` subprocesses and `ray start` nodes all inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # (Here rather than in a tests/ray_fixture.py plugin: `pytest_plugins = ["tests.ray_fixture"]` needs the
 # repository root on sys.path, which `python -m pytest` gives but the `pytest` script does not.)
 # 4 logical CPUs, over-declared on small machines, so a pool of up to 3 actors plus decode tasks can run.

@@ -136,3 +136,89 @@ def test_serve_configs_build_our_application() -> None:
         assert parsed.models and parsed.replicas >= 1
     assert service_cfg["applications"][0]["import_path"] == serve_cfg["applications"][0]["import_path"]
     assert set(service_cfg["applications"][0]["args"]) <= set(serve_cfg["applications"][0]["args"])
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def _ray_containers(spec: dict) -> list[tuple[str, dict]]:
+    """(where, container) of every Ray node of a RayCluster spec: the head and each worker group."""
+    found = [("head", c) for c in spec["headGroupSpec"]["template"]["spec"]["containers"]]
+    for group in spec.get("workerGroupSpecs") or []:
+        found += [(f"worker group {group['groupName']}", c) for c in group["template"]["spec"]["containers"]]
+    return found
+
+
+def _cluster_specs() -> list[tuple[str, dict]]:
+    return [
+        ("RayCluster", _k8s("RayCluster")["spec"]),
+        ("RayJob", _k8s("RayJob")["spec"]["rayClusterSpec"]),
+        ("RayService", _k8s("RayService")["spec"]["rayClusterConfig"]),
+    ]
+
+
+def _has_token_auth(where: str, container: dict) -> None:
+    env = _env(container)
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE=token missing"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    assert ref.get("name") == "distributed-anomaly-ray-token" and not ref.get("optional"), (
+        f"{where}: RAY_AUTH_TOKEN must come from the secret distributed-anomaly-ray-token"
+    )
+
+
+def test_every_kuberay_client_and_node_gets_token_auth() -> None:
+    """cluster/README.md: every Ray node and every client (the RayJob's `ray job submit` pod) needs
+    RAY_AUTH_MODE=token as well as the token, else the client answers "Missing authentication token"."""
+    for kind, spec in _cluster_specs():
+        for where, container in _ray_containers(spec):
+            _has_token_auth(f"{kind} {where} ({container['name']})", container)
+    for container in _k8s("RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+        _has_token_auth(f"RayJob submitter ({container['name']})", container)
+
+
+def test_every_command_line_that_sets_the_token_sets_the_auth_mode() -> None:
+    """The usage lines of cluster/ (README and manifest comments) that hand a client the token also set the mode."""
+    texts = {p: p.read_text() for p in [*YAMLS, CLUSTER / "README.md"]}
+    lines = [(p, line) for p, t in texts.items() for line in t.splitlines() if "RAY_AUTH_TOKEN=" in line]
+    assert lines
+    for path, line in lines:
+        assert "RAY_AUTH_MODE=token" in line, f"{path.relative_to(ROOT)}: {line.strip()}"
+
+
+def _serves_on_all_interfaces() -> list[str]:
+    found = []
+    argv = shlex.split(_k8s("RayJob")["spec"]["entrypoint"])
+    if "--serve" in argv and argv[argv.index("--host") + 1] == "0.0.0.0":
+        found.append("RayJob")
+    service = yaml.safe_load(_k8s("RayService")["spec"]["serveConfigV2"])
+    if service.get("http_options", {}).get("host") == "0.0.0.0":
+        found.append("RayService")
+    ports = [
+        p["containerPort"]
+        for c in _k8s("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+    ]
+    if 8000 in ports:
+        found.append("RayCluster")
+    return found
+
+
+def test_endpoints_on_all_interfaces_take_their_api_key_from_a_secret() -> None:
+    """A Serve endpoint reachable from outside its pod needs a key: every Ray container of such a manifest reads
+    serve.settings.API_KEY_ENV (the ingress and the pipeline's driver read it) from a required secret, and no
+    key is written into the manifest itself."""
+    from distributed_anomaly.serve.settings import API_KEY_ENV
+
+    exposed = _serves_on_all_interfaces()
+    assert {"RayJob", "RayService"} <= set(exposed)
+    specs = dict(_cluster_specs())
+    for kind in exposed:
+        for where, container in _ray_containers(specs[kind]):
+            entry = _env(container).get(API_KEY_ENV)
+            assert entry, f"{kind} {where}: no {API_KEY_ENV}; its endpoint on 0.0.0.0 would take any request"
+            ref = entry.get("valueFrom", {}).get("secretKeyRef", {})
+            assert "value" not in entry and ref.get("name") and ref.get("key"), f"{kind} {where}: key not from a secret"
+            assert not ref.get("optional"), f"{kind} {where}: the key's secret is optional, so the endpoint may be open"
+    service_args = yaml.safe_load(_k8s("RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert "api_key" not in service_args  # from the secret, not in the manifest

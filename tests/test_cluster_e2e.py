@@ -85,6 +85,8 @@ def test_pipeline_job_on_two_node_cluster_serves_the_best_model(
         "backbone=resnet18",
         "--fix",
         "image_size=128",
+        "--fix",  # the smallest PADIM (the search still samples the layers): less to fit, export, upload, load
+        "n_features=32",
         "--no-pretrained",
         "--out",
         str(out),

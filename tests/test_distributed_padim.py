@@ -49,7 +49,9 @@ def reference(train_records):
     return stats, model
 
 
-@pytest.mark.parametrize("workers,batch_size", [(1, 5), (2, 8), (3, 7)])
+# 1 worker, and 3 workers with a batch size that divides nothing evenly; 2 workers (batch 4) are held to the same
+# statistics by test_skip_corrupt_skips_with_warning_and_counts, which leaves one image out on top.
+@pytest.mark.parametrize("workers,batch_size", [(1, 5), (3, 7)])
 def test_ray_fit_equals_in_process_fit(ray_local, train_records, reference, workers, batch_size, capsys):
     from distributed_anomaly.distributed import fit_padim_ray
 

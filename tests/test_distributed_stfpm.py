@@ -1,9 +1,10 @@
 """STFPM on Ray Train: DDP gradient semantics, batch norm per replica over epochs, a killed worker, resuming.
 
 Tiny on purpose (resnet18 layer1+layer2 with seeded random weights, 64 px, a handful of demo images): each
-Ray Train run costs a worker-group start (process start-up and imports), so the file makes seven: 1 and 2
-workers for the step semantics; 2 for three epochs with per-replica batch norm; 2, a restart and 1 for the
-failure and the resume. Faults are injected with a fault hook (faults.FaultPlan) passed to train_stfpm_ray.
+Ray Train run costs a worker-group start (process start-up and imports), so the file makes six: 2 workers
+for the step semantics (next to Ray Train's local mode); 2 for three epochs with per-replica batch norm; 2, a
+restart and 1 for the failure and the resume; 1 and its resume through the CLI. Faults are injected with a
+fault hook (faults.FaultPlan) passed to train_stfpm_ray.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import copy
 import functools
 import itertools
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,11 +46,15 @@ def _student(model) -> dict[str, torch.Tensor]:
 
 
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_local, normal_images, tmp_path):
-    """One SGD step: W=2 ranks x 4 images (DDP, summed gradients) == W=1 x 8 == in-process reference.
+    """One SGD step: W=2 ranks x 4 images (DDP, summed gradients) == Ray Train's local mode (W=0) x 8 ==
+    in-process reference.
 
     Batch norm is the one thing DDP does not make equal (statistics are per replica; torch's SyncBatchNorm
     has no CPU kernel), so the student's BN uses its running statistics here (batch_norm="frozen"); what is
     compared is the data sharding, the gradient reduction and its scale, and the optimizer step.
+    One worker (W=1) is not run here: at a world size of one a worker takes the W=0 step (no DDP wrapper,
+    stfpm_worker.train_loop_per_worker), checked here; one-worker groups train end to end in
+    test_killed_worker_restarts_then_interrupted_run_resumes (the resume) and the CLI test.
     """
     fit, val = normal_images[:8], normal_images[8:10]
     tcfg = TrainConfig(epochs=1, batch_size=8, pretrained=False)
@@ -63,7 +70,7 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_local, norm
     opt.step()
     expected = _student(reference)
 
-    for workers in (0, 1, 2):
+    for workers in (0, 2):
         model, info = train_stfpm_ray(
             CFG,
             tcfg,
@@ -322,17 +329,25 @@ def _check_best(model, info, val) -> None:
 def test_cli_train_resume_continues_an_interrupted_run(
     ray_local, demo_category, tmp_path, monkeypatch, capsys, s3_bucket
 ):
-    """`train --workers 1 --max-failures 0 --storage s3://...` stops at an injected fault; `train --resume RUN_DIR`
-    finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is uploaded there."""
+    """`train --workers 1 --max-failures 0 --storage s3://... --skip-corrupt` stops at an injected fault; `train
+    --resume RUN_DIR` finishes it from the checkpoints Ray Train wrote to S3, and the finished run directory is
+    uploaded there. --skip-corrupt holds on Ray Train too (and survives the resume): a truncated training image
+    and a truncated test image are left out and listed in metrics.json."""
     from distributed_anomaly import storage
     from distributed_anomaly.cli import main
 
     out = tmp_path / "run"
     shared = s3_bucket("cli-resume")
+    data = shutil.copytree(demo_category, tmp_path / "data")
+    records = load_dataset(data)
+    bad_train = records_of_split(records, "train")[3].path
+    bad_test = next(r.path for r in records_of_split(records, "test") if r.label)
+    for bad in (bad_train, bad_test):
+        Path(bad).write_bytes(Path(bad).read_bytes()[:200])
     argv = [
         "train",
         "--data",
-        str(demo_category),
+        str(data),
         "--out",
         str(out),
         "--model",
@@ -343,7 +358,7 @@ def test_cli_train_resume_continues_an_interrupted_run(
         "--image-size",
         "64",
         "--epochs",
-        "3",
+        "2",
         "--batch-size",
         "8",
         "--workers",
@@ -352,10 +367,11 @@ def test_cli_train_resume_continues_an_interrupted_run(
         "0",
         "--storage",
         shared,
+        "--skip-corrupt",
         "--quiet",
     ]
     # The CLI takes no fault hook: the first call's train_stfpm_ray (looked up when training starts) gets one.
-    fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
+    fail = FaultPlan((Fault(rank=0, epoch=1, action="raise", marker=str(tmp_path / "interrupted")),))
     with monkeypatch.context() as patch:
         patch.setattr(stfpm_train, "train_stfpm_ray", functools.partial(train_stfpm_ray, fault_hook=fail))
         assert main(argv) == 1
@@ -375,11 +391,16 @@ def test_cli_train_resume_continues_an_interrupted_run(
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     _, _, info = rundir.load_config(out)
     assert info["ray_train"]["run_path"].startswith(checkpoints.split("?")[0] + "/stfpm-")
-    assert info["epochs_run"] == 3 and info["ray_train"]["resumes"] == 1 and info["ray_train"]["resumed"]
+    assert info["epochs_run"] == 2 and info["ray_train"]["resumes"] == 1 and info["ray_train"]["resumed"]
     fetched = storage.download(storage.join(shared, "run"), tmp_path / "fetched")
     assert (fetched / rundir.CONFIG).read_bytes() == (out / rundir.CONFIG).read_bytes()
-    assert [h["epoch"] for h in json.loads((out / rundir.HISTORY).read_text())] == [0, 1, 2]
+    assert [h["epoch"] for h in json.loads((out / rundir.HISTORY).read_text())] == [0, 1]
     assert info["batchnorm_recomputed_on"] == info["num_train_images"]
+    assert info["num_train_images"] + info["num_val_images"] == len(records_of_split(records, "train")) - 1
+    metrics = json.loads((out / rundir.METRICS).read_text())
+    skipped = metrics["skipped_images"]
+    assert skipped["train"] + skipped["validation"] == [bad_train] and skipped["test"] == [bad_test]
+    assert metrics["num_test_images"] == len(records_of_split(records, "test")) - 1
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume
     assert "finished run" in capsys.readouterr().err
 

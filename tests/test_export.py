@@ -20,6 +20,7 @@ are f32 and agree to rounding as well.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -346,6 +347,29 @@ def test_incomplete_ir_folder_is_a_clear_error(exports, tmp_path, broken) -> Non
         OpenVINOInferencer(ir)
     with pytest.raises(RunDirError, match=f"missing {broken}"):
         predict.predict(ir, [__file__], tmp_path / "out")
+
+
+def test_model_bin_is_checked_against_the_sha256_in_metadata(exports, tmp_path) -> None:
+    """metadata.json records model.bin's SHA-256; a truncated or swapped model.bin is a clear error on load,
+    and an export without the hash (format 1) is asked to be re-exported."""
+    ir = tmp_path / "ir"
+    shutil.copytree(exports("stfpm", "fp32"), ir)
+    meta = json.loads((ir / "metadata.json").read_text())
+    assert meta["model_bin_sha256"] == hashlib.sha256((ir / "model.bin").read_bytes()).hexdigest()
+    assert meta["format_version"] == 2
+    data = (ir / "model.bin").read_bytes()
+    (ir / "model.bin").write_bytes(data[: len(data) // 2])  # a truncated copy
+    with pytest.raises(RunDirError, match="model.bin is not the model its metadata describes"):
+        OpenVINOInferencer(ir)
+    shutil.copy(exports("padim", "fp32") / "model.bin", ir / "model.bin")  # another export's weights
+    with pytest.raises(RunDirError, match="SHA-256"):
+        predict.predict(ir, [__file__], tmp_path / "out")
+    shutil.copy(exports("stfpm", "fp32") / "model.bin", ir / "model.bin")
+    assert OpenVINOInferencer(ir).bin_sha256 == meta["model_bin_sha256"]
+    del meta["model_bin_sha256"]
+    (ir / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(RunDirError, match="re-run `export`"):
+        OpenVINOInferencer(ir)
 
 
 def test_foreign_metadata_and_bad_xml_are_clear_errors(exports, tmp_path) -> None:

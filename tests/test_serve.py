@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import hashlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.export import export_run
 from distributed_anomaly.inference import OpenVINOInferencer
-from distributed_anomaly.irformat import FORMAT
+from distributed_anomaly.irformat import BIN_SHA256, FORMAT
 from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.runner import predict_images
 from distributed_anomaly.serve import registry, requests, responses, settings
@@ -84,8 +85,11 @@ def fake_ir(folder: Path, **meta) -> Path:
     for name in ("model.xml", "model.bin"):
         (folder / name).write_text(f"<{name} of {folder.name}>")
     (folder / "postprocess.json").write_text("{}")
+    sha = hashlib.sha256((folder / "model.bin").read_bytes()).hexdigest()
     (folder / "metadata.json").write_text(
-        json.dumps({"format": FORMAT, "model": "padim", "image_size": 64, "image_threshold": 1.5, **meta})
+        json.dumps(
+            {"format": FORMAT, "model": "padim", "image_size": 64, "image_threshold": 1.5, BIN_SHA256: sha, **meta}
+        )
     )
     return folder
 
@@ -106,7 +110,9 @@ def test_registry_names_versions_and_errors(tmp_path: Path) -> None:
     assert entries["washer"].version == entries["other"].version and len(entries["washer"].version) == 12
     assert entries["washer"].version != entries["tile"].version  # different files
     assert registry.ModelEntry.from_dict(entries["tile"].to_dict()) == entries["tile"]
-    (a / "metadata.json").write_text(json.dumps({"format": FORMAT, "exported_at": "later"}))
+    (a / "metadata.json").write_text(
+        json.dumps({**json.loads((a / "metadata.json").read_text()), "exported_at": "later"})
+    )
     assert registry.discover_models([a])["washer"].version != entries["washer"].version  # a re-export is a new version
 
     with pytest.raises(UserError, match="two models are named 'washer'"):

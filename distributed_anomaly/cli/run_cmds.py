@@ -157,8 +157,8 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-corrupt",
         action="store_true",
-        help="Ray PADIM fit: skip undecodable training images with a warning (counted in config.json) "
-        "instead of stopping",
+        help="skip undecodable images with a warning instead of stopping: training images (in process or on "
+        "Ray, PADIM and STFPM) and calibration/test images; metrics.json lists them (skipped_images)",
     )
     p.add_argument(
         "--storage",
@@ -248,6 +248,11 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help=REPORT_HELP)
     add_runtime(p)
     add_max_pixels(p)
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave undecodable test images out with a warning (listed in metrics.json) instead of stopping",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -264,6 +269,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         report=a.report,
         layout=_layout_with_data(a),
         runtime=a.runtime,
+        skip_corrupt=a.skip_corrupt,
     )
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
     if a.report and not a.json:

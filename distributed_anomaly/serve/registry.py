@@ -18,7 +18,16 @@ from typing import Any
 
 from distributed_anomaly import storage
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.irformat import VERSION_FILES, XML, check_ir_files, describe_ir, is_ir_dir, model_version
+from distributed_anomaly.irformat import (
+    IR_FILES,
+    METADATA,
+    VERSION_FILES,
+    check_ir_files,
+    check_model_bin,
+    describe_ir,
+    is_ir_dir,
+    model_version,
+)
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -94,6 +103,12 @@ def _remote_entry(model_name: str, uri: str) -> ModelEntry:
     present = storage.files(uri)
     if present is None:
         raise UserError(f"--model {uri}: no such folder (expected an IR folder written by `export`)")
+    if METADATA not in present and present & set(IR_FILES):  # the marker an upload writes last: a copy without
+        # it is an unfinished one, not an export
+        raise UserError(
+            f"--model {uri}: no complete export there ({METADATA}, copied last, is missing: an interrupted "
+            "upload? rerun the command that uploaded it)"
+        )
     check_ir_files(uri, present)
     with tempfile.TemporaryDirectory(prefix="da-ir-head-") as tmp:
         head = storage.fetch(uri, VERSION_FILES, tmp)
@@ -120,7 +135,7 @@ def local_ir(path: str, version: str | None = None) -> Path:
         return Path(path)
     cache = Path(os.environ.get("DISTRIBUTED_ANOMALY_CACHE", "~/.cache/distributed_anomaly")).expanduser() / "models"
     key = hashlib.sha256(path.encode()).hexdigest()[:16]
-    if version and (cache / f"{key}-{version}" / XML).is_file():
+    if version and (cache / f"{key}-{version}" / METADATA).is_file():
         return cache / f"{key}-{version}"
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
@@ -131,6 +146,7 @@ def local_ir(path: str, version: str | None = None) -> Path:
             raise UserError(f"{path} is not an IR folder written by `export` (no {', '.join(VERSION_FILES)})")
         if version and found != version:
             raise UserError(f"{path} now holds another export (version {found}, served {version}): redeploy")
+        check_model_bin(tmp)  # the weights are the ones the version names (not a truncated or mixed copy)
         final = cache / f"{key}-{found}"
         try:
             os.replace(tmp, final)  # atomic: a replica never compiles a half-downloaded model

@@ -227,7 +227,7 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
         out, rows, request=request, space=space, summary=summary, importances=imp, importance_note=imp_note
     )
     if request.storage:  # search/ is there already (Tune wrote it); now the driver's files beside it
-        storage.upload(out, request.storage)
+        storage.upload(out, request.storage, marker=SUMMARY)
         if progress:
             logger.info(f"search results uploaded to {request.storage}")
     return {**summary, "rows": rows}
