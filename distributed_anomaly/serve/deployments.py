@@ -40,6 +40,7 @@ from ray.serve.handle import DeploymentHandle
 
 from distributed_anomaly import __version__
 from distributed_anomaly.data.images import to_tensor
+from distributed_anomaly.data.sizes import canonical
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.postprocess import TASKS
 from distributed_anomaly.runner import predict_images
@@ -311,7 +312,7 @@ class AnomalyIngress:
         name = resolve_model(requested, self.names)
         size = self.entries[name].info.get("image_size")
         image, shape = await asyncio.get_running_loop().run_in_executor(
-            None, decode_upload, upload.data, self.max_pixels, int(size) if size else None
+            None, decode_upload, upload.data, self.max_pixels, canonical(size) if size else None
         )
         # Plain JSON types already (prediction_response): skip FastAPI's jsonable_encoder walk of the answer.
         return JSONResponse(await self._forward(name, image, task_name, shape, request_id(request)))
