@@ -85,6 +85,7 @@ def fit_padim(
         batches = (x for _, x in iter_batches(records, model.image_size, batch_size))
         acc = accumulate(frozen, model, batches, bar.update)
         stats = acc.to_stats(accumulation_dtype(model.n_positions, model.n_features))
+        del acc, frozen  # the float32 moments and the compiled network: not needed while the Gaussians are inverted
     bar.close()
     model.set_gaussian(stats)
     return stats
