@@ -39,9 +39,16 @@ _COMPLETE = "complete.json"  # written last: a cache entry without it is ignored
 
 
 def cache_dir() -> Path:
-    """Where converted extractors live: $DISTRIBUTED_ANOMALY_CACHE, else ~/.cache/distributed_anomaly."""
+    """Where converted extractors live: $DISTRIBUTED_ANOMALY_CACHE, else ~/.cache/distributed_anomaly; a
+    temporary folder when that cannot be created (a container with a read-only home still fits)."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "distributed_anomaly")
-    return Path(root) / "extractors"
+    path = Path(root) / "extractors"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / "distributed_anomaly" / "extractors"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:

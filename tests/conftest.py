@@ -99,6 +99,18 @@ def demo_category(demo_root: Path) -> Path:
 
 # --- trained runs and exports, shared across files (read-only: copy_run before changing one) ---
 
+# A PADIM small enough for a run per test: seeded random resnet18, two taps, 20 features, 64 px.
+TINY_PADIM_TRAIN_ARGS = [
+    "--model",
+    "padim",
+    "--no-pretrained",
+    "--layers",
+    "layer1,layer2",
+    "--n-features",
+    "20",
+    "--image-size",
+    "64",
+]
 PADIM_TRAIN_ARGS = ["--model", "padim", "--backbone", "mobilenet_v2", "--image-size", "128", "--quiet"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PADIM_TRAIN_ARGS, copy_run
+from conftest import PADIM_TRAIN_ARGS, TINY_PADIM_TRAIN_ARGS, copy_run
 from PIL import Image
 
 from distributed_anomaly.cli import main
@@ -130,15 +130,7 @@ def test_val_fraction_zero_reports_threshold_free_metrics_only(demo_category: Pa
         "train",
         "--data",
         str(demo_category),
-        "--model",
-        "padim",
-        "--no-pretrained",
-        "--layers",
-        "layer1,layer2",
-        "--n-features",
-        "16",
-        "--image-size",
-        "64",
+        *TINY_PADIM_TRAIN_ARGS,
         "--val-fraction",
         "0",
         "--quiet",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PADIM_TRAIN_ARGS
 
 from distributed_anomaly import engine
 from distributed_anomaly.data.mvtec import Record, load_category, records_of_split
@@ -201,15 +202,7 @@ def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path):
         "train",
         "--data",
         str(demo_category),
-        "--model",
-        "padim",
-        "--no-pretrained",
-        "--layers",
-        "layer1,layer2",
-        "--n-features",
-        "20",
-        "--image-size",
-        "64",
+        *TINY_PADIM_TRAIN_ARGS,
         "--batch-size",
         "5",
         "--quiet",

@@ -181,3 +181,11 @@ def test_openvino_teacher_equals_the_torch_teacher_and_trains_alike(demo_categor
         )  # fmt: skip
         losses[runtime] = (result.history[0].train_loss, result.history[0].val_loss)
     assert losses["openvino"] == pytest.approx(losses["torch"], rel=1e-3)
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv(frozen.CACHE_ENV, str(blocker))
+    path = frozen.cache_dir()
+    assert path.is_dir() and not str(path).startswith(str(blocker))

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PADIM_TRAIN_ARGS
 from test_serve import fake_ir
 
 from distributed_anomaly import rundir, storage
@@ -95,19 +96,7 @@ def test_model_bin_that_differs_from_its_recorded_sha256_is_refused(tmp_path: Pa
         registry.discover_models([ir])
 
 
-TRAIN = [
-    "train",
-    "--model",
-    "padim",
-    "--no-pretrained",
-    "--layers",
-    "layer1,layer2",
-    "--n-features",
-    "20",
-    "--image-size",
-    "64",
-    "--quiet",
-]
+TRAIN = ["train", *TINY_PADIM_TRAIN_ARGS, "--quiet"]
 
 
 def _truncate(path: str) -> bytes:
