@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distributed_anomaly import metrics
+from distributed_anomaly import box_metrics, metrics
 from distributed_anomaly.data.mvtec import GOOD, Record
 from distributed_anomaly.postprocess import PostProcessor
 
@@ -74,7 +74,7 @@ def compute_metrics(maps: np.ndarray, records: Sequence[Record], masks: np.ndarr
         if masks.any():
             pred_masks = np.stack([p.mask for p in preds])
             out["pixel_f1"] = _binary_f1(pred_masks, masks)
-            box = metrics.box_prf([p.boxes for p in preds], [metrics.gt_boxes_from_mask(m) for m in masks])
+            box = box_metrics.box_prf([p.boxes for p in preds], [box_metrics.gt_boxes_from_mask(m) for m in masks])
             out["box_precision"], out["box_recall"], out["box_f1"] = box["precision"], box["recall"], box["f1"]
         out["image_threshold"] = post.image_threshold
         out["pixel_threshold"] = post.pixel_threshold

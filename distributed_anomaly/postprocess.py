@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from distributed_anomaly import metrics
+from distributed_anomaly import box_metrics, metrics
 
 # The three task types: the same maps, post-processed into a label, boxes or a mask.
 TASKS = ("classification", "detection", "segmentation")
@@ -134,7 +134,7 @@ def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 def boxes_from_mask(mask: np.ndarray, values: np.ndarray) -> np.ndarray:
     """One box per 8-connected component: [x1, y1, x2, y2, max value inside], x2/y2 exclusive, by score."""
-    boxes = metrics.gt_boxes_from_mask(mask)
+    boxes = box_metrics.gt_boxes_from_mask(mask)
     if len(boxes) == 0:
         return np.zeros((0, 5))
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)

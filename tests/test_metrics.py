@@ -11,14 +11,12 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from distributed_anomaly.box_metrics import box_iou, box_prf, gt_boxes_from_mask
 from distributed_anomaly.metrics import (
     aupro,
     auroc,
-    box_iou,
-    box_prf,
     f1_at_threshold,
     f1_max,
-    gt_boxes_from_mask,
     precision_recall_curve,
     roc_curve,
 )
