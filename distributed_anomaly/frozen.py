@@ -61,7 +61,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, whatever the dtype
     return h.hexdigest()
 
 
@@ -179,6 +179,21 @@ def patch_graph(model: Padim, taps_xml: Path):
     return taps_model
 
 
+def _threads(threads: int | None) -> int:
+    """OpenVINO threads: as asked, else torch's count (a Ray actor sets that to its reservation)."""
+    return max(1, int(threads or torch.get_num_threads()))
+
+
+def _compile(model, threads: int | None, precision: str, hints: dict):
+    """A frozen network compiled for the CPU at `precision` (FROZEN_PRECISIONS) with `threads` threads."""
+    import openvino as ov
+
+    if precision not in FROZEN_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _threads(threads), **hints}
+    return ov.Core().compile_model(model, "CPU", config)
+
+
 class TorchPatches:
     """The reference runtime: eager torch, same interface as OpenVinoPatches."""
 
@@ -214,20 +229,10 @@ class OpenVinoPatches:
     MAX_STREAMS = 4
 
     def __init__(self, model: Padim, threads: int | None = None, precision: str = "f32") -> None:
-        import openvino as ov
-
-        if precision not in FROZEN_PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
         self.precision = precision
-        threads = max(1, int(threads or torch.get_num_threads()))
-        self.streams = min(threads, self.MAX_STREAMS)
-        config = {
-            "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "THROUGHPUT",
-            "NUM_STREAMS": self.streams,
-        }
-        compiled = ov.Core().compile_model(patch_graph(model, taps_model_path(model)), "CPU", config)
+        self.streams = min(_threads(threads), self.MAX_STREAMS)
+        graph = patch_graph(model, taps_model_path(model))
+        compiled = _compile(graph, threads, precision, {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
         # One request per stream plus one: every stream busy while the caller folds the oldest result.
         self._requests = [compiled.create_infer_request() for _ in range(self.streams + 1)]
 
@@ -282,17 +287,9 @@ class OpenVinoTeacher:
     torch's), at `precision` (f32 by default)."""
 
     def __init__(self, model: Stfpm, threads: int | None = None, precision: str = "f32") -> None:
-        import openvino as ov
-
-        if precision not in FROZEN_PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
-        config = {
-            "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": max(1, int(threads or torch.get_num_threads())),
-            "PERFORMANCE_HINT": "LATENCY",
-        }
         self.layers = list(model.teacher.layers)
-        self._request = ov.Core().compile_model(taps_model_path(model), "CPU", config).create_infer_request()
+        compiled = _compile(taps_model_path(model), threads, precision, {"PERFORMANCE_HINT": "LATENCY"})
+        self._request = compiled.create_infer_request()
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self._request.infer({0: np.ascontiguousarray(images.detach().numpy())})

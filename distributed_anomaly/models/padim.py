@@ -70,8 +70,9 @@ def whitening_blocks(white: torch.Tensor, blocks: int = HEAD_BLOCKS) -> list[tup
 
     The squared distance is ||W d||^2 = sum over row blocks [a, b) of ||W[a:b, :b] d[:b]||^2: with 2 blocks,
     3/4 of Sigma^-1's bytes and products, and squares in place of the (x - mu) * (Sigma^-1 (x - mu))
-    products. Measured on this CPU (batch 8, one thread): torch 4.1 -> 2.1 CPU ms per image, OpenVINO 2.2 ->
-    2.1; equal to the plain formula within 1e-5 relative (tests/test_models.py).
+    products. Measured on this CPU with the equivalent upper-triangular blocks (batch 8, one thread, a loaded
+    machine): torch 4.1 -> 2.1 CPU ms per image, OpenVINO 2.2 -> 2.1; equal to the plain formula within 1e-5
+    relative (tests/test_models.py).
     Returns [(b, W[:, a:b, :b] transposed (P, b, b - a))].
     """
     c = int(white.shape[-1])
