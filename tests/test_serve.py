@@ -401,25 +401,49 @@ def reference(irs):
     return answer
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_forever_stops_cleanly_on_either_signal(monkeypatch, stop_signal) -> None:
+    """`serve`'s signal handling, without Ray: on Ctrl-C (SIGINT) or a service manager's SIGTERM it stops the
+    server it started, prints "stopped", returns 0 and puts the previous handlers back -- also when starting
+    replaced the handler (as `ray.init` replaces SIGTERM's). The real process is stopped in
+    test_cli_serves_until_interrupted."""
+    from distributed_anomaly.serve import server as srv
+
+    stopped: list[bool] = []
+
+    class FakeServer:
+        def stop(self) -> None:
+            stopped.append(True)
+
+    def fake_start(*args, **kwargs) -> FakeServer:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(15))  # what ray.init does
+        threading.Timer(0.3, os.kill, args=(os.getpid(), stop_signal)).start()
+        return FakeServer()
+
+    before = {sig: signal.getsignal(sig) for sig in srv.STOP_SIGNALS}
+    monkeypatch.setattr(srv, "start_server", fake_start)
+    monkeypatch.setattr(srv, "_banner", lambda *args: "Ctrl-C to stop")
+    out = io.StringIO()
+    assert srv.serve_forever(settings.AppConfig.from_args({"models": ["ir/a"]}), "127.0.0.1", 1, out=out) == 0
+    assert stopped == [True] and out.getvalue() == "Ctrl-C to stop\nstopping ...\nstopped\n"
+    assert {sig: signal.getsignal(sig) for sig in srv.STOP_SIGNALS} == before
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path, stop_signal) -> None:
+def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path) -> None:
     """`distributed-anomaly serve` as a user runs it (joining this session's cluster, so no second Ray):
-    prints a live URL, answers, and on Ctrl-C (SIGINT) or a service manager's SIGTERM removes Serve and its
-    application and exits 0. The key comes from the environment, or from --api-key-file. Runs before the
-    module's server, which needs Serve not to be running yet (Serve has one HTTP port per cluster)."""
+    prints a live URL, answers with the key from --api-key-file, and on a service manager's SIGTERM (whose
+    handler ray.init replaces) removes Serve and its application and exits 0; both signals without Ray in
+    test_serve_forever_stops_cleanly_on_either_signal. Runs before the module's server, which needs Serve not
+    to be running yet (Serve has one HTTP port per cluster)."""
     from distributed_anomaly.serve.server import _serve_client
 
     assert _serve_client() is None, "Serve already runs on the test cluster: this test must run first"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != settings.API_KEY_ENV}
-    key_args: list[str] = []
-    if stop_signal == signal.SIGINT:
-        env[settings.API_KEY_ENV] = "env-key"
-    else:
-        (tmp_path / "key").write_text("env-key\n")
-        key_args = ["--api-key-file", str(tmp_path / "key")]
+    (tmp_path / "key").write_text("env-key\n")
+    key_args = ["--api-key-file", str(tmp_path / "key")]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -456,7 +480,7 @@ def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path, stop_sig
         r = httpx.post(f"{url}/predict?task=classification", content=data, headers={"X-API-Key": "env-key"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "product", r.text
         assert httpx.post(f"{url}/predict", content=data, timeout=60).status_code == 401
-        proc.send_signal(stop_signal)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, "".join(lines)
     finally:
         if proc.poll() is None:
