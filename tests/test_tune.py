@@ -550,6 +550,51 @@ def test_tiny_search_end_to_end_study_best_and_outputs(search, tmp_path: Path) -
     assert cfg.model == rows[0]["model"] and cfg.backbone == "mobilenet_v2" and cfg.image_size == 64
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pipeline_rerun_reuses_the_finished_search_and_export(search, mobilenet_weights, tmp_path, monkeypatch, capsys):
+    """`pipeline` over an OUT whose search finished (the fixture's, asked for with the same options): the
+    search is reused, not rerun -- the request the CLI builds compares equal to the one the search stored --
+    the best run is exported once, and a second rerun finds both stages done and says so. Other settings are
+    refused. (A rerun as a `ray job` on two nodes: test_cluster_e2e.)"""
+    from distributed_anomaly import pipeline
+
+    out = tmp_path / "pipeline"
+    shutil.copytree(search["out"], out / pipeline.TUNE)  # the fixture's search is read-only
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the finished search was run again")
+
+    monkeypatch.setattr(pipeline, "tune_search", no_search)
+    argv = [
+        "pipeline",
+        "--data",
+        str(search["data"]),
+        "--space",
+        str(search["out"].parent / "tiny.yaml"),
+        "--samples",
+        "2",
+        "--weights",
+        f"mobilenet_v2={mobilenet_weights}",
+        "--seed",
+        "0",
+        "--max-concurrent",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().err
+    assert "search: already finished" in first and f"-> {out / pipeline.MODEL} (fp32)" in first  # exported
+    assert cli.main(argv) == 0
+    again = capsys.readouterr().err
+    assert "search: already finished" in again and f"export: {out / pipeline.MODEL} already holds fp32" in again
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["stages"]["export"]["dir"] == str(out / pipeline.MODEL) and (out / "model" / "model.xml").is_file()
+    assert cli.main([*argv[:-2], "--samples", "3", "--out", str(out)]) == 2  # another search: refused
+
+
 def _render(browser: str, page: Path, tmp_path: Path) -> tuple[dict, np.ndarray]:
     """Screenshot and DOM probe of a page, as test_report does for the evaluation report."""
     probe_page = page.with_name("probe_" + page.name)
