@@ -51,6 +51,7 @@ def calibrate(
             masks,
             user_threshold=tcfg.threshold,
             user_pixel_threshold=tcfg.pixel_threshold,
+            target_fpr=tcfg.target_fpr,
         )
     # No calibration images: normalise with the training images' own maps.
     maps = score(fit_records, "normalise")

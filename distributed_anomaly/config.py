@@ -68,6 +68,7 @@ class TrainConfig:
     weights_file: str | None = None
     threshold: float | None = None
     pixel_threshold: float | None = None
+    target_fpr: float | None = None  # thresholds at this false-alarm rate on the normal calibration images
     calibrate_on_test: bool = False
     bn_recompute: bool = True  # STFPM: exact student batch-norm statistics of the kept weights (engine)
 
@@ -78,6 +79,10 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.target_fpr is not None and not 0.0 <= self.target_fpr < 1.0:
+            raise UserError(f"--target-fpr must be a share in [0, 1), e.g. 0.01, got {self.target_fpr}")
+        if self.target_fpr is not None and self.threshold is not None:
+            raise UserError("give --threshold or --target-fpr, not both")
 
     def resolved(self, model: str) -> TrainConfig:
         return replace(

@@ -6,6 +6,8 @@
 
 Thresholds (the rule, also in the README):
 - user-set: `--threshold` (raw image score; the pixel threshold defaults to the same value);
+- target false-alarm rate: `--target-fpr F` sets both thresholds just above the normal calibration image scores
+  so that at most a share F of them is flagged (source "target_fpr");
 - F1-optimal: when the calibration images contain anomalies, the image threshold maximises image F1 and the
   pixel threshold maximises pixel F1 over their maps;
 - normal-only (the default, since calibration images come from train/good): the image threshold is
@@ -40,6 +42,9 @@ SIGMA_K = 3.0
 MASK_PEAK_FRACTION = 0.7
 DEFAULT_MIN_REGION_FRACTION = 2.5e-4  # components smaller than this share of the image are dropped (4x4 px at 256)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+# Thresholds set from normal images only: they say whether a region is abnormal, not where it ends (masks then
+# also keep only pixels near the image's peak, MASK_PEAK_FRACTION).
+NORMAL_ONLY_SOURCES = ("normal_3sigma", "target_fpr")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class PostProcessor:
     pixel_threshold: float | None
     norm_min: float
     norm_max: float
-    threshold_source: str  # "user", "f1_optimal", "normal_3sigma" or "none"
+    threshold_source: str  # "user", "target_fpr", "f1_optimal", "normal_3sigma" or "none"
     min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION
     mask_peak_fraction: float = 0.0  # > 0: masks keep only pixels >= this share of the image's peak
     extra: dict = field(default_factory=dict)
@@ -151,19 +156,31 @@ def fit_postprocessor(
     *,
     user_threshold: float | None = None,
     user_pixel_threshold: float | None = None,
+    target_fpr: float | None = None,
     min_region_fraction: float = DEFAULT_MIN_REGION_FRACTION,
 ) -> PostProcessor:
-    """Choose thresholds and normalisation from calibration data (see the module docstring for the rule)."""
+    """Choose thresholds and normalisation from calibration data (see the module docstring for the rule).
+
+    The normal calibration images' scores are kept in `extra["normal_scores"]` (sorted), so a served model's
+    false-alarm rate can be chosen later, live, without the images (serve-config set --target-fpr)."""
     image_scores = np.asarray(image_scores, dtype=np.float64)
     image_labels = np.asarray(image_labels).astype(bool)
     if len(image_scores) == 0 or maps.size == 0:
         raise ValueError("calibration needs at least one image")
     norm_min, norm_max = float(maps.min()), float(maps.max())
     extra: dict = {"n_calibration_images": len(image_scores), "n_calibration_anomalous": int(image_labels.sum())}
+    normal_scores = np.sort(image_scores[~image_labels])
+    extra["normal_scores"] = [float(v) for v in normal_scores]
+    if user_threshold is not None and target_fpr is not None:
+        raise ValueError("give a threshold or a target false-alarm rate, not both")
     if user_threshold is not None:
         img_t = float(user_threshold)
         pix_t = float(user_pixel_threshold) if user_pixel_threshold is not None else img_t
         source = "user"
+    elif target_fpr is not None:
+        img_t = pix_t = threshold_for_fpr(normal_scores, target_fpr)
+        extra["target_fpr"] = float(target_fpr)
+        source = "target_fpr"
     elif image_labels.any() and not image_labels.all():
         _, img_t = metrics.f1_max(image_scores, image_labels)
         if masks is not None and masks.any():
@@ -177,8 +194,20 @@ def fit_postprocessor(
         img_t = pix_t = float(normal.mean() + SIGMA_K * std)
         extra.update(normal_mean=float(normal.mean()), normal_std=std)
         source = "normal_3sigma"
-    peak = MASK_PEAK_FRACTION if source == "normal_3sigma" else 0.0
+    peak = MASK_PEAK_FRACTION if source in NORMAL_ONLY_SOURCES else 0.0
     return PostProcessor(float(img_t), float(pix_t), norm_min, norm_max, source, min_region_fraction, peak, extra)
+
+
+def threshold_for_fpr(normal_scores: np.ndarray | list[float], fpr: float) -> float:
+    """The lowest raw threshold at which at most a share `fpr` of these normal scores is flagged (labels use
+    score >= threshold): just above the (k+1)-th highest score, k = floor(fpr * n). fpr 0 puts it above all."""
+    scores = np.sort(np.asarray(normal_scores, dtype=np.float64))[::-1]
+    if not 0.0 <= fpr < 1.0 or not np.isfinite(fpr):
+        raise ValueError(f"a target false-alarm rate is a share in [0, 1), got {fpr}")
+    if len(scores) == 0:
+        raise ValueError("a target false-alarm rate needs normal calibration images (none were scored)")
+    k = int(np.floor(fpr * len(scores) + 1e-9))
+    return float(np.nextafter(scores[min(k, len(scores) - 1)], np.inf))
 
 
 def no_threshold_postprocessor(

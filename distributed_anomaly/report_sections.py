@@ -25,6 +25,7 @@ PRED_RGB = (235, 40, 40)  # predicted mask
 BOX_RGB = (255, 212, 59)  # predicted boxes
 THRESHOLD_SOURCES = {
     "user": "set by the user (--threshold)",
+    "target_fpr": "at the target false-alarm rate on the normal calibration images (--target-fpr)",
     "f1_optimal": "F1-optimal on calibration images with anomalies",
     "normal_3sigma": "mean + 3σ of the normal calibration images' scores",
     "none": "none: threshold-free metrics only",

@@ -61,18 +61,23 @@ class TorchRunner:
 
 
 def predict_images(
-    runner: ModelRunner, images: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]] | None = None
+    runner: ModelRunner,
+    images: Sequence[np.ndarray],
+    shapes: Sequence[tuple[int, int]] | None = None,
+    postprocessors: Sequence[PostProcessor] | None = None,
 ) -> list[Prediction]:
     """The one scoring path of every runtime: to_tensor -> raw maps -> resize to each image -> post-process.
 
     Predictions are in each image's own coordinates (maps resized back before masks and boxes): `shapes`
     gives each image's (H, W) when its pixels were decoded smaller (data.images.load_image), else its shape.
+    `postprocessors` (one per image) replace the runner's, e.g. Serve's live or per-request thresholds.
     """
     if len(images) == 0:
         return []
     sizes = [tuple(s) for s in shapes] if shapes is not None else [img.shape[:2] for img in images]
+    posts = list(postprocessors) if postprocessors is not None else [runner.postprocessor] * len(images)
     maps = runner.raw_maps(to_tensor(list(images), runner.image_size))
-    return [runner.postprocessor(resize_map(m, size)) for m, size in zip(maps, sizes)]
+    return [post(resize_map(m, size)) for m, size, post in zip(maps, sizes, posts)]
 
 
 def predict_arrays(

@@ -68,6 +68,7 @@ def model_replica(network: FakeNetwork) -> AnomalyModel:
     replica.entries, replica.names, replica.max_pixels = {"washer": entry}, ["washer"], None
     replica._pool = ThreadPoolExecutor(max_workers=1)
     replica._stats = {"batches": 0, "images": 0, "max_batch": 0, "compiled": ["washer"]}
+    replica._init_operating_state()
 
     async def load(name: str) -> FakeNetwork:
         return network

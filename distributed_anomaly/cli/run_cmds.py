@@ -138,6 +138,11 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="fixed raw image-score threshold instead of the adaptive one")
     p.add_argument("--pixel-threshold", type=float, help="fixed raw pixel threshold (default: --threshold)")
     p.add_argument(
+        "--target-fpr",
+        type=float,
+        help="thresholds at this false-alarm rate on the normal calibration images, e.g. 0.01 (source target_fpr)",
+    )
+    p.add_argument(
         "--calibrate-on-test",
         action="store_true",
         help="fit thresholds on the test images (optimistic metrics; recorded in metrics.json)",
@@ -216,6 +221,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             weights_file=a.weights,
             threshold=a.threshold,
             pixel_threshold=a.pixel_threshold,
+            target_fpr=a.target_fpr,
             calibrate_on_test=a.calibrate_on_test,
             bn_recompute=not a.no_bn_recompute,
         )

@@ -1,11 +1,20 @@
-"""`serve`: exported models behind Ray Serve (the defaults are serve.settings.AppConfig's)."""
+"""`serve`: exported models behind Ray Serve (the defaults are serve.settings.AppConfig's); `serve-config`:
+the running application's operating point (thresholds, sensitivity), changed live."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_max_pixels, default
-from distributed_anomaly.serve.settings import DEFAULT_REQUEST_TIMEOUT_S, AppConfig, resolve_api_key
+from distributed_anomaly.serve.settings import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    AppConfig,
+    parse_autoscale,
+    resolve_api_key,
+)
+
+APP_NAME = "distributed_anomaly"  # serve.deployments.APP_NAME (not imported: it loads torch and Ray)
 
 DESCRIPTION = (
     "Deploy IR folders written by `export` as a Ray Serve application: POST /predict (raw image "
@@ -43,6 +52,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument(
         "--replicas", type=int, default=default(AppConfig, "replicas"), help="model replicas (default %(default)s)"
+    )
+    p.add_argument(
+        "--autoscale",
+        metavar="MIN,MAX",
+        help="let Serve scale the model replicas between MIN and MAX (instead of --replicas)",
+    )
+    p.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        help="--autoscale: requests in flight per replica Serve aims at (default: --max-batch-size)",
     )
     p.add_argument(
         "--cpus-per-replica",
@@ -105,6 +124,61 @@ def cmd_serve(a: argparse.Namespace) -> int:
         api_key=resolve_api_key(a.api_key, a.api_key_file),
         max_pixels=a.max_pixels,
         max_queued_requests=a.max_queued_requests,
+        autoscale=parse_autoscale(a.autoscale) if a.autoscale else None,
+        target_ongoing_requests=a.target_ongoing_requests,
     )
     cfg.validate()
     return serve_forever(cfg, a.host, a.port, a.address, request_timeout_s=a.request_timeout_s)
+
+
+def add_serve_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve-config",
+        parents=[VERBOSITY],
+        help="show or change a running application's thresholds and sensitivity, live (no restart)",
+        description="The operating point of a running `serve` application (Serve's user_config of AnomalyModel): "
+        "`set` checks the change on a replica, applies it to every replica through Serve's reconfigure (no "
+        "restart, no re-export) and prints the thresholds now in use; `show` prints them.",
+        epilog="examples:\n"
+        "  distributed-anomaly serve-config set --model washer_padim --threshold 14.2 --address auto\n"
+        "  distributed-anomaly serve-config set --model washer_padim --target-fpr 0.01 --address auto\n"
+        "  distributed-anomaly serve-config set --model washer_padim --reset --address auto",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", choices=("set", "show"))
+    p.add_argument("--model", help="set: the served model name")
+    p.add_argument("--threshold", type=float, help="raw image threshold (the pixel threshold follows it)")
+    p.add_argument("--pixel-threshold", type=float, help="raw pixel threshold")
+    p.add_argument(
+        "--target-fpr", type=float, help="thresholds at this false-alarm rate on the calibration images, e.g. 0.01"
+    )
+    p.add_argument("--sensitivity", type=float, help="> 1 flags more, < 1 fewer (1: as set)")
+    p.add_argument("--reset", action="store_true", help="back to the export's thresholds (then apply the others)")
+    p.add_argument("--app", default=APP_NAME, help="the Serve application (default %(default)s)")
+    p.add_argument("--address", default="auto", help="the Ray cluster: 'auto' or HOST:PORT (default auto)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="longest wait for every replica (default 60)")
+    p.set_defaults(func=cmd_serve_config)
+
+
+def cmd_serve_config(a: argparse.Namespace) -> int:
+    from distributed_anomaly.distributed.ray_setup import ensure_ray
+    from distributed_anomaly.errors import UserError
+    from distributed_anomaly.serve.live import set_operating_point, show_operating_point
+
+    changes = {
+        "threshold": a.threshold,
+        "pixel_threshold": a.pixel_threshold,
+        "target_fpr": a.target_fpr,
+        "sensitivity": a.sensitivity,
+    }
+    if a.action == "set" and not a.model:
+        raise UserError("serve-config set needs --model NAME")
+    if a.action == "set" and not a.reset and all(v is None for v in changes.values()):
+        raise UserError("serve-config set: give --threshold, --pixel-threshold, --target-fpr, --sensitivity or --reset")
+    ensure_ray(a.address)
+    if a.action == "show":
+        print(json.dumps(show_operating_point(a.app), indent=2))
+        return 0
+    used = set_operating_point(a.app, a.model, changes, reset=a.reset, timeout_s=a.timeout_s)
+    print(f"{a.app}/{a.model}: every replica now uses {json.dumps(used)}")
+    return 0

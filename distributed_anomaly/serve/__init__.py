@@ -28,7 +28,7 @@ _LAZY = {
     "app": "distributed_anomaly.serve.deployments",
     "build_app": "distributed_anomaly.serve.deployments",
     "AnomalyModel": "distributed_anomaly.serve.deployments",
-    "AnomalyIngress": "distributed_anomaly.serve.deployments",
+    "AnomalyIngress": "distributed_anomaly.serve.ingress",
     "APP_NAME": "distributed_anomaly.serve.deployments",
     "MODEL_DEPLOYMENT": "distributed_anomaly.serve.deployments",
     "start_server": "distributed_anomaly.serve.server",

@@ -9,12 +9,12 @@
   several replicas Serve routes a model's requests to replicas that already hold it, and a replica holds
   at most `max_models_per_replica` compiled models (LRU; 0 = all, all compiled when the replica starts).
   An image that fails inside a batch fails only its own request (the batch is re-scored image by image), and
-  Serve's health check runs a tiny inference (`check_health`).
-* AnomalyIngress checks the API key and the body size, parses raw or multipart uploads, decodes the image
-  (off the event loop; pixel limit from the header, documented formats only, large JPEGs at reduced scale),
-  answers bad input with a JSON 4xx itself (serve.http: with the request id, nothing internal), and forwards
-  good images and their own size by handle. Both deployments bound their queues (503 with Retry-After).
-  It reserves no CPU (it waits on the model most of the time), so a replica of N CPUs fits an N-CPU node.
+  Serve's health check runs a tiny inference (`check_health`). Its Serve `user_config` is the live operating
+  point (serve.operating: thresholds, sensitivity, target false-alarm rate per model): `reconfigure` applies a
+  new one on the running replicas, without a restart. It records batch sizes, scores and anomalous answers
+  (serve.metrics). With `autoscale` Serve scales it between MIN and MAX replicas.
+* AnomalyIngress (serve.ingress) validates, decodes and forwards by handle. Both deployments bound their queues
+  (503 with Retry-After).
 
 The request and response rules are in `requests` and `responses` (Ray-free, unit-tested). Build the application with
 `build_app(AppConfig)` or, for `serve run` / `serve deploy`, the builder `distributed_anomaly.serve:app`.
@@ -33,49 +33,37 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import Header, Query, Request
-from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from distributed_anomaly import __version__
 from distributed_anomaly.data.images import to_tensor
-from distributed_anomaly.data.sizes import canonical
 from distributed_anomaly.inference import OpenVINOInferencer
-from distributed_anomaly.postprocess import TASKS
 from distributed_anomaly.runner import predict_images
-from distributed_anomaly.serve.http import api, logger, request_id
-from distributed_anomaly.serve.openapi import PREDICT_BODY, PREDICT_RESPONSES
+from distributed_anomaly.serve.http import logger
+from distributed_anomaly.serve.ingress import INGRESS_DEPLOYMENT, AnomalyIngress
+from distributed_anomaly.serve.metrics import ModelMetrics
+from distributed_anomaly.serve.operating import (
+    OperatingPoint,
+    live_postprocessor,
+    operating_summary,
+    parse_user_config,
+    request_postprocessor,
+)
 from distributed_anomaly.serve.registry import ModelEntry, discover_models, local_ir
 from distributed_anomaly.serve.requests import (
     DEFAULT_TASK,
     HTTPError,
     ScoringFailed,
-    ServerError,
-    Unavailable,
-    accumulate,
     as_rgb,
-    check_api_key,
-    check_content_length,
-    decode_upload,
-    model_from_request,
-    parse_body,
     parse_task,
     resolve_model,
 )
-from distributed_anomaly.serve.responses import metadata_response, prediction_response
-from distributed_anomaly.serve.settings import (
-    API_KEY_ENV,
-    RETRY_AFTER_S,
-    AppConfig,
-    api_key_text,
-    threads_for_cpus,
-)
+from distributed_anomaly.serve.responses import prediction_response
+from distributed_anomaly.serve.settings import RETRY_AFTER_S, AppConfig, threads_for_cpus
 
+__all__ = ["APP_NAME", "INGRESS_DEPLOYMENT", "MODEL_DEPLOYMENT", "AnomalyIngress", "AnomalyModel", "app", "build_app"]
 APP_NAME = "distributed_anomaly"
 MODEL_DEPLOYMENT = "AnomalyModel"
-INGRESS_DEPLOYMENT = "AnomalyIngress"
-HEALTH_TIMEOUT_S = 10.0
 # Serve's replica health check: every 10 s (Serve's default) a tiny inference; 3 failures in a row and Serve
 # replaces the replica. The timeout leaves room for a full batch queued ahead of the probe on 1 CPU.
 HEALTH_CHECK = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0}
@@ -126,6 +114,7 @@ class AnomalyModel:
         # one replica never compete for its cores.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino")
         self._stats = {"batches": 0, "images": 0, "max_batch": 0, "compiled": []}
+        self._init_operating_state()
         self._predict_batch.set_max_batch_size(int(max_batch_size))
         self._predict_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         capacity = max_models_per_replica or len(self.names)
@@ -137,6 +126,13 @@ class AnomalyModel:
         for name in self.names[:capacity]:  # compile at start-up: a broken IR fails the deploy, not a request
             await self._load(name)
 
+    def _init_operating_state(self) -> None:
+        """The live operating point (as exported until `reconfigure`) and the metrics of this replica."""
+        self._ops: dict[str, OperatingPoint] = {}  # the live operating point (user_config), per model
+        self._live: dict[str, Any] = {}  # model -> its export's PostProcessor with the operating point applied
+        self._export_posts: dict[str, Any] = {}  # model -> its export's own PostProcessor
+        self.metrics = ModelMetrics()
+
     async def _compile(self, name: str):
         entry = self.entries[resolve_model(name, self.names)]  # UnknownModel for a name not served
         loop = asyncio.get_running_loop()
@@ -144,14 +140,55 @@ class AnomalyModel:
             self._pool, lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads)
         )
         self._stats["compiled"].append(name)
+        self._export_posts[name] = inferencer.postprocessor
+        self._live[name] = live_postprocessor(inferencer.postprocessor, self._ops.get(name))
         return inferencer
 
+    def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
+        """Serve calls this at start and whenever the deployment's user_config changes (`serve-config set`,
+        `serve deploy`): the new operating point applies to the next batch; no restart, no recompilation. An
+        invalid one (unknown model, target_fpr on an export without calibration scores) raises: Serve keeps
+        the deployment from going healthy with it."""
+        ops = parse_user_config(user_config, self.names)
+        live = {name: live_postprocessor(self._exported(name), ops.get(name)) for name in self._live}
+        self._ops, self._live = ops, live  # swapped together: a batch sees the old or the new point, whole
+        logger.info("operating point: %s", {n: op.to_dict() for n, op in ops.items()} or "as exported")
+
+    def _exported(self, name: str):
+        """The export's own PostProcessor of a compiled model."""
+        return self._export_posts[name]
+
+    async def preview(self, user_config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What a user_config would set, without applying it (serve-config checks a change before applying)."""
+        ops = parse_user_config(user_config, self.names)
+        return {
+            name: self._summary(live_postprocessor(self._exported(name), ops.get(name)), ops.get(name))
+            for name in self._live
+        }
+
+    async def operating_point(self) -> dict[str, Any]:
+        """The thresholds this replica uses now, per compiled model, and its user_config."""
+        return {
+            "models": {name: self._summary(post, self._ops.get(name)) for name, post in self._live.items()},
+            "user_config": {"models": {n: op.to_dict() for n, op in self._ops.items()}},
+        }
+
+    @staticmethod
+    def _summary(post, op: OperatingPoint | None) -> dict[str, Any]:
+        return operating_summary(post, op.sensitivity if op else 1.0)
+
     async def predict(
-        self, image: Any, task: str = DEFAULT_TASK, model: str | None = None, size: tuple[int, int] | None = None
+        self,
+        image: Any,
+        task: str = DEFAULT_TASK,
+        model: str | None = None,
+        size: tuple[int, int] | None = None,
+        threshold: float | None = None,
     ) -> dict[str, Any]:
         """One image (RGB uint8 array or encoded bytes) -> the /predict JSON. The model is `model`, else the
         handle's `multiplexed_model_id`, else the only one served. `size` is the image's own (H, W) when the
-        array was decoded at reduced scale (the ingress does for large JPEGs); answers are in that size."""
+        array was decoded at reduced scale (the ingress does for large JPEGs); answers are in that size.
+        `threshold`: this image's own raw threshold instead of the live one (serve.operating)."""
         name = resolve_model(model or serve.get_multiplexed_model_id() or None, self.names)
         task = parse_task(task)
         if isinstance(image, (bytes, bytearray, memoryview)):
@@ -159,19 +196,20 @@ class AnomalyModel:
         else:
             rgb = as_rgb(image, self.max_pixels)
         shape = tuple(int(v) for v in size) if size is not None else rgb.shape[:2]
-        answer = await self._predict_batch((name, rgb, task, shape))
+        limit = None if threshold is None else float(threshold)
+        answer = await self._predict_batch((name, rgb, task, shape, limit))
         if isinstance(answer, BaseException):  # this image's own failure (see _score); the batch went on
             raise answer
         return answer
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _predict_batch(self, items: list[tuple[str, Any, str, tuple]]) -> list[dict[str, Any] | HTTPError]:
+    async def _predict_batch(self, items: list[tuple]) -> list[dict[str, Any] | HTTPError]:
         """Serve splits batches by multiplexed model id; grouping by name also covers handle calls that name
         the model by argument instead. A failure is returned in the place of the requests it concerns (a
         model that cannot load: its group; an image that cannot be scored: that image) and raised by predict."""
         out: list[dict[str, Any] | HTTPError | None] = [None] * len(items)
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, (name, _, _, _) in enumerate(items):
+        for i, (name, *_) in enumerate(items):
             groups[name].append(i)
         loop = asyncio.get_running_loop()
         for name, idx in groups.items():
@@ -182,6 +220,7 @@ class AnomalyModel:
             except Exception:
                 logger.exception("model %s could not score a batch of %d", name, len(chunk))
                 answers = [ScoringFailed(f"model {name} is unavailable on this replica")] * len(chunk)
+            self.metrics.record_batch(name, answers)
             for i, answer in zip(idx, answers):
                 out[i] = answer
         self._stats["batches"] += 1
@@ -189,7 +228,7 @@ class AnomalyModel:
         self._stats["max_batch"] = max(self._stats["max_batch"], len(items))
         return out  # type: ignore[return-value]
 
-    def _score(self, inferencer, entry: ModelEntry, chunk: list[tuple[str, Any, str, tuple]]) -> list[dict | HTTPError]:
+    def _score(self, inferencer, entry: ModelEntry, chunk: list[tuple]) -> list[dict | HTTPError]:
         """One OpenVINO call for the chunk; if it fails, each image alone, so a bad one fails only itself."""
         try:
             return self._answers(inferencer, entry, chunk)
@@ -202,10 +241,15 @@ class AnomalyModel:
             out += self._score(inferencer, entry, [item])
         return out
 
-    @staticmethod
-    def _answers(inferencer, entry: ModelEntry, chunk: list[tuple[str, Any, str, tuple]]) -> list[dict[str, Any]]:
-        preds = predict_images(inferencer, [img for _, img, _, _ in chunk], [shape for *_, shape in chunk])
-        return [prediction_response(p, task, entry, shape) for p, (_, _, task, shape) in zip(preds, chunk)]
+    def _answers(self, inferencer, entry: ModelEntry, chunk: list[tuple]) -> list[dict[str, Any]]:
+        """Each image through the live operating point, or its own threshold; the answer says which."""
+        live, op = self._live.get(entry.name, inferencer.postprocessor), self._ops.get(entry.name)
+        posts = [live if limit is None else request_postprocessor(live, limit) for *_, limit in chunk]
+        preds = predict_images(inferencer, [item[1] for item in chunk], [item[3] for item in chunk], posts)
+        return [
+            prediction_response(pred, task, entry, shape, self._summary(post, op if limit is None else None))
+            for pred, post, (_, _, task, shape, limit) in zip(preds, posts, chunk)
+        ]
 
     async def check_health(self) -> None:
         """Serve's periodic replica check: a tiny inference (a black image) through a compiled model. Raising
@@ -228,120 +272,9 @@ class AnomalyModel:
             "num_cpus": self.num_cpus,
             "num_threads": self.num_threads,
             "pid": os.getpid(),
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
             "serve_env": {k: os.environ.get(k) for k in REPLICA_ENV},
         }
-
-
-@serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
-@serve.ingress(api)
-class AnomalyIngress:
-    """HTTP front: validation and decoding here, scoring in AnomalyModel (through its handle)."""
-
-    def __init__(
-        self,
-        model: DeploymentHandle,
-        models: Mapping[str, Mapping[str, Any]],
-        max_body_bytes: int,
-        api_key: str | None = None,
-        settings: dict | None = None,
-        max_pixels: int | None = None,
-    ) -> None:
-        self.model = model
-        self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
-        self.names = list(self.entries)
-        self.max_body_bytes = int(max_body_bytes)
-        self.max_pixels = max_pixels
-        # An explicit key wins; else the replica's environment (e.g. runtime_env env_vars in a deploy config).
-        self.api_key = api_key_text(api_key) or api_key_text(os.environ.get(API_KEY_ENV))
-        self.settings = {
-            **(settings or {}),
-            "max_body_bytes": self.max_body_bytes,
-            "max_pixels": max_pixels,
-            "api_key_required": self.api_key is not None,
-        }
-        self._handles: dict[str, DeploymentHandle] = {}
-
-    def _model_handle(self, name: str) -> DeploymentHandle:
-        if name not in self._handles:
-            self._handles[name] = self.model.options(multiplexed_model_id=name)
-        return self._handles[name]
-
-    async def _read_body(self, request: Request) -> bytes:
-        check_content_length(request.headers.get("content-length"), self.max_body_bytes)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():  # bounded even when the length was not announced (chunked)
-            size = accumulate(chunks, chunk, size, self.max_body_bytes)
-        return b"".join(chunks)
-
-    @api.get("/healthz", summary="liveness: the ingress and a model replica answer")
-    async def healthz(self) -> JSONResponse:
-        async def ping() -> str:
-            return await self.model.ping.remote()
-
-        try:
-            await asyncio.wait_for(ping(), timeout=HEALTH_TIMEOUT_S)
-        except Exception as exc:  # any failure to reach a model replica means "not ready"
-            return JSONResponse(
-                {"status": "unavailable", "error": f"model deployment: {type(exc).__name__}"}, status_code=503
-            )
-        return JSONResponse({"status": "ok", "models": self.names})
-
-    @api.get("/metadata", summary="served models: names, versions, backbones, thresholds, image sizes")
-    async def metadata(self, request: Request) -> dict[str, Any]:
-        check_api_key(self.api_key, request.headers)
-        return metadata_response(self.entries, self.settings)
-
-    @api.post("/predict", summary="score one image", openapi_extra=PREDICT_BODY, responses=PREDICT_RESPONSES)
-    async def predict_http(
-        self,
-        request: Request,
-        task: str | None = Query(None, description=f"one of {', '.join(TASKS)} (default {DEFAULT_TASK})"),
-        model: str | None = Query(
-            None, description="served model name (or header X-Model); optional when one model is served"
-        ),
-        x_api_key: str | None = Header(
-            None, description="API key, when the server requires one (or Authorization: Bearer KEY)"
-        ),  # for the docs; read below
-    ) -> JSONResponse:
-        check_api_key(self.api_key, request.headers)
-        body = await self._read_body(request)
-        upload = parse_body(body, request.headers.get("content-type"))
-        task_name = parse_task(task or upload.fields.get("task"))
-        requested = model_from_request(request.query_params, request.headers) or upload.fields.get("model")
-        name = resolve_model(requested, self.names)
-        size = self.entries[name].info.get("image_size")
-        image, shape = await asyncio.get_running_loop().run_in_executor(
-            None, decode_upload, upload.data, self.max_pixels, canonical(size) if size else None
-        )
-        # Plain JSON types already (prediction_response): skip FastAPI's jsonable_encoder walk of the answer.
-        return JSONResponse(await self._forward(name, image, task_name, shape, request_id(request)))
-
-    async def _forward(self, name: str, image: Any, task: str, shape: tuple, rid: str) -> dict[str, Any]:
-        """Score through the model deployment. What comes back from Ray (actor ids, node addresses, stack
-        traces) goes to this replica's log under the request id; the client gets the status and the id."""
-        try:
-            return await self._model_handle(name).predict.remote(image, task, name, shape)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, HTTPError):
-                raise cause from None
-            if isinstance(exc, HTTPError):
-                raise
-            kind = type(cause or exc).__name__
-            logger.error("request %s: model deployment call failed", rid, exc_info=exc)
-            if "BackPressure" in kind or "Unavailable" in kind:
-                raise Unavailable(f"the model deployment is busy or unavailable (request id {rid}); retry") from None
-            raise ServerError(f"scoring failed (request id {rid}; the server log has the details)") from None
-
-    async def predict(self, image: Any, task: str = DEFAULT_TASK, model: str | None = None) -> dict[str, Any]:
-        """Python use through the application's handle: `serve.run(app).predict.remote(array, task, model)`.
-
-        `image` is an RGB uint8 array (grey/RGBA accepted) or encoded bytes; errors raise `requests.HTTPError`s.
-        """
-        name = resolve_model(model, self.names)
-        rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image, self.max_pixels)
-        return await self._model_handle(name).predict.remote(rgb, parse_task(task), name)
 
 
 def build_app(config: AppConfig | Mapping[str, Any]):
@@ -353,7 +286,7 @@ def build_app(config: AppConfig | Mapping[str, Any]):
     runtime_env = {"env_vars": {k: os.environ.get(k, v) for k, v in REPLICA_ENV.items()}}
     queue = {"max_queued_requests": cfg.max_queued_requests, "backpressure_config": {"retry_after_s": RETRY_AFTER_S}}
     model = AnomalyModel.options(
-        num_replicas=cfg.replicas,
+        **cfg.scaling_options(),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "runtime_env": runtime_env},
         max_ongoing_requests=max(32, 4 * cfg.max_batch_size),
         **queue,
@@ -361,6 +294,7 @@ def build_app(config: AppConfig | Mapping[str, Any]):
     ).bind(models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica, cfg.max_pixels)
     settings = {
         "replicas": cfg.replicas,
+        "autoscale": list(cfg.autoscale) if cfg.autoscale else None,
         "cpus_per_replica": cfg.cpus_per_replica,
         "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s,

@@ -34,18 +34,30 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def prediction_response(pred, task: str, entry: ModelEntry, image_shape: tuple[int, ...]) -> dict[str, Any]:
+def prediction_response(
+    pred, task: str, entry: ModelEntry, image_shape: tuple[int, ...], thresholds: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """One `postprocess.Prediction` as the JSON answer of /predict (and of the handle).
 
-    `score` is normalised (image threshold at 0.5); `threshold` is the raw image threshold, on the scale of
-    `raw_score`; `mask` (segmentation) is a base64 PNG in the image's own size, null without thresholds.
+    `score` is normalised (image threshold at 0.5); `threshold` is the raw image threshold used, on the scale of
+    `raw_score`, and `threshold_source` where it came from (`thresholds`, serve.operating: live or per-request;
+    default the export's); `mask` (segmentation) is a base64 PNG in the image's own size, null without thresholds.
     """
+    used = thresholds or {
+        "threshold": entry.info.get("image_threshold"),
+        "pixel_threshold": entry.info.get("pixel_threshold"),
+        "threshold_source": entry.info.get("threshold_source"),
+        "sensitivity": 1.0,
+    }
     out: dict[str, Any] = {
         "task": task,
         "model": entry.name,
         "version": entry.version,
         **pred.to_json(task),
-        "threshold": _finite(entry.info.get("image_threshold")),
+        "threshold": _finite(used["threshold"]),
+        "pixel_threshold": _finite(used["pixel_threshold"]),
+        "threshold_source": used["threshold_source"],
+        "sensitivity": used["sensitivity"],
         "score_threshold": SCORE_THRESHOLD,
         "width": int(image_shape[1]),
         "height": int(image_shape[0]),

@@ -2,7 +2,8 @@
 
 `start_server` validates the model folders and the port before it starts anything, starts or joins Ray,
 starts Serve's HTTP proxy on HOST:PORT (unless Serve already runs on the cluster, whose proxy is then
-reused), deploys the application, and returns once /healthz answers, so the URL it reports is live.
+reused), deploys the application from a config as `serve deploy` does (serve.live: so its operating point can
+be changed live), and returns once /healthz answers, so the URL it reports is live.
 `RunningServer.stop` undoes exactly what was started: the application always, Serve and Ray only if this
 call started them (a shared cluster keeps its other applications).
 """
@@ -100,7 +101,7 @@ def _teardown(app_name: str, started_ray: bool, started_serve: bool, local_ray: 
             ray.shutdown()
 
 
-def _serve_client():
+def serve_client():
     """The running Serve controller's client, or None. A client cached by this process is checked first: Serve
     may have been shut down by another driver since (Ray's own lookup would trust the stale cache)."""
     from ray.serve import context
@@ -112,13 +113,18 @@ def _serve_client():
         return None
 
 
+_serve_client = serve_client  # the name the tests knew
+
+
 def _local_cpus(config: AppConfig) -> int:
-    """Logical CPUs of the local Ray `serve` starts: enough for every replica (distributed.cpus)."""
+    """Logical CPUs of the local Ray `serve` starts: enough for every replica, up to autoscale's MAX
+    (distributed.cpus)."""
     from distributed_anomaly.distributed.cpus import serve_ray_cpus
 
-    num_cpus = serve_ray_cpus(config.replicas, config.cpus_per_replica)
+    replicas = config.autoscale[1] if config.autoscale else config.replicas
+    num_cpus = serve_ray_cpus(replicas, config.cpus_per_replica)
     logger.info(
-        f"starting a local Ray with {num_cpus} logical CPUs for {config.replicas} replica(s) x "
+        f"starting a local Ray with {num_cpus} logical CPUs for {replicas} replica(s) x "
         f"{config.cpus_per_replica:g} CPUs (--address joins a running cluster instead)"
     )
     return num_cpus
@@ -134,8 +140,12 @@ def start_server(
     ready_timeout_s: float = READY_TIMEOUT_S,
     proxy_location: str | None = None,
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+    user_config: dict[str, Any] | None = None,
 ) -> RunningServer:
     """Deploy the application and return once it answers over HTTP (see the module docstring).
+
+    user_config: AnomalyModel's initial operating point (serve.operating), e.g. {"models": {"washer":
+    {"threshold": 12.0}}}; change it later with serve.live.set_operating_point / `serve-config set`.
 
     proxy_location (when this call starts Serve): "EveryNode" (Serve's default: an HTTP proxy on every node),
     "HeadOnly" (one proxy; e.g. several nodes on one machine, which would all bind the same port).
@@ -146,9 +156,15 @@ def start_server(
 
     from distributed_anomaly.distributed.ray_setup import LOCAL_ADDRESSES, ensure_ray
     from distributed_anomaly.serve.deployments import APP_NAME, build_app
+    from distributed_anomaly.serve.live import app_config, apply_app, wait_running
+    from distributed_anomaly.serve.operating import parse_user_config
 
     app_name = app_name or APP_NAME
-    application = build_app(config)  # reads and checks every IR folder before anything starts
+    build_app(config)  # reads and checks every IR folder (and the arguments) before anything starts
+    if user_config is not None:
+        from distributed_anomaly.serve.registry import discover_models
+
+        parse_user_config(user_config, list(discover_models(config.models)))
     local = address in LOCAL_ADDRESSES
     if local and not ray.is_initialized():
         check_port_free(host, port)  # a fresh local Ray cannot have Serve on it yet: fail before starting Ray
@@ -156,14 +172,14 @@ def start_server(
     started_ray = ensure_ray(address, num_cpus=num_cpus)
     started_serve = False
     try:
-        need = config.replicas * config.cpus_per_replica
+        need = config.min_replicas * config.cpus_per_replica
         have = float(ray.cluster_resources().get("CPU", 0.0))
         if need > have and local:
             raise UserError(
-                f"{config.replicas} replica(s) x {config.cpus_per_replica:g} CPUs need {need:g} CPUs, "
-                f"but this Ray has {have:g}: lower --replicas or --cpus-per-replica"
+                f"{config.min_replicas} replica(s) x {config.cpus_per_replica:g} CPUs need {need:g} CPUs, "
+                f"but this Ray has {have:g}: lower --replicas (or --autoscale's MIN) or --cpus-per-replica"
             )
-        client = _serve_client()
+        client = serve_client()
         if client is None:
             if local:  # on a cluster the proxies run on its nodes, not necessarily on this machine
                 check_port_free(host, port)
@@ -175,7 +191,10 @@ def start_server(
             started_serve = True
         else:  # Serve already runs on this cluster: its proxy (and its host/port) serve our app too
             host, port = client.http_config.host, client.http_config.port
-        handle = serve.run(application, name=app_name, route_prefix="/")
+        client = client or serve_client()
+        apply_app(client, app_config(config, app_name, user_config))
+        wait_running(client, app_name, ready_timeout_s)
+        handle = serve.get_app_handle(app_name)
         url = f"http://{display_host(host)}:{port}"
         health = wait_until_healthy(url, ready_timeout_s)
         return RunningServer(url, app_name, handle, list(health.get("models", [])), started_ray, started_serve, local)

@@ -40,6 +40,10 @@ class AppConfig:
     max_models_per_replica: int = 0  # 0: every served model stays compiled
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413, from their header, before decoding
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    # (MIN, MAX) model replicas Serve scales between (instead of `replicas`), aiming at `target_ongoing_requests`
+    # requests in flight per replica (None: max_batch_size, so a replica with a full batch queued calls for another).
+    autoscale: tuple[int, int] | None = None
+    target_ongoing_requests: float | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -68,6 +72,14 @@ class AppConfig:
                     setattr(cfg, name, kind(args[name]))
                 except (TypeError, ValueError, UserError):
                     raise UserError(f"application argument {name}={args[name]!r} is not a number") from None
+        if args.get("autoscale") is not None:
+            cfg.autoscale = parse_autoscale(args["autoscale"])
+        if args.get("target_ongoing_requests") is not None:
+            try:
+                cfg.target_ongoing_requests = float(args["target_ongoing_requests"])
+            except (TypeError, ValueError):
+                value = args["target_ongoing_requests"]
+                raise UserError(f"target_ongoing_requests={value!r} is not a number") from None
         if args.get("max_body_mb") is not None:
             cfg.max_body_bytes = int(float(args["max_body_mb"]) * 1024 * 1024)
         cfg.api_key = api_key_text(args.get("api_key"))
@@ -84,10 +96,43 @@ class AppConfig:
             (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),
             (self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests must be >= 1"),
+            (not self.autoscale or 1 <= self.autoscale[0] <= self.autoscale[1], "autoscale MIN,MAX: 1 <= MIN <= MAX"),
+            ((self.target_ongoing_requests or 1) > 0, "target_ongoing_requests must be > 0"),
         )
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas there are at least (what must fit at start)."""
+        return self.autoscale[0] if self.autoscale else self.replicas
+
+    def scaling_options(self) -> dict[str, Any]:
+        """The model deployment's replica options: a fixed count, or Serve's autoscaling_config."""
+        if not self.autoscale:
+            return {"num_replicas": self.replicas}
+        target = self.target_ongoing_requests or float(self.max_batch_size)
+        low, high = self.autoscale
+        return {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target}}
+
+    def to_args(self) -> dict[str, Any]:
+        """The builder's arguments (a `serve deploy` config's `args`) that make this configuration again."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["autoscale"] = list(self.autoscale) if self.autoscale else None
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def parse_autoscale(value: Any) -> tuple[int, int]:
+    """ "MIN,MAX" (the CLI, `serve run autoscale=1,4`) or [MIN, MAX] (YAML) -> (MIN, MAX)."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        low, high = (int(str(v).strip()) for v in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"autoscale must be MIN,MAX replicas (e.g. 1,4), got {value!r}") from None
+    if not 1 <= low <= high:
+        raise UserError(f"autoscale MIN,MAX needs 1 <= MIN <= MAX, got {low},{high}")
+    return low, high
 
 
 def threads_for_cpus(cpus: float | None) -> int:
