@@ -393,7 +393,7 @@ def reference(irs):
     inferencers = {name: OpenVINOInferencer(e.path, num_threads=1) for name, e in entries.items()}
 
     def answer(model: str, data: bytes, task: str) -> dict:
-        img, shape = requests.decode_upload(data, target_size=SIZE)  # as the ingress decodes
+        img, shape = requests.decode_for_model(data, None, SIZE)  # as the ingress decodes and resizes
         pred = predict_images(inferencers[model], [img], [shape])[0]
         return responses.prediction_response(pred, task, entries[model], shape)
 

@@ -116,6 +116,48 @@ def test_autoscale_arguments() -> None:
             settings.parse_autoscale(bad)
 
 
+def test_ingress_sends_the_model_size_and_answers_in_the_image_size() -> None:
+    """The ingress shrinks a photo to the model's size once (uint8, to_tensor's filter, rounded): what reaches
+    the model is the same tensor to within the rounding, and the answer keeps the image's own size."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from distributed_anomaly.data.images import shrink_to, to_tensor
+    from distributed_anomaly.serve.requests import array_for_model, decode_for_model
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    small = shrink_to(photo, SIZE)
+    assert small.shape == (SIZE, SIZE, 3) and small.dtype == np.uint8
+    diff = (to_tensor(small, SIZE) - to_tensor(photo, SIZE)).abs() * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert float(diff.max()) <= 0.5 / 255 + 1e-6  # rounding to uint8, nothing else
+    for crop in (photo[:40, :50], photo[:64, :64], photo[:32, :128]):  # no more pixels than the model's
+        assert shrink_to(crop, SIZE) is crop  # sent as it is: to_tensor resizes it as in-process
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="PNG")
+    sent, shape = decode_for_model(buf.getvalue(), None, SIZE)
+    assert np.array_equal(sent, small) and shape == (300, 200)
+    sent, shape = array_for_model(photo[..., 0], None, (32, 48))  # grey array, non-square model
+    assert sent.shape == (32, 48, 3) and shape == (300, 200)
+
+
+def test_grafana_dashboard_plots_our_metrics() -> None:
+    """Every series the dashboard queries is one the application exports (Ray's `ray_` prefix and the
+    Prometheus suffixes), and every metric has a panel."""
+    import json
+
+    from distributed_anomaly.serve import metrics
+
+    text = (Path(__file__).resolve().parents[1] / "cluster" / "grafana_dashboard.json").read_text()
+    dashboard = json.loads(text)
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in re.findall(r"ray_anomaly_\w+", exprs)}
+    ours = {f"ray_{n}" for n in (metrics.REQUESTS, metrics.LATENCY, metrics.FLAGGED, metrics.SCORES, metrics.BATCH)}
+    assert used == ours
+
+
 # ------------------------------------------------------------------------------------------------------
 # One application on the session's local Ray.
 

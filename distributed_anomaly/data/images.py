@@ -185,6 +185,18 @@ def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: ImageSize) 
     return out
 
 
+def shrink_to(image: np.ndarray, image_size: ImageSize) -> np.ndarray:
+    """An RGB uint8 image at the model's H x W, still uint8, when that has fewer pixels (else unchanged): the
+    filter of `to_tensor` (bilinear, antialiased), rounded. Serve resizes once, in the ingress, and sends this
+    small array instead of the photo; scores then differ from resizing in float by the rounding only."""
+    hw = as_hw(image_size)
+    if image.shape[0] * image.shape[1] <= hw[0] * hw[1]:
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
+    return t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
 def resize_mask(mask: np.ndarray, image_size: ImageSize) -> np.ndarray:
     """Resize a bool mask to H x W with nearest neighbour, so pixel metrics compare at model resolution."""
     hw = as_hw(image_size)

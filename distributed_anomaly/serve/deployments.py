@@ -36,7 +36,8 @@ import torch
 from ray import serve
 
 from distributed_anomaly import __version__
-from distributed_anomaly.data.images import to_tensor
+from distributed_anomaly.data.images import shrink_to, to_tensor
+from distributed_anomaly.data.sizes import canonical
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.runner import predict_images
 from distributed_anomaly.serve.http import logger
@@ -196,6 +197,8 @@ class AnomalyModel:
         else:
             rgb = as_rgb(image, self.max_pixels)
         shape = tuple(int(v) for v in size) if size is not None else rgb.shape[:2]
+        if self.entries[name].info.get("image_size"):  # as the ingress does: a no-op for what it sends
+            rgb = shrink_to(rgb, canonical(self.entries[name].info["image_size"]))
         limit = None if threshold is None else float(threshold)
         answer = await self._predict_batch((name, rgb, task, shape, limit))
         if isinstance(answer, BaseException):  # this image's own failure (see _score); the batch went on

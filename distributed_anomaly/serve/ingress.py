@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -35,10 +36,10 @@ from distributed_anomaly.serve.requests import (
     ServerError,
     Unavailable,
     accumulate,
-    as_rgb,
+    array_for_model,
     check_api_key,
     check_content_length,
-    decode_upload,
+    decode_for_model,
     model_from_request,
     parse_body,
     parse_task,
@@ -80,6 +81,11 @@ class AnomalyIngress:
         }
         self._handles: dict[str, DeploymentHandle] = {}
         self.metrics = IngressMetrics()
+        torch.set_num_threads(1)  # the resize to the model's size: one thread, the cores are the model's
+
+    def _size(self, name: str) -> Any:
+        size = self.entries[name].info.get("image_size")
+        return canonical(size) if size else None
 
     def _model_handle(self, name: str) -> DeploymentHandle:
         if name not in self._handles:
@@ -149,9 +155,8 @@ class AnomalyIngress:
         requested = model_from_request(request.query_params, request.headers) or upload.fields.get("model")
         tags[0] = name = resolve_model(requested, self.names)
         limit = parse_threshold(upload.fields.get("threshold") if threshold is None else threshold)
-        size = self.entries[name].info.get("image_size")
         image, shape = await asyncio.get_running_loop().run_in_executor(
-            None, decode_upload, upload.data, self.max_pixels, canonical(size) if size else None
+            None, decode_for_model, upload.data, self.max_pixels, self._size(name)
         )
         return await self._forward(name, image, task_name, shape, request_id(request), limit)
 
@@ -186,8 +191,10 @@ class AnomalyIngress:
             task_name = parse_task(task)
             name = resolve_model(model, self.names)
             limit = parse_threshold(threshold)
-            rgb = await asyncio.get_running_loop().run_in_executor(None, as_rgb, image, self.max_pixels)
-            answer = await self._model_handle(name).predict.remote(rgb, task_name, name, None, limit)
+            small, shape = await asyncio.get_running_loop().run_in_executor(
+                None, array_for_model, image, self.max_pixels, self._size(name)
+            )
+            answer = await self._model_handle(name).predict.remote(small, task_name, name, shape, limit)
             status = 200
             return answer
         except HTTPError as exc:

@@ -18,6 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 NO_TAG = "-"
+REQUESTS, LATENCY, FLAGGED, SCORES, BATCH = (
+    "anomaly_requests",
+    "anomaly_request_latency_ms",
+    "anomaly_images_flagged",
+    "anomaly_score",
+    "anomaly_batch_size",
+)
 SCORE_BUCKETS = [round(0.05 * i, 2) for i in range(1, 20)]  # normalised scores, 0.5 = threshold
 LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
@@ -30,10 +37,10 @@ class IngressMetrics:
         from ray.serve import metrics
 
         self.requests = metrics.Counter(
-            "anomaly_requests", "prediction requests by model, task and HTTP status", ("model", "task", "status")
+            REQUESTS, "prediction requests by model, task and HTTP status", ("model", "task", "status")
         )
         self.latency = metrics.Histogram(
-            "anomaly_request_latency_ms", "time in the ingress per request (ms)", LATENCY_BUCKETS_MS, ("model", "task")
+            LATENCY, "time in the ingress per request (ms)", LATENCY_BUCKETS_MS, ("model", "task")
         )
 
     def record(self, model: str | None, task: str | None, status: int, latency_ms: float) -> None:
@@ -48,13 +55,11 @@ class ModelMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics
 
-        self.flagged = metrics.Counter(
-            "anomaly_images_flagged", "answers labelled anomalous, by model and task", ("model", "task")
-        )
+        self.flagged = metrics.Counter(FLAGGED, "answers labelled anomalous, by model and task", ("model", "task"))
         self.scores = metrics.Histogram(
-            "anomaly_score", "normalised image scores (0.5 = at the threshold)", SCORE_BUCKETS, ("model", "task")
+            SCORES, "normalised image scores (0.5 = at the threshold)", SCORE_BUCKETS, ("model", "task")
         )
-        self.batch = metrics.Histogram("anomaly_batch_size", "images per OpenVINO call", BATCH_BUCKETS, ("model",))
+        self.batch = metrics.Histogram(BATCH, "images per OpenVINO call", BATCH_BUCKETS, ("model",))
 
     def record_batch(self, model: str, answers: list[Any]) -> None:
         """One scored chunk of one model: its size, and each answer's score and label (failures: size only)."""

@@ -17,7 +17,7 @@ import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from distributed_anomaly.data.images import load_image
+from distributed_anomaly.data.images import load_image, shrink_to
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
@@ -247,6 +247,23 @@ def decode_upload(
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise BadRequest(f"image has no pixels ({image.shape[1]} x {image.shape[0]})")
     return image, shape
+
+
+def decode_for_model(
+    data: bytes, max_pixels: int | None, image_size: ImageSize | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """What the ingress sends the model replica: the decoded image at most at the model's size (uint8), and the
+    image's own (H, W), in which the answer's boxes and mask are given."""
+    image, shape = decode_upload(data, max_pixels, image_size)
+    return (shrink_to(image, image_size) if image_size else image), shape
+
+
+def array_for_model(
+    image: Any, max_pixels: int | None, image_size: ImageSize | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode_for_model for what the handle accepts (as_rgb): (pixels at most at the model's size, own (H, W))."""
+    rgb = as_rgb(image, max_pixels)
+    return (shrink_to(rgb, image_size) if image_size else rgb), rgb.shape[:2]
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
