@@ -8,7 +8,8 @@ checkout at --tree (default this one: compare two versions of the code on the sa
 warms it up, snapshots every process's CPU time, sends --requests POSTs (the category's test PNGs, cycled)
 from --concurrency threads, and snapshots again. Each process's CPU time over the requests answered is its
 core-milliseconds per request, exactly for that load (not a window's share): the HTTP proxy, the ingress, the
-model replica, the rest of Ray (raylet, GCS, controller, agents) and this client. "Serve's own" is everything but
+model replica, the rest of this run's Ray (raylet, GCS, controller, agents) and this client; only processes under
+this one count (other sessions' Ray on the same machine do not). "Serve's own" is everything but
 the model replica and the client. Then the in-process inferencer's rate on the same images (decode, score, JSON
 answer; as serve_load.py) gives the throughput ratio, measured right after the load.
 """
@@ -40,19 +41,39 @@ GROUPS = (
 )
 
 
-def group_of(cmd: str) -> str | None:
+def descendants(root: int) -> set[str]:
+    """This process and every process under it (the local Ray it started: GCS, raylet, workers, replicas): the
+    machine may run other sessions' Ray and Serve processes, which must not count."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[pid] = f.read().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+    found, todo = {str(root)}, [str(root)]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+def group_of(cmd: str) -> str:
     for name, marker in GROUPS:
         if marker in cmd:
             return name
-    return "other Ray" if ("ray" in cmd and ("ray::" in cmd or "/ray/" in cmd)) else None
+    return "other Ray"  # GCS, raylet, Serve's controller, agents, idle workers
 
 
-def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between the snapshots, per group (processes alive at both)."""
+def cpu_by_group(before: dict, after: dict, ours: set[str]) -> dict[str, float]:
+    """CPU seconds spent between the snapshots, per group, by this run's processes alive at both."""
     hz = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid, (ticks, cmd) in after.items():
-        if pid in before and (g := group_of(cmd)):
+        if pid in before and pid in ours:
+            g = group_of(cmd)
             out[g] = out.get(g, 0.0) + (ticks - before[pid][0]) / hz
     return out
 
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         before = snapshot()
         res = load(server.url, images, a.requests, a.concurrency, a.task, 1200)
         after = snapshot()
+        ours = descendants(os.getpid())
         load_after = os.getloadavg()[0]
     finally:
         server.stop()
@@ -102,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     inf = OpenVINOInferencer(a.model, num_threads=threads)
     ref = in_process(inf, entry, images, max(4 * a.max_batch_size, 32), a.max_batch_size, a.task)
     ok = res["ok"]
-    per_request = {g: 1000.0 * sec / ok for g, sec in sorted(cpu_by_group(before, after).items())}
+    per_request = {g: 1000.0 * sec / ok for g, sec in sorted(cpu_by_group(before, after, ours).items())}
     own = sum(v for g, v in per_request.items() if g not in ("model replica", "client"))
     out = {
         "tree": tree,

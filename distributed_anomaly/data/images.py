@@ -192,7 +192,7 @@ def shrink_to(image: np.ndarray, image_size: ImageSize) -> np.ndarray:
     hw = as_hw(image_size)
     if image.shape[0] * image.shape[1] <= hw[0] * hw[1]:
         return image
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    t = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None].float()  # Ray: read-only
     t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
     return t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 

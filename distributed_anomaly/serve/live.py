@@ -24,15 +24,24 @@ MODEL_DEPLOYMENT = "AnomalyModel"  # deployments.MODEL_DEPLOYMENT (not imported:
 POLL_S = 0.2
 
 
-def app_config(config: AppConfig, app_name: str, user_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The `serve deploy` application entry of this configuration."""
-    return {
+def app_config(
+    config: AppConfig,
+    app_name: str,
+    user_config: Mapping[str, Any] | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `serve deploy` application entry of this configuration. `runtime_env`: the deploying job's (e.g. the
+    working_dir `ray job submit` uploaded), so the replicas run the submitted code, as `serve.run` would give them."""
+    app = {
         "name": app_name,
         "route_prefix": "/",
         "import_path": IMPORT_PATH,
         "args": config.to_args(),
         "deployments": [{"name": MODEL_DEPLOYMENT, "user_config": dict(user_config or {"models": {}})}],
     }
+    if runtime_env:
+        app["runtime_env"] = dict(runtime_env)
+    return app
 
 
 def _declarative_apps(client) -> dict[str, dict[str, Any]]:

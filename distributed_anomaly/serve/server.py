@@ -192,7 +192,8 @@ def start_server(
         else:  # Serve already runs on this cluster: its proxy (and its host/port) serve our app too
             host, port = client.http_config.host, client.http_config.port
         client = client or serve_client()
-        apply_app(client, app_config(config, app_name, user_config))
+        job_env = dict(ray.get_runtime_context().runtime_env or {})  # inherited as serve.run would
+        apply_app(client, app_config(config, app_name, user_config, job_env))
         wait_running(client, app_name, ready_timeout_s)
         handle = serve.get_app_handle(app_name)
         url = f"http://{display_host(host)}:{port}"
