@@ -10,8 +10,10 @@
     server.stop()
 
 `registry` (which models, which exports), `requests` (what a request means), `responses` (what an answer
-says) and `settings` (the application's arguments) are Ray-free and unit-tested without a cluster;
-`deployments` holds the Serve deployments and the application builder, `server` starting and stopping.
+says), `settings` (the application's arguments) and `operating` (live thresholds) are Ray-free and unit-tested
+without a cluster; `deployments` holds the model deployment and the application builder, `ingress` the HTTP
+front, `metrics` the application's own metrics, `server` starting and stopping, `live` deploying from a config
+and changing the operating point of a running application (`distributed-anomaly serve-config`).
 Ray and FastAPI are imported only when the deployments are used.
 """
 
