@@ -22,7 +22,7 @@ from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import read_json
 from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, threshold_for_fpr
-from distributed_anomaly.serve import live, operating, settings
+from distributed_anomaly.serve import live, operating, requests, settings
 
 SIZE = 64
 METRICS_TIMEOUT_S = 60.0  # Ray exports a worker's metrics every few seconds; a loaded machine is slower
@@ -111,6 +111,14 @@ def test_autoscale_arguments() -> None:
     yaml_like = settings.AppConfig.from_args({"models": ["a"], "autoscale": [2, 3]})
     assert yaml_like.scaling_options()["autoscaling_config"]["target_ongoing_requests"] == 8.0  # max_batch_size
     assert settings.AppConfig(models=["a"], replicas=3).scaling_options() == {"num_replicas": 3}
+    keyed = settings.AppConfig(models=["a"], api_key="s3cr3t")
+    stored = keyed.to_args()["api_key"]  # what the deployed config (serve config, the dashboard) shows
+    assert "s3cr3t" not in stored and stored.startswith("sha256:") and settings.hashed_api_key(stored) == stored
+    requests.check_api_key(stored, {"x-api-key": "s3cr3t"})  # the ingress still takes the key itself
+    requests.check_api_key(stored, {"authorization": "Bearer s3cr3t"})
+    for wrong in ({"x-api-key": stored}, {"x-api-key": "s3cr3"}, {}):
+        with pytest.raises(requests.Unauthorized):
+            requests.check_api_key(stored, wrong)
     for bad in ("4,1", "0,2", "2", "a,b"):
         with pytest.raises(UserError, match="autoscale"):
             settings.parse_autoscale(bad)

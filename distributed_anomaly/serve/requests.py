@@ -7,6 +7,7 @@ prints them without a stack trace).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from distributed_anomaly.data.images import load_image, shrink_to
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
-from distributed_anomaly.serve.settings import RETRY_AFTER_S
+from distributed_anomaly.serve.settings import KEY_HASH_PREFIX, RETRY_AFTER_S
 
 API_KEY_HEADER = "x-api-key"
 MODEL_HEADER = "x-model"
@@ -105,13 +106,16 @@ def model_from_request(query: Mapping[str, str], headers: Mapping[str, str]) -> 
 
 
 def check_api_key(expected: str | None, headers: Mapping[str, str]) -> None:
-    """X-API-Key: KEY or Authorization: Bearer KEY, compared in constant time; no key configured: open."""
+    """X-API-Key: KEY or Authorization: Bearer KEY, compared in constant time; no key configured: open. A key
+    configured as "sha256:HEX" (settings.hashed_api_key) is compared by its hash."""
     if not expected:
         return
     given = headers.get(API_KEY_HEADER)
     if not given:
         scheme, _, token = (headers.get("authorization") or "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
+    if given and expected.startswith(KEY_HASH_PREFIX):
+        given = KEY_HASH_PREFIX + hashlib.sha256(given.encode()).hexdigest()
     if not given or not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthorized("missing or wrong API key (send the header X-API-Key: KEY or Authorization: Bearer KEY)")
 

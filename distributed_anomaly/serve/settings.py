@@ -3,6 +3,7 @@ the CLI) and how they size a replica."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -22,6 +23,9 @@ RETRY_AFTER_S = 1  # the Retry-After of those 503s
 # setting of the proxies, applied when this process starts Serve.
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# An api_key given as "sha256:HEX" is the key's SHA-256: what `distributed-anomaly serve` puts in the deployed
+# config (visible to `serve config` and the dashboard), so the key itself is not stored there.
+KEY_HASH_PREFIX = "sha256:"
 
 
 @dataclass
@@ -120,6 +124,7 @@ class AppConfig:
         """The builder's arguments (a `serve deploy` config's `args`) that make this configuration again."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["autoscale"] = list(self.autoscale) if self.autoscale else None
+        out["api_key"] = hashed_api_key(self.api_key)  # the deployed config shows it: its hash only
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -148,6 +153,13 @@ def api_key_text(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def hashed_api_key(key: str | None) -> str | None:
+    """KEY -> "sha256:HEX" (requests.check_api_key accepts either); None and hashes stay as they are."""
+    if key is None or key.startswith(KEY_HASH_PREFIX):
+        return key
+    return KEY_HASH_PREFIX + hashlib.sha256(key.encode()).hexdigest()
 
 
 def read_api_key_file(path: str | os.PathLike) -> str:
