@@ -46,7 +46,7 @@ DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     "tile": ("crack", "oil", "gray_stroke", "rough"),
     "washer": ("scratch", "color", "notch", "contamination"),
 }
-FAINT_STRENGTH = 0.3  # share of a defect's contrast left in washer_faint
+FAINT_STRENGTH = 0.12  # share of a defect's contrast left in washer_faint
 # A variant category: (the category whose scenes, streams and defects it reuses, defect strength).
 VARIANTS: dict[str, tuple[str, float]] = {"washer_faint": ("washer", FAINT_STRENGTH)}
 DEFECT_TYPES.update({name: DEFECT_TYPES[base] for name, (base, _) in VARIANTS.items()})

@@ -63,7 +63,7 @@ def score(job: ScoreJob, address: str | None = None, progress: bool = True) -> d
     bs.check_resumable(existing, version, job.task, out)
     done = bs.scored_paths(existing)
     todo = [p for p in listing if p not in done]
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     settings = dict(
         data=data, out=out, task=job.task, masks=job.masks, model_version=version, run_id=run_id,
         max_pixels=job.max_pixels,
