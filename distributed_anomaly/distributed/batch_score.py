@@ -70,7 +70,10 @@ def score(job: ScoreJob, address: str | None = None, progress: bool = True) -> d
     )  # fmt: skip
     start, stats = time.monotonic(), {"scored": 0, "errors": 0, "actors": 0}
     if todo:
-        with ray_session(address, num_cpus=score_ray_cpus(job.actors, job.cpus_per_actor)):
+        num_cpus = None if address else score_ray_cpus(job.actors, job.cpus_per_actor)
+        if num_cpus is not None and not ray.is_initialized():
+            log.info(f"starting a local Ray with {num_cpus} logical CPUs (--address joins a running cluster instead)")
+        with ray_session(address, num_cpus=num_cpus):
             stats = _run_pool(job, todo, files, image_size, settings, progress)
     seconds = time.monotonic() - start
     merged = bs.finish(out, run_id)
