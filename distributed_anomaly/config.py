@@ -1,5 +1,6 @@
-"""Typed, validated configuration of one training run (ModelConfig, TrainConfig: stored in RUN_DIR/config.json)
-and of where it runs (Execution). Torch-free: the command line reads its defaults from these dataclasses."""
+"""Typed, validated configuration of one training run (ModelConfig, TrainConfig: stored in RUN_DIR/config.json),
+of where it runs (Execution) and of a `score` job (ScoreJob). Torch-free: the command line reads its defaults
+from these dataclasses."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from distributed_anomaly.models.specs import (
     get_spec,
     validate_layers,
 )
+from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
 MODELS = ("padim", "stfpm")
 # Where PADIM's frozen backbone runs in fits and scoring (frozen.py); results agree within the tested tolerance.
@@ -127,3 +129,27 @@ class Execution:
     @property
     def uses_ray(self) -> bool:
         return self.workers > 0 or bool(self.address) or self.resume is not None
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """What one `score` call does; the defaults are the command line's."""
+
+    model: str
+    data: str
+    out: str
+    task: str = DEFAULT_TASK
+    masks: bool = False
+    batch_size: int = 16
+    actors: int | None = None  # None: as many as the cluster's CPUs hold
+    cpus_per_actor: float = 1.0
+    max_pixels: int | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1) or self.cpus_per_actor <= 0:
+            raise UserError("--batch-size and --actors must be >= 1, --cpus-per-actor > 0")
+        if self.masks and self.task != "segmentation":
+            raise UserError("--masks needs --task segmentation (the other tasks have no masks)")

@@ -11,6 +11,7 @@ the exported model) there with `upload`. Accepted: a local or mounted path ("/sh
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -164,3 +165,36 @@ def fetch(location: str, names: tuple[str, ...], local_dir: str | os.PathLike) -
         except OSError as exc:
             raise UserError(f"cannot read {join(location, name)}: {exc}") from exc
     return local
+
+
+def list_tree(location: str) -> list[str]:
+    """The files below the folder at location, as sorted '/'-separated paths relative to it (one recursive
+    listing; names starting with '.' at any level are left out: temporary files of an unfinished write)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise UserError(f"{location} is not a folder (nothing there, or a file)")
+    base = path.rstrip("/") + "/"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as exc:
+        raise UserError(f"cannot list {location}: {exc}") from exc
+    rel = [
+        i.path[len(base) :] if i.path.startswith(base) else i.base_name for i in infos if i.type == pafs.FileType.File
+    ]
+    return sorted(r for r in rel if not any(part.startswith(".") for part in r.split("/")))
+
+
+def put_bytes(location: str, data: bytes) -> str:
+    """Write one file at location (parent folders created) under a temporary '.' name, then move it into place:
+    a reader never sees half a file (object stores: the move is a copy, the temporary name is still hidden)."""
+    fs, path = filesystem(location)
+    parent, _, name = path.rstrip("/").rpartition("/")
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(tmp) as dst:
+            dst.write(data)
+        fs.move(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {location}: {exc}") from exc
+    return location

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from distributed_anomaly.cli.common import configure_logging
 from distributed_anomaly.cli.run_cmds import add_evaluate, add_export, add_predict, add_train
+from distributed_anomaly.cli.score_cmds import add_score
 from distributed_anomaly.cli.search_cmds import add_pipeline, add_tune
 from distributed_anomaly.cli.serve_cmds import add_serve, add_serve_config
 from distributed_anomaly.cli.tools_cmds import add_synth, add_weights
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_evaluate,
         add_predict,
         add_export,
+        add_score,
         add_serve,
         add_serve_config,
         add_tune,

@@ -18,8 +18,8 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
         parents=[VERBOSITY],
         help="write the embedded demo dataset (MVTec format) to OUT_DIR",
         description="Write a deterministic MVTec-format demo dataset built from scikit-image's CC0 "
-        "texture photos: a texture category and an aligned-object category, several defect types "
-        "each, with exact ground-truth masks.",
+        "texture photos: a texture category, an aligned-object category and the same objects with faint "
+        "defects (washer_faint), several defect types each, with exact ground-truth masks.",
     )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=_GENERATE["seed"].default)

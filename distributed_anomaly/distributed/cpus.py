@@ -47,3 +47,9 @@ def local_ray_cpus(model: str, workers: int) -> int:
     tasks, which share the cores, instead of refusing the fit for want of 3.5 declared CPUs.
     """
     return max(os.cpu_count() or 1, math.ceil(cpus_needed(model, max(workers, 1))))
+
+
+def score_ray_cpus(actors: int | None, cpus_per_actor: float) -> int:
+    """Logical CPUs for a local Ray that runs one `score` job: the machine's cores (one actor each by default),
+    or the asked actors' reservation when it is larger (as serve_ray_cpus)."""
+    return serve_ray_cpus(actors or 0, cpus_per_actor)

@@ -88,7 +88,7 @@ def object_store_budget(image_size: ImageSize, batch_size: int, workers: int) ->
 
 
 @contextlib.contextmanager
-def _quiet_data_context(image_size: ImageSize, batch_size: int, workers: int) -> Iterator[None]:
+def quiet_data_context(image_size: ImageSize, batch_size: int, workers: int) -> Iterator[None]:
     """Ray Data without progress bars or INFO logs, a capped object-store budget and a whole pool started before
     the first batch; the previous settings come back on exit."""
     ctx = DataContext.get_current()
@@ -135,7 +135,7 @@ def pool_pipeline(
     re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset).
     """
     it = None
-    with _quiet_data_context(image_size, batch_size, workers):
+    with quiet_data_context(image_size, batch_size, workers):
         try:
             items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
             ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))

@@ -18,6 +18,9 @@ from distributed_anomaly.fileio import write_bytes
 STATUSES = ("completed", "pruned", "failed", "interrupted")
 PARAM_COLUMNS = ("model", "backbone", "layers", "n_features", "image_size", "lr", "batch_size", "epochs")
 METRIC_COLUMNS = ("val_auroc", "synthetic_auroc", "val_pixel_auroc", "synthetic_pixel_auroc")
+COST_COLUMN = "inference_gflops"  # the secondary objective: models.cost.inference_gflops of the trial's model
+# Objectives equal to this many decimals tie (the table shows 4): the cheaper model ranks first.
+TIE_DECIMALS = 4
 
 
 def display_columns(objective: str) -> list[str]:
@@ -29,6 +32,7 @@ def display_columns(objective: str) -> list[str]:
         "status",
         "objective",
         *other,
+        COST_COLUMN,
         *PARAM_COLUMNS,
         "val_pixel_auroc",
         "synthetic_pixel_auroc",
@@ -44,6 +48,7 @@ COLUMNS = (
     "status",
     "objective",
     *METRIC_COLUMNS,
+    COST_COLUMN,
     *PARAM_COLUMNS,
     "epochs_run",
     "seconds",
@@ -52,15 +57,18 @@ COLUMNS = (
 
 
 def sort_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Completed trials by objective (best first), then pruned ones by their last value, then the rest; ranked."""
+    """Completed trials by objective (best first), then pruned ones by their last value, then the rest; ranked.
+    Objectives that tie (equal to TIE_DECIMALS) go by inference cost, cheapest first (unknown cost last)."""
     order = {s: i for i, s in enumerate(STATUSES)}
 
     def key(r: Mapping[str, Any]) -> tuple:
-        obj = r.get("objective")
+        obj, cost = r.get("objective"), r.get(COST_COLUMN)
         return (
             order.get(r.get("status"), len(order)),
             obj is None,
-            -(obj or 0.0),
+            -round(obj or 0.0, TIE_DECIMALS),
+            cost is None,
+            cost or 0.0,
             r.get("optuna_trial") or 0,
             str(r.get("trial")),
         )

@@ -89,7 +89,7 @@ def _rows(grid: Any, states: Mapping[int, str]) -> list[dict]:
             "optuna_trial": n,
             "status": status,
             "objective": m.get(OBJECTIVE_KEY),
-            **{k: m.get(k) for k in R.METRIC_COLUMNS},
+            **{k: m.get(k) for k in (*R.METRIC_COLUMNS, R.COST_COLUMN)},
             **{k: cfg.get(k) for k in SETTINGS},
             "seconds": round(m["time_total_s"], 1) if "time_total_s" in m else None,
             "error": R.short_error(res.error) if res.error is not None else "",
@@ -213,9 +213,8 @@ def _run(request: TuneRequest, out: Path, resume: bool, address: str | None, pro
         best = completed[0]
         result = next(res for res in grid if Path(res.path).name.removeprefix("trial_") == best["trial"])
         heldout = _write_best(out, request, data, best, result, progress)
-        summary["best"] = {
-            k: best.get(k) for k in ("trial", "optuna_trial", "objective", *SETTINGS) if best.get(k) is not None
-        }
+        keys = ("trial", "optuna_trial", "objective", R.COST_COLUMN, *SETTINGS)
+        summary["best"] = {k: best.get(k) for k in keys if best.get(k) is not None}
         summary["heldout_metrics"] = (
             {k: heldout.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "num_test_images")}
             if heldout

@@ -15,9 +15,11 @@ from distributed_anomaly.calibration import calibrate
 from distributed_anomaly.config import Execution
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import write_json
+from distributed_anomaly.models.cost import inference_gflops
 from distributed_anomaly.training import fit_model
 from distributed_anomaly.tuning.objective import EpochObjective
 from distributed_anomaly.tuning.request import SEARCH_METRICS, TuneRequest
+from distributed_anomaly.tuning.results import COST_COLUMN
 from distributed_anomaly.tuning.space import SETTINGS, trial_configs
 from distributed_anomaly.tuning.split import prepare_data
 
@@ -67,6 +69,7 @@ def run_trial(config: dict, request: dict, out: str) -> None:
     report = {
         **{k: v for k, v in values.items() if v is not None},
         OBJECTIVE_KEY: values[objective],
+        COST_COLUMN: round(inference_gflops(model, cfg.image_size), 6),  # breaks ties between trials
         "final": 1,
         "epochs_run": fit_info.get("epochs_run", 1),
         "fit_seconds": info["fit_seconds"],
