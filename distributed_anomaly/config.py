@@ -15,17 +15,20 @@ from distributed_anomaly.models.specs import (
     STFPM_MOMENTUM,
     STFPM_PATIENCE,
     STFPM_WEIGHT_DECAY,
+    default_layers,
     get_spec,
     validate_layers,
 )
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
-MODELS = ("padim", "stfpm")
+MODELS = ("padim", "stfpm", "patchcore")
 # Where PADIM's frozen backbone runs in fits and scoring (frozen.py); results agree within the tested tolerance.
 RUNTIMES = ("openvino", "torch")
 DEFAULT_RUNTIME = "openvino"
-DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100}
-DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 32}  # stfpm: anomalib's default, same loss scale
+DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100, "patchcore": 1}
+DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 32, "patchcore": 32}  # stfpm: anomalib's default, same loss scale
+# Models whose fit is one pass of a frozen backbone (Ray Data actor pool), as opposed to STFPM's training.
+FROZEN_FIT_MODELS = ("padim", "patchcore")
 
 
 @dataclass(frozen=True)
@@ -35,24 +38,37 @@ class ModelConfig:
     model: str = "padim"
     backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ()
-    n_features: int | None = None  # PADIM only; None -> the backbone's paper default
+    n_features: int | None = None  # PADIM: channel subset; PatchCore: pooled dimension; None -> paper default
     image_size: ImageSize = 256  # S (S x S) or (H, W); stored as an int when square (data.sizes)
     seed: int = 0
+    coreset_ratio: float | None = None  # PatchCore only; None -> 0.1
+    num_neighbors: int | None = None  # PatchCore only (image-score reweighting); None -> 9
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
         spec = get_spec(self.backbone)
-        object.__setattr__(self, "layers", validate_layers(spec, self.layers or spec.default_layers))
+        object.__setattr__(self, "layers", validate_layers(spec, self.layers or default_layers(spec, self.model)))
         object.__setattr__(self, "image_size", check_size(self.image_size))
         if self.model == "stfpm" and self.n_features is not None:
-            raise UserError("--n-features applies to PADIM only")
+            raise UserError("--n-features applies to PADIM and PatchCore only")
+        self._check_patchcore()
         n_total = sum(spec.taps[layer][0] for layer in self.layers)
         if self.n_features is not None and not 0 < self.n_features <= n_total:
             raise UserError(
                 f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
                 f"{','.join(self.layers)} on {self.backbone}), got {self.n_features}"
             )
+
+    def _check_patchcore(self) -> None:
+        if self.model != "patchcore":
+            if self.coreset_ratio is not None or self.num_neighbors is not None:
+                raise UserError("--coreset-ratio and --num-neighbors apply to PatchCore only")
+            return
+        if self.coreset_ratio is not None and not 0.0 < self.coreset_ratio <= 1.0:
+            raise UserError(f"--coreset-ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.num_neighbors is not None and self.num_neighbors < 1:
+            raise UserError(f"--num-neighbors must be >= 1, got {self.num_neighbors}")
 
 
 @dataclass(frozen=True)

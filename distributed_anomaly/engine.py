@@ -20,7 +20,9 @@ from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.frozen import FrozenPatches, OpenVinoTeacher, patch_runtime, teacher_runtime, torch_beside
+from distributed_anomaly.models.coreset import CHUNK_PATCHES, CoresetResult, StreamingCoreset
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map
 from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
 
@@ -91,6 +93,42 @@ def fit_padim(
     return stats
 
 
+def patchcore_embedder(
+    model: PatchCore, runtime: str = DEFAULT_RUNTIME, threads: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, 3, H, W) -> PatchCore's patch embeddings (B, P, D), the backbone on `runtime` (frozen.RUNTIMES)."""
+    net = teacher_runtime(model, runtime, threads)
+    if net is None:
+        return model.embed
+    return lambda x: model.embed_taps([net(x)[name] for name in model.extractor.layers])
+
+
+def fit_patchcore(
+    model: PatchCore,
+    records: Sequence[Record],
+    batch_size: int = 32,
+    progress: bool = True,
+    runtime: str = DEFAULT_RUNTIME,
+    chunk_patches: int = CHUNK_PATCHES,
+) -> CoresetResult:
+    """One pass of the frozen backbone over the normal images, their patch embeddings streamed into a coreset
+    (models/coreset.py: memory O(bank + chunk), whatever the number of images); sets the model's bank."""
+    if not records:
+        raise ValueError("PatchCore needs at least 1 training image")
+    bar = Progress(len(records), "fit patchcore", progress)
+    model.eval()
+    embed = patchcore_embedder(model, runtime)
+    stream = StreamingCoreset(model.coreset_ratio, model.projection(), chunk_patches=chunk_patches, seed=model.seed)
+    with torch.inference_mode():
+        for _, x in iter_batches(records, model.image_size, batch_size):
+            stream.add(embed(x).reshape(-1, model.n_features))
+            bar.update(x.shape[0])
+        result = stream.finish()
+    bar.close()
+    model.set_bank(result.bank)
+    return result
+
+
 def anomaly_maps(
     model: torch.nn.Module,
     records: Sequence[Record],
@@ -124,6 +162,9 @@ def _map_stream(
         teacher = teacher_runtime(model, runtime)
         yield from (anomaly_map(*model.features(x, teacher(x)), tuple(x.shape[-2:])) for x in batches)
         return
+    if isinstance(model, PatchCore) and runtime != "torch":
+        yield from map(map_function(model, runtime, precision), batches)
+        return
     if not isinstance(model, Padim) or runtime == "torch":
         yield from (model(x) for x in batches)
         return
@@ -141,6 +182,9 @@ def map_function(
     model: torch.nn.Module, runtime: str = DEFAULT_RUNTIME, precision: str = "f32", threads: int | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """images (B, 3, H, W) -> raw maps (B, 1, H, W), one batch at a time (a Ray scoring actor's step)."""
+    if isinstance(model, PatchCore) and runtime != "torch":
+        embed = patchcore_embedder(model, runtime, threads)
+        return lambda x: model.score_embeddings(embed(x), model.input_size())
     if not isinstance(model, Padim) or runtime == "torch":
         return model
     frozen = patch_runtime(model, runtime, threads, precision)

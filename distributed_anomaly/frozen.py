@@ -31,6 +31,7 @@ import torch
 from distributed_anomaly.config import RUNTIMES
 from distributed_anomaly.models.backbones import FeatureExtractor
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm
 
 FROZEN_PRECISIONS = ("f32", "bf16")
@@ -65,12 +66,15 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def frozen_extractor(model: Padim | Stfpm) -> FeatureExtractor:
-    """The network that never trains: PADIM's backbone, STFPM's teacher."""
-    return model.extractor if isinstance(model, Padim) else model.teacher
+FrozenModel = Padim | Stfpm | PatchCore
 
 
-def extractor_key(model: Padim | Stfpm) -> str:
+def frozen_extractor(model: FrozenModel) -> FeatureExtractor:
+    """The network that never trains: PADIM's and PatchCore's backbone, STFPM's teacher."""
+    return model.teacher if isinstance(model, Stfpm) else model.extractor
+
+
+def extractor_key(model: FrozenModel) -> str:
     ext = frozen_extractor(model)
     spec = {
         "backbone": ext.backbone,
@@ -93,7 +97,7 @@ class _Taps(torch.nn.Module):
         return tuple(feats[name] for name in self.extractor.layers)
 
 
-def _convert_taps(model: Padim | Stfpm, xml: Path) -> None:
+def _convert_taps(model: FrozenModel, xml: Path) -> None:
     """Trace the torch extractor, convert it with OpenVINO and save it (fp32 weights) at `xml`."""
     import warnings
 
@@ -108,7 +112,7 @@ def _convert_taps(model: Padim | Stfpm, xml: Path) -> None:
     ov.save_model(ov_model, xml, compress_to_fp16=False)
 
 
-def taps_model_path(model: Padim | Stfpm) -> Path:
+def taps_model_path(model: FrozenModel) -> Path:
     """The cached taps-only IR for this model's extractor, converting it first if absent (atomic per entry)."""
     entry = cache_dir() / extractor_key(model)
     if (entry / _COMPLETE).is_file():
@@ -281,13 +285,14 @@ FrozenPatches = TorchPatches | OpenVinoPatches
 
 
 class OpenVinoTeacher:
-    """STFPM's teacher as the cached taps IR: images -> {tap: features}, as `Stfpm.teacher` returns them.
+    """STFPM's teacher (or PatchCore's backbone) as the cached taps IR: images -> {tap: features}, as
+    `Stfpm.teacher` returns them.
 
     Synchronous (the student's step needs this batch's features); OpenVINO uses `threads` threads (default
     torch's), at `precision` (f32 by default)."""
 
-    def __init__(self, model: Stfpm, threads: int | None = None, precision: str = "f32") -> None:
-        self.layers = list(model.teacher.layers)
+    def __init__(self, model: Stfpm | PatchCore, threads: int | None = None, precision: str = "f32") -> None:
+        self.layers = list(frozen_extractor(model).layers)
         compiled = _compile(taps_model_path(model), threads, precision, {"PERFORMANCE_HINT": "LATENCY"})
         self._request = compiled.create_infer_request()
 
@@ -298,8 +303,11 @@ class OpenVinoTeacher:
         }
 
 
-def teacher_runtime(model: Stfpm, runtime: str = "openvino", threads: int | None = None) -> OpenVinoTeacher | None:
-    """STFPM's teacher on `runtime`: an OpenVinoTeacher, or None for torch (the model's own teacher)."""
+def teacher_runtime(
+    model: Stfpm | PatchCore, runtime: str = "openvino", threads: int | None = None
+) -> OpenVinoTeacher | None:
+    """STFPM's teacher (PatchCore's backbone) on `runtime`: an OpenVinoTeacher, or None for torch (the model's
+    own network)."""
     if runtime == "torch":
         return None
     if runtime == "openvino":

@@ -21,6 +21,7 @@ from distributed_anomaly.config import ModelConfig, TrainConfig, from_dict, to_d
 from distributed_anomaly.errors import RunDirError
 from distributed_anomaly.fileio import atomic_write, read_json, write_json
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm
 from distributed_anomaly.postprocess import POSTPROCESS_FILE, PostProcessor
 
@@ -34,7 +35,21 @@ CONFIG, WEIGHTS, METRICS, HISTORY, REQUEST = (
 POSTPROCESS = POSTPROCESS_FILE
 
 
-def build_model(cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None) -> Padim | Stfpm:
+def build_model(
+    cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None
+) -> Padim | Stfpm | PatchCore:
+    if cfg.model == "patchcore":
+        return PatchCore(
+            cfg.backbone,
+            cfg.layers,
+            cfg.n_features,
+            cfg.image_size,
+            coreset_ratio=cfg.coreset_ratio,
+            num_neighbors=cfg.num_neighbors,
+            pretrained=pretrained,
+            weights_file=weights_file,
+            seed=cfg.seed,
+        )
     if cfg.model == "padim":
         return Padim(
             cfg.backbone,
@@ -87,7 +102,7 @@ def load_config(run_dir: str | os.PathLike) -> tuple[ModelConfig, TrainConfig, d
         raise RunDirError(f"cannot read {path}: {exc}") from exc
 
 
-def load_model(run_dir: str | os.PathLike) -> tuple[ModelConfig, Padim | Stfpm, PostProcessor]:
+def load_model(run_dir: str | os.PathLike) -> tuple[ModelConfig, Padim | Stfpm | PatchCore, PostProcessor]:
     """Rebuild the module from config.json and model.safetensors (no pretrained download needed)."""
     run_dir = Path(run_dir)
     cfg, _, _ = load_config(run_dir)

@@ -15,7 +15,15 @@ import numpy as np
 from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
 from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model, in_process_scorer
-from distributed_anomaly.config import DEFAULT_RUNTIME, Execution, ModelConfig, TrainConfig, from_dict, to_dict
+from distributed_anomaly.config import (
+    DEFAULT_RUNTIME,
+    FROZEN_FIT_MODELS,
+    Execution,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
 from distributed_anomaly.data.dataset import load_dataset, resolve_layout
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
@@ -86,7 +94,7 @@ def train(
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
     # Ray PADIM's fit pipeline skips (or stops on) unreadable images itself; every other split is checked here,
     # before any work, so a bad test image cannot fail the run after a whole fit.
-    own_check = cfg.model == "padim" and run.uses_ray
+    own_check = cfg.model in FROZEN_FIT_MODELS and run.uses_ray
     fit_records, val, test, skipped = screen_splits(fit_records, val, test, run.skip_corrupt, check_fit=not own_check)
     logger.info(
         f"data: {len(fit_records)} training, {len(val)} validation (held out from train/good), {len(test)} test images"
@@ -204,8 +212,8 @@ def fit_model(
     train_stfpm_ray (a search's per-epoch hook and callbacks). A Ray STFPM failure is a RuntimeError.
     """
     start = time.perf_counter()
-    if cfg.model == "padim":
-        model, info = _fit_padim(model, tcfg, fit_records, run, progress)
+    if cfg.model in FROZEN_FIT_MODELS:
+        model, info = _fit_frozen(model, cfg.model, tcfg, fit_records, run, progress)
         history = None
     else:
         model, info, history = _fit_stfpm(
@@ -217,23 +225,24 @@ def fit_model(
     return model, info, history
 
 
-def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Execution, progress: bool) -> tuple:
-    """PADIM's Gaussians on a Ray Data actor pool or in this process; (model, info)."""
-    if not run.uses_ray:
-        stats = engine.fit_padim(model, fit_records, tcfg.batch_size, progress, runtime=run.runtime)
-        return model, {"images_counted": stats.count, "runtime": run.runtime}
-    from distributed_anomaly.distributed.padim_fit import fit_padim_ray
+def _fit_frozen(model, kind: str, tcfg: TrainConfig, records: list[Record], run: Execution, progress: bool) -> tuple:
+    """PADIM's Gaussians or PatchCore's memory bank (`kind`): on a Ray Data actor pool, the workers' partial
+    results merged here, or in this process; (model, info)."""
+    patchcore = kind == "patchcore"
+    if run.uses_ray:
+        from distributed_anomaly.distributed import padim_fit, patchcore_fit
 
-    stats, ray_info = fit_padim_ray(
-        model,
-        fit_records,
-        batch_size=tcfg.batch_size,
-        workers=max(run.workers, 1),
-        progress=progress,
-        skip_corrupt=run.skip_corrupt,
-        runtime=run.runtime,
-    )
-    return model, {"images_counted": stats.count, "runtime": run.runtime, "ray_fit": ray_info}
+        fit = patchcore_fit.fit_patchcore_ray if patchcore else padim_fit.fit_padim_ray
+        options = dict(workers=max(run.workers, 1), progress=progress, skip_corrupt=run.skip_corrupt)
+        result, ray_info = fit(model, records, batch_size=tcfg.batch_size, runtime=run.runtime, **options)
+    else:
+        fit = engine.fit_patchcore if patchcore else engine.fit_padim
+        result, ray_info = fit(model, records, tcfg.batch_size, progress, runtime=run.runtime), None
+    info = {"coreset": result.summary()} if patchcore else {"images_counted": result.count}
+    info["runtime"] = run.runtime
+    if ray_info is not None:
+        info["ray_fit"] = ray_info
+    return model, info
 
 
 def _fit_stfpm(

@@ -25,7 +25,13 @@ from distributed_anomaly.config import MODELS, RUNTIMES, Execution, ModelConfig,
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
-from distributed_anomaly.models.specs import BACKBONES, DEFAULT_BACKBONE
+from distributed_anomaly.models.specs import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    PATCHCORE_CORESET_RATIO,
+    PATCHCORE_DIM,
+    PATCHCORE_NUM_NEIGHBORS,
+)
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
 REPORT_HELP = (
@@ -40,8 +46,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         parents=[VERBOSITY],
         help="fit a model on the normal training images, calibrate thresholds, evaluate on the test split",
-        description="Fit PADIM or STFPM on the normal training images of a category (MVTec, folder or VisA layout), "
-        "hold out --val-fraction of them to choose thresholds (and for STFPM's early stopping), "
+        description="Fit PADIM, STFPM or PatchCore on the normal training images of a category (MVTec, folder or "
+        "VisA layout), hold out --val-fraction of them to choose thresholds (and for STFPM's early stopping), "
         "evaluate on the whole test split, and write a self-contained RUN_DIR.",
     )
     p.add_argument("--data", help="dataset folder (layout: --format); required unless --resume")
@@ -80,7 +86,22 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated feature taps, e.g. layer1,layer2,layer3 (default: the backbone's)",
     )
     n_features = ", ".join(f"{s.default_n_features} {name}" for name, s in BACKBONES.items())
-    p.add_argument("--n-features", type=int, help=f"PADIM random channel subset (default: {n_features})")
+    p.add_argument(
+        "--n-features",
+        type=int,
+        help=f"PADIM random channel subset (default: {n_features}); PatchCore: dimension the taps are "
+        f"pooled to (default: {PATCHCORE_DIM} or all channels when fewer)",
+    )
+    p.add_argument(
+        "--coreset-ratio",
+        type=float,
+        help=f"PatchCore: memory bank size as a share of the training patches (default {PATCHCORE_CORESET_RATIO})",
+    )
+    p.add_argument(
+        "--num-neighbors",
+        type=int,
+        help=f"PatchCore: bank neighbours of the image-score reweighting (default {PATCHCORE_NUM_NEIGHBORS})",
+    )
     p.add_argument(
         "--image-size",
         type=image_size,
@@ -154,7 +175,7 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=default(Execution, "workers"),
-        help="Ray workers: PADIM feature-extraction actors or STFPM data-parallel trainers (default 0: "
+        help="Ray workers: PADIM/PatchCore feature-extraction actors or STFPM data-parallel trainers (default 0: "
         "in this process, no Ray). With N >= 1 and no --address a local single-node Ray is started",
     )
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or HOST:PORT (token auth: set RAY_AUTH_TOKEN)")
@@ -187,10 +208,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
         "--runtime",
         choices=RUNTIMES,
         default=default(Execution, "runtime"),
-        help="where PADIM's frozen backbone runs during the fit and scoring: openvino (the CPU's fast path; "
-        "converted once per backbone, taps, image size and weights, cached under $DISTRIBUTED_ANOMALY_CACHE or "
-        "~/.cache/distributed_anomaly) or torch (eager, the reference). Statistics agree within 1e-4 relative "
-        "(default %(default)s)",
+        help="where the frozen backbone (PADIM, PatchCore) runs during the fit and scoring: openvino (the CPU's "
+        "fast path; converted once per backbone, taps, image size and weights, cached under "
+        "$DISTRIBUTED_ANOMALY_CACHE or ~/.cache/distributed_anomaly) or torch (eager, the reference). Statistics "
+        "agree within 1e-4 relative (default %(default)s)",
     )
 
 
@@ -208,7 +229,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         if not a.data or not a.out:
             raise UserError("train needs --data and --out (or --resume RUN_DIR)")
-        cfg = ModelConfig(a.model, a.backbone, a.layers, a.n_features, a.image_size, a.seed)
+        cfg = ModelConfig(
+            a.model,
+            a.backbone,
+            a.layers,
+            a.n_features,
+            a.image_size,
+            a.seed,
+            coreset_ratio=a.coreset_ratio,
+            num_neighbors=a.num_neighbors,
+        )
         tcfg = TrainConfig(
             epochs=a.epochs,
             lr=a.lr,

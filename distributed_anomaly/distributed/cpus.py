@@ -28,8 +28,9 @@ def stfpm_decode_tasks(workers: int) -> int:
 
 
 def cpus_needed(model: str, workers: int, cpus_per_worker: float = 1.0) -> float:
-    """Logical CPUs a `model` ("padim" or "stfpm") run on `workers` Ray workers keeps busy, decoding included."""
-    if model == "padim":
+    """Logical CPUs a `model` ("padim", "patchcore" or "stfpm") run on `workers` Ray workers keeps busy, decoding
+    included."""
+    if model in ("padim", "patchcore"):
         return workers * cpus_per_worker + padim_decode_tasks(workers) * PADIM_DECODE_CPUS
     return workers * cpus_per_worker + stfpm_decode_tasks(workers) * STFPM_DECODE_CPUS
 

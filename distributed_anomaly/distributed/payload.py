@@ -12,15 +12,17 @@ from typing import Any
 import torch
 
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm
 
-# Buffers a PADIM fit produces: they travel to scorers, never into a fit (which computes them).
+# Buffers a PADIM or PatchCore fit produces: they travel to scorers, never into a fit (which computes them).
 GAUSSIAN_KEYS = ("mean", "inv_cov")
+FITTED_KEYS = (*GAUSSIAN_KEYS, "memory_bank")
 
 
 def model_payload(model: torch.nn.Module, *, with_gaussian: bool = True) -> dict[str, Any]:
     """What an actor needs to rebuild `model` without downloading weights: constructor args + state dict."""
-    drop = () if with_gaussian else GAUSSIAN_KEYS
+    drop = () if with_gaussian else FITTED_KEYS
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in drop}
     if isinstance(model, Padim):
         return {
@@ -31,6 +33,20 @@ def model_payload(model: torch.nn.Module, *, with_gaussian: bool = True) -> dict
                 layers=list(model.extractor.layers),
                 n_features=model.n_features,
                 image_size=model.image_size,
+            ),
+        }
+    if isinstance(model, PatchCore):
+        return {
+            "kind": "patchcore",
+            "state": state,
+            "kwargs": dict(
+                backbone=model.extractor.backbone,
+                layers=list(model.extractor.layers),
+                n_features=model.n_features,
+                image_size=model.image_size,
+                coreset_ratio=model.coreset_ratio,
+                num_neighbors=model.num_neighbors,
+                seed=model.seed,
             ),
         }
     if isinstance(model, Stfpm):
@@ -49,10 +65,10 @@ def build_from_payload(payload: dict[str, Any]) -> torch.nn.Module:
     if payload["kind"] == "module":
         module = payload["module"]
     else:
-        cls = Padim if payload["kind"] == "padim" else Stfpm
+        cls = {"padim": Padim, "patchcore": PatchCore, "stfpm": Stfpm}[payload["kind"]]
         module = cls(**payload["kwargs"], pretrained=False)
         missing, unexpected = module.load_state_dict(payload["state"], strict=False)
-        if unexpected or set(missing) - set(GAUSSIAN_KEYS):
+        if unexpected or set(missing) - set(FITTED_KEYS):
             raise RuntimeError(
                 f"model state does not fit the rebuilt {payload['kind']}: missing {missing}, unexpected {unexpected}"
             )

@@ -18,6 +18,7 @@ class BackboneSpec:
     taps: dict[str, tuple[int, int]]  # tap name -> (channels, stride)
     default_layers: tuple[str, str, str]
     default_n_features: int  # PADIM's random channel subset size
+    patchcore_layers: tuple[str, str]  # PatchCore's two middle taps (strides 8 and 16)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -26,12 +27,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         {"layer1": (64, 4), "layer2": (128, 8), "layer3": (256, 16), "layer4": (512, 32)},
         ("layer1", "layer2", "layer3"),
         100,
+        ("layer2", "layer3"),
     ),  # PADIM paper: R18 -> 100 of 448
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2",
         {"layer1": (256, 4), "layer2": (512, 8), "layer3": (1024, 16), "layer4": (2048, 32)},
         ("layer1", "layer2", "layer3"),
         550,
+        ("layer2", "layer3"),
     ),  # PADIM paper: WR50 -> 550 of 1792
     "mobilenet_v2": BackboneSpec(
         "mobilenet_v2",
@@ -65,6 +68,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         # R18 choice keeps relative to the full Gaussian cost, and matches the R18 default for comparisons.
         ("features.3", "features.6", "features.13"),
         100,
+        ("features.6", "features.13"),  # strides 8 and 16, as ResNet's layer2 and layer3
     ),
 }
 DEFAULT_BACKBONE = "resnet18"
@@ -74,6 +78,22 @@ STFPM_LR = 0.4
 STFPM_MOMENTUM = 0.9
 STFPM_WEIGHT_DECAY = 1e-4
 STFPM_PATIENCE = 10
+
+# PatchCore defaults (Roth et al., 2022): coreset share of the patch embeddings, neighbours of the image-score
+# reweighting, and the fixed dimension the concatenated taps are pooled to (the paper's 1024).
+PATCHCORE_CORESET_RATIO = 0.1
+PATCHCORE_NUM_NEIGHBORS = 9
+PATCHCORE_DIM = 1024
+
+
+def default_layers(spec: BackboneSpec, model: str) -> tuple[str, ...]:
+    """The taps a model uses on a backbone unless told: PatchCore's two middle ones, else PADIM's three."""
+    return spec.patchcore_layers if model == "patchcore" else spec.default_layers
+
+
+def patchcore_dim(n_channels: int) -> int:
+    """PatchCore's default embedding dimension for taps with `n_channels` channels in all."""
+    return min(n_channels, PATCHCORE_DIM)
 
 
 def get_spec(name: str) -> BackboneSpec:
