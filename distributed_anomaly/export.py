@@ -225,7 +225,8 @@ def _metadata(
         "task": task,
         "backbone": cfg.backbone,
         "layers": list(cfg.layers),
-        "n_features": getattr(module, "n_features", None) if cfg.model == "padim" else None,
+        "n_features": getattr(module, "n_features", None) if cfg.model in ("padim", "patchcore") else None,
+        **_patchcore_details(module),
         "image_size": list(size) if isinstance(size, tuple) else size,  # S, or [H, W] when not square
         "precision": precision,
         "image_threshold": post.image_threshold,
@@ -254,6 +255,18 @@ def _metadata(
         "version": __version__,
         "openvino_version": ov.get_version(),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _patchcore_details(module) -> dict:
+    """PatchCore's memory bank (a constant of the graph, searched in it) and its settings, for metadata.json."""
+    bank = getattr(module, "memory_bank", None)
+    if bank is None:
+        return {}
+    return {
+        "memory_bank": {"rows": int(bank.shape[0]), "dim": int(bank.shape[1]), "in_graph": True},
+        "coreset_ratio": module.coreset_ratio,
+        "num_neighbors": module.num_neighbors,
     }
 
 

@@ -6,7 +6,8 @@
         maps = anomaly_maps_ray(model, test_records, model.image_size, batch_size=32, workers=4)
 
 Modules: ray_setup (start or join Ray), pool (the Ray Data actor-pool pipeline and its checks), payload (models
-as constructor args + state dict), padim_fit (the PADIM fit), scoring (batch inference), stfpm_train (the STFPM
+as constructor args + state dict), padim_fit (the PADIM fit), patchcore_fit (PatchCore's shard
+coresets), scoring (batch inference), stfpm_train (the STFPM
 driver), stfpm_worker (its Ray Train loop), stfpm_steps (its Ray-free epoch), checkpoints (its checkpoints),
 faults (fault hooks). payload, stfpm_steps, checkpoints and faults never import Ray.
 """
@@ -16,11 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["anomaly_maps_ray", "dashboard_url", "ensure_ray", "fit_padim_ray", "ray_session"]
+__all__ = ["anomaly_maps_ray", "dashboard_url", "ensure_ray", "fit_padim_ray", "fit_patchcore_ray", "ray_session"]
 
 _HOMES = {
     "anomaly_maps_ray": "scoring",
     "fit_padim_ray": "padim_fit",
+    "fit_patchcore_ray": "patchcore_fit",
     "ensure_ray": "ray_setup",
     "ray_session": "ray_setup",
     "dashboard_url": "ray_setup",

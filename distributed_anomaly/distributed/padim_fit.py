@@ -31,7 +31,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +109,11 @@ class NodePartials:
 
 
 class PartialRegistry:
-    """One per fit, owned by the driver: gives each pool actor the NodePartials actor of its node."""
+    """One per fit, owned by the driver: gives each pool actor the store actor of its node (`store_cls`:
+    NodePartials for PADIM, patchcore_fit.NodeCoresets for PatchCore), created with `args`."""
 
-    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
-        self.args = (n_positions, n_features, dtype, threads)
+    def __init__(self, store_cls: type, *args: Any) -> None:
+        self.store_cls, self.args = store_cls, args
         self.node_stores: dict[str, Any] = {}
         self.worker_node: dict[str, str] = {}
         # The store of this (the driver's) node starts now, beside the pool actors, rather than when the first
@@ -122,7 +123,7 @@ class PartialRegistry:
     def _store(self, node_id: str) -> Any:
         if node_id not in self.node_stores:
             self.node_stores[node_id] = (
-                ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(NodePartials)
+                ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(self.store_cls)
                 .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True))
                 .remote(*self.args)
             )
@@ -142,10 +143,26 @@ class PartialRegistry:
         self.node_stores.clear()
 
 
-class PadimEmbedder:
-    """Pool actor (map_batches callable class): runs the frozen backbone (on `runtime`) on its share of the
-    images and folds the deviations of their embeddings into its own partial (in its node's NodePartials),
-    waiting for each fold before it reports the images."""
+@contextlib.contextmanager
+def partial_registry(store_cls: type, *args: Any) -> Iterator[Any]:
+    """A PartialRegistry actor on the driver's node for one fit; its stores and itself are killed on exit."""
+    registry = (
+        ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
+        .remote(store_cls, *args)
+    )
+    try:
+        yield registry
+    finally:
+        with contextlib.suppress(Exception):
+            ray.get(registry.release.remote(), timeout=30)
+        ray.kill(registry)
+
+
+class PoolFolder:
+    """A pool actor (map_batches callable class) that folds its share of the images into its own partial in
+    its node's store, waiting for each fold before it reports the images (exact accounting). Subclasses say
+    what is built (`setup`) and folded (`fold`)."""
 
     def __init__(self, payload: Any, registry: Any, threads: int, runtime: str) -> None:
         set_threads(threads)
@@ -153,25 +170,19 @@ class PadimEmbedder:
         self.node_id = ray.get_runtime_context().get_node_id()
         store = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model is built
         self.model = build_from_payload(resolve(payload))
-        self.frozen = patch_runtime(self.model, runtime, threads)
-        self.shift: torch.Tensor | None = None  # this worker's: the mean of its first batch
+        self.setup(runtime, threads)
         self.store = ray.get(store)[0]
 
-    def _deviations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        if self.shift is not None:
-            return (*self.frozen(x, self.shift), None)
-        patches, _ = self.frozen(x, torch.zeros(self.model.n_positions, self.model.n_features))
-        self.shift = patches.mean(0)
-        dev = patches - self.shift
-        return dev, dev.sum(0), self.shift.numpy()
+    def setup(self, runtime: str, threads: int) -> None:
+        raise NotImplementedError
+
+    def fold(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
-            with torch.inference_mode():
-                dev, dev_sum, shift = self._deviations(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-            # Folded before these rows are reported: exact accounting.
-            ray.get(self.store.update.remote(self.worker_id, dev.numpy(), dev_sum.numpy(), shift))
+            self.fold(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
         n = len(ok)
         return {
             "idx": batch["idx"],
@@ -182,15 +193,38 @@ class PadimEmbedder:
         }
 
 
+class PadimEmbedder(PoolFolder):
+    """PADIM's pool actor: the frozen backbone (on `runtime`), deviations folded into moment accumulators."""
+
+    def setup(self, runtime: str, threads: int) -> None:
+        self.frozen = patch_runtime(self.model, runtime, threads)
+        self.shift: torch.Tensor | None = None  # this worker's: the mean of its first batch
+
+    def _deviations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        if self.shift is not None:
+            return (*self.frozen(x, self.shift), None)
+        patches, _ = self.frozen(x, torch.zeros(self.model.n_positions, self.model.n_features))
+        self.shift = patches.mean(0)
+        dev = patches - self.shift
+        return dev, dev.sum(0), self.shift.numpy()
+
+    def fold(self, x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            dev, dev_sum, shift = self._deviations(x)
+        ray.get(self.store.update.remote(self.worker_id, dev.numpy(), dev_sum.numpy(), shift))
+
+
 # --------------------------------------------------------------------------------------------- driver side
 
 
 @dataclass
-class _Tally:
+class FitTally:
     """The driver's account of the rows that came back: every image once, each folded by a known worker."""
 
     records: Sequence[Record]
     skip_corrupt: bool
+    model: str = "PADIM"
+    min_images: int = 2
     seen: np.ndarray = field(init=False)
     rows_per_worker: Counter = field(default_factory=Counter)  # images each worker folded in (readable rows)
     node_of: dict[str, str] = field(default_factory=dict)
@@ -229,13 +263,13 @@ class _Tally:
                 f"{len(missing)} images never came back from the pipeline (first: {self.records[missing[0]].path})"
             )
         n_images = len(self.records) - len(self.skipped)
-        if n_images < 2:
+        if n_images < self.min_images:
             raise UserError(
-                f"PADIM needs at least 2 readable training images, got {n_images} "
+                f"{self.model} needs at least {self.min_images} readable training image(s), got {n_images} "
                 f"({len(self.skipped)} unreadable skipped)"
             )
 
-    def info(self, acc: GaussianStats) -> dict:
+    def info(self, images: int, **extra: Any) -> dict:
         n = len(self.records)
         seconds = time.perf_counter() - self.started
         steady = (
@@ -244,7 +278,7 @@ class _Tally:
             else None
         )
         return {
-            "images": acc.count,
+            "images": images,
             "manifest_images": n,
             "skipped": self.skipped,
             "num_skipped": len(self.skipped),
@@ -257,7 +291,7 @@ class _Tally:
             # Start-up (actors, model load) until the first batch is out; then the pipeline's steady rate.
             "startup_s": round(self.first_out - self.started, 3),
             "steady_images_per_s": steady,
-            "dtype": str(acc.dtype).replace("torch.", ""),
+            **extra,
         }
 
 
@@ -286,18 +320,14 @@ def fit_padim_ray(
         raise UserError(f"PADIM needs at least 2 training images, got {len(records)}")
     require_ray()
     check_pool_args(batch_size, workers, cpus_per_worker)
-    tally = _Tally(records, skip_corrupt)
+    tally = FitTally(records, skip_corrupt)
     model.eval()
     acc = engine.empty_stats(model)
     threads = default_threads(cpus_per_worker, threads_per_worker)
     payload = ray.put(model_payload(model, with_gaussian=False))
-    registry = (
-        ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry)
-        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
-        .remote(model.n_positions, model.n_features, str(acc.dtype).replace("torch.", ""), threads)
-    )
+    dtype = str(acc.dtype).replace("torch.", "")
     bar = Progress(len(records), f"fit padim (ray, {workers} workers)", progress)
-    try:
+    with partial_registry(NodePartials, model.n_positions, model.n_features, dtype, threads) as registry:
         with pool_pipeline(
             records,
             model.image_size,
@@ -313,14 +343,10 @@ def fit_padim_ray(
         bar.close()
         tally.check_complete()
         _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
-    finally:
-        with contextlib.suppress(Exception):
-            ray.get(registry.release.remote(), timeout=30)
-        ray.kill(registry)
     if tally.skipped:
         warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
     model.set_gaussian(acc)
-    return acc, tally.info(acc)
+    return acc, tally.info(acc.count, dtype=dtype)
 
 
 def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, str], acc: GaussianStats) -> None:

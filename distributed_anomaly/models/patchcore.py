@@ -136,7 +136,7 @@ class PatchCore(nn.Module):
     def set_bank(self, bank: torch.Tensor) -> None:
         if bank.ndim != 2 or bank.shape[1] != self.n_features or bank.shape[0] == 0:
             raise ValueError(f"a memory bank must be (M > 0, {self.n_features}), got {tuple(bank.shape)}")
-        self.memory_bank = bank.detach().to(torch.float32).contiguous()
+        self.memory_bank = bank.detach().to(torch.float32).clone()  # a plain tensor even from inference mode
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The bank's size is the fit's (ratio x patches): take the stored one's shape before loading it.

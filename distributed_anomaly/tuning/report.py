@@ -32,7 +32,7 @@ from distributed_anomaly.tuning import results as R
 REPORT = "report.html"
 BEST_REPORT = "best/report.html"
 SECTIONS = ("summary", "trials", "progress", "parameters", "importance", "space")
-MODEL_COLORS = {"padim": "#3b6fd1", "stfpm": "#e8590c"}
+MODEL_COLORS = {"padim": "#3b6fd1", "stfpm": "#e8590c", "patchcore": "#2f9e44"}
 STATUS_COLORS = {"completed": "#2b8a3e", "pruned": "#868e96", "failed": "#c92a2a", "interrupted": "#e8590c"}
 
 EXTRA_CSS = """

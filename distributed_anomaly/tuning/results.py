@@ -16,7 +16,17 @@ from typing import Any
 from distributed_anomaly.fileio import write_bytes
 
 STATUSES = ("completed", "pruned", "failed", "interrupted")
-PARAM_COLUMNS = ("model", "backbone", "layers", "n_features", "image_size", "lr", "batch_size", "epochs")
+PARAM_COLUMNS = (
+    "model",
+    "backbone",
+    "layers",
+    "n_features",
+    "coreset_ratio",
+    "image_size",
+    "lr",
+    "batch_size",
+    "epochs",
+)
 METRIC_COLUMNS = ("val_auroc", "synthetic_auroc", "val_pixel_auroc", "synthetic_pixel_auroc")
 COST_COLUMN = "inference_gflops"  # the secondary objective: models.cost.inference_gflops of the trial's model
 # Objectives equal to this many decimals tie (the table shows 4): the cheaper model ranks first.

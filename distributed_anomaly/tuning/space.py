@@ -37,7 +37,7 @@ import numpy as np
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.sizes import parse_size, size_text
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.models.specs import DEFAULT_BACKBONE, get_spec
+from distributed_anomaly.models.specs import DEFAULT_BACKBONE, default_layers, get_spec
 
 # Every setting a space may fix or search, and the kind of its values.
 SETTINGS: dict[str, str] = {
@@ -46,6 +46,8 @@ SETTINGS: dict[str, str] = {
     "layers": "layers",
     "n_features": "int",
     "image_size": "int",
+    "coreset_ratio": "float",
+    "num_neighbors": "int",
     "epochs": "int",
     "batch_size": "int",
     "lr": "float",
@@ -53,10 +55,12 @@ SETTINGS: dict[str, str] = {
     "weight_decay": "float",
     "patience": "int",
 }
-MODEL_KEYS = ("model", "backbone", "layers", "n_features", "image_size")
+MODEL_KEYS = ("model", "backbone", "layers", "n_features", "image_size", "coreset_ratio", "num_neighbors")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "patience")
 # Quantities derived from earlier choices that a bound may refer to.
-DERIVED = {"channels": "total channels of the chosen layers on the chosen backbone (PADIM's n_features bound)"}
+DERIVED = {
+    "channels": "total channels of the chosen layers on the chosen backbone (PADIM's and PatchCore's n_features bound)"
+}
 DIMENSION_KEYS = ("choice", "by", "int", "float", "log", "step", "at_most", "at_least", "when")
 TOP_KEYS = ("version", "description", "fixed", "dimensions")
 MAX_COMBINATIONS = 100_000
@@ -115,7 +119,7 @@ def normalize(name: str, value: Any, where: str = "") -> Any:
 def channels(ctx: Mapping[str, Any]) -> int:
     """Total channels of the chosen layers on the chosen backbone (the backbone's default taps if none chosen)."""
     spec = get_spec(ctx.get("backbone", DEFAULT_BACKBONE))
-    layers = ctx["layers"].split(",") if ctx.get("layers") else spec.default_layers
+    layers = ctx["layers"].split(",") if ctx.get("layers") else default_layers(spec, ctx.get("model", "padim"))
     unknown = [l for l in layers if l not in spec.taps]
     if unknown:
         raise SpaceError(f"backbone {spec.name} has no layer {unknown[0]!r} (valid: {', '.join(spec.taps)})")

@@ -1,0 +1,209 @@
+"""PatchCore: the coreset (exact greedy against a reference, streaming within its bound), the model's pieces
+against plain formulas, a fit end to end on both runtimes, the export with the bank in the IR, the search
+space, and the Ray fit (1 vs 2 workers)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_anomaly import engine, metrics, rundir
+from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.data.dataset import load_dataset
+from distributed_anomaly.data.images import read_image, to_tensor
+from distributed_anomaly.data.mvtec import records_of_split
+from distributed_anomaly.errors import UserError
+from distributed_anomaly.models import coreset, patchcore
+from distributed_anomaly.models.coreset import StreamingCoreset, coverage_radius, greedy_coreset, merge_candidates
+from distributed_anomaly.models.patchcore import PatchCore, channel_pool, nearest
+from distributed_anomaly.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+def reference_greedy(x: np.ndarray, k: int, start: int) -> list[int]:
+    """Algorithm 1 of the paper, literally: add the point farthest from the chosen set, k times."""
+    chosen = [start]
+    while len(chosen) < k:
+        d = np.min([np.linalg.norm(x - x[c], axis=1) for c in chosen], axis=0)
+        chosen.append(int(np.argmax(d)))
+    return chosen
+
+
+def clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Points around 20 centres of different spreads: a coreset has structure to find."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=g) * 4
+    which = torch.randint(20, (n,), generator=g)
+    return centres[which] + torch.randn(n, dim, generator=g) * (0.2 + which[:, None] / 20)
+
+
+def test_exact_greedy_equals_the_reference() -> None:
+    x = clustered(400, 8, seed=1).double()
+    idx, radius = greedy_coreset(x, 40, start=7)
+    assert idx.tolist() == reference_greedy(x.numpy(), 40, 7)
+    assert radius == pytest.approx(coverage_radius(x, x[idx]), rel=1e-9)
+
+
+def test_streaming_coreset_is_exact_in_one_chunk_and_within_its_bound_otherwise() -> None:
+    x = clustered(6000, 16, seed=2)
+    ratio = 0.05
+    exact = StreamingCoreset(ratio, None, chunk_patches=10_000, seed=3)
+    for part in x.split(700):
+        exact.add(part)
+    one = exact.finish()
+    assert one.exact and one.bank.shape == (math.ceil(ratio * 6000), 16) and one.candidates == 6000
+    start = int(torch.randint(6000, (1,), generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(one.bank, x[greedy_coreset(x, 300, start)[0]])  # the exact greedy coreset itself
+    r_exact = coverage_radius(x, one.bank)
+
+    # Streaming over 1000-patch chunks, and sharded over two "workers" merged afterwards: same guarantees.
+    stream = StreamingCoreset(ratio, None, chunk_patches=1000, seed=3)
+    shards = [StreamingCoreset(ratio, None, chunk_patches=1000, seed=3) for _ in range(2)]
+    for i, part in enumerate(x.split(700)):
+        stream.add(part)
+        shards[i % 2].add(part)
+    streamed = stream.finish()
+    merged = merge_candidates([s.candidates() for s in shards], ratio, None, seed=3)
+    for result in (streamed, merged):
+        assert not result.exact and result.bank.shape == (300, 16) and result.patches == 6000
+        assert result.candidates <= 2 * ratio * 6000 + 2 * 7  # O(bank): the chunk coresets, not the patches
+        r = coverage_radius(x, result.bank)
+        assert r <= result.radius_bound + 1e-4  # triangle inequality: chunk radius + merge radius
+        assert r <= 4 * r_exact  # the stated guarantee
+        assert r <= 1.25 * r_exact  # what this seeded set measures (docs/models.md gives the figures)
+
+
+def test_projection_is_seeded_and_only_reduces() -> None:
+    assert coreset.projection(128, seed=0) is None
+    a, b = coreset.projection(384, seed=5), coreset.projection(384, seed=5)
+    assert a.shape == (384, 128) and torch.equal(a, b)
+
+
+def test_channel_pool_is_adaptive_average_pooling() -> None:
+    x = torch.randn(3, 50, 384)
+    assert torch.allclose(x @ channel_pool(384, 100), F.adaptive_avg_pool1d(x, 100), atol=1e-6)
+
+
+def test_nearest_over_bank_blocks_equals_brute_force(monkeypatch) -> None:
+    monkeypatch.setattr(patchcore, "BANK_BLOCK", 7)
+    x, bank = torch.randn(50, 6), torch.randn(30, 6)
+    dist2, idx = nearest(x, bank)
+    full = torch.cdist(x, bank)
+    assert torch.equal(idx, full.argmin(1))
+    assert torch.allclose(dist2.sqrt(), full.min(1).values, atol=1e-5)
+
+
+def test_image_weights_follow_the_paper() -> None:
+    model = PatchCore("resnet18", ("layer2", "layer3"), n_features=4, image_size=32, pretrained=False)
+    g = torch.Generator().manual_seed(0)
+    model.set_bank(torch.randn(20, 4, generator=g))
+    emb = torch.randn(2, 16, 4, generator=g)
+    scores, index = model.patch_scores(emb)
+    weights = model.image_weights(emb, scores, index)
+    bank = model.memory_bank
+    for b in range(2):
+        top = int(scores[b].argmax())
+        star = bank[int(index[b, top])]
+        support = torch.cdist(star[None], bank)[0].argsort()[:9]  # N_b(m*), m* itself first
+        dist = (bank[support] - emb[b, top]).norm(dim=1)
+        expected = 1 - torch.exp(dist[0]) / torch.exp(dist).sum()
+        assert float(weights[b]) == pytest.approx(float(expected), rel=1e-5)
+        assert float(dist[0]) == pytest.approx(float(scores[b, top]), rel=1e-4)
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(UserError, match="coreset-ratio must be in"):
+        ModelConfig("patchcore", coreset_ratio=1.5)
+    with pytest.raises(UserError, match="PatchCore only"):
+        ModelConfig("padim", num_neighbors=3)
+    cfg = ModelConfig("patchcore", "mobilenet_v2")
+    assert cfg.layers == ("features.6", "features.13")
+    assert ModelConfig("patchcore").layers == ("layer2", "layer3")
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_category: Path, mobilenet_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`train` of PatchCore on MobileNetV2 (ImageNet weights) at 64 px on the demo washer."""
+    out = tmp_path_factory.mktemp("patchcore") / "run"
+    train(
+        demo_category,
+        out,
+        ModelConfig("patchcore", "mobilenet_v2", image_size=SIZE),
+        TrainConfig(weights_file=str(mobilenet_weights)),
+        progress=False,
+    )
+    return out
+
+
+def test_fit_end_to_end_and_runtimes_agree(fitted: Path, demo_category: Path) -> None:
+    info = json.loads((fitted / "config.json").read_text())["info"]
+    bank = info["coreset"]
+    # 21 training images x 8 x 8 patches, 10 % of them, the exact greedy coreset (one chunk).
+    assert bank["patches"] == info["num_train_images"] * 64 and bank["exact"]
+    assert bank["bank_size"] == math.ceil(0.1 * bank["patches"])
+    assert json.loads((fitted / "metrics.json").read_text())["image_auroc"] >= 0.9
+    _, model, _ = rundir.load_model(fitted)
+    assert model.memory_bank.shape == (bank["bank_size"], 128)  # 32 + 96 channels, not pooled
+    test = records_of_split(load_dataset(demo_category), "test")
+    ov = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="openvino")
+    eager = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
+    assert np.abs(ov - eager).max() <= 1e-4 * (eager.max() - eager.min())
+
+
+def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category: Path, tmp_path: Path) -> None:
+    import openvino as ov
+
+    from distributed_anomaly.export import export_run
+    from distributed_anomaly.inference import OpenVINOInferencer
+    from distributed_anomaly.runner import TorchRunner
+
+    ir = export_run(fitted, tmp_path / "ir")
+    meta = json.loads((ir / "metadata.json").read_text())
+    assert meta["model"] == "patchcore" and meta["memory_bank"]["in_graph"] and meta["num_neighbors"] == 9
+    ops = {op.get_type_name() for op in ov.Core().read_model(ir / "model.xml").get_ops()}
+    assert {"MatMul", "ReduceMin", "TopK"} <= ops  # the nearest-neighbour search is in the graph
+    records = records_of_split(load_dataset(demo_category), "test")
+    images = [read_image(r.path) for r in records]
+    ref = TorchRunner.from_run(fitted).raw_maps(to_tensor(images, SIZE))
+    got = OpenVINOInferencer(ir, num_threads=2).anomaly_maps(to_tensor(images, SIZE))
+    assert np.abs(got - ref).max() <= 1e-3 * (ref.max() - ref.min())
+    labels = np.array([r.label for r in records], dtype=bool)
+    auroc = [metrics.auroc(m.reshape(len(m), -1).max(1), labels) for m in (got, ref)]
+    assert abs(auroc[0] - auroc[1]) <= 0.001
+
+
+def test_search_space_loads_and_every_combination_is_valid() -> None:
+    from distributed_anomaly.tuning.space_file import load_space
+
+    space = load_space(ROOT / "search_spaces" / "patchcore.yaml")
+    assert space.models() == {"patchcore"}
+    space.validate()
+
+
+def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
+    ray_local, fitted: Path, demo_category: Path
+) -> None:
+    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
+    from distributed_anomaly.distributed.scoring import anomaly_maps_ray
+
+    _, model, _ = rundir.load_model(fitted)
+    records = load_dataset(demo_category)
+    fit, test = records_of_split(records, "train"), records_of_split(records, "test")
+    labels = np.array([r.label for r in test], dtype=bool)
+    auroc = {}
+    for workers in (1, 2):
+        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False)
+        assert result.patches == len(fit) * 64 and info["images"] == len(fit)
+        assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
+        assert len(info["workers"]) == workers
+        maps = anomaly_maps_ray(model, test, SIZE, 4, workers=workers, progress=False)
+        auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
+    assert abs(auroc[1] - auroc[2]) <= 0.005
