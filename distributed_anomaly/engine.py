@@ -118,7 +118,7 @@ def fit_patchcore(
     bar = Progress(len(records), "fit patchcore", progress)
     model.eval()
     embed = patchcore_embedder(model, runtime)
-    stream = StreamingCoreset(model.coreset_ratio, model.projection(), chunk_patches=chunk_patches, seed=model.seed)
+    stream = StreamingCoreset(model.coreset_ratio, model.projection(), chunk_patches=chunk_patches)
     with torch.inference_mode():
         for _, x in iter_batches(records, model.image_size, batch_size):
             stream.add(embed(x).reshape(-1, model.n_features))

@@ -55,23 +55,26 @@ def test_exact_greedy_equals_the_reference() -> None:
 def test_streaming_coreset_is_exact_in_one_chunk_and_within_its_bound_otherwise() -> None:
     x = clustered(6000, 16, seed=2)
     ratio = 0.05
-    exact = StreamingCoreset(ratio, None, chunk_patches=10_000, seed=3)
+    exact = StreamingCoreset(ratio, None, chunk_patches=10_000)
     for part in x.split(700):
         exact.add(part)
     one = exact.finish()
     assert one.exact and one.bank.shape == (math.ceil(ratio * 6000), 16) and one.candidates == 6000
-    start = int(torch.randint(6000, (1,), generator=torch.Generator().manual_seed(3)))
+    start = int((x - x.mean(0)).norm(dim=1).argmax())  # the farthest row from the mean
     assert torch.equal(one.bank, x[greedy_coreset(x, 300, start)[0]])  # the exact greedy coreset itself
+    shuffled = StreamingCoreset(ratio, None, chunk_patches=10_000)
+    shuffled.add(x[torch.randperm(6000, generator=torch.Generator().manual_seed(0))])
+    assert set(map(tuple, shuffled.finish().bank.tolist())) == set(map(tuple, one.bank.tolist()))  # order-free
     r_exact = coverage_radius(x, one.bank)
 
     # Streaming over 1000-patch chunks, and sharded over two "workers" merged afterwards: same guarantees.
-    stream = StreamingCoreset(ratio, None, chunk_patches=1000, seed=3)
-    shards = [StreamingCoreset(ratio, None, chunk_patches=1000, seed=3) for _ in range(2)]
+    stream = StreamingCoreset(ratio, None, chunk_patches=1000)
+    shards = [StreamingCoreset(ratio, None, chunk_patches=1000) for _ in range(2)]
     for i, part in enumerate(x.split(700)):
         stream.add(part)
         shards[i % 2].add(part)
     streamed = stream.finish()
-    merged = merge_candidates([s.candidates() for s in shards], ratio, None, seed=3)
+    merged = merge_candidates([s.candidates() for s in shards], ratio, None)
     for result in (streamed, merged):
         assert not result.exact and result.bank.shape == (300, 16) and result.patches == 6000
         assert result.candidates <= 2 * ratio * 6000 + 2 * 7  # O(bank): the chunk coresets, not the patches
@@ -191,6 +194,8 @@ def test_search_space_loads_and_every_combination_is_valid() -> None:
 def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
     ray_local, fitted: Path, demo_category: Path
 ) -> None:
+    """Shard coresets (chunks of 8 images, so every worker reduces before the merge) on 1 and 2 workers; the
+    2-worker bank also scores on Ray Data, like in process."""
     from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
     from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 
@@ -200,10 +205,12 @@ def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
     labels = np.array([r.label for r in test], dtype=bool)
     auroc = {}
     for workers in (1, 2):
-        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False)
-        assert result.patches == len(fit) * 64 and info["images"] == len(fit)
+        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False, chunk_patches=512)
+        assert result.patches == len(fit) * 64 and info["images"] == len(fit) and not result.exact
         assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
         assert len(info["workers"]) == workers
-        maps = anomaly_maps_ray(model, test, SIZE, 4, workers=workers, progress=False)
+        maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
         auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
+    on_ray = anomaly_maps_ray(model, test, SIZE, 4, workers=2, progress=False)
+    assert np.abs(on_ray - maps).max() <= 1e-4 * (maps.max() - maps.min())
     assert abs(auroc[1] - auroc[2]) <= 0.005

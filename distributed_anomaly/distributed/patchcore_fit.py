@@ -47,7 +47,7 @@ class NodeCoresets:
         torch.set_num_threads(max(1, threads))
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only buffers
         self.args = (ratio, projection(n_features, seed))
-        self.options = {"chunk_patches": chunk_patches, "seed": seed}
+        self.options = {"chunk_patches": chunk_patches}
         self.n_features = n_features
         self.streams: dict[str, StreamingCoreset] = {}
 
@@ -146,7 +146,7 @@ def fit_patchcore_ray(
     if tally.skipped:
         warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
     with torch.inference_mode():
-        result = merge_candidates(parts, model.coreset_ratio, model.projection(), model.seed)
+        result = merge_candidates(parts, model.coreset_ratio, model.projection())
     model.set_bank(result.bank)
     images = sum(tally.rows_per_worker.values())
     return result, tally.info(images, coreset=result.summary())

@@ -73,10 +73,16 @@ def _projected(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     return x if proj is None else x @ proj
 
 
-def select(x: torch.Tensor, k: int, proj: torch.Tensor | None, seed: int = 0) -> tuple[torch.Tensor, float]:
-    """The rows of x of its greedy k-coreset (distances on the projection), from a seeded start; and the radius."""
-    start = int(torch.randint(int(x.shape[0]), (1,), generator=torch.Generator().manual_seed(seed)))
-    idx, radius = greedy_coreset(_projected(x, proj), k, start)
+def start_index(x: torch.Tensor) -> int:
+    """Where the greedy pass starts: the row farthest from the mean. The paper starts anywhere; a rule that does
+    not depend on the order of the rows makes the exact coreset the same set however the images were sharded."""
+    return int(((x - x.mean(0)) ** 2).sum(1).argmax())
+
+
+def select(x: torch.Tensor, k: int, proj: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """The rows of x of its greedy k-coreset (distances on the projection), and its coverage radius."""
+    xp = _projected(x, proj)
+    idx, radius = greedy_coreset(xp, k, start_index(xp))
     return x[idx].clone(), radius
 
 
@@ -124,18 +130,16 @@ class StreamingCoreset:
         *,
         chunk_patches: int = CHUNK_PATCHES,
         oversample: float = OVERSAMPLE,
-        seed: int = 0,
     ) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
-        self.ratio, self.proj, self.seed = ratio, proj, seed
+        self.ratio, self.proj = ratio, proj
         self.chunk_patches, self.keep = max(1, int(chunk_patches)), min(1.0, oversample * ratio)
         self.count = 0
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
         self._kept: list[torch.Tensor] = []
         self._radius = 0.0
-        self._chunks = 0
 
     def add(self, embeddings: torch.Tensor) -> None:
         """Fold patch embeddings (n, D); copied, so the caller may reuse its buffer."""
@@ -149,10 +153,9 @@ class StreamingCoreset:
             self._reduce(rows[: self.chunk_patches])
 
     def _reduce(self, rows: torch.Tensor) -> None:
-        kept, radius = select(rows, math.ceil(self.keep * rows.shape[0]), self.proj, self.seed + self._chunks)
+        kept, radius = select(rows, math.ceil(self.keep * rows.shape[0]), self.proj)
         self._kept.append(kept)
         self._radius = max(self._radius, radius)
-        self._chunks += 1
 
     def candidates(self) -> Candidates:
         """This shard's candidates: its raw patches if they never filled a chunk (the exact case), else its chunk
@@ -166,16 +169,16 @@ class StreamingCoreset:
         return Candidates(self.count, torch.cat(self._kept), self._radius)
 
     def finish(self) -> CoresetResult:
-        return merge_candidates([self.candidates()], self.ratio, self.proj, self.seed)
+        return merge_candidates([self.candidates()], self.ratio, self.proj)
 
 
-def merge_candidates(parts: list[Candidates], ratio: float, proj: torch.Tensor | None, seed: int = 0) -> CoresetResult:
+def merge_candidates(parts: list[Candidates], ratio: float, proj: torch.Tensor | None) -> CoresetResult:
     """The bank of ratio x (all patches seen) chosen by one greedy pass over every shard's candidates."""
     parts = [p for p in parts if p.count > 0]
     if not parts:
         raise ValueError("no patch embeddings to build a memory bank from")
     union = torch.cat([p.rows for p in parts])
     patches = sum(p.count for p in parts)
-    bank, radius = select(union, bank_size(ratio, patches), proj, seed)
+    bank, radius = select(union, bank_size(ratio, patches), proj)
     exact = all(p.radius == 0.0 and p.rows.shape[0] == p.count for p in parts)
     return CoresetResult(bank, patches, int(union.shape[0]), radius + max(p.radius for p in parts), exact)
