@@ -15,6 +15,7 @@ from distributed_anomaly.models.specs import (
     STFPM_MOMENTUM,
     STFPM_PATIENCE,
     STFPM_WEIGHT_DECAY,
+    check_n_features,
     default_layers,
     get_spec,
     validate_layers,
@@ -51,14 +52,10 @@ class ModelConfig:
         object.__setattr__(self, "layers", validate_layers(spec, self.layers or default_layers(spec, self.model)))
         object.__setattr__(self, "image_size", check_size(self.image_size))
         if self.model == "stfpm" and self.n_features is not None:
-            raise UserError("--n-features applies to PADIM and PatchCore only")
+            raise UserError("--n-features applies to PADIM only (and to PatchCore: its pooled dimension), not to STFPM")
         self._check_patchcore()
-        n_total = sum(spec.taps[layer][0] for layer in self.layers)
-        if self.n_features is not None and not 0 < self.n_features <= n_total:
-            raise UserError(
-                f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
-                f"{','.join(self.layers)} on {self.backbone}), got {self.n_features}"
-            )
+        if self.n_features is not None:
+            check_n_features(self.n_features, sum(spec.taps[l][0] for l in self.layers), self.layers, self.backbone)
 
     def _check_patchcore(self) -> None:
         if self.model != "patchcore":

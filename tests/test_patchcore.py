@@ -146,6 +146,7 @@ def fitted(demo_category: Path, mobilenet_weights: Path, tmp_path_factory: pytes
     return out
 
 
+@pytest.mark.slow
 def test_fit_end_to_end_and_runtimes_agree(fitted: Path, demo_category: Path) -> None:
     info = json.loads((fitted / "config.json").read_text())["info"]
     bank = info["coreset"]
@@ -161,6 +162,7 @@ def test_fit_end_to_end_and_runtimes_agree(fitted: Path, demo_category: Path) ->
     assert np.abs(ov - eager).max() <= 1e-4 * (eager.max() - eager.min())
 
 
+@pytest.mark.slow
 def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category: Path, tmp_path: Path) -> None:
     import openvino as ov
 
@@ -171,8 +173,9 @@ def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category
     ir = export_run(fitted, tmp_path / "ir")
     meta = json.loads((ir / "metadata.json").read_text())
     assert meta["model"] == "patchcore" and meta["memory_bank"]["in_graph"] and meta["num_neighbors"] == 9
-    ops = {op.get_type_name() for op in ov.Core().read_model(ir / "model.xml").get_ops()}
-    assert {"MatMul", "ReduceMin", "TopK"} <= ops  # the nearest-neighbour search is in the graph
+    graph = ov.Core().read_model(ir / "model.xml")
+    assert {"MatMul", "ReduceMin", "TopK"} <= {op.get_type_name() for op in graph.get_ops()}  # search in the graph
+    assert str(graph.get_rt_info(["model_info", "model_type"])) == "AnomalyDetection"  # what Model API reads
     records = records_of_split(load_dataset(demo_category), "test")
     images = [read_image(r.path) for r in records]
     ref = TorchRunner.from_run(fitted).raw_maps(to_tensor(images, SIZE))
@@ -191,6 +194,7 @@ def test_search_space_loads_and_every_combination_is_valid() -> None:
     space.validate()
 
 
+@pytest.mark.slow
 def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
     ray_local, fitted: Path, demo_category: Path
 ) -> None:

@@ -295,6 +295,21 @@ class FitTally:
         }
 
 
+def fold_on_pool(tally: FitTally, pool: tuple, udf: type, ctor_args: tuple, progress: bool) -> None:
+    """Run the fit's pipeline (pool: image size, batch size, workers, CPUs per worker) with pool actors `udf`,
+    accounting for every row in `tally`; checks that every image came back."""
+    records, workers = tally.records, pool[2]
+    bar = Progress(len(records), f"fit {tally.model.lower()} (ray, {workers} workers)", progress)
+    with pool_pipeline(records, *pool, udf, ctor_args) as batches:
+        for out in batches:
+            tally.add(out)
+            bar.update(len(out["idx"]))
+    bar.close()
+    tally.check_complete()
+    if tally.skipped:
+        warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
+
+
 def fit_padim_ray(
     model: Padim,
     records: Sequence[Record],
@@ -326,25 +341,10 @@ def fit_padim_ray(
     threads = default_threads(cpus_per_worker, threads_per_worker)
     payload = ray.put(model_payload(model, with_gaussian=False))
     dtype = str(acc.dtype).replace("torch.", "")
-    bar = Progress(len(records), f"fit padim (ray, {workers} workers)", progress)
     with partial_registry(NodePartials, model.n_positions, model.n_features, dtype, threads) as registry:
-        with pool_pipeline(
-            records,
-            model.image_size,
-            batch_size,
-            workers,
-            cpus_per_worker,
-            PadimEmbedder,
-            (payload, registry, threads, runtime),
-        ) as batches:
-            for out in batches:
-                tally.add(out)
-                bar.update(len(out["idx"]))
-        bar.close()
-        tally.check_complete()
+        pool = (model.image_size, batch_size, workers, cpus_per_worker)
+        fold_on_pool(tally, pool, PadimEmbedder, (payload, registry, threads, runtime), progress)
         _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
-    if tally.skipped:
-        warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
     model.set_gaussian(acc)
     return acc, tally.info(acc.count, dtype=dtype)
 

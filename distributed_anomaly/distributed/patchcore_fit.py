@@ -22,11 +22,10 @@ import torch
 
 from distributed_anomaly import engine
 from distributed_anomaly.config import DEFAULT_RUNTIME
-from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.padim_fit import FitTally, PoolFolder, partial_registry
+from distributed_anomaly.distributed.padim_fit import FitTally, PoolFolder, fold_on_pool, partial_registry
 from distributed_anomaly.distributed.payload import model_payload
-from distributed_anomaly.distributed.pool import check_pool_args, default_threads, pool_pipeline, require_ray, warn
+from distributed_anomaly.distributed.pool import check_pool_args, default_threads, require_ray
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.coreset import (
     CHUNK_PATCHES,
@@ -126,25 +125,10 @@ def fit_patchcore_ray(
     threads = default_threads(cpus_per_worker, threads_per_worker)
     payload = ray.put(model_payload(model, with_gaussian=False))
     args = (model.coreset_ratio, model.n_features, model.seed, chunk_patches, threads)
-    bar = Progress(len(records), f"fit patchcore (ray, {workers} workers)", progress)
     with partial_registry(NodeCoresets, *args) as registry:
-        with pool_pipeline(
-            records,
-            model.image_size,
-            batch_size,
-            workers,
-            cpus_per_worker,
-            PatchCoreEmbedder,
-            (payload, registry, threads, runtime),
-        ) as batches:
-            for out in batches:
-                tally.add(out)
-                bar.update(len(out["idx"]))
-        bar.close()
-        tally.check_complete()
+        pool = (model.image_size, batch_size, workers, cpus_per_worker)
+        fold_on_pool(tally, pool, PatchCoreEmbedder, (payload, registry, threads, runtime), progress)
         parts = _gather(registry, tally, model.n_positions)
-    if tally.skipped:
-        warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
     with torch.inference_mode():
         result = merge_candidates(parts, model.coreset_ratio, model.projection())
     model.set_bank(result.bank)

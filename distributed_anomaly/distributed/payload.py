@@ -24,31 +24,16 @@ def model_payload(model: torch.nn.Module, *, with_gaussian: bool = True) -> dict
     """What an actor needs to rebuild `model` without downloading weights: constructor args + state dict."""
     drop = () if with_gaussian else FITTED_KEYS
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in drop}
-    if isinstance(model, Padim):
-        return {
-            "kind": "padim",
-            "state": state,
-            "kwargs": dict(
-                backbone=model.extractor.backbone,
-                layers=list(model.extractor.layers),
-                n_features=model.n_features,
-                image_size=model.image_size,
-            ),
-        }
-    if isinstance(model, PatchCore):
-        return {
-            "kind": "patchcore",
-            "state": state,
-            "kwargs": dict(
-                backbone=model.extractor.backbone,
-                layers=list(model.extractor.layers),
-                n_features=model.n_features,
-                image_size=model.image_size,
-                coreset_ratio=model.coreset_ratio,
-                num_neighbors=model.num_neighbors,
-                seed=model.seed,
-            ),
-        }
+    if isinstance(model, (Padim, PatchCore)):
+        kwargs = dict(
+            backbone=model.extractor.backbone,
+            layers=list(model.extractor.layers),
+            n_features=model.n_features,
+            image_size=model.image_size,
+        )
+        if isinstance(model, PatchCore):
+            kwargs.update(coreset_ratio=model.coreset_ratio, num_neighbors=model.num_neighbors, seed=model.seed)
+        return {"kind": "patchcore" if isinstance(model, PatchCore) else "padim", "state": state, "kwargs": kwargs}
     if isinstance(model, Stfpm):
         return {
             "kind": "stfpm",

@@ -17,7 +17,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from distributed_anomaly.errors import WeightsUnavailableError
+from distributed_anomaly.data.sizes import ImageSize, as_hw, size_text
+from distributed_anomaly.errors import UserError, WeightsUnavailableError
 from distributed_anomaly.models.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec, validate_layers
 
 # The torchvision constructor and ImageNet weights behind each backbone name of `specs.BACKBONES`.
@@ -105,6 +106,18 @@ class FeatureExtractor(nn.Module):
             self.stages[f"s{i}"] = m
         self.channels = [spec.taps[l][0] for l in self.layers]
         self.strides = [spec.taps[l][1] for l in self.layers]
+
+    def patch_grid(self, image_size: ImageSize) -> tuple[int, int]:
+        """The first tap's grid (rows, columns) at `image_size`; each side must be a multiple of the deepest
+        tap's stride (else the taps' grids would not align)."""
+        height, width = as_hw(image_size)
+        stride = max(self.strides)
+        if height % stride or width % stride:
+            raise UserError(
+                f"image size {size_text(image_size)}: each side must be a multiple of {stride} "
+                f"for layers {','.join(self.layers)}"
+            )
+        return height // self.strides[0], width // self.strides[0]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_anomaly.data.sizes import ImageSize, as_hw, canonical, size_text
-from distributed_anomaly.errors import UserError
+from distributed_anomaly.data.sizes import ImageSize, canonical
 from distributed_anomaly.models.backbones import FeatureExtractor, get_spec
+from distributed_anomaly.models.specs import check_n_features
 from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
 
 BLUR_SIGMA = 4.0
@@ -110,21 +110,10 @@ class Padim(nn.Module):
         self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
         self.extractor.eval().requires_grad_(False)
         self.image_size = canonical(image_size)
-        height, width = as_hw(image_size)
-        first_stride = self.extractor.strides[0]
-        if height % max(self.extractor.strides) or width % max(self.extractor.strides):
-            raise UserError(
-                f"image size {size_text(image_size)}: each side must be a multiple of {max(self.extractor.strides)} "
-                f"for layers {','.join(self.extractor.layers)}"
-            )
-        self.grid = (height // first_stride, width // first_stride)
+        self.grid = self.extractor.patch_grid(image_size)
         n_total = sum(self.extractor.channels)
-        self.n_features = int(n_features if n_features is not None else min(spec.default_n_features, n_total))
-        if not 0 < self.n_features <= n_total:
-            raise UserError(
-                f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
-                f"{','.join(self.extractor.layers)} on {backbone}), got {self.n_features}"
-            )
+        n_features = n_features if n_features is not None else min(spec.default_n_features, n_total)
+        self.n_features = check_n_features(n_features, n_total, self.extractor.layers, backbone)
         generator = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n_total, generator=generator)[: self.n_features].sort().values
         # Stored as buffers so a saved model repeats its channel choice exactly.

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_anomaly.data.sizes import ImageSize, as_hw, canonical, size_text
-from distributed_anomaly.errors import UserError
+from distributed_anomaly.data.sizes import ImageSize, canonical
 from distributed_anomaly.models.backbones import FeatureExtractor
 from distributed_anomaly.models.coreset import projection
 from distributed_anomaly.models.padim import gaussian_blur
 from distributed_anomaly.models.specs import (
     PATCHCORE_CORESET_RATIO,
     PATCHCORE_NUM_NEIGHBORS,
+    check_n_features,
     default_layers,
     get_spec,
     patchcore_dim,
@@ -90,21 +90,10 @@ class PatchCore(nn.Module):
         self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
         self.extractor.eval().requires_grad_(False)
         self.image_size = canonical(image_size)
-        height, width = as_hw(image_size)
-        stride = max(self.extractor.strides)
-        if height % stride or width % stride:
-            raise UserError(
-                f"image size {size_text(image_size)}: each side must be a multiple of {stride} "
-                f"for layers {','.join(self.extractor.layers)}"
-            )
-        self.grid = (height // self.extractor.strides[0], width // self.extractor.strides[0])
+        self.grid = self.extractor.patch_grid(image_size)
         n_total = sum(self.extractor.channels)
-        self.n_features = int(n_features if n_features is not None else patchcore_dim(n_total))
-        if not 0 < self.n_features <= n_total:
-            raise UserError(
-                f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
-                f"{','.join(self.extractor.layers)} on {backbone}), got {self.n_features}"
-            )
+        n_features = n_features if n_features is not None else patchcore_dim(n_total)
+        self.n_features = check_n_features(n_features, n_total, self.extractor.layers, backbone)
         self.coreset_ratio = float(coreset_ratio if coreset_ratio is not None else PATCHCORE_CORESET_RATIO)
         self.num_neighbors = int(num_neighbors if num_neighbors is not None else PATCHCORE_NUM_NEIGHBORS)
         self.seed = seed

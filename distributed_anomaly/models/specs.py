@@ -91,6 +91,16 @@ def default_layers(spec: BackboneSpec, model: str) -> tuple[str, ...]:
     return spec.patchcore_layers if model == "patchcore" else spec.default_layers
 
 
+def check_n_features(n_features: int, n_total: int, layers: Sequence[str], backbone: str) -> int:
+    """PADIM's channel subset or PatchCore's pooled dimension: within the chosen taps' channels."""
+    if not 0 < n_features <= n_total:
+        raise UserError(
+            f"n_features must satisfy 0 < n_features <= {n_total} (channels of "
+            f"{','.join(layers)} on {backbone}), got {n_features}"
+        )
+    return int(n_features)
+
+
 def patchcore_dim(n_channels: int) -> int:
     """PatchCore's default embedding dimension for taps with `n_channels` channels in all."""
     return min(n_channels, PATCHCORE_DIM)
