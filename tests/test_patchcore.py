@@ -175,7 +175,7 @@ def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category
     assert meta["model"] == "patchcore" and meta["memory_bank"]["in_graph"] and meta["num_neighbors"] == 9
     graph = ov.Core().read_model(ir / "model.xml")
     assert {"MatMul", "ReduceMin", "TopK"} <= {op.get_type_name() for op in graph.get_ops()}  # search in the graph
-    assert str(graph.get_rt_info(["model_info", "model_type"])) == "AnomalyDetection"  # what Model API reads
+    assert graph.get_rt_info(["model_info", "model_type"]).astype(str) == "AnomalyDetection"  # what Model API reads
     records = records_of_split(load_dataset(demo_category), "test")
     images = [read_image(r.path) for r in records]
     ref = TorchRunner.from_run(fitted).raw_maps(to_tensor(images, SIZE))
@@ -198,23 +198,22 @@ def test_search_space_loads_and_every_combination_is_valid() -> None:
 def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
     ray_local, fitted: Path, demo_category: Path
 ) -> None:
-    """Shard coresets (chunks of 8 images, so every worker reduces before the merge) on 1 and 2 workers; the
-    2-worker bank also scores on Ray Data, like in process."""
+    """Shard coresets on 1 and 2 Ray workers merged on the driver. The demo's patches fit in one chunk, so both
+    are the exact greedy coreset (the streaming reduction of shards is tested in process above)."""
     from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
-    from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 
     _, model, _ = rundir.load_model(fitted)
     records = load_dataset(demo_category)
     fit, test = records_of_split(records, "train"), records_of_split(records, "test")
     labels = np.array([r.label for r in test], dtype=bool)
-    auroc = {}
+    auroc, banks = {}, {}
     for workers in (1, 2):
-        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False, chunk_patches=512)
-        assert result.patches == len(fit) * 64 and info["images"] == len(fit) and not result.exact
+        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False)
+        assert result.patches == len(fit) * 64 and info["images"] == len(fit) and result.exact
         assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
-        assert len(info["workers"]) == workers
+        assert len(info["workers"]) == workers and info["coreset"]["bank_size"] == result.bank.shape[0]
         maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
         auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
-    on_ray = anomaly_maps_ray(model, test, SIZE, 4, workers=2, progress=False)
-    assert np.abs(on_ray - maps).max() <= 1e-4 * (maps.max() - maps.min())
+        banks[workers] = {tuple(row) for row in result.bank.tolist()}
     assert abs(auroc[1] - auroc[2]) <= 0.005
+    assert len(banks[1] & banks[2]) >= 0.95 * len(banks[1])  # the same set, but for float near-ties
