@@ -83,7 +83,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         "--layers",
         type=layers,
         default=default(ModelConfig, "layers"),
-        help="comma-separated feature taps, e.g. layer1,layer2,layer3 (default: the backbone's)",
+        help="comma-separated feature taps, e.g. layer1,layer2,layer3 (default: the backbone's; PatchCore: its two "
+        "middle ones, layer2,layer3 or features.6,features.13)",
     )
     n_features = ", ".join(f"{s.default_n_features} {name}" for name, s in BACKBONES.items())
     p.add_argument(
