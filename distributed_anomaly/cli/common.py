@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from distributed_anomaly.config import ModelConfig
 from distributed_anomaly.data.layout import DEFAULT_HOLDOUT, DEFAULT_MASK_DIR, DEFAULT_NORMAL_DIR, FORMATS, DataLayout
 from distributed_anomaly.data.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_max_pixels
 from distributed_anomaly.data.sizes import ImageSize, parse_size
 from distributed_anomaly.errors import UserError
+from distributed_anomaly.models.specs import PATCHCORE_CORESET_RATIO, PATCHCORE_NUM_NEIGHBORS
 
 # -v / -q on every command (one parent parser). -q turns progress off (bars, per-epoch and per-trial lines); the
 # few status lines a command prints (what it skipped, where results went) and warnings stay. -v adds debug.
@@ -179,3 +181,23 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def data_layout(a: argparse.Namespace) -> DataLayout:
     return DataLayout(a.format, a.normal_dir, tuple(a.abnormal_dir), a.mask_dir, a.holdout)
+
+
+def add_patchcore_options(p: argparse.ArgumentParser) -> None:
+    """PatchCore's own settings on `train` (ModelConfig checks they are given for PatchCore only)."""
+    p.add_argument(
+        "--coreset-ratio",
+        type=float,
+        help=f"PatchCore: memory bank size as a share of the training patches (default {PATCHCORE_CORESET_RATIO})",
+    )
+    p.add_argument(
+        "--num-neighbors",
+        type=int,
+        help=f"PatchCore: bank neighbours of the image-score reweighting (default {PATCHCORE_NUM_NEIGHBORS})",
+    )
+
+
+def model_config(a: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig of `train`'s model options."""
+    options = ("model", "backbone", "layers", "n_features", "image_size", "seed", "coreset_ratio", "num_neighbors")
+    return ModelConfig(**{k: getattr(a, k) for k in options})

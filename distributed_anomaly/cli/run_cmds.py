@@ -14,24 +14,20 @@ from distributed_anomaly.cli.common import (
     VERBOSITY,
     add_data_options,
     add_max_pixels,
+    add_patchcore_options,
     apply_max_pixels,
     changed_options,
     data_layout,
     default,
     image_size,
     layers,
+    model_config,
 )
 from distributed_anomaly.config import MODELS, RUNTIMES, Execution, ModelConfig, TrainConfig
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
-from distributed_anomaly.models.specs import (
-    BACKBONES,
-    DEFAULT_BACKBONE,
-    PATCHCORE_CORESET_RATIO,
-    PATCHCORE_DIM,
-    PATCHCORE_NUM_NEIGHBORS,
-)
+from distributed_anomaly.models.specs import BACKBONES, DEFAULT_BACKBONE, PATCHCORE_DIM
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 
 REPORT_HELP = (
@@ -93,16 +89,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         help=f"PADIM random channel subset (default: {n_features}); PatchCore: dimension the taps are "
         f"pooled to (default: {PATCHCORE_DIM} or all channels when fewer)",
     )
-    p.add_argument(
-        "--coreset-ratio",
-        type=float,
-        help=f"PatchCore: memory bank size as a share of the training patches (default {PATCHCORE_CORESET_RATIO})",
-    )
-    p.add_argument(
-        "--num-neighbors",
-        type=int,
-        help=f"PatchCore: bank neighbours of the image-score reweighting (default {PATCHCORE_NUM_NEIGHBORS})",
-    )
+    add_patchcore_options(p)
     p.add_argument(
         "--image-size",
         type=image_size,
@@ -230,16 +217,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         if not a.data or not a.out:
             raise UserError("train needs --data and --out (or --resume RUN_DIR)")
-        cfg = ModelConfig(
-            a.model,
-            a.backbone,
-            a.layers,
-            a.n_features,
-            a.image_size,
-            a.seed,
-            coreset_ratio=a.coreset_ratio,
-            num_neighbors=a.num_neighbors,
-        )
+        cfg = model_config(a)
         tcfg = TrainConfig(
             epochs=a.epochs,
             lr=a.lr,
