@@ -128,7 +128,7 @@ def _calibrate_and_evaluate(model, cfg: ModelConfig, tcfg: TrainConfig, run: Exe
     score = (
         _ray_scorer(model, cfg, tcfg, run, progress)
         if run.uses_ray
-        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime)
+        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime, run.precision)
     )
     post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
@@ -220,8 +220,10 @@ def fit_model(
 def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Execution, progress: bool) -> tuple:
     """PADIM's Gaussians on a Ray Data actor pool or in this process; (model, info)."""
     if not run.uses_ray:
-        stats = engine.fit_padim(model, fit_records, tcfg.batch_size, progress, runtime=run.runtime)
-        return model, {"images_counted": stats.count, "runtime": run.runtime}
+        stats = engine.fit_padim(
+            model, fit_records, tcfg.batch_size, progress, runtime=run.runtime, precision=run.precision
+        )
+        return model, {"images_counted": stats.count, "runtime": run.runtime, "frozen_precision": run.precision}
     from distributed_anomaly.distributed.padim_fit import fit_padim_ray
 
     stats, ray_info = fit_padim_ray(
@@ -232,8 +234,10 @@ def _fit_padim(model, tcfg: TrainConfig, fit_records: list[Record], run: Executi
         progress=progress,
         skip_corrupt=run.skip_corrupt,
         runtime=run.runtime,
+        precision=run.precision,
     )
-    return model, {"images_counted": stats.count, "runtime": run.runtime, "ray_fit": ray_info}
+    info = {"images_counted": stats.count, "runtime": run.runtime, "frozen_precision": run.precision}
+    return model, {**info, "ray_fit": ray_info}
 
 
 def _fit_stfpm(
@@ -262,6 +266,7 @@ def _fit_stfpm(
             seed=cfg.seed,
             progress=progress,
             runtime=run.runtime,
+            precision=run.precision,
         )
         info = {
             "best_epoch": result.best_epoch,
@@ -283,6 +288,8 @@ def _fit_stfpm(
         resume_from=run.resume,
         progress=progress,
         max_failures=run.max_failures,
+        runtime=run.runtime,
+        precision=run.precision,
         **stfpm_ray_options,
     )
     history = ray_info.pop("history")
@@ -304,6 +311,7 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
         progress=progress,
         what=what,
         runtime=run.runtime,
+        precision=run.precision,
     )
 
 
@@ -371,6 +379,7 @@ def evaluate_run(
     runtime: str = DEFAULT_RUNTIME,
     layout: DataLayout | None = None,
     skip_corrupt: bool = False,
+    precision: str = "f32",
 ) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds.
 
@@ -384,7 +393,7 @@ def evaluate_run(
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
     _, _, test, skipped = screen_splits([], [], records_of_split(load_dataset(data, layout), "test"), skip_corrupt)
-    score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime)
+    score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime, precision)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress, score)
     metrics["skipped_images"] = {"test": skipped["test"]}
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")

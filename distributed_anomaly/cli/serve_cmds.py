@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_max_pixels, default
+from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_inference_precision, add_max_pixels, default
 from distributed_anomaly.serve.settings import DEFAULT_REQUEST_TIMEOUT_S, AppConfig, resolve_api_key
 
 DESCRIPTION = (
@@ -78,6 +78,7 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
         help="larger request bodies get 413 (default %(default)g)",
     )
     add_max_pixels(p)
+    add_inference_precision(p)
     p.add_argument(
         "--max-queued-requests",
         type=int,
@@ -105,6 +106,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         api_key=resolve_api_key(a.api_key, a.api_key_file),
         max_pixels=a.max_pixels,
         max_queued_requests=a.max_queued_requests,
+        precision=a.precision,
     )
     cfg.validate()
     return serve_forever(cfg, a.host, a.port, a.address, request_timeout_s=a.request_timeout_s)

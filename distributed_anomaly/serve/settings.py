@@ -40,6 +40,7 @@ class AppConfig:
     max_models_per_replica: int = 0  # 0: every served model stays compiled
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images get 413, from their header, before decoding
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    precision: str | None = None  # OpenVINO inference precision (f32, bf16); None: each export's own
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -71,6 +72,7 @@ class AppConfig:
         if args.get("max_body_mb") is not None:
             cfg.max_body_bytes = int(float(args["max_body_mb"]) * 1024 * 1024)
         cfg.api_key = api_key_text(args.get("api_key"))
+        cfg.precision = args.get("precision") or None
         cfg.validate()
         return cfg
 
@@ -84,6 +86,7 @@ class AppConfig:
             (self.max_models_per_replica >= 0, "max_models_per_replica must be >= 0"),
             (self.max_pixels >= 1, "max_pixels must be >= 1"),
             (self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests must be >= 1"),
+            (self.precision in (None, "f32", "bf16"), "precision must be f32 or bf16"),
         )
         for ok, message in checks:
             if not ok:
