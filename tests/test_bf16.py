@@ -66,3 +66,19 @@ def test_export_auto_measures_bf16_and_the_inferencer_compiles_as_stated(padim_r
     assert OpenVINOInferencer(ir, num_threads=1, precision="bf16").compiled_precision == _expected("bf16")
     x = np.zeros((1, 3, 128, 128), dtype=np.float32)
     assert OpenVINOInferencer(ir, num_threads=1, precision="bf16").anomaly_maps(x).shape == (1, 128, 128)
+
+
+def test_serve_passes_the_precision_to_every_replica(monkeypatch) -> None:
+    from distributed_anomaly.errors import UserError
+    from distributed_anomaly.serve import deployments, settings
+    from distributed_anomaly.serve.registry import ModelEntry
+
+    monkeypatch.setattr(
+        deployments, "discover_models", lambda specs: {"m": ModelEntry("m", "/ir/m", "v1", {"image_size": 64})}
+    )
+    cfg = settings.AppConfig.from_args({"models": "/ir/m", "precision": "bf16"})
+    model = deployments.build_app(cfg)._bound_deployment.init_args[0]._bound_deployment
+    assert cfg.precision == "bf16" and model.init_kwargs["precision"] == "bf16"
+    assert settings.AppConfig.from_args({"models": "/ir/m"}).precision is None  # each export's own
+    with pytest.raises(UserError, match="precision"):
+        settings.AppConfig.from_args({"models": "/ir/m", "precision": "fp8"})

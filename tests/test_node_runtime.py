@@ -66,32 +66,30 @@ def test_openvino_pool_actors_load_no_torch_and_fit_the_same_statistics(ray_loca
 
 @pytest.mark.ray
 def test_ray_stfpm_teacher_on_openvino_matches_the_torch_teacher(ray_local, demo_category: Path, tmp_path) -> None:
-    """One SGD step of Ray Train's loop (local mode) with the teacher compiled from the driver's IR, against the
-    same step in process with the torch teacher: equal loss and student (frozen batch norm, as in
-    tests/test_distributed_stfpm.py), within the OpenVINO teacher's feature tolerance."""
+    """One SGD step (8 images, batch 8) of Ray Train's loop (local mode) with the teacher compiled from the driver's
+    IR, against the same step in process with the torch teacher: equal loss and student, within the OpenVINO
+    teacher's feature tolerance (the batch's order does not matter to a summed loss and batch statistics)."""
     from distributed_anomaly import rundir
     from distributed_anomaly.config import ModelConfig, TrainConfig
-    from distributed_anomaly.data.loader import load_batch
     from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
-    from distributed_anomaly.models.stfpm import stfpm_loss
 
     cfg = ModelConfig(model="stfpm", backbone="resnet18", layers=("layer1", "layer2"), image_size=64)
-    tcfg = TrainConfig(epochs=1, batch_size=8, pretrained=False)
+    tcfg = TrainConfig(epochs=1, batch_size=8, pretrained=False).resolved("stfpm")
     fit = records_of_split(load_category(demo_category), "train")[:8]
     reference = rundir.build_model(cfg, pretrained=False)
-    model = rundir.build_model(cfg, pretrained=False)
-    for m in reference.student.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
-    opt = engine.make_optimizer(reference, tcfg.lr, tcfg.momentum, tcfg.weight_decay)
-    x = load_batch(fit, cfg.image_size)
-    loss = stfpm_loss(reference.teacher(x), reference.student(x))
-    loss.backward()
-    opt.step()
+    steps = {k: getattr(tcfg, k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "patience")}
+    torch_run = engine.train_stfpm(reference, fit, [], **steps, progress=False, runtime="torch")
     trained, info = train_stfpm_ray(
-        cfg, tcfg, fit, [], workers=0, model=model, storage=str(tmp_path), progress=False, batch_norm="frozen"
+        cfg,
+        tcfg,
+        fit,
+        [],
+        workers=0,
+        model=rundir.build_model(cfg, pretrained=False),
+        storage=str(tmp_path),
+        progress=False,
     )
     assert info["teacher_runtime"] == "openvino"
-    assert info["history"][0]["train_loss"] == pytest.approx(loss.item() / 8, rel=1e-3)
+    assert info["history"][0]["train_loss"] == pytest.approx(torch_run.history[0].train_loss, rel=1e-3)
     for k, v in reference.student.state_dict().items():
         torch.testing.assert_close(trained.student.state_dict()[k], v, rtol=1e-3, atol=1e-5)

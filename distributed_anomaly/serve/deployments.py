@@ -362,7 +362,12 @@ def build_app(config: AppConfig | Mapping[str, Any]):
         **queue,
         **HEALTH_CHECK,
     ).bind(
-        models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica, cfg.max_pixels, cfg.precision
+        models,
+        cfg.max_batch_size,
+        cfg.batch_wait_timeout_s,
+        cfg.max_models_per_replica,
+        cfg.max_pixels,
+        precision=cfg.precision,
     )
     settings = {
         "replicas": cfg.replicas,
