@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/padim_fit.py                      # default: N=100 at 256 px, 1 and 2 workers
     .venv/bin/python bench/padim_fit.py --n 200 --workers 1,2,4 --num-cpus 8
+    .venv/bin/python bench/padim_fit.py --n 250 --workers 2 --decode actors,tasks   # where the Ray fit decodes
 
 Each configuration runs in a fresh subprocess, so memory figures do not mix. Peak memory is sampled every
 0.5 s over the process and all its descendants (for Ray: the driver plus the local cluster it started --
@@ -9,7 +10,10 @@ gcs, raylet, agents, pool actors, statistics actors, decode workers): the sum of
 object-store pages once per process that maps them) and the sum of PSS (shared pages split between the
 processes: the honest total). "delta" is the peak minus the same sum just before the fit call (for Ray:
 the idle cluster). Throughput: images / seconds of the fit call ("e2e": includes Ray Data start-up,
-actor start and model load in the actors) and, for Ray, the steady rate after the first batch is out.
+actor start and model load in the actors) and, for Ray, the steady rate after the first batch is out and the
+start-up (the call until the first batch is out, on a running cluster). "torch" says whether any pool actor
+loaded torch (the OpenVINO actors should not: distributed/node_fit.py). Speeds are only comparable within one
+run (the machine may be shared): read the ratio columns; memory figures do not depend on load.
 
 Images come from the demo generator (distributed_anomaly.data.synthetic), the backbone is mobilenet_v2
 with pretrained weights if cached (`distributed-anomaly weights`), else a seeded random resnet18.
@@ -120,6 +124,7 @@ def run_one(args: argparse.Namespace) -> dict:
             workers=args.workers,
             progress=False,
             threads_per_worker=max(1, args.threads // args.workers),
+            decode_in_actors={"actors": True, "tasks": False, "auto": None}[args.decode],
         )
         peak = sampler.finish()
         result.update(
@@ -128,6 +133,8 @@ def run_one(args: argparse.Namespace) -> dict:
             images_per_s=info["images_per_s"],
             steady=info["steady_images_per_s"],
             startup_s=info["startup_s"],
+            decode=("actors" if info["decode_in_actors"] else "tasks"),
+            torch_in_actors=any(w["torch_loaded"] for w in info["workers"]),
         )
         ray.shutdown()
     result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
@@ -140,6 +147,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", default="1,2", help="comma-separated Ray pool sizes")
+    ap.add_argument("--decode", default="auto", help="comma-separated: auto, actors, tasks (where Ray decodes)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray node (over-declared)")
     ap.add_argument(
         "--threads",
@@ -172,10 +180,12 @@ def main() -> int:
             n_per_defect=1,
         )
         print(f"generated {4 * args.n} training images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    configs = [("inproc", 1)] + [("ray", int(w)) for w in args.workers.split(",")]
+    load_start = os.getloadavg()[0]
+    decodes = args.decode.split(",")
+    configs = [("inproc", 1, "-")] + [("ray", int(w), d) for w in args.workers.split(",") for d in decodes]
     rows = []
     for images in (args.n, 4 * args.n):
-        for mode, workers in configs:
+        for mode, workers, decode in configs:
             cmd = [
                 sys.executable,
                 __file__,
@@ -195,6 +205,8 @@ def main() -> int:
                 str(args.num_cpus),
                 "--threads",
                 str(args.threads),
+                "--decode",
+                decode if mode == "ray" else "auto",
             ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
@@ -202,35 +214,46 @@ def main() -> int:
                 return 1
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"  {mode} w={workers} n={images}: {r['images_per_s']:.1f} images/s", file=sys.stderr)
+            r["decode_asked"] = decode
+            print(f"  {mode} w={workers} {decode} n={images}: {r['images_per_s']:.1f} images/s", file=sys.stderr)
     mib = 1 << 20
     print(
         f"backbone {rows[0]['backbone']}, {args.image_size} px, batch {args.batch_size}, "
         f"{os.cpu_count()} cores, torch threads {args.threads} (split over Ray workers), "
-        f"load average at end {os.getloadavg()[0]:.1f}"
+        f"load average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}"
     )
     head = (
-        f"| {'run':<18} | {'images':>6} | {'img/s e2e':>9} | {'e2e vs in-proc':>14} | {'img/s steady':>12} | "
-        f"{'steady vs in-proc':>17} | {'peak RSS MiB':>12} | {'peak PSS MiB':>12} | {'delta PSS MiB':>13} | "
-        f"{'PSS vs N':>8} |"
+        f"| {'run':<32} | {'images':>6} | {'img/s e2e':>9} | {'e2e vs in-proc':>14} | {'img/s steady':>12} | "
+        f"{'steady vs in-proc':>17} | {'start-up s':>10} | {'peak RSS MiB':>12} | {'peak PSS MiB':>12} | "
+        f"{'PSS vs in-proc':>14} | {'delta PSS MiB':>13} | {'PSS vs N':>8} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         name = (
-            "in-process" if r["mode"] == "inproc" else f"ray, {r['workers']} worker" + ("s" if r["workers"] > 1 else "")
+            "in-process"
+            if r["mode"] == "inproc"
+            else f"ray, {r['workers']} worker"
+            + ("s" if r["workers"] > 1 else "")
+            + f", decode in {r['decode']}"
+            + (", torch in actors" if r["torch_in_actors"] else "")
         )
         ref = next(x for x in rows if x["mode"] == "inproc" and x["images"] == r["images"])
         small = next(
-            x for x in rows if x["mode"] == r["mode"] and x["workers"] == r["workers"] and x["images"] == args.n
+            x
+            for x in rows
+            if (x["mode"], x["workers"], x["decode_asked"]) == (r["mode"], r["workers"], r["decode_asked"])
+            and x["images"] == args.n
         )
+        startup = f"{r['startup_s']:>10.1f}" if r["mode"] == "ray" else f"{'-':>10}"
         steady = r["steady"] if r["mode"] == "ray" else r["images_per_s"]
         steady_s = f"{steady:>12.1f}" if steady else f"{'-':>12}"
         ratio_s = f"{steady / ref['images_per_s']:>16.2f}x" if steady else f"{'-':>17}"
         print(
             f"| {name:<18} | {r['images']:>6} | {r['images_per_s']:>9.1f} | "
-            f"{r['images_per_s'] / ref['images_per_s']:>13.2f}x | {steady_s} | {ratio_s} | "
-            f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | {r['delta_pss'] / mib:>13.0f} | "
+            f"{r['images_per_s'] / ref['images_per_s']:>13.2f}x | {steady_s} | {ratio_s} | {startup} | "
+            f"{r['peak_rss'] / mib:>12.0f} | {r['peak_pss'] / mib:>12.0f} | "
+            f"{r['peak_pss'] / ref['peak_pss']:>13.2f}x | {r['delta_pss'] / mib:>13.0f} | "
             f"{r['peak_pss'] / small['peak_pss']:>7.2f}x |"
         )
     return 0

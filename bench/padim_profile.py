@@ -9,7 +9,7 @@ For each backbone, in this one process and one after the other (so every ratio c
                    the reference throughput (what the CPU can do with OpenVINO)
     decode         read_image + resize/normalise per image (the loader's work), CPU ms per image
     frozen         the fit's OpenVINO graph (backbone + PADIM's tail: channel choice, upsampling, deviations)
-    update         stats.MomentAccumulator.add_deviations on those deviations
+    update         moments.MomentAccumulator.add_deviations on those deviations
     loop           the fit's pipelined loop alone (engine.accumulate: decoding threads, OpenVINO streams, update)
     fit            engine.fit_padim end to end (runtime openvino, then torch), images/s: the loop plus fixed
                    costs (compiling the graph, converting and inverting the statistics, the head's factor)
@@ -40,7 +40,7 @@ from distributed_anomaly.data.loader import iter_batches  # noqa: E402
 from distributed_anomaly.data.mvtec import load_category, records_of_split  # noqa: E402
 from distributed_anomaly.models.backbones import checkpoint_dir, get_spec, weights_filename  # noqa: E402
 from distributed_anomaly.models.padim import Padim  # noqa: E402
-from distributed_anomaly.stats import MomentAccumulator  # noqa: E402
+from distributed_anomaly.moments import MomentAccumulator  # noqa: E402
 
 
 def clocked(fn) -> tuple[float, float]:
@@ -84,8 +84,9 @@ def profile(backbone: str, records, args: argparse.Namespace) -> dict:
     wall, cpu = clocked(lambda: outs.extend(runtime(b, shift) for b in batches))
     row.update(frozen_rate=n / wall, frozen_cpu_ms=1e3 * cpu / n)
     acc = MomentAccumulator(model.n_positions, model.n_features)
-    acc.set_shift(shift)
-    wall, cpu = clocked(lambda: [acc.add_deviations(d, s) for d, s in outs])
+    acc.set_shift(shift.numpy())
+    with frozen.torch_beside(runtime):  # numpy's BLAS on one thread, as in the fit
+        wall, cpu = clocked(lambda: [acc.add_deviations(d.numpy(), s.numpy()) for d, s in outs])
     row.update(update_rate=n / wall, update_cpu_ms=1e3 * cpu / n)
     outs.clear()  # free the deviations before the fits
     with torch.inference_mode(), frozen.torch_beside(runtime):

@@ -3,10 +3,11 @@
 
     .venv/bin/python bench/stfpm_train.py                                   # demo washer, 128 px, 3 epochs
     .venv/bin/python bench/stfpm_train.py --data DIR --image-size 256 --epochs 5 --workers 0,1,2,4 --no-anomalib
+    .venv/bin/python bench/stfpm_train.py --workers 0 --runtimes openvino,torch --no-anomalib   # the teacher's runtime
 
 Same data (all of train/good, no validation pass, as anomalib's Engine.fit without a val loader), same backbone
 (resnet18 layer1-3, seeded random torchvision weights: no download), same initial student, same epochs and
-(global) batch size everywhere:
+(global) batch size everywhere; the frozen teacher on each of --runtimes (OpenVINO, the default, or torch):
 
 * "engine":      the in-process fit (training.fit_model, engine.train_stfpm; no Ray), torch with all the cores' threads.
 * "ray wN":      distributed.stfpm_train.train_stfpm_ray with N Ray Train workers (N=0: Ray Train's local mode,
@@ -64,7 +65,8 @@ def run_ours(a: argparse.Namespace) -> dict:
     if a.mode == "engine":
         torch.set_num_threads(cores)
         # training.fit_model in process, without the batch-norm recompute: the epochs alone are timed
-        _, _, history = fit_model(model, cfg, replace(tcfg, bn_recompute=False), fit, [], Execution(), "", False)
+        run = Execution(runtime=a.runtime)
+        _, _, history = fit_model(model, cfg, replace(tcfg, bn_recompute=False), fit, [], run, "", False)
         wall = time.perf_counter() - start
     else:
         from distributed_anomaly.distributed import ray_session
@@ -90,6 +92,7 @@ def run_ours(a: argparse.Namespace) -> dict:
                 model=model,
                 use_gpu=False,
                 cpus_per_worker=float(threads),
+                runtime=a.runtime,
             )
             wall = time.perf_counter() - start
         history = info["history"]
@@ -123,8 +126,8 @@ def best_of(repeat: int, fn, *args) -> dict:
     return min(rows, key=lambda r: r["epoch_s"])
 
 
-def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path) -> dict:
-    out = work / f"{mode}_w{workers}.json"
+def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path, runtime: str) -> dict:
+    out = work / f"{mode}_w{workers}_{runtime}.json"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -148,6 +151,8 @@ def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path)
         str(work / "ray_train"),
         "--_out",
         str(out),
+        "--runtimes",
+        runtime,
     ]
     subprocess.run(cmd, check=True, cwd=REPO)
     r = json.loads(out.read_text())
@@ -158,7 +163,7 @@ def ours(a: argparse.Namespace, data: Path, mode: str, workers: int, work: Path)
     )
     threads = a.cores if mode == "engine" or workers == 0 else max(1, a.cores // workers)
     return summarise(
-        name,
+        f"{name}, {runtime} teacher",
         r["images"],
         [h["seconds"] for h in r["history"]],
         r["wall"],
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over the workers)")
     p.add_argument("--n-train", type=int, default=64, help="demo data only: training images")
     p.add_argument("--workers", default="0,1,2", help="Ray Train worker counts to run")
+    p.add_argument("--runtimes", default="openvino", help="the teacher's runtimes to run (openvino, torch)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU cores to use in total")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if a._one:
         a.mode = a._one
         a.workers = int(a.workers)
+        a.runtime = a.runtimes
         a._out.write_text(json.dumps(run_ours(a)))
         return 0
 
@@ -274,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.batch_size}, {a.cores} cores, best of {a.repeat}; work folder {work}"
     )
     rows = []
-    for mode, w in [("engine", 0)] + [("ray", int(x)) for x in a.workers.split(",") if x != ""]:
-        log(f"[{time.strftime('%H:%M:%S')}] {mode} workers={w}")
-        rows.append(best_of(a.repeat, ours, a, data, mode, w, work))
+    configs = [("engine", 0)] + [("ray", int(x)) for x in a.workers.split(",") if x != ""]
+    for (mode, w), runtime in [(c, r) for c in configs for r in a.runtimes.split(",")]:
+        log(f"[{time.strftime('%H:%M:%S')}] {mode} workers={w} teacher {runtime}")
+        rows.append(best_of(a.repeat, ours, a, data, mode, w, work, runtime))
         log(f"    epoch {rows[-1]['epoch_s']:.2f} s, {rows[-1]['images_per_s']:.1f} images/s")
     if not a.no_anomalib:
         log(f"[{time.strftime('%H:%M:%S')}] anomalib")

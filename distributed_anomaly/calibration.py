@@ -22,10 +22,15 @@ Scorer = Callable[[Sequence[Record], str], np.ndarray]  # (records, what) -> (N,
 
 
 def in_process_scorer(
-    model, image_size: ImageSize, batch_size: int, progress: bool, runtime: str = DEFAULT_RUNTIME
+    model,
+    image_size: ImageSize,
+    batch_size: int,
+    progress: bool,
+    runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
 ) -> Scorer:
     return lambda records, what: engine.anomaly_maps(
-        model, records, image_size, batch_size, progress, what, runtime=runtime
+        model, records, image_size, batch_size, progress, what, runtime=runtime, precision=precision
     )
 
 

@@ -25,6 +25,8 @@ from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
 MODELS = ("padim", "stfpm", "patchcore")
 # Where PADIM's frozen backbone runs in fits and scoring (frozen.py); results agree within the tested tolerance.
 RUNTIMES = ("openvino", "torch")
+# OpenVINO inference precisions of a frozen network (frozen_ir.FROZEN_PRECISIONS, repeated here: config sits below it).
+FROZEN_PRECISIONS = ("f32", "bf16")
 DEFAULT_RUNTIME = "openvino"
 DEFAULT_EPOCHS = {"padim": 1, "stfpm": 100, "patchcore": 1}
 DEFAULT_BATCH_SIZE = {"padim": 32, "stfpm": 32, "patchcore": 32}  # stfpm: anomalib's default, same loss scale
@@ -133,11 +135,16 @@ class Execution:
     resume: str | None = None  # the Ray STFPM training run folder to continue (set by `resume`)
     run_name: str | None = None  # that folder's name under storage; default a fresh unique one
     max_failures: int = 3  # Ray STFPM: worker-group restarts from the latest checkpoint before the run fails
-    runtime: str = DEFAULT_RUNTIME  # PADIM's frozen backbone in fit and scoring: openvino or torch
+    runtime: str = DEFAULT_RUNTIME  # the frozen network (PADIM's backbone, STFPM's teacher): openvino or torch
+    precision: str = "f32"  # OpenVINO's inference precision for it: f32 (the reference) or bf16 (FROZEN_PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise UserError(f"unknown runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        if self.precision not in FROZEN_PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
+        if self.runtime == "torch" and self.precision != "f32":
+            raise UserError("bf16 is an OpenVINO precision: --runtime torch computes in f32")
 
     @property
     def uses_ray(self) -> bool:

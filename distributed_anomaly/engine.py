@@ -24,7 +24,8 @@ from distributed_anomaly.models.coreset import CHUNK_PATCHES, CoresetResult, Str
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm, anomaly_map
-from distributed_anomaly.stats import GaussianStats, MomentAccumulator, accumulation_dtype
+from distributed_anomaly.moments import MomentAccumulator
+from distributed_anomaly.stats import GaussianStats, accumulation_dtype, gaussian_from_moments
 
 
 def unreadable_images(records: Sequence[Record], threads: int = 4) -> list[tuple[Record, str]]:
@@ -60,10 +61,10 @@ def accumulate(
     if first is None:
         return acc
     patches, _ = frozen(first, torch.zeros(model.n_positions, model.n_features))
-    acc.add_patches(patches)
+    acc.add_patches(patches.numpy())
     on_batch(first.shape[0])
-    for dev, total in frozen.stream(batches, acc.shift):
-        acc.add_deviations(dev, total)
+    for dev, total in frozen.stream(batches, torch.from_numpy(acc.shift)):
+        acc.add_deviations(dev.numpy(), total.numpy())
         on_batch(dev.shape[0])
     return acc
 
@@ -86,7 +87,7 @@ def fit_padim(
     with torch.inference_mode(), torch_beside(frozen):
         batches = (x for _, x in iter_batches(records, model.image_size, batch_size))
         acc = accumulate(frozen, model, batches, bar.update)
-        stats = acc.to_stats(accumulation_dtype(model.n_positions, model.n_features))
+        stats = gaussian_from_moments(acc, accumulation_dtype(model.n_positions, model.n_features))
         del acc, frozen  # the float32 moments and the compiled network: not needed while the Gaussians are inverted
     bar.close()
     model.set_gaussian(stats)
@@ -159,7 +160,7 @@ def _map_stream(
     model: torch.nn.Module, batches: Iterator[torch.Tensor], runtime: str, precision: str
 ) -> Iterator[torch.Tensor]:
     if isinstance(model, Stfpm) and runtime != "torch":
-        teacher = teacher_runtime(model, runtime)
+        teacher = teacher_runtime(model, runtime, precision=precision)
         yield from (anomaly_map(*model.features(x, teacher(x)), tuple(x.shape[-2:])) for x in batches)
         return
     if isinstance(model, PatchCore) and runtime != "torch":
@@ -325,14 +326,15 @@ def train_stfpm(
     seed: int = 0,
     progress: bool = True,
     runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
 ) -> StfpmResult:
     """Train the student in-process; keep the weights of the epoch with the lowest validation loss.
 
     Without validation images, the last epoch's weights are kept and training runs all `epochs`. The frozen
-    teacher runs on `runtime` (frozen.RUNTIMES), the student in torch.
+    teacher runs on `runtime` (frozen.RUNTIMES) at `precision`, the student in torch.
     """
     optimizer = make_optimizer(model, lr, momentum, weight_decay)
-    teacher = teacher_runtime(model, runtime)
+    teacher = teacher_runtime(model, runtime, precision=precision)
     loss_fn = (lambda x: model.loss(x, teacher(x))) if teacher else None
     stopper = EarlyStopping(patience)
     result = StfpmResult()

@@ -189,6 +189,8 @@ def export_run(
     if precision == "int8":
         ov_model = int8.quantize_int8(ov_model, calibration)
         post = int8.recalibrate(ov_model, run_dir, cfg, post, data, layout)
+    check = int8.bf16_check(ov_model, run_dir, cfg, data, layout) if precision == "auto" else None
+    precision = check["chosen"] if check else precision
     for key, value in model_api_info(post, cfg.image_size, task).items():
         ov_model.set_rt_info(value, ["model_info", key])
     for key, value in (
@@ -200,6 +202,7 @@ def export_run(
         ov_model.set_rt_info(str(value), ["distributed_anomaly", key])
 
     metadata = _metadata(cfg, module, post, task, precision, calibration, run_dir, info.get("data"))
+    metadata.update(inference_precision="bf16" if precision == "bf16" else "f32", bf16_check=check)
     _write_ir(ov_model, post, metadata, ir_dir)
     if post.image_threshold is None:
         print(

@@ -1,4 +1,5 @@
-"""int8 export: NNCF post-training quantization of the backbone, thresholds refitted on the quantised maps.
+"""int8 export: NNCF post-training quantization of the backbone, thresholds refitted on the quantised maps; and
+the bf16 check of `export --precision auto` (bf16_check), which reads the run's data the same way.
 
 int8  NNCF post-training quantization (MIXED preset) of the backbone convolutions only, calibrated on
       the run's normal training images plus one synthetic-defect copy of each (see calibration_batches);
@@ -29,7 +30,8 @@ from distributed_anomaly.data.mvtec import Record, records_of_split, split_train
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.data.synthetic import paste_patches
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.irformat import INPUT_NAME
+from distributed_anomaly.irformat import BF16_MAX_AUROC_CHANGE, INPUT_NAME
+from distributed_anomaly.metrics import auroc
 
 
 def run_data(
@@ -47,6 +49,34 @@ def run_data(
             f"{run_dir / rundir.CONFIG}) does not exist; pass --data"
         )
     return load_dataset(data, layout, require_test=require_test)
+
+
+def bf16_check(ov_model, run_dir: Path, cfg, data: str | os.PathLike | None, layout: DataLayout | None) -> dict:
+    """Image AUROC of the exported network on the run's test images computed in f32 and in bf16 (compiled for this
+    CPU; one without bf16 computes in f32), and the choice: bf16 when the CPU computes in it and the AUROC moves by
+    at most BF16_MAX_AUROC_CHANGE, else fp32."""
+    import openvino as ov
+
+    from distributed_anomaly.frozen_ir import compiled_precision
+
+    batch_size = rundir.load_config(run_dir)[1].batch_size
+    test = records_of_split(run_data(run_dir, data, layout, require_test=True), "test")
+    labels = np.array([r.label for r in test])
+    out: dict = {"images": len(test), "max_auroc_change": BF16_MAX_AUROC_CHANGE}
+    for hint in ("f32", "bf16"):
+        compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        scores = np.concatenate(
+            [
+                np.array(compiled({INPUT_NAME: x.numpy()})[0]).reshape(len(x), -1).max(1)
+                for _, x in iter_batches(test, cfg.image_size, batch_size)
+            ]
+        )
+        out[f"auroc_{hint}"] = round(auroc(scores, labels), 6)
+        out[f"compiled_{hint}"] = compiled_precision(compiled)
+    out["auroc_change"] = round(abs(out["auroc_bf16"] - out["auroc_f32"]), 6)
+    within = out["auroc_change"] <= BF16_MAX_AUROC_CHANGE
+    out["chosen"] = "bf16" if out["compiled_bf16"] == "bf16" and within else "fp32"
+    return out
 
 
 def calibration_batches(

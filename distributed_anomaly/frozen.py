@@ -5,7 +5,7 @@ CPU the backbone runs at a fraction of what OpenVINO gets from the same weights,
 (B, C, P) layout forces a transpose before every per-position product. So the frozen network runs here as an
 OpenVINO graph that emits, for a shift K given per call (the accumulator's, or the Gaussian means when
 scoring), the deviations d = x - K laid out (B, P, C) and their sum over the batch: exactly what
-`stats.MomentAccumulator` and `Padim.score_deviations` take, with no copy in between.
+`moments.MomentAccumulator` and `Padim.score_deviations` take, with no copy in between.
 
 The taps-only network (the torchvision module up to its deepest tap, taps as outputs) is converted once and
 cached on disk per (backbone, taps, image size, sha256 of the weights) under `cache_dir()`; the cheap tail
@@ -27,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from distributed_anomaly.config import RUNTIMES
+from distributed_anomaly.frozen_ir import CompiledPatches, CompiledTaps, check_precision, file_blob, ir_blob
 from distributed_anomaly.models.backbones import FeatureExtractor
 from distributed_anomaly.models.padim import Padim
 from distributed_anomaly.models.patchcore import PatchCore
 from distributed_anomaly.models.stfpm import Stfpm
 
-FROZEN_PRECISIONS = ("f32", "bf16")
 CACHE_ENV = "DISTRIBUTED_ANOMALY_CACHE"
 _COMPLETE = "complete.json"  # written last: a cache entry without it is ignored and rebuilt
 
@@ -188,14 +189,15 @@ def _threads(threads: int | None) -> int:
     return max(1, int(threads or torch.get_num_threads()))
 
 
-def _compile(model, threads: int | None, precision: str, hints: dict):
-    """A frozen network compiled for the CPU at `precision` (FROZEN_PRECISIONS) with `threads` threads."""
-    import openvino as ov
+def taps_blob(model: Stfpm) -> dict:
+    """STFPM's teacher (the cached taps IR) as bytes: what a Ray Train worker compiles its OpenVinoTeacher from."""
+    return file_blob(taps_model_path(model))
 
-    if precision not in FROZEN_PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
-    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _threads(threads), **hints}
-    return ov.Core().compile_model(model, "CPU", config)
+
+def patch_blob(model: Padim) -> dict:
+    """PADIM's patched graph as bytes (frozen_ir.ir_blob): converted here, on the driver, once; a Ray pool actor
+    compiles it without torch or a shared disk."""
+    return ir_blob(patch_graph(model, taps_model_path(model)))
 
 
 class TorchPatches:
@@ -220,65 +222,32 @@ class TorchPatches:
 
 
 class OpenVinoPatches:
-    """The frozen network compiled by OpenVINO on the CPU (see the module docstring).
+    """The frozen network compiled by OpenVINO on the CPU (see the module docstring), as torch tensors.
 
     `precision` is OpenVINO's inference precision: f32 (the reference, and the default) or bf16 where the CPU
-    has it. `threads` defaults to torch's thread count (a Ray actor sets that to its reservation). They run as
-    that many single-threaded streams (OpenVINO's throughput mode, at most MAX_STREAMS), each on its own batch:
-    on a few cores shared with decoding and the statistics update, one multi-threaded stream stalls at every
-    layer on whichever of its threads was preempted.
+    has it. `threads` defaults to torch's thread count (a Ray actor sets that to its reservation); the graph
+    runs as frozen_ir.CompiledPatches (one single-threaded stream per thread).
     """
 
     runtime = "openvino"
-    MAX_STREAMS = 4
 
     def __init__(self, model: Padim, threads: int | None = None, precision: str = "f32") -> None:
-        self.precision = precision
-        self.streams = min(_threads(threads), self.MAX_STREAMS)
-        graph = patch_graph(model, taps_model_path(model))
-        compiled = _compile(graph, threads, precision, {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams})
-        # One request per stream plus one: every stream busy while the caller folds the oldest result.
-        self._requests = [compiled.create_infer_request() for _ in range(self.streams + 1)]
-
-    @staticmethod
-    def _outputs(request) -> tuple[torch.Tensor, torch.Tensor]:
-        dev, total = request.get_output_tensor(0).data, request.get_output_tensor(1).data
-        return torch.from_numpy(dev), torch.from_numpy(total)
-
-    @staticmethod
-    def _start(request, images: torch.Tensor, shift: torch.Tensor) -> None:
-        request.start_async({0: np.ascontiguousarray(images.numpy()), 1: np.ascontiguousarray(shift.numpy())})
+        self.precision = check_precision(precision)
+        self.compiled = CompiledPatches(patch_graph(model, taps_model_path(model)), _threads(threads), precision)
 
     def __call__(self, images: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As TorchPatches.__call__; the tensors are copies the caller may keep."""
-        request = self._requests[0]
-        self._start(request, images, shift.float())
-        request.wait()
-        dev, total = self._outputs(request)
-        return dev.clone(), total.clone()
+        dev, total = self.compiled(images.numpy(), shift.float().numpy())
+        return torch.from_numpy(dev), torch.from_numpy(total)
 
     def stream(
         self, batches: Iterable[torch.Tensor], shift: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(deviations, sum) per batch in order, up to one batch per request in flight. Each yielded pair views
-        OpenVINO's output buffers and is valid until the next one is requested (the caller folds it, lets go)."""
-        shift = shift.float().contiguous()
-        ring, it = self._requests, iter(batches)
-        in_flight = 0
-        for x in it:  # fill every request but one
-            self._start(ring[in_flight], x, shift)
-            in_flight += 1
-            if in_flight == len(ring) - 1:
-                break
-        oldest = 0
-        while in_flight:
-            x = next(it, None)
-            if x is not None:  # the free request takes the next batch before we wait on the oldest
-                self._start(ring[(oldest + in_flight) % len(ring)], x, shift)
-                in_flight += 1
-            ring[oldest].wait()
-            yield self._outputs(ring[oldest])
-            oldest, in_flight = (oldest + 1) % len(ring), in_flight - 1
+        """(deviations, sum) per batch in order (frozen_ir.CompiledPatches.stream): each pair views OpenVINO's
+        output buffers and is valid until the next one is requested."""
+        arrays = (x.numpy() for x in batches)
+        for dev, total in self.compiled.stream(arrays, shift.float().numpy()):
+            yield torch.from_numpy(dev), torch.from_numpy(total)
 
 
 FrozenPatches = TorchPatches | OpenVinoPatches
@@ -289,47 +258,51 @@ class OpenVinoTeacher:
     `Stfpm.teacher` returns them.
 
     Synchronous (the student's step needs this batch's features); OpenVINO uses `threads` threads (default
-    torch's), at `precision` (f32 by default)."""
+    torch's), at `precision` (f32 by default). `graph`: the taps IR to compile (default: this model's cached
+    one; a Ray Train worker passes the driver's, rebuilt from frozen_ir.ir_blob)."""
 
-    def __init__(self, model: Stfpm | PatchCore, threads: int | None = None, precision: str = "f32") -> None:
+    def __init__(
+        self, model: Stfpm | PatchCore, threads: int | None = None, precision: str = "f32", graph=None
+    ) -> None:
         self.layers = list(frozen_extractor(model).layers)
-        compiled = _compile(taps_model_path(model), threads, precision, {"PERFORMANCE_HINT": "LATENCY"})
-        self._request = compiled.create_infer_request()
+        source = graph if graph is not None else taps_model_path(model)
+        self.compiled = CompiledTaps(source, _threads(threads), precision)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._request.infer({0: np.ascontiguousarray(images.detach().numpy())})
-        return {
-            name: torch.from_numpy(self._request.get_output_tensor(i).data.copy()) for i, name in enumerate(self.layers)
-        }
+        feats = self.compiled(images.detach().numpy())
+        return {name: torch.from_numpy(f) for name, f in zip(self.layers, feats)}
 
 
 def teacher_runtime(
-    model: Stfpm | PatchCore, runtime: str = "openvino", threads: int | None = None
+    model: Stfpm | PatchCore, runtime: str = "openvino", threads: int | None = None, precision: str = "f32"
 ) -> OpenVinoTeacher | None:
-    """STFPM's teacher (PatchCore's backbone) on `runtime`: an OpenVinoTeacher, or None for torch (the model's
-    own network)."""
+    """STFPM's teacher (PatchCore's backbone) on `runtime`: an OpenVinoTeacher at `precision`, or None for torch
+    (the model's own network)."""
     if runtime == "torch":
+        if precision != "f32":
+            raise ValueError("the torch runtime computes in f32 only; bf16 is an OpenVINO precision")
         return None
     if runtime == "openvino":
-        return OpenVinoTeacher(model, threads)
+        return OpenVinoTeacher(model, threads, precision)
     raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
 
 
 @contextlib.contextmanager
 def torch_beside(frozen: FrozenPatches) -> Iterator[None]:
-    """Torch on one thread while an OpenVINO runtime holds the cores (restored after).
+    """Torch and numpy's BLAS on one thread while an OpenVINO runtime holds the cores (restored after).
 
-    The caller's torch work (statistics update, Mahalanobis head) runs while OpenVINO computes the next batch
-    in its own threads. Torch's OpenMP workers spin-wait between parallel regions, so with torch's default
-    thread count beside OpenVINO's the two fight for the cores: measured on 2 cores, 13 CPU-ms per image with
-    one torch thread against 27-186 with two (bench/padim_profile.py runs the fit this way)."""
+    The caller's work (statistics update in numpy, Mahalanobis head in torch) runs while OpenVINO computes the
+    next batch in its own threads. OpenMP and OpenBLAS workers spin-wait between parallel regions, so with their
+    default thread counts beside OpenVINO's they fight for the cores: measured on 2 cores, 13 CPU-ms per image
+    with one torch thread against 27-186 with two (bench/padim_profile.py runs the fit this way)."""
     if frozen.runtime == "torch":
         yield
         return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

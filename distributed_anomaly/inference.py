@@ -6,8 +6,9 @@
 
 The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
 replica its share of the cores); None leaves OpenVINO's default (all cores). On CPU and GPU the inference
-precision hint is f32 unless `config` says otherwise, so an fp32 (or fp16-weights) IR scores like torch even
-on CPUs whose default would be bf16; on CPU the threads are not pinned to cores (several processes share a
+precision hint is the export's (irformat.inference_precision: bf16 for a bf16 export, else f32) unless
+`precision` or `config` says otherwise, so an fp32 (or fp16-weights) IR scores like torch even on CPUs whose
+default would be bf16; on CPU the threads are not pinned to cores (several processes share a
 node). Calls are thread-safe (one infer request per calling thread).
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 from distributed_anomaly.data.sizes import as_hw, canonical
 from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.fileio import read_json
+from distributed_anomaly.frozen_ir import compiled_precision
 from distributed_anomaly.irformat import (
     BIN,
     INPUT_NAME,
@@ -32,10 +34,13 @@ from distributed_anomaly.irformat import (
     XML,
     check_ir_files,
     check_model_bin,
+    inference_precision,
     read_metadata,
 )
 from distributed_anomaly.postprocess import PostProcessor, Prediction
 from distributed_anomaly.runner import predict_images
+
+INFERENCE_PRECISIONS = ("f32", "bf16")  # OpenVINO's compute precision: what `precision` overrides
 
 
 class OpenVINOInferencer:
@@ -47,6 +52,7 @@ class OpenVINOInferencer:
         num_threads: int | None = None,
         device: str = "CPU",
         config: dict[str, Any] | None = None,
+        precision: str | None = None,
     ) -> None:
         import openvino as ov
 
@@ -77,9 +83,11 @@ class OpenVINOInferencer:
                 f"{self.ir_dir / XML} has inputs {ins} and outputs {outs}; expected one input "
                 f"'{INPUT_NAME}' and one output '{OUTPUT_NAME}' (not a model written by `export`?)"
             )
+        if precision not in (None, *INFERENCE_PRECISIONS):
+            raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(INFERENCE_PRECISIONS)}")
         props: dict[str, Any] = {}
         if device.split(".")[0] in ("CPU", "GPU"):
-            props["INFERENCE_PRECISION_HINT"] = "f32"
+            props["INFERENCE_PRECISION_HINT"] = precision or inference_precision(self.metadata)
         if device.split(".")[0] == "CPU":
             # OpenVINO pins its threads to cores by default, as if it owned the machine: two processes on one
             # node (two Serve replicas, a replica and a Ray worker) then pin to the same cores and each runs at
@@ -104,6 +112,11 @@ class OpenVINOInferencer:
     @property
     def precision(self) -> str:
         return str(self.metadata.get("precision", "fp32"))
+
+    @property
+    def compiled_precision(self) -> str:
+        """The precision OpenVINO compiled at (f32 or bf16), as the device reports it."""
+        return compiled_precision(self.compiled)
 
     def _request(self):
         req = getattr(self._local, "request", None)

@@ -20,7 +20,11 @@ from distributed_anomaly.errors import RunDirError
 from distributed_anomaly.fileio import read_json
 from distributed_anomaly.postprocess import POSTPROCESS_FILE
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# Export precisions: fp32, fp16 (weights), int8 (NNCF), bf16 (fp32 weights computed in bfloat16 on CPUs that have
+# it: avx512_bf16, AMX); "auto" exports bf16 only if the image AUROC it measures on the run's test images moves by at
+# most BF16_MAX_AUROC_CHANGE from f32 (and the CPU computes in bf16), else fp32. metadata.json states the choice.
+PRECISIONS = ("fp32", "fp16", "int8", "bf16", "auto")
+BF16_MAX_AUROC_CHANGE = 0.005
 INPUT_NAME, OUTPUT_NAME = "image", "anomaly_map"
 XML, BIN, METADATA, POSTPROCESS = "model.xml", "model.bin", "metadata.json", POSTPROCESS_FILE
 IR_FILES = (XML, BIN, METADATA, POSTPROCESS)
@@ -47,6 +51,11 @@ DESCRIBED_KEYS = (
     "version",
     BIN_SHA256,
 )
+
+
+def inference_precision(metadata: dict[str, Any]) -> str:
+    """OpenVINO's inference precision for an export: bf16 for a bf16 export, else f32 (fp16 and int8 IRs too)."""
+    return str(metadata.get("inference_precision") or ("bf16" if metadata.get("precision") == "bf16" else "f32"))
 
 
 def is_ir_dir(path: str | os.PathLike) -> bool:

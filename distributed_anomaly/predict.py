@@ -39,10 +39,15 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def load_runner(model_dir: str | os.PathLike, num_threads: int | None = None) -> ModelRunner:
-    """A run directory gives the torch runner, an exported IR folder (model.xml) the OpenVINO one."""
+def load_runner(
+    model_dir: str | os.PathLike, num_threads: int | None = None, precision: str | None = None
+) -> ModelRunner:
+    """A run directory gives the torch runner, an exported IR folder (model.xml) the OpenVINO one (computing at
+    `precision`, default the export's)."""
     if is_ir_dir(model_dir):
-        return OpenVINOInferencer(model_dir, num_threads=num_threads)
+        return OpenVINOInferencer(model_dir, num_threads=num_threads, precision=precision)
+    if precision not in (None, "f32"):
+        raise UserError(f"--precision {precision} applies to an exported IR; a run directory scores in torch (f32)")
     if num_threads is not None:
         if num_threads < 1:
             raise UserError(f"num_threads must be >= 1, got {num_threads}")
@@ -62,6 +67,7 @@ def predict(
     batch_size: int = 8,
     num_threads: int | None = None,
     max_pixels: int | None = None,
+    precision: str | None = None,
 ) -> list[dict]:
     """Score every image; write OUT/<name>.json, OUT/<name>_overlay.png (and _mask.png for segmentation).
 
@@ -71,7 +77,7 @@ def predict(
     """
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    runner = load_runner(model_dir, num_threads)
+    runner = load_runner(model_dir, num_threads, precision)
     paths = collect_images(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

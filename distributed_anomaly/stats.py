@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distributed_anomaly.moments import MomentAccumulator
+
 # Regularisation added to every covariance (PADIM paper, Sec. 3: Sigma + eps I with eps = 0.01).
 COVARIANCE_EPS = 0.01
 
@@ -129,71 +131,20 @@ class GaussianStats:
         return cls(int(state["count"]), state["mean"], state["m2"])
 
 
-class MomentAccumulator:
-    """The fit's hot loop: moments of patch embeddings around a fixed shift, one in-place product per batch.
-
-    GaussianStats.update merges every batch with Chan's formula: two passes over the (P, C, C) co-moment per
-    batch plus a transpose of the embeddings, which on a CPU cost more than the backbone. Here the shift K (the
-    first batch's mean, close to the final mean) is fixed, the caller (the frozen network's graph) hands in
-    deviations d = x - K laid out (B, P, C), and each batch costs one batched product into
-    S2 += d^T d and a sum S1 += sum(d). Exact in exact arithmetic: mean = K + S1 / n, M2 = S2 - S1 S1^T / n.
-    Because d is centred near zero, float32 S2 keeps the covariance close to a float64 pass (tests/test_frozen.py
-    bounds it by 1e-4 relative, with means 50x the spread): half the bytes per batch of float64. Partials of different
-    shifts combine exactly through `to_stats` and GaussianStats.merge_.
-    """
-
-    def __init__(self, n_positions: int, n_features: int, dtype: torch.dtype = torch.float32) -> None:
-        self.count = 0
-        self.shift: torch.Tensor | None = None  # (P, C) float32, set by the first batch
-        self.s1 = torch.zeros(n_positions, n_features, dtype=torch.float64)
-        self.s2 = torch.zeros(n_positions, n_features, n_features, dtype=dtype)
-
-    def set_shift(self, shift: torch.Tensor) -> None:
-        """Fix the shift (P, C) before the first fold; any value is exact, one near the mean is accurate."""
-        if self.count:
-            raise ValueError("the shift is fixed once batches have been folded")
-        self.shift = shift.to(torch.float32).contiguous()
-
-    def add_patches(self, patches: torch.Tensor) -> None:
-        """Fold raw embeddings (B, P, C); the first call sets the shift to their mean."""
-        if self.shift is None:
-            self.set_shift(patches.mean(0, dtype=torch.float32))
-        dev = patches.float() - self.shift
-        self.add_deviations(dev, dev.sum(0))
-
-    def add_deviations(self, dev: torch.Tensor, dev_sum: torch.Tensor) -> None:
-        """Fold deviations from `shift` (B, P, C) and their sum over the batch (P, C)."""
-        if self.shift is None:
-            raise ValueError("the first batch must go through add_patches (it fixes the shift)")
-        if dev.ndim != 3 or dev.shape[1:] != self.s1.shape:
-            p, c = self.s1.shape
-            raise ValueError(f"deviations must be (batch, {p}, {c}), got {tuple(dev.shape)}")
-        dev = dev.to(self.s2.dtype)
-        # (P, C, B) @ (P, B, C) over strided views of (B, P, C): BLAS reads them in place, no transpose copy.
-        self.s2.baddbmm_(dev.permute(1, 2, 0), dev.permute(1, 0, 2))
-        self.s1.add_(dev_sum.to(torch.float64))
-        self.count += int(dev.shape[0])
-
-    def stats_chunk(self, p0: int, p1: int, dtype: torch.dtype = torch.float64) -> GaussianStats:
-        """GaussianStats of positions [p0, p1) (the Ray fit ships a partial in such chunks)."""
-        if self.count == 0 or self.shift is None:
-            return GaussianStats.empty(p1 - p0, self.s1.shape[1], dtype)
-        offset = self.s1[p0:p1] / self.count  # mean - shift, float64
-        m2 = self.s2[p0:p1].to(torch.float64)
-        m2.baddbmm_(offset[:, :, None], offset[:, None, :], alpha=-self.count)
-        mean = self.shift[p0:p1].to(torch.float64) + offset
-        return GaussianStats(self.count, mean.to(dtype), m2.to(dtype))
-
-    def to_stats(self, dtype: torch.dtype = torch.float64, chunk_positions: int = 512) -> GaussianStats:
-        """All positions as GaussianStats in `dtype`, converted a chunk at a time (no second float64 copy)."""
-        n_pos, c = self.s1.shape
-        out = GaussianStats.empty(n_pos, c, dtype)
-        for p0 in range(0, n_pos, chunk_positions):
-            part = self.stats_chunk(p0, min(p0 + chunk_positions, n_pos), dtype)
-            out.mean[p0 : p0 + chunk_positions] = part.mean
-            out.m2[p0 : p0 + chunk_positions] = part.m2
-        out.count = self.count
-        return out
+def gaussian_from_moments(
+    acc: MomentAccumulator, dtype: torch.dtype = torch.float64, chunk_positions: int = 512
+) -> GaussianStats:
+    """All positions of a moments.MomentAccumulator as GaussianStats in `dtype`, converted a chunk at a time (no
+    second float64 copy of the co-moment)."""
+    n_pos, c = acc.s1.shape
+    out = GaussianStats.empty(n_pos, c, dtype)
+    for p0 in range(0, n_pos, chunk_positions):
+        p1 = min(p0 + chunk_positions, n_pos)
+        _, mean, m2 = acc.stats_chunk(p0, p1)
+        out.mean[p0:p1] = torch.from_numpy(mean)
+        out.m2[p0:p1] = torch.from_numpy(m2)
+    out.count = acc.count
+    return out
 
 
 def accumulation_dtype(n_positions: int, n_features: int, budget_bytes: int = 4 << 30) -> torch.dtype:

@@ -136,7 +136,7 @@ def _calibrate_and_evaluate(model, cfg: ModelConfig, tcfg: TrainConfig, run: Exe
     score = (
         _ray_scorer(model, cfg, tcfg, run, progress)
         if run.uses_ray
-        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime)
+        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime, run.precision)
     )
     post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
@@ -227,19 +227,22 @@ def fit_model(
 
 def _fit_frozen(model, kind: str, tcfg: TrainConfig, records: list[Record], run: Execution, progress: bool) -> tuple:
     """PADIM's Gaussians or PatchCore's memory bank (`kind`): on a Ray Data actor pool, the workers' partial
-    results merged here, or in this process; (model, info)."""
+    results merged here, or in this process; (model, info). The frozen network's precision applies to PADIM."""
     patchcore = kind == "patchcore"
+    precision = {} if patchcore else {"precision": run.precision}
     if run.uses_ray:
         from distributed_anomaly.distributed import padim_fit, patchcore_fit
 
         fit = patchcore_fit.fit_patchcore_ray if patchcore else padim_fit.fit_padim_ray
-        options = dict(workers=max(run.workers, 1), progress=progress, skip_corrupt=run.skip_corrupt)
+        options = dict(workers=max(run.workers, 1), progress=progress, skip_corrupt=run.skip_corrupt, **precision)
         result, ray_info = fit(model, records, batch_size=tcfg.batch_size, runtime=run.runtime, **options)
     else:
         fit = engine.fit_patchcore if patchcore else engine.fit_padim
-        result, ray_info = fit(model, records, tcfg.batch_size, progress, runtime=run.runtime), None
+        result, ray_info = fit(model, records, tcfg.batch_size, progress, runtime=run.runtime, **precision), None
     info = {"coreset": result.summary()} if patchcore else {"images_counted": result.count}
     info["runtime"] = run.runtime
+    if not patchcore:
+        info["frozen_precision"] = run.precision
     if ray_info is not None:
         info["ray_fit"] = ray_info
     return model, info
@@ -271,6 +274,7 @@ def _fit_stfpm(
             seed=cfg.seed,
             progress=progress,
             runtime=run.runtime,
+            precision=run.precision,
         )
         info = {
             "best_epoch": result.best_epoch,
@@ -292,6 +296,8 @@ def _fit_stfpm(
         resume_from=run.resume,
         progress=progress,
         max_failures=run.max_failures,
+        runtime=run.runtime,
+        precision=run.precision,
         **stfpm_ray_options,
     )
     history = ray_info.pop("history")
@@ -313,6 +319,7 @@ def _ray_scorer(model, cfg: ModelConfig, tcfg: TrainConfig, run: Execution, prog
         progress=progress,
         what=what,
         runtime=run.runtime,
+        precision=run.precision,
     )
 
 
@@ -380,6 +387,7 @@ def evaluate_run(
     runtime: str = DEFAULT_RUNTIME,
     layout: DataLayout | None = None,
     skip_corrupt: bool = False,
+    precision: str = "f32",
 ) -> dict:
     """Re-score a saved run on its (or another) dataset's test split with its stored thresholds.
 
@@ -393,7 +401,7 @@ def evaluate_run(
     if not data:
         raise UserError(f"{run} does not record its dataset; pass --data")
     _, _, test, skipped = screen_splits([], [], records_of_split(load_dataset(data, layout), "test"), skip_corrupt)
-    score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime)
+    score = in_process_scorer(model, cfg.image_size, batch_size, progress, runtime, precision)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, batch_size, progress, score)
     metrics["skipped_images"] = {"test": skipped["test"]}
     metrics["calibrated_on"] = "test" if tcfg.calibrate_on_test else ("validation" if tcfg.val_fraction else "none")

@@ -1,4 +1,4 @@
-"""The frozen-network runtimes (frozen.py) and the fit's moment accumulator (stats.MomentAccumulator).
+"""The frozen-network runtimes (frozen.py) and the fit's moment accumulator (moments.MomentAccumulator).
 
 OpenVINO features must give the torch path's statistics within 1e-4 relative (means and covariances) and the
 same AUROC to 3 decimals; the accumulator must equal a float64 pass however the images are split; the
@@ -18,7 +18,8 @@ from distributed_anomaly.data.loader import iter_batches
 from distributed_anomaly.data.mvtec import load_category, records_of_split
 from distributed_anomaly.metrics import auroc
 from distributed_anomaly.models.padim import Padim
-from distributed_anomaly.stats import GaussianStats, MomentAccumulator
+from distributed_anomaly.moments import MomentAccumulator
+from distributed_anomaly.stats import GaussianStats, gaussian_from_moments
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,7 +42,7 @@ def test_accumulator_equals_a_float64_pass_for_any_batching() -> None:
         for size in sizes:
             acc.add_patches(x[start : start + size])
             start += size
-        stats = acc.to_stats(chunk_positions=4)  # two chunks, one partial
+        stats = gaussian_from_moments(acc, chunk_positions=4)  # two chunks, one partial
         assert stats.count == 301
         assert _rel(stats.mean, reference.mean) < 1e-6
         assert _rel(stats.covariance(), reference.covariance()) < 1e-4
@@ -55,7 +56,7 @@ def test_partials_of_different_shifts_merge_exactly() -> None:
     b.add_patches(x[50:51] + 5.0)  # a shift far from b's other images: still exact
     b.add_patches(x[51:])
     b_ref = torch.cat([x[50:51] + 5.0, x[51:]])
-    merged = a.to_stats().merge(b.to_stats())
+    merged = gaussian_from_moments(a).merge(gaussian_from_moments(b))
     reference = GaussianStats.from_batch(torch.cat([x[:50], b_ref]).double().transpose(1, 2))
     assert merged.count == 120
     assert _rel(merged.covariance(), reference.covariance()) < 1e-4

@@ -16,7 +16,7 @@ import pytest
 from bad_images import eps_bytes, header_only_png, psd_bytes
 from PIL import Image, ImageFile
 
-from distributed_anomaly.data import images
+from distributed_anomaly.data import decode, images
 from distributed_anomaly.data.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, max_pixels_setting, parse_max_pixels
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 
@@ -117,7 +117,7 @@ def test_large_jpegs_decode_at_reduced_scale_for_a_small_model() -> None:
 
 
 def test_sixteen_bit_images_rescale_block_by_block(monkeypatch) -> None:
-    monkeypatch.setattr(images, "_ROW_BLOCK", 7)  # several blocks, and a short last one
+    monkeypatch.setattr(decode, "_ROW_BLOCK", 7)  # several blocks, and a short last one (data.decode reads them)
     values = (np.arange(20 * 9, dtype=np.uint32).reshape(20, 9) * 367 % 65536).astype(np.uint16)
     buf = io.BytesIO()
     Image.fromarray(values).save(buf, format="PNG")

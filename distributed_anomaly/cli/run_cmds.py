@@ -13,6 +13,7 @@ import sys
 from distributed_anomaly.cli.common import (
     VERBOSITY,
     add_data_options,
+    add_inference_precision,
     add_max_pixels,
     add_patchcore_options,
     apply_max_pixels,
@@ -23,7 +24,7 @@ from distributed_anomaly.cli.common import (
     layers,
     model_config,
 )
-from distributed_anomaly.config import MODELS, RUNTIMES, Execution, ModelConfig, TrainConfig
+from distributed_anomaly.config import FROZEN_PRECISIONS, MODELS, RUNTIMES, Execution, ModelConfig, TrainConfig
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.irformat import DEFAULT_CALIBRATION_IMAGES, PRECISIONS
@@ -201,6 +202,15 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
         "$DISTRIBUTED_ANOMALY_CACHE or ~/.cache/distributed_anomaly) or torch (eager, the reference). Statistics "
         "agree within 1e-4 relative (default %(default)s)",
     )
+    p.add_argument(
+        "--precision",
+        choices=FROZEN_PRECISIONS,
+        default=default(Execution, "precision"),
+        help="OpenVINO's inference precision for that frozen network: f32 (the reference) or bf16 (CPUs with "
+        "avx512_bf16 or AMX: about twice the backbone's throughput; others compute in f32). Recorded in the "
+        "run's config.json; docs/benchmarks.md has the AUROC change measured on the demo data "
+        "(default %(default)s)",
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -234,7 +244,15 @@ def cmd_train(a: argparse.Namespace) -> int:
             calibrate_on_test=a.calibrate_on_test,
             bn_recompute=not a.no_bn_recompute,
         )
-        run = Execution(a.workers, a.address, a.skip_corrupt, a.storage, max_failures=a.max_failures, runtime=a.runtime)
+        run = Execution(
+            a.workers,
+            a.address,
+            a.skip_corrupt,
+            a.storage,
+            max_failures=a.max_failures,
+            runtime=a.runtime,
+            precision=a.precision,
+        )
         metrics = train(
             a.data,
             a.out,
@@ -284,6 +302,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         report=a.report,
         layout=_layout_with_data(a),
         runtime=a.runtime,
+        precision=a.precision,
         skip_corrupt=a.skip_corrupt,
     )
     print(json.dumps(metrics, indent=2) if a.json else format_metrics(metrics))
@@ -323,6 +342,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "threads for a run directory; default: all cores)",
     )
     add_max_pixels(p)
+    add_inference_precision(p)
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.set_defaults(func=cmd_predict)
 
@@ -330,7 +350,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(a: argparse.Namespace) -> int:
     from distributed_anomaly.predict import predict
 
-    results = predict(a.model, a.images, a.out, a.task, a.batch_size, a.threads, apply_max_pixels(a))
+    results = predict(
+        a.model, a.images, a.out, a.task, a.batch_size, a.threads, apply_max_pixels(a), precision=a.precision
+    )
     failed = [r for r in results if "error" in r]
     for r in results:
         if "error" in r:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_max_pixels, default
+from distributed_anomaly.cli.common import VERBOSITY, add_api_key, add_inference_precision, add_max_pixels, default
 from distributed_anomaly.serve.settings import (
     DEFAULT_REQUEST_TIMEOUT_S,
     AppConfig,
@@ -97,6 +97,7 @@ def _limit_options(p: argparse.ArgumentParser) -> None:
         help="larger request bodies get 413 (default %(default)g)",
     )
     add_max_pixels(p)
+    add_inference_precision(p)
     p.add_argument(
         "--max-queued-requests",
         type=int,
@@ -126,6 +127,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queued_requests=a.max_queued_requests,
         autoscale=parse_autoscale(a.autoscale) if a.autoscale else None,
         target_ongoing_requests=a.target_ongoing_requests,
+        precision=a.precision,
     )
     cfg.validate()
     return serve_forever(cfg, a.host, a.port, a.address, request_timeout_s=a.request_timeout_s)

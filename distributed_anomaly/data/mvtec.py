@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distributed_anomaly.data.images import is_image_file
+from distributed_anomaly.data.decode import is_image_file
 from distributed_anomaly.errors import DatasetLayoutError
 
 GOOD = "good"

@@ -1,13 +1,16 @@
 """PADIM fitting as a Ray Data pipeline: exact statistics, memory independent of the dataset.
 
-    driver: manifest (paths) --from_items--> [decode tasks: read_image + to_tensor]
+    driver: manifest (paths) --from_items--> [decode tasks, or the actors themselves: data.decode]
             --> [actor pool: frozen backbone] --deviations--> [NodePartials actor of that node: one partial per worker]
             --> one small row per image back to the driver; at the end the driver merges the partials.
+
+What runs on the nodes (node_fit.py: the OpenVINO pool actor, NodePartials, PartialRegistry) imports no torch;
+the driver converts the frozen network once and ships it as an IR. The torch runtime's actor is TorchEmbedder.
 
 Getting state out of a Ray Data actor pool: a callable class gets no "end of input" call and Ray Data retires
 the actors itself, so the partial statistics do not live in the pool actors. Each pool actor, when it starts,
 asks the fit's PartialRegistry (an actor owned by the driver) for the NodePartials actor of its own node, and
-folds each batch's deviations into its partial there (exact moment updates, stats.MomentAccumulator), waiting
+folds each batch's deviations into its partial there (exact moment updates, moments.MomentAccumulator), waiting
 for the fold before it returns the batch's rows. The partials thus outlive the pool, and the driver reads them back with
 ordinary method calls, one chunk of patch positions at a time, merging into one accumulator. Flushing from the
 pool actor's `__del__` does not work: objects it creates there (ray.put, large task arguments) get the same
@@ -18,7 +21,7 @@ it, and each worker's partial must hold exactly that many images, else the fit f
 silently smaller fit). Memory: the driver holds the manifest, one row per image, one accumulator (P, C, C)
 and two chunks (<= CHUNK_BYTES each); a node holds its workers' backbones and partials and a batch of
 embeddings per worker; Ray Data's object-store budget for decoded batches is capped
-(pool.object_store_budget) and decoding runs in at most workers + 1 tasks. None of this grows with the
+(pool.object_store_budget) and decoding runs in the actors or in at most workers + 1 tasks. None of this grows with the
 number of images. See README.md, "Distributed PADIM fitting".
 
 The pipeline itself (pool.py) is shared with scoring (scoring.py); models travel as payloads (payload.py).
@@ -26,38 +29,38 @@ The pipeline itself (pool.py) is shared with scoring (scoring.py); models travel
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distributed_anomaly import engine
 from distributed_anomaly.config import DEFAULT_RUNTIME
+from distributed_anomaly.data.decode import decode_batch
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.payload import build_from_payload, model_payload
+from distributed_anomaly.data.sizes import ImageSize
+from distributed_anomaly.distributed.node_fit import NodePartials, OpenVinoEmbedder, PatchEmbedder, partial_registry
+from distributed_anomaly.distributed.payload import build_from_payload, model_payload, set_threads
 from distributed_anomaly.distributed.pool import (
     check_pool_args,
+    decode_in_actors_default,
     default_threads,
     pool_pipeline,
     require_ray,
     resolve,
-    set_threads,
     warn,
 )
 from distributed_anomaly.errors import ImageReadError, UserError
-from distributed_anomaly.frozen import patch_runtime
+from distributed_anomaly.frozen import TorchPatches, patch_blob, patch_runtime
 from distributed_anomaly.models.padim import Padim
-from distributed_anomaly.stats import GaussianStats, MomentAccumulator
+from distributed_anomaly.stats import GaussianStats
 
 # A partial moves in chunks of whole patch positions of at most this many bytes (m2 dominates).
 CHUNK_BYTES = 64 << 20
@@ -73,96 +76,25 @@ def chunk_bounds(n_positions: int, n_features: int, dtype: torch.dtype) -> list[
 # --------------------------------------------------------------------------------------------- actors
 
 
-class NodePartials:
-    """The partial statistics of the pool actors on one node, one MomentAccumulator per worker (a threaded
-    actor). Created by the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive
-    the pool actors."""
+class TorchEmbedder(PatchEmbedder):
+    """The pool actor on the torch runtime (the reference): rebuilds the model from its payload and runs
+    frozen.TorchPatches with `threads` torch threads. The OpenVINO actor is node_fit.OpenVinoEmbedder (no torch)."""
 
-    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
+    def __init__(self, payload: Any, registry: Any, threads: int, image_size: ImageSize) -> None:
         set_threads(threads)
-        # Deviations arrive as read-only object-store buffers that are only read: once, for this actor's
-        # process (catch_warnings per call would race between the concurrent calls of this threaded actor).
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.shape = (n_positions, n_features)
-        self.dtype = getattr(torch, dtype)
-        self.partials: dict[str, MomentAccumulator] = {}
-
-    def update(self, worker: str, dev: np.ndarray, dev_sum: np.ndarray, shift: np.ndarray | None) -> int:
-        """Fold a batch of deviations (B, P, C) from `worker`'s shift (sent with its first batch) into its
-        partial. Each worker calls this serially."""
-        acc = self.partials.get(worker)
-        if acc is None:
-            acc = self.partials.setdefault(worker, MomentAccumulator(*self.shape))
-        if shift is not None:
-            acc.set_shift(torch.from_numpy(shift))
-        acc.add_deviations(torch.from_numpy(dev), torch.from_numpy(dev_sum))
-        return acc.count
-
-    def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Positions [p0, p1) of `worker`'s partial as (count, mean, m2), in the accumulation dtype."""
-        acc = self.partials[worker]
-        stats = acc.stats_chunk(p0, p1, self.dtype)
-        return acc.count, stats.mean.numpy(), stats.m2.numpy()
-
-    def drop(self, worker: str) -> None:
-        self.partials.pop(worker, None)
-
-
-class PartialRegistry:
-    """One per fit, owned by the driver: gives each pool actor the store actor of its node (`store_cls`:
-    NodePartials for PADIM, patchcore_fit.NodeCoresets for PatchCore), created with `args`."""
-
-    def __init__(self, store_cls: type, *args: Any) -> None:
-        self.store_cls, self.args = store_cls, args
-        self.node_stores: dict[str, Any] = {}
-        self.worker_node: dict[str, str] = {}
-        # The store of this (the driver's) node starts now, beside the pool actors, rather than when the first
-        # of them asks: its process start (importing torch) is then off the path to the first batch.
-        self._store(ray.get_runtime_context().get_node_id())
-
-    def _store(self, node_id: str) -> Any:
-        if node_id not in self.node_stores:
-            self.node_stores[node_id] = (
-                ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(self.store_cls)
-                .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True))
-                .remote(*self.args)
-            )
-        return self.node_stores[node_id]
-
-    def store_for(self, worker_id: str, node_id: str) -> list:
-        store = self._store(node_id)
-        self.worker_node[worker_id] = node_id
-        return [store]  # in a list: a handle, not something to resolve
-
-    def all(self) -> dict[str, tuple[str, list]]:
-        return {w: (node, [self.node_stores[node]]) for w, node in self.worker_node.items()}
-
-    def release(self) -> None:
-        for store in self.node_stores.values():
-            ray.kill(store)
-        self.node_stores.clear()
-
-
-@contextlib.contextmanager
-def partial_registry(store_cls: type, *args: Any) -> Iterator[Any]:
-    """A PartialRegistry actor on the driver's node for one fit; its stores and itself are killed on exit."""
-    registry = (
-        ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry)
-        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
-        .remote(store_cls, *args)
-    )
-    try:
-        yield registry
-    finally:
-        with contextlib.suppress(Exception):
-            ray.get(registry.release.remote(), timeout=30)
-        ray.kill(registry)
+        model = build_from_payload(resolve(payload))
+        super().__init__(registry, model.n_positions, model.n_features, image_size)
+        patches = TorchPatches(model)
+        self.frozen = lambda x, shift: tuple(
+            t.numpy() for t in patches(torch.from_numpy(x), torch.from_numpy(np.asarray(shift)))
+        )
 
 
 class PoolFolder:
-    """A pool actor (map_batches callable class) that folds its share of the images into its own partial in
-    its node's store, waiting for each fold before it reports the images (exact accounting). Subclasses say
-    what is built (`setup`) and folded (`fold`)."""
+    """A pool actor (map_batches callable class) on the torch runtime that folds its share of the images into its
+    own partial in its node's store, waiting for each fold before it reports the images (exact accounting).
+    Subclasses say what is built (`setup`) and folded (`fold`). PADIM's OpenVINO actor needs no torch:
+    node_fit.OpenVinoEmbedder."""
 
     def __init__(self, payload: Any, registry: Any, threads: int, runtime: str) -> None:
         set_threads(threads)
@@ -180,6 +112,8 @@ class PoolFolder:
         raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "pixels" not in batch:  # the actors decode their own images (decode_in_actors)
+            batch = decode_batch(batch, self.model.image_size)
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
             self.fold(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
@@ -190,28 +124,20 @@ class PoolFolder:
             "error": batch["error"],
             "worker": np.full(n, self.worker_id),
             "node": np.full(n, self.node_id),
+            "torch": np.full(n, True),
         }
 
 
-class PadimEmbedder(PoolFolder):
-    """PADIM's pool actor: the frozen backbone (on `runtime`), deviations folded into moment accumulators."""
-
-    def setup(self, runtime: str, threads: int) -> None:
-        self.frozen = patch_runtime(self.model, runtime, threads)
-        self.shift: torch.Tensor | None = None  # this worker's: the mean of its first batch
-
-    def _deviations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        if self.shift is not None:
-            return (*self.frozen(x, self.shift), None)
-        patches, _ = self.frozen(x, torch.zeros(self.model.n_positions, self.model.n_features))
-        self.shift = patches.mean(0)
-        dev = patches - self.shift
-        return dev, dev.sum(0), self.shift.numpy()
-
-    def fold(self, x: torch.Tensor) -> None:
-        with torch.inference_mode():
-            dev, dev_sum, shift = self._deviations(x)
-        ray.get(self.store.update.remote(self.worker_id, dev.numpy(), dev_sum.numpy(), shift))
+def _pool_actor(model: Padim, registry: Any, threads: int, runtime: str, precision: str) -> tuple[type, tuple]:
+    """(pool actor class, its constructor arguments) for `runtime`: the OpenVINO one gets the patched IR
+    (converted here, once, then shared through the object store), the torch one the model payload."""
+    if runtime == "openvino":
+        blob = ray.put(patch_blob(model))
+        args = (blob, registry, threads, precision, model.n_positions, model.n_features, model.image_size)
+        return OpenVinoEmbedder, args
+    patch_runtime(model, runtime, threads, precision)  # refuses an unknown runtime or bf16 on torch, up front
+    payload = ray.put(model_payload(model, with_gaussian=False))
+    return TorchEmbedder, (payload, registry, threads, model.image_size)
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -228,6 +154,7 @@ class FitTally:
     seen: np.ndarray = field(init=False)
     rows_per_worker: Counter = field(default_factory=Counter)  # images each worker folded in (readable rows)
     node_of: dict[str, str] = field(default_factory=dict)
+    torch_of: dict[str, bool] = field(default_factory=dict)  # whether each worker's process had loaded torch
     skipped: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     first_out: float | None = None  # times of the first and last output batch: start-up vs steady state
@@ -243,7 +170,10 @@ class FitTally:
         self.n_out += 1
         if self.first_out is None:
             self.first_out, self.n_first = self.last_out, len(out["idx"])
-        for idx, ok, err, worker, node in zip(out["idx"], out["ok"], out["error"], out["worker"], out["node"]):
+        for idx, ok, err, worker, node, torch_loaded in zip(
+            out["idx"], out["ok"], out["error"], out["worker"], out["node"], out["torch"]
+        ):
+            self.torch_of[str(worker)] = bool(torch_loaded) or self.torch_of.get(str(worker), False)
             if self.seen[idx]:
                 raise RuntimeError(f"image {self.records[idx].path} was processed twice")
             self.seen[idx] = True
@@ -283,7 +213,8 @@ class FitTally:
             "skipped": self.skipped,
             "num_skipped": len(self.skipped),
             "workers": [
-                {"worker": w, "node": self.node_of[w], "images": k} for w, k in sorted(self.rows_per_worker.items())
+                {"worker": w, "node": self.node_of[w], "images": k, "torch_loaded": self.torch_of[w]}
+                for w, k in sorted(self.rows_per_worker.items())
             ],
             "nodes": sorted({self.node_of[w] for w in self.rows_per_worker}),
             "seconds": round(seconds, 3),
@@ -295,12 +226,15 @@ class FitTally:
         }
 
 
-def fold_on_pool(tally: FitTally, pool: tuple, udf: type, ctor_args: tuple, progress: bool) -> None:
-    """Run the fit's pipeline (pool: image size, batch size, workers, CPUs per worker) with pool actors `udf`,
-    accounting for every row in `tally`; checks that every image came back."""
+def fold_on_pool(
+    tally: FitTally, pool: tuple, udf: type, ctor_args: tuple, progress: bool, decode_in_actors: bool = False
+) -> None:
+    """Run the fit's pipeline (pool: image size, batch size, workers, CPUs per worker) with pool actors `udf`
+    (decoding their own images if `decode_in_actors`), accounting for every row in `tally`; checks that every
+    image came back."""
     records, workers = tally.records, pool[2]
     bar = Progress(len(records), f"fit {tally.model.lower()} (ray, {workers} workers)", progress)
-    with pool_pipeline(records, *pool, udf, ctor_args) as batches:
+    with pool_pipeline(records, *pool, udf, ctor_args, decode_in_actors) as batches:
         for out in batches:
             tally.add(out)
             bar.update(len(out["idx"]))
@@ -321,15 +255,21 @@ def fit_padim_ray(
     cpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
     runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
+    decode_in_actors: bool | None = None,
 ) -> tuple[GaussianStats, dict]:
     """Fit PADIM's Gaussians on a Ray cluster (Ray must be initialised: see ensure_ray); same result as
     engine.fit_padim up to float64 rounding. Sets the model's mean/inv_cov and returns (stats, info).
 
     workers: size of the actor pool running the backbone; each actor reserves `cpus_per_worker` logical CPUs
-    and runs its frozen backbone on `runtime` with `threads_per_worker` threads (default: cpus_per_worker).
+    and runs its frozen backbone on `runtime` at `precision` with `threads_per_worker` threads (default:
+    cpus_per_worker). decode_in_actors: the actors decode their images (default: on nodes with few CPUs,
+    pool.decode_in_actors_default).
     skip_corrupt: an unreadable image is skipped with a warning (listed in info) instead of stopping the fit.
-    info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images}],
-    nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype.
+    info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images,
+    torch_loaded}],
+    nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype,
+    runtime, precision, decode_in_actors.
     """
     if len(records) < 2:
         raise UserError(f"PADIM needs at least 2 training images, got {len(records)}")
@@ -339,14 +279,18 @@ def fit_padim_ray(
     model.eval()
     acc = engine.empty_stats(model)
     threads = default_threads(cpus_per_worker, threads_per_worker)
-    payload = ray.put(model_payload(model, with_gaussian=False))
+    if decode_in_actors is None:
+        decode_in_actors = decode_in_actors_default()
     dtype = str(acc.dtype).replace("torch.", "")
     with partial_registry(NodePartials, model.n_positions, model.n_features, dtype, threads) as registry:
+        udf, args = _pool_actor(model, registry, threads, runtime, precision)
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
-        fold_on_pool(tally, pool, PadimEmbedder, (payload, registry, threads, runtime), progress)
+        fold_on_pool(tally, pool, udf, args, progress, decode_in_actors)
         _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
     model.set_gaussian(acc)
-    return acc, tally.info(acc.count, dtype=dtype)
+    return acc, tally.info(
+        acc.count, dtype=dtype, runtime=runtime, precision=precision, decode_in_actors=decode_in_actors
+    )
 
 
 def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, str], acc: GaussianStats) -> None:

@@ -23,7 +23,8 @@ import torch
 from distributed_anomaly import engine
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.mvtec import Record
-from distributed_anomaly.distributed.padim_fit import FitTally, PoolFolder, fold_on_pool, partial_registry
+from distributed_anomaly.distributed.node_fit import partial_registry
+from distributed_anomaly.distributed.padim_fit import FitTally, PoolFolder, fold_on_pool
 from distributed_anomaly.distributed.payload import model_payload
 from distributed_anomaly.distributed.pool import check_pool_args, default_threads, require_ray
 from distributed_anomaly.errors import UserError

@@ -20,6 +20,11 @@ GAUSSIAN_KEYS = ("mean", "inv_cov")
 FITTED_KEYS = (*GAUSSIAN_KEYS, "memory_bank")
 
 
+def set_threads(threads: int) -> None:
+    """Torch in a Ray actor uses its reservation, not every core of the node (actors share nodes)."""
+    torch.set_num_threads(max(1, int(threads)))
+
+
 def model_payload(model: torch.nn.Module, *, with_gaussian: bool = True) -> dict[str, Any]:
     """What an actor needs to rebuild `model` without downloading weights: constructor args + state dict."""
     drop = () if with_gaussian else FITTED_KEYS

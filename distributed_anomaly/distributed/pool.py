@@ -1,7 +1,8 @@
 """The Ray Data actor-pool pipeline shared by the PADIM fit and by scoring, and the checks made before it starts.
 
-    manifest (paths) --from_items--> [decode tasks: data.images.decode_batch] --> [actor pool: a callable class]
+    manifest (paths) --from_items--> [decode tasks: data.decode.decode_batch] --> [actor pool: a callable class]
                      --> output batches (numpy dicts) back to the driver
+    (or, decode_in_actors: manifest --> [actor pool: decode_batch, then the callable] --> driver)
 
 Blocks of at most `batch_size` consecutive images are the unit of work end to end; the pool is fully started
 before the first batch is dispatched; the object-store budget for decoded batches is a constant. See
@@ -19,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray.data import DataContext, ExecutionResources
 
-from distributed_anomaly.data.images import decode_batch
+from distributed_anomaly.data.decode import decode_batch
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.distributed.cpus import PADIM_DECODE_CPUS, padim_decode_tasks
@@ -32,6 +32,8 @@ from distributed_anomaly.errors import UserError
 # take every batch while the others still import torch (a node left idle). The pool is awaited (up to this long)
 # before any batch is dispatched, so every worker gets its share.
 POOL_START_TIMEOUT_S = 600
+# A node with at most this many logical CPUs decodes inside its pool actors (decode_in_actors_default).
+FEW_CPUS = 8
 
 
 def check_cluster_cpus(workers: int, cpus_per_worker: float, decode_cpus: float) -> None:
@@ -62,13 +64,8 @@ def check_pool_args(batch_size: int, workers: int, cpus_per_worker: float) -> No
 
 
 def default_threads(cpus_per_worker: float, threads_per_worker: int | None) -> int:
-    """Torch threads of a pool actor: as many as the logical CPUs it reserved, unless told."""
+    """Threads of a pool actor (torch's or OpenVINO's): as many as the logical CPUs it reserved, unless told."""
     return max(1, int(threads_per_worker if threads_per_worker is not None else cpus_per_worker))
-
-
-def set_threads(threads: int) -> None:
-    """Torch in a pool actor uses its reservation, not every core of the node (actors share nodes)."""
-    torch.set_num_threads(max(1, int(threads)))
 
 
 def resolve(payload: Any) -> Any:
@@ -119,6 +116,14 @@ def quiet_data_context(image_size: ImageSize, batch_size: int, workers: int) -> 
         data_logger.setLevel(saved_level)
 
 
+def decode_in_actors_default() -> bool:
+    """Decode inside the pool actors when the smallest node has few logical CPUs (FEW_CPUS): there a decode task
+    is one more process competing for the same cores, and its pixels one more copy through the object store;
+    on larger nodes separate decode tasks keep the actors' cores on the frozen network."""
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return min(cpus, default=0.0) <= FEW_CPUS
+
+
 @contextlib.contextmanager
 def pool_pipeline(
     records: Sequence[Record],
@@ -128,27 +133,31 @@ def pool_pipeline(
     cpus_per_worker: float,
     udf: type,
     ctor_args: tuple,
+    decode_in_actors: bool = False,
 ) -> Iterator[Iterator[dict[str, np.ndarray]]]:
     """Run paths -> decode tasks -> actor pool `udf`; yields an iterator over its output batches (numpy dicts).
 
     Blocks of at most `batch_size` consecutive images are the unit of work end to end (no batch_size
-    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset).
+    re-bundling: Ray Data would merge small blocks and hand one actor most of a small dataset). With
+    `decode_in_actors` there are no decode tasks: the actors get batches of paths and decode them
+    (data.decode.decode_batch) themselves.
     """
     it = None
     with quiet_data_context(image_size, batch_size, workers):
         try:
             items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
             ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-            # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed, and
-            # bound the number of decode worker processes (each imports torch: ~0.3 GB).
-            ds = ds.map_batches(
-                decode_batch,
-                fn_kwargs={"image_size": image_size},
-                batch_size=None,
-                batch_format="numpy",
-                num_cpus=PADIM_DECODE_CPUS,
-                compute=ray.data.TaskPoolStrategy(size=padim_decode_tasks(workers)),
-            )
+            if not decode_in_actors:
+                # Decoding is cheap next to the backbone: workers + 1 concurrent decode tasks keep the pool fed,
+                # and bound the number of decode worker processes.
+                ds = ds.map_batches(
+                    decode_batch,
+                    fn_kwargs={"image_size": image_size},
+                    batch_size=None,
+                    batch_format="numpy",
+                    num_cpus=PADIM_DECODE_CPUS,
+                    compute=ray.data.TaskPoolStrategy(size=padim_decode_tasks(workers)),
+                )
             ds = ds.map_batches(
                 udf,
                 fn_constructor_args=ctor_args,

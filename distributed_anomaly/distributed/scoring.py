@@ -18,14 +18,13 @@ from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize, as_hw
-from distributed_anomaly.distributed.payload import build_from_payload, model_payload
+from distributed_anomaly.distributed.payload import build_from_payload, model_payload, set_threads
 from distributed_anomaly.distributed.pool import (
     check_pool_args,
     default_threads,
     pool_pipeline,
     require_ray,
     resolve,
-    set_threads,
 )
 from distributed_anomaly.engine import map_function
 from distributed_anomaly.errors import ImageReadError
@@ -34,10 +33,10 @@ from distributed_anomaly.errors import ImageReadError
 class ModelScorer:
     """Pool actor for batch inference: (B, 3, S, S) -> raw anomaly maps (B, S, S)."""
 
-    def __init__(self, payload: Any, threads: int, runtime: str) -> None:
+    def __init__(self, payload: Any, threads: int, runtime: str, precision: str) -> None:
         set_threads(threads)
         self.model = build_from_payload(resolve(payload))
-        self.maps = map_function(self.model, runtime, threads=threads)
+        self.maps = map_function(self.model, runtime, precision, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], dtype=bool)
@@ -60,9 +59,10 @@ def anomaly_maps_ray(
     cpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
     runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
 ) -> np.ndarray:
     """(N, H, W) float32 raw anomaly maps in record order, by Ray Data batch inference (like engine.anomaly_maps;
-    PADIM's frozen network on `runtime`)."""
+    PADIM's frozen network on `runtime` at `precision`)."""
     out = np.empty((len(records), *as_hw(image_size)), dtype=np.float32)
     if not records:
         return out
@@ -74,7 +74,7 @@ def anomaly_maps_ray(
     seen = np.zeros(len(records), dtype=bool)
     bar = Progress(len(records), f"{what} (ray, {workers} workers)", progress)
     with pool_pipeline(
-        records, image_size, batch_size, workers, cpus_per_worker, ModelScorer, (payload, threads, runtime)
+        records, image_size, batch_size, workers, cpus_per_worker, ModelScorer, (payload, threads, runtime, precision)
     ) as batches:
         for b in batches:
             bad = np.flatnonzero(~np.asarray(b["ok"], dtype=bool))

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distributed_anomaly import engine
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError
+from distributed_anomaly.frozen import OpenVinoTeacher
 from distributed_anomaly.models.stfpm import Stfpm, stfpm_loss
 
 BATCH_NORM_MODES = ("replica", "sync", "frozen")
@@ -98,9 +99,10 @@ def tensor_batches(shard: Any, batch_size: int, device: torch.device, what: str)
 
 
 def replica_loss_fn(
-    model: Stfpm, student: torch.nn.Module, batch_norm: str, sync: bool
+    model: Stfpm, student: torch.nn.Module, batch_norm: str, sync: bool, teacher: OpenVinoTeacher | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training loss of one rank's batch through `student` (model.student, or its DDP wrapper).
+    """The training loss of one rank's batch through `student` (model.student, or its DDP wrapper); the teacher's
+    features from `teacher` (frozen.OpenVinoTeacher) when given, else from the model's torch teacher.
 
     An empty batch (a rank out of images) must not touch running statistics; SyncBN ranks must all join.
     """
@@ -112,7 +114,7 @@ def replica_loss_fn(
         for m in bn:
             m.train(bn_train)
         with torch.no_grad():
-            t = model.teacher(x)
+            t = teacher(x) if teacher is not None and x.shape[0] else model.teacher(x)
         return stfpm_loss(t, student(x))
 
     return loss_fn
@@ -142,6 +144,7 @@ def run_epoch(
     val: Iterator[torch.Tensor] | None,
     ranks: Ranks,
     image_size: ImageSize,
+    teacher: OpenVinoTeacher | None = None,
 ) -> EpochTotals:
     """SGD over this rank's training batches in lockstep with the others, then the validation loss."""
     start = time.perf_counter()
@@ -150,7 +153,7 @@ def run_epoch(
     total, n_all, n_empty = ranks.all_reduce([mean * n, n, empty[0]])
     val_loss = None
     if val is not None:
-        v, v_n = engine.stfpm_val_loss(model, val)
+        v, v_n = engine.stfpm_val_loss(model, val, teacher)
         v_total, v_n = ranks.all_reduce([v * v_n, v_n])
         val_loss = v_total / max(v_n, 1)
     seconds = ranks.all_reduce([time.perf_counter() - start], op="max")[0]

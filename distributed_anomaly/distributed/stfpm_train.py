@@ -54,8 +54,8 @@ from ray.util.queue import Queue
 
 from distributed_anomaly import rundir
 from distributed_anomaly import storage as shared
-from distributed_anomaly.config import ModelConfig, TrainConfig
-from distributed_anomaly.data.images import decode_batch
+from distributed_anomaly.config import DEFAULT_RUNTIME, RUNTIMES, ModelConfig, TrainConfig
+from distributed_anomaly.data.decode import decode_batch
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.distributed.checkpoints import LocalStore, best_state, find_run
@@ -65,6 +65,8 @@ from distributed_anomaly.distributed.pool import check_cluster_cpus
 from distributed_anomaly.distributed.stfpm_steps import BATCH_NORM_MODES
 from distributed_anomaly.distributed.stfpm_worker import StfpmLoopConfig, train_loop_per_worker
 from distributed_anomaly.errors import UserError
+from distributed_anomaly.frozen import taps_blob
+from distributed_anomaly.frozen_ir import check_precision
 from distributed_anomaly.models.stfpm import Stfpm
 
 # --------------------------------------------------------------------------------------------- data
@@ -251,6 +253,20 @@ def _trainer(
     )
 
 
+def _teacher_ir(model: Stfpm, runtime: str, precision: str, use_gpu: bool, local: bool) -> Any:
+    """The teacher's IR for the workers (by value in local mode, else one copy in the object store), or None for
+    the torch teacher (asked for, or on GPUs, where OpenVINO's CPU plugin would be the slower device)."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    check_precision(precision)
+    if runtime == "torch" or use_gpu:
+        if precision != "f32":
+            raise UserError("bf16 is an OpenVINO precision: the torch teacher computes in f32")
+        return None
+    blob = taps_blob(model)
+    return blob if local else ray.put(blob)
+
+
 # Over 60 lines: the public API's contract (a 36-line docstring over 20 keyword arguments) and the typed loop
 # config built field by field; the rest is straight-line setup whose steps are the helpers above.
 def train_stfpm_ray(
@@ -274,6 +290,8 @@ def train_stfpm_ray(
     epoch_eval: Callable[[Stfpm, int], dict] | None = None,
     callbacks: Sequence[Any] = (),
     fault_hook: Callable[[int, int], None] | None = None,
+    runtime: str = DEFAULT_RUNTIME,
+    precision: str = "f32",
 ) -> tuple[Stfpm, dict]:
     """Train STFPM's student with Ray Train (Ray must be initialised: see ensure_ray); returns (model, info).
 
@@ -296,6 +314,8 @@ def train_stfpm_ray(
         model as it found it. callbacks: Ray Train UserCallbacks of the run (e.g. Tune's TuneReportCallback,
         which forwards the per-epoch metrics to the Tune trial that called this; Ray Train's local mode,
         workers=0, runs none).
+    runtime: the frozen teacher's (frozen.RUNTIMES): on "openvino" (CPU workers) the driver converts it once and
+        every worker compiles that IR at `precision`; on GPUs, or "torch", the teacher runs in torch.
     fault_hook: a picklable callable (rank, epoch) called on every rank at the start of every epoch, once the
         previous epoch's checkpoint is registered: tests and failure drills kill or fail a worker with it
         (faults.FaultPlan).
@@ -303,7 +323,7 @@ def train_stfpm_ray(
         rank took without images, summed over ranks), best_epoch, best_val_loss, epochs_run,
         stopped_early, failures (worker-group restarts from a checkpoint, all calls of this run), resumes
         (resume_from calls that found a checkpoint), resumed (this call), run_path, workers, global_batch_size,
-        per_worker_batch_size, batch_norm, device, seconds.
+        per_worker_batch_size, batch_norm, device, teacher_runtime, seconds.
     """
     _check_args(model_cfg, fit_records, workers, batch_norm)
     tcfg = train_cfg.resolved("stfpm")
@@ -319,6 +339,7 @@ def train_stfpm_ray(
     if model is None:
         model = rundir.build_model(model_cfg, pretrained=tcfg.pretrained, weights_file=tcfg.weights_file)
     queue = Queue(actor_options={"num_cpus": 0}) if progress and not local else None
+    teacher_ir = _teacher_ir(model, runtime, precision, use_gpu, local)
     loop = StfpmLoopConfig(
         payload=model_payload(model) if local else ray.put(model_payload(model)),
         fit_id=uuid.uuid4().hex,
@@ -330,6 +351,8 @@ def train_stfpm_ray(
         local=local,
         use_gpu=use_gpu,
         threads=max(1, int(cpus_per_worker)),
+        teacher_ir=teacher_ir,
+        precision=precision,
         num_to_keep=num_to_keep,
         local_store=run_path if local else None,
         progress=progress,
@@ -368,5 +391,6 @@ def train_stfpm_ray(
         per_worker_batch_size=per_worker,
         batch_norm=batch_norm,
         device="cuda" if use_gpu else "cpu",
+        teacher_runtime="torch" if teacher_ir is None else "openvino",
         seconds=round(time.perf_counter() - start, 3),
     )

@@ -45,6 +45,8 @@ from distributed_anomaly.distributed.stfpm_steps import (
     tensor_batches,
     wrap_ddp,
 )
+from distributed_anomaly.frozen import OpenVinoTeacher
+from distributed_anomaly.frozen_ir import read_blob
 from distributed_anomaly.models.stfpm import Stfpm
 
 
@@ -65,7 +67,9 @@ class StfpmLoopConfig:
     has_val: bool = False
     local: bool = False  # workers=0: Ray Train's local mode, the loop runs in the caller's process
     use_gpu: bool = False
-    threads: int = 1  # torch threads of a Ray worker
+    threads: int = 1  # torch threads of a Ray worker (and OpenVINO's, for the teacher)
+    teacher_ir: Any = None  # frozen_ir.ir_blob of the teacher (or its ObjectRef): OpenVINO teacher; None: torch
+    precision: str = "f32"  # the OpenVINO teacher's inference precision
     num_to_keep: int = 2
     local_store: str | None = None  # workers=0: the run folder LocalStore keeps checkpoints in
     progress: bool = False
@@ -88,7 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
     store = LocalStore(cfg.local_store, cfg.num_to_keep, cfg.has_val) if cfg.local else None
     progress = _restored_progress(cfg, model, optimizer, store)  # before DDP: it broadcasts rank 0's weights
     student = wrap_ddp(model.student, ranks.device) if ranks.distributed else model.student
-    loss_fn = replica_loss_fn(model, student, cfg.batch_norm, sync=cfg.batch_norm == "sync" and ranks.distributed)
+    teacher = _teacher(cfg, model)
+    sync = cfg.batch_norm == "sync" and ranks.distributed
+    loss_fn = replica_loss_fn(model, student, cfg.batch_norm, sync=sync, teacher=teacher)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.has_val else None
     say = _printer(cfg, rank)
@@ -111,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict:
             val,
             ranks,
             cfg.image_size,
+            teacher,
         )
         improved, progress.stopped_early = early_stop_step(progress.stopper, epoch, totals.val_loss, ranks)
         progress.record(totals.result(epoch), totals.images, totals.empty_steps)
@@ -136,6 +143,13 @@ def _build_model(cfg: StfpmLoopConfig, ranks: Ranks) -> Stfpm:
     if cfg.batch_norm == "sync" and ranks.distributed:
         model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
     return model.to(ranks.device)
+
+
+def _teacher(cfg: StfpmLoopConfig, model: Stfpm) -> OpenVinoTeacher | None:
+    """The frozen teacher on OpenVINO, compiled from the driver's IR (no conversion on the worker), or None."""
+    if cfg.teacher_ir is None:
+        return None
+    return OpenVinoTeacher(model, cfg.threads, cfg.precision, graph=read_blob(resolve(cfg.teacher_ir)))
 
 
 def _restored_progress(

@@ -104,7 +104,9 @@ class AnomalyModel:
         batch_wait_timeout_s: float = 0.05,
         max_models_per_replica: int = 0,
         max_pixels: int | None = None,
+        precision: str | None = None,
     ) -> None:
+        self.precision = precision  # OpenVINO inference precision; None: each export's own
         self.entries = {name: ModelEntry.from_dict(d) for name, d in models.items()}
         self.names = list(self.entries)
         self.max_pixels = max_pixels  # for encoded bytes sent through the handle (HTTP bodies: the ingress)
@@ -138,7 +140,8 @@ class AnomalyModel:
         entry = self.entries[resolve_model(name, self.names)]  # UnknownModel for a name not served
         loop = asyncio.get_running_loop()
         inferencer = await loop.run_in_executor(
-            self._pool, lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads)
+            self._pool,
+            lambda: OpenVINOInferencer(local_ir(entry.path, entry.version), self.num_threads, precision=self.precision),
         )
         self._stats["compiled"].append(name)
         self._export_posts[name] = inferencer.postprocessor
@@ -294,7 +297,14 @@ def build_app(config: AppConfig | Mapping[str, Any]):
         max_ongoing_requests=max(32, 4 * cfg.max_batch_size),
         **queue,
         **HEALTH_CHECK,
-    ).bind(models, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_models_per_replica, cfg.max_pixels)
+    ).bind(
+        models,
+        cfg.max_batch_size,
+        cfg.batch_wait_timeout_s,
+        cfg.max_models_per_replica,
+        cfg.max_pixels,
+        precision=cfg.precision,
+    )
     settings = {
         "replicas": cfg.replicas,
         "autoscale": list(cfg.autoscale) if cfg.autoscale else None,

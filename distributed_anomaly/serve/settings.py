@@ -48,6 +48,7 @@ class AppConfig:
     # requests in flight per replica (None: max_batch_size, so a replica with a full batch queued calls for another).
     autoscale: tuple[int, int] | None = None
     target_ongoing_requests: float | None = None
+    precision: str | None = None  # OpenVINO inference precision (f32, bf16); None: each export's own
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -87,6 +88,7 @@ class AppConfig:
         if args.get("max_body_mb") is not None:
             cfg.max_body_bytes = int(float(args["max_body_mb"]) * 1024 * 1024)
         cfg.api_key = api_key_text(args.get("api_key"))
+        cfg.precision = args.get("precision") or None
         cfg.validate()
         return cfg
 
@@ -102,6 +104,7 @@ class AppConfig:
             (self.max_queued_requests >= 1 or self.max_queued_requests == -1, "max_queued_requests must be >= 1"),
             (not self.autoscale or 1 <= self.autoscale[0] <= self.autoscale[1], "autoscale MIN,MAX: 1 <= MIN <= MAX"),
             ((self.target_ongoing_requests or 1) > 0, "target_ongoing_requests must be > 0"),
+            (self.precision in (None, "f32", "bf16"), "precision must be f32 or bf16"),
         )
         for ok, message in checks:
             if not ok:

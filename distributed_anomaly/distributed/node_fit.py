@@ -1,0 +1,177 @@
+"""What a node runs in a Ray PADIM fit, torch-free: the pool actor on OpenVINO and the node's partial statistics.
+
+    pool actor (OpenVinoEmbedder):  paths -> decode + normalise (data.decode, numpy and Pillow)
+                                    -> PADIM's patched IR (frozen_ir.CompiledPatches) -> deviations (B, P, C)
+    NodePartials (one per node):    deviations -> moments.MomentAccumulator of that worker (numpy, float32)
+
+Torch, torchvision and the model classes are loaded by the driver only: it converts the frozen network once
+(frozen.patch_blob, cached on its disk) and ships the IR as bytes through the object store. An actor process
+then holds numpy, Pillow, OpenVINO and Ray: ~0.5 GB less each than one that imports torch, and no torch import
+on the way to the first batch (tests/test_node_runtime.py checks sys.modules inside the actors). On nodes with
+few cores the actors decode their own images (`decode_in_actors`): no decode processes, and no decoded pixels
+through the object store. padim_fit.py drives the fit (and holds the torch runtime's actor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from threadpoolctl import threadpool_limits
+
+from distributed_anomaly.data.decode import decode_batch
+from distributed_anomaly.data.sizes import ImageSize
+from distributed_anomaly.distributed.pool import resolve
+from distributed_anomaly.frozen_ir import CompiledPatches, read_blob
+from distributed_anomaly.moments import MomentAccumulator
+
+
+class NodePartials:
+    """The partial statistics of the pool actors on one node, one MomentAccumulator per worker (a threaded
+    actor). Created by the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive
+    the pool actors."""
+
+    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
+        threadpool_limits(max(1, int(threads)), user_api="blas")  # the node's share, not all its cores
+        self.shape = (n_positions, n_features)
+        self.dtype = np.dtype(dtype)
+        self.partials: dict[str, MomentAccumulator] = {}
+
+    def update(self, worker: str, dev: np.ndarray, dev_sum: np.ndarray, shift: np.ndarray | None) -> int:
+        """Fold a batch of deviations (B, P, C) from `worker`'s shift (sent with its first batch) into its
+        partial. Each worker calls this serially."""
+        acc = self.partials.get(worker)
+        if acc is None:
+            acc = self.partials.setdefault(worker, MomentAccumulator(*self.shape))
+        if shift is not None:
+            acc.set_shift(shift)
+        acc.add_deviations(dev, dev_sum)
+        return acc.count
+
+    def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Positions [p0, p1) of `worker`'s partial as (count, mean, m2), in the accumulation dtype."""
+        return self.partials[worker].stats_chunk(p0, p1, self.dtype)
+
+    def drop(self, worker: str) -> None:
+        self.partials.pop(worker, None)
+
+
+class PartialRegistry:
+    """One per fit, owned by the driver: gives each pool actor the store actor of its node (`store_cls`:
+    NodePartials for PADIM, patchcore_fit.NodeCoresets for PatchCore), created with `args`."""
+
+    def __init__(self, store_cls: type, *args: Any) -> None:
+        self.store_cls, self.args = store_cls, args
+        self.node_stores: dict[str, Any] = {}
+        self.worker_node: dict[str, str] = {}
+        # The store of this (the driver's) node starts now, beside the pool actors, rather than when the first
+        # of them asks: its process start is then off the path to the first batch.
+        self._store(ray.get_runtime_context().get_node_id())
+
+    def _store(self, node_id: str) -> Any:
+        if node_id not in self.node_stores:
+            self.node_stores[node_id] = (
+                ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(self.store_cls)
+                .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True))
+                .remote(*self.args)
+            )
+        return self.node_stores[node_id]
+
+    def store_for(self, worker_id: str, node_id: str) -> list:
+        store = self._store(node_id)
+        self.worker_node[worker_id] = node_id
+        return [store]  # in a list: a handle, not something to resolve
+
+    def all(self) -> dict[str, tuple[str, list]]:
+        return {w: (node, [self.node_stores[node]]) for w, node in self.worker_node.items()}
+
+    def release(self) -> None:
+        for store in self.node_stores.values():
+            ray.kill(store)
+        self.node_stores.clear()
+
+
+@contextlib.contextmanager
+def partial_registry(store_cls: type, *args: Any) -> Iterator[Any]:
+    """A PartialRegistry actor on the driver's node for one fit; its stores and itself are killed on exit."""
+    registry = (
+        ray.remote(num_cpus=0, max_restarts=0)(PartialRegistry)
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
+        .remote(store_cls, *args)
+    )
+    try:
+        yield registry
+    finally:
+        with contextlib.suppress(Exception):
+            ray.get(registry.release.remote(), timeout=30)
+        ray.kill(registry)
+
+
+class PatchEmbedder:
+    """Pool actor (map_batches callable class): runs the frozen network on its share of the images and folds
+    the deviations of their embeddings into its own partial (in its node's NodePartials), waiting for each fold
+    before it reports the images. Batches hold decoded `pixels`, or only `path`s when it decodes them itself.
+
+    Subclasses set `self.frozen`: numpy (images, shift) -> (deviations, sum), like frozen_ir.CompiledPatches."""
+
+    frozen: Any
+
+    def __init__(self, registry: Any, n_positions: int, n_features: int, image_size: ImageSize) -> None:
+        self.worker_id = uuid.uuid4().hex
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._store_ref = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model loads
+        self.shape = (n_positions, n_features)
+        self.image_size = image_size
+        self.shift: np.ndarray | None = None  # this worker's: the mean of its first batch
+
+    def _deviations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.shift is not None:
+            return (*self.frozen(x, self.shift), None)
+        patches, _ = self.frozen(x, np.zeros(self.shape, dtype=np.float32))
+        self.shift = patches.mean(0, dtype=np.float32)
+        dev = patches - self.shift
+        return dev, dev.sum(0), self.shift
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "pixels" not in batch:
+            batch = decode_batch(batch, self.image_size)
+        ok = np.asarray(batch["ok"], dtype=bool)
+        if ok.any():
+            dev, dev_sum, shift = self._deviations(np.ascontiguousarray(batch["pixels"][ok]))
+            store = ray.get(self._store_ref)[0]
+            # Folded before these rows are reported: exact accounting.
+            ray.get(store.update.remote(self.worker_id, dev, dev_sum, shift))
+        n = len(ok)
+        return {
+            "idx": batch["idx"],
+            "ok": ok,
+            "error": batch["error"],
+            "worker": np.full(n, self.worker_id),
+            "node": np.full(n, self.node_id),
+            # Whether this actor's process has loaded torch (fixed memory: ~0.5 GB), reported per worker in info.
+            "torch": np.full(n, "torch" in sys.modules),
+        }
+
+
+class OpenVinoEmbedder(PatchEmbedder):
+    """The pool actor on OpenVINO: compiles the driver's patched IR (`blob`: frozen_ir.ir_blob, or a reference to
+    it) with `threads` threads at `precision`; never imports torch."""
+
+    def __init__(
+        self,
+        blob: Any,
+        registry: Any,
+        threads: int,
+        precision: str,
+        n_positions: int,
+        n_features: int,
+        image_size: ImageSize,
+    ) -> None:
+        super().__init__(registry, n_positions, n_features, image_size)
+        self.frozen = CompiledPatches(read_blob(resolve(blob)), threads, precision)
