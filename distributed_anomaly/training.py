@@ -276,12 +276,8 @@ def _fit_stfpm(
             runtime=run.runtime,
             precision=run.precision,
         )
-        info = {
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "stopped_early": result.stopped_early,
-        }
-        return model, info, [asdict(h) for h in result.history]
+        info = {"best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+        return model, {**info, "stopped_early": result.stopped_early}, [asdict(h) for h in result.history]
     from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
 
     model, ray_info = train_stfpm_ray(
@@ -337,17 +333,10 @@ def _write_request(
     tcfg: TrainConfig,
     run: Execution,
 ) -> None:
+    """RUN_DIR/request.json: what `train --resume` needs to start the run again."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json(
-        Path(out) / rundir.REQUEST,
-        {
-            "data": str(Path(data).resolve()),
-            "data_layout": layout.to_dict(),
-            "model": to_dict(cfg),
-            "train": to_dict(tcfg),
-            "execution": asdict(run),
-        },
-    )
+    request = {"data": str(Path(data).resolve()), "data_layout": layout.to_dict(), "model": to_dict(cfg)}
+    write_json(Path(out) / rundir.REQUEST, {**request, "train": to_dict(tcfg), "execution": asdict(run)})
 
 
 def resume(out: str | os.PathLike, progress: bool = True, report: bool = False, address: str | None = None) -> dict:
