@@ -3,8 +3,9 @@
 Counted by torch's FlopCounterMode on a blank image at the model's input size (convolutions, matrix products:
 PADIM's Mahalanobis distances and PatchCore's nearest-neighbour search included), so it depends on the
 configuration — backbone, taps, n_features, image size; for PatchCore also its bank's size, which the coreset
-ratio and the number of training patches set — never on the weights' values, the machine or its load. A search ranks trials that tie on
-its objective by it (tuning.results.sort_rows): of two equally good models, the cheaper one is served.
+ratio and the number of training patches set — never on the weights' values, the machine or its load. A
+search ranks trials that tie on its objective by it (tuning.results.sort_rows): of two equally good models,
+the cheaper one is served.
 """
 
 from __future__ import annotations
