@@ -113,6 +113,20 @@ def partial_registry(store_cls: type, *args: Any) -> Iterator[Any]:
         ray.kill(registry)
 
 
+def folded_rows(batch: dict[str, np.ndarray], ok: np.ndarray, worker_id: str, node_id: str) -> dict[str, np.ndarray]:
+    """What a pool actor returns for a batch it folded: one small row per image, for the driver's accounting."""
+    n = len(ok)
+    return {
+        "idx": batch["idx"],
+        "ok": ok,
+        "error": batch["error"],
+        "worker": np.full(n, worker_id),
+        "node": np.full(n, node_id),
+        # Whether this actor's process has loaded torch (fixed memory: ~0.5 GB), reported per worker in info.
+        "torch": np.full(n, "torch" in sys.modules),
+    }
+
+
 class PatchEmbedder:
     """Pool actor (map_batches callable class): runs the frozen network on its share of the images and folds
     the deviations of their embeddings into its own partial (in its node's NodePartials), waiting for each fold
@@ -147,16 +161,7 @@ class PatchEmbedder:
             store = ray.get(self._store_ref)[0]
             # Folded before these rows are reported: exact accounting.
             ray.get(store.update.remote(self.worker_id, dev, dev_sum, shift))
-        n = len(ok)
-        return {
-            "idx": batch["idx"],
-            "ok": ok,
-            "error": batch["error"],
-            "worker": np.full(n, self.worker_id),
-            "node": np.full(n, self.node_id),
-            # Whether this actor's process has loaded torch (fixed memory: ~0.5 GB), reported per worker in info.
-            "torch": np.full(n, "torch" in sys.modules),
-        }
+        return folded_rows(batch, ok, self.worker_id, self.node_id)
 
 
 class OpenVinoEmbedder(PatchEmbedder):

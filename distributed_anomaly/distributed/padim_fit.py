@@ -46,7 +46,13 @@ from distributed_anomaly.data.decode import decode_batch
 from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
 from distributed_anomaly.data.sizes import ImageSize
-from distributed_anomaly.distributed.node_fit import NodePartials, OpenVinoEmbedder, PatchEmbedder, partial_registry
+from distributed_anomaly.distributed.node_fit import (
+    NodePartials,
+    OpenVinoEmbedder,
+    PatchEmbedder,
+    folded_rows,
+    partial_registry,
+)
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload, set_threads
 from distributed_anomaly.distributed.pool import (
     check_pool_args,
@@ -117,15 +123,7 @@ class PoolFolder:
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
             self.fold(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-        n = len(ok)
-        return {
-            "idx": batch["idx"],
-            "ok": ok,
-            "error": batch["error"],
-            "worker": np.full(n, self.worker_id),
-            "node": np.full(n, self.node_id),
-            "torch": np.full(n, True),
-        }
+        return folded_rows(batch, ok, self.worker_id, self.node_id)
 
 
 def _pool_actor(model: Padim, registry: Any, threads: int, runtime: str, precision: str) -> tuple[type, tuple]:
