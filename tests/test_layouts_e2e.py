@@ -171,6 +171,7 @@ def test_serve_answers_a_non_square_model_in_the_image_size(ray_local, wide) -> 
     import httpx
 
     from distributed_anomaly.inference import OpenVINOInferencer
+    from distributed_anomaly.runner import predict_images
     from distributed_anomaly.serve import registry, requests, responses, settings
     from distributed_anomaly.serve.server import start_server
 
@@ -180,10 +181,9 @@ def test_serve_answers_a_non_square_model_in_the_image_size(ray_local, wide) -> 
     buf = io.BytesIO()
     Image.fromarray(_wide_image(wide["test"])).save(buf, format="PNG")
     entry = registry.discover_models([f"wide={wide['ir']}"])["wide"]
-    img = requests.decode_image(buf.getvalue())
-    expected = responses.prediction_response(
-        OpenVINOInferencer(wide["ir"], num_threads=1).predict([img])[0], "segmentation", entry, img.shape
-    )
+    img, shape = requests.decode_for_model(buf.getvalue(), None, WIDE)  # as the ingress decodes and resizes
+    pred = predict_images(OpenVINOInferencer(wide["ir"], num_threads=1), [img], [shape])[0]
+    expected = responses.prediction_response(pred, "segmentation", entry, shape)
     srv = start_server(
         settings.AppConfig(models=[f"wide={wide['ir']}"], replicas=1, cpus_per_replica=1), "127.0.0.1", port
     )

@@ -8,6 +8,7 @@ answers are compared with `OpenVINOInferencer` on the same images through the sa
 
 from __future__ import annotations
 
+import _thread
 import base64
 import concurrent.futures as cf
 import hashlib
@@ -417,7 +418,9 @@ def test_serve_forever_stops_cleanly_on_either_signal(monkeypatch, stop_signal) 
 
     def fake_start(*args, **kwargs) -> FakeServer:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(15))  # what ray.init does
-        threading.Timer(0.3, os.kill, args=(os.getpid(), stop_signal)).start()
+        # The signal as Python delivers it, to the handler in place then (_thread.interrupt_main): a real one
+        # (os.kill) would also reach the native threads of the session's Ray in this process.
+        threading.Timer(0.3, _thread.interrupt_main, args=(stop_signal,)).start()
         return FakeServer()
 
     before = {sig: signal.getsignal(sig) for sig in srv.STOP_SIGNALS}
