@@ -468,6 +468,7 @@ def search(ray_local, demo_category: Path, mobilenet_weights: Path, tmp_path_fac
     resumed_rc = resumed.returncode
     first["resume_log"] = resumed.stdout + resumed.stderr
     return {
+        "argv": argv,
         "out": out,
         "first": first,
         "seen": seen,
@@ -553,7 +554,7 @@ def test_tiny_search_end_to_end_study_best_and_outputs(search, tmp_path: Path) -
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipeline_rerun_reuses_the_finished_search_and_export(search, mobilenet_weights, tmp_path, monkeypatch, capsys):
+def test_pipeline_rerun_reuses_the_finished_search_and_export(search, tmp_path, monkeypatch, capsys):
     """`pipeline` over an OUT whose search finished (the fixture's, asked for with the same options): the
     search is reused, not rerun -- the request the CLI builds compares equal to the one the search stored --
     the best run is exported once, and a second rerun finds both stages done and says so. Other settings are
@@ -567,23 +568,11 @@ def test_pipeline_rerun_reuses_the_finished_search_and_export(search, mobilenet_
         raise AssertionError("the finished search was run again")
 
     monkeypatch.setattr(pipeline, "tune_search", no_search)
-    argv = [
-        "pipeline",
-        "--data",
-        str(search["data"]),
-        "--space",
-        str(search["out"].parent / "tiny.yaml"),
-        "--samples",
-        "2",
-        "--weights",
-        f"mobilenet_v2={mobilenet_weights}",
-        "--seed",
-        "0",
-        "--max-concurrent",
-        "1",
-        "--out",
-        str(out),
-    ]
+    args = list(search["argv"][1:])  # the search's own options, without its --out and --address
+    for flag in ("--out", "--address"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    argv = ["pipeline", *args, "--out", str(out)]
     assert cli.main(argv) == 0
     first = capsys.readouterr().err
     assert "search: already finished" in first and f"-> {out / pipeline.MODEL} (fp32)" in first  # exported
