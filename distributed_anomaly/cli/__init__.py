@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from distributed_anomaly.cli.common import configure_logging
-from distributed_anomaly.cli.run_cmds import add_evaluate, add_export, add_predict, add_train
+from distributed_anomaly.cli.inference_cmds import add_export, add_predict
+from distributed_anomaly.cli.run_cmds import add_evaluate, add_train
 from distributed_anomaly.cli.score_cmds import add_score
 from distributed_anomaly.cli.search_cmds import add_pipeline, add_tune
 from distributed_anomaly.cli.serve_cmds import add_serve, add_serve_config

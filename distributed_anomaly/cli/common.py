@@ -212,3 +212,14 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
     """The ModelConfig of `train`'s model options."""
     options = ("model", "backbone", "layers", "n_features", "image_size", "seed", "coreset_ratio", "num_neighbors")
     return ModelConfig(**{k: getattr(a, k) for k in options})
+
+
+def layout_with_data(a: argparse.Namespace) -> DataLayout:
+    """The layout options apply to a --data given here; without it the run's recorded layout is used."""
+    layout = data_layout(a)
+    if not a.data and layout != DataLayout():
+        raise UserError(
+            "--format and the folder options describe --data: give --data too (without it the run's "
+            "own dataset is read as it was for training)"
+        )
+    return layout
