@@ -95,10 +95,11 @@ def fit_padim(
 
 
 def patchcore_embedder(
-    model: PatchCore, runtime: str = DEFAULT_RUNTIME, threads: int | None = None
+    model: PatchCore, runtime: str = DEFAULT_RUNTIME, threads: int | None = None, precision: str = "f32"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images (B, 3, H, W) -> PatchCore's patch embeddings (B, P, D), the backbone on `runtime` (frozen.RUNTIMES)."""
-    net = teacher_runtime(model, runtime, threads)
+    """images (B, 3, H, W) -> PatchCore's patch embeddings (B, P, D), the backbone on `runtime` (frozen.RUNTIMES)
+    at `precision`."""
+    net = teacher_runtime(model, runtime, threads, precision)
     if net is None:
         return model.embed
     return lambda x: model.embed_taps([net(x)[name] for name in model.extractor.layers])
@@ -111,6 +112,7 @@ def fit_patchcore(
     progress: bool = True,
     runtime: str = DEFAULT_RUNTIME,
     chunk_patches: int = CHUNK_PATCHES,
+    precision: str = "f32",
 ) -> CoresetResult:
     """One pass of the frozen backbone over the normal images, their patch embeddings streamed into a coreset
     (models/coreset.py: memory O(bank + chunk), whatever the number of images); sets the model's bank."""
@@ -118,7 +120,7 @@ def fit_patchcore(
         raise ValueError("PatchCore needs at least 1 training image")
     bar = Progress(len(records), "fit patchcore", progress)
     model.eval()
-    embed = patchcore_embedder(model, runtime)
+    embed = patchcore_embedder(model, runtime, precision=precision)
     stream = StreamingCoreset(model.coreset_ratio, model.projection(), chunk_patches=chunk_patches)
     with torch.inference_mode():
         for _, x in iter_batches(records, model.image_size, batch_size):
@@ -184,7 +186,7 @@ def map_function(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """images (B, 3, H, W) -> raw maps (B, 1, H, W), one batch at a time (a Ray scoring actor's step)."""
     if isinstance(model, PatchCore) and runtime != "torch":
-        embed = patchcore_embedder(model, runtime, threads)
+        embed = patchcore_embedder(model, runtime, threads, precision)
         return lambda x: model.score_embeddings(embed(x), model.input_size())
     if not isinstance(model, Padim) or runtime == "torch":
         return model

@@ -227,22 +227,20 @@ def fit_model(
 
 def _fit_frozen(model, kind: str, tcfg: TrainConfig, records: list[Record], run: Execution, progress: bool) -> tuple:
     """PADIM's Gaussians or PatchCore's memory bank (`kind`): on a Ray Data actor pool, the workers' partial
-    results merged here, or in this process; (model, info). The frozen network's precision applies to PADIM."""
+    results merged here, or in this process; (model, info)."""
     patchcore = kind == "patchcore"
-    precision = {} if patchcore else {"precision": run.precision}
+    frozen = {"runtime": run.runtime, "precision": run.precision}
     if run.uses_ray:
         from distributed_anomaly.distributed import padim_fit, patchcore_fit
 
         fit = patchcore_fit.fit_patchcore_ray if patchcore else padim_fit.fit_padim_ray
-        options = dict(workers=max(run.workers, 1), progress=progress, skip_corrupt=run.skip_corrupt, **precision)
-        result, ray_info = fit(model, records, batch_size=tcfg.batch_size, runtime=run.runtime, **options)
+        options = dict(workers=max(run.workers, 1), progress=progress, skip_corrupt=run.skip_corrupt, **frozen)
+        result, ray_info = fit(model, records, batch_size=tcfg.batch_size, **options)
     else:
         fit = engine.fit_patchcore if patchcore else engine.fit_padim
-        result, ray_info = fit(model, records, tcfg.batch_size, progress, runtime=run.runtime, **precision), None
+        result, ray_info = fit(model, records, tcfg.batch_size, progress, **frozen), None
     info = {"coreset": result.summary()} if patchcore else {"images_counted": result.count}
-    info["runtime"] = run.runtime
-    if not patchcore:
-        info["frozen_precision"] = run.precision
+    info["runtime"], info["frozen_precision"] = run.runtime, run.precision
     if ray_info is not None:
         info["ray_fit"] = ray_info
     return model, info

@@ -102,16 +102,16 @@ class PoolFolder:
     Subclasses say what is built (`setup`) and folded (`fold`). PADIM's OpenVINO actor needs no torch:
     node_fit.OpenVinoEmbedder."""
 
-    def __init__(self, payload: Any, registry: Any, threads: int, runtime: str) -> None:
+    def __init__(self, payload: Any, registry: Any, threads: int, runtime: str, precision: str = "f32") -> None:
         set_threads(threads)
         self.worker_id = uuid.uuid4().hex
         self.node_id = ray.get_runtime_context().get_node_id()
         store = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model is built
         self.model = build_from_payload(resolve(payload))
-        self.setup(runtime, threads)
+        self.setup(runtime, threads, precision)
         self.store = ray.get(store)[0]
 
-    def setup(self, runtime: str, threads: int) -> None:
+    def setup(self, runtime: str, threads: int, precision: str) -> None:
         raise NotImplementedError
 
     def fold(self, x: torch.Tensor) -> None:

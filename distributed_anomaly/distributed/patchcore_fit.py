@@ -71,8 +71,8 @@ class PatchCoreEmbedder(PoolFolder):
     """PatchCore's pool actor: the frozen backbone (on `runtime`) and the patch features; the embeddings go to
     this worker's streaming coreset in its node's NodeCoresets."""
 
-    def setup(self, runtime: str, threads: int) -> None:
-        self.embed = engine.patchcore_embedder(self.model, runtime, threads)
+    def setup(self, runtime: str, threads: int, precision: str) -> None:
+        self.embed = engine.patchcore_embedder(self.model, runtime, threads, precision)
 
     def fold(self, x: torch.Tensor) -> None:
         with torch.inference_mode():
@@ -114,6 +114,7 @@ def fit_patchcore_ray(
     threads_per_worker: int | None = None,
     runtime: str = DEFAULT_RUNTIME,
     chunk_patches: int = CHUNK_PATCHES,
+    precision: str = "f32",
 ) -> tuple[CoresetResult, dict]:
     """PatchCore's memory bank on a Ray cluster (Ray initialised: see ensure_ray): per-worker streaming coresets
     merged by one greedy pass here. Sets the model's bank; returns (result, info) with info as fit_padim_ray's."""
@@ -128,7 +129,7 @@ def fit_patchcore_ray(
     args = (model.coreset_ratio, model.n_features, model.seed, chunk_patches, threads)
     with partial_registry(NodeCoresets, *args) as registry:
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
-        fold_on_pool(tally, pool, PatchCoreEmbedder, (payload, registry, threads, runtime), progress)
+        fold_on_pool(tally, pool, PatchCoreEmbedder, (payload, registry, threads, runtime, precision), progress)
         parts = _gather(registry, tally, model.n_positions)
     with torch.inference_mode():
         result = merge_candidates(parts, model.coreset_ratio, model.projection())
