@@ -176,6 +176,20 @@ def _resize_plane(plane: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(plane, mode="F").resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
 
 
+def shrink_to(image: np.ndarray, image_size: ImageSize) -> np.ndarray:
+    """An RGB uint8 image at the model's H x W, still uint8, when that has fewer pixels (else unchanged): the
+    resize `normalise` applies, rounded. Serve resizes once, in the ingress, and sends this small array instead of
+    the photo; scores then differ from resizing in float by the rounding only."""
+    hw = as_hw(image_size)
+    if image.shape[0] * image.shape[1] <= hw[0] * hw[1]:
+        return image
+    out = np.empty((*hw, 3), dtype=np.uint8)
+    for c in range(3):
+        plane = _resize_plane(np.ascontiguousarray(image[:, :, c], dtype=np.float32), hw)
+        out[:, :, c] = np.clip(np.rint(plane), 0, 255)
+    return out
+
+
 def normalise(images: np.ndarray | Sequence[np.ndarray], image_size: ImageSize) -> np.ndarray:
     """RGB uint8 image(s) -> (B, 3, H, W) float32, resized (bilinear, antialiased) and ImageNet-normalised.
 

@@ -22,6 +22,7 @@ from distributed_anomaly.data.decode import (
     normalise,
     read_image,
     read_mask,
+    shrink_to,
 )
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 
@@ -36,6 +37,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "resize_mask",
+    "shrink_to",
     "to_tensor",
 ]
 
@@ -43,18 +45,6 @@ __all__ = [
 def to_tensor(images: np.ndarray | Sequence[np.ndarray], image_size: ImageSize) -> torch.Tensor:
     """RGB uint8 image(s) -> (B, 3, H, W) float32 tensor: data.decode.normalise, shared without a copy."""
     return torch.from_numpy(normalise(images, image_size))
-
-
-def shrink_to(image: np.ndarray, image_size: ImageSize) -> np.ndarray:
-    """An RGB uint8 image at the model's H x W, still uint8, when that has fewer pixels (else unchanged): the
-    filter of `to_tensor` (bilinear, antialiased), rounded. Serve resizes once, in the ingress, and sends this
-    small array instead of the photo; scores then differ from resizing in float by the rounding only."""
-    hw = as_hw(image_size)
-    if image.shape[0] * image.shape[1] <= hw[0] * hw[1]:
-        return image
-    t = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None].float()  # Ray: read-only
-    t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
-    return t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
 def resize_mask(mask: np.ndarray, image_size: ImageSize) -> np.ndarray:
