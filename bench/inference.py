@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distributed_anomaly import frozen, rundir, runner  # noqa: E402
+from distributed_anomaly import frozen, rundir, torch_runner  # noqa: E402
 from distributed_anomaly.export import export_run  # noqa: E402
 from distributed_anomaly.inference import OpenVINOInferencer  # noqa: E402
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     for model in models:
-        runners = {"torch eager": runner.TorchRunner.from_run(paths[model]["run"])}
+        runners = {"torch eager": torch_runner.TorchRunner.from_run(paths[model]["run"])}
         for precision in ("fp32", "fp16", "int8"):
             runners[f"openvino {precision}"] = OpenVINOInferencer(paths[model][precision], num_threads=a.threads)
         if model == "padim":

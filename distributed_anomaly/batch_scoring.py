@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from distributed_anomaly import storage
-from distributed_anomaly.data.images import is_image_file, load_image
+from distributed_anomaly.data.decode import is_image_file, load_image
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.irformat import IR_FILES

@@ -15,8 +15,9 @@ import torch
 
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.images import read_image
-from distributed_anomaly.data.loader import Progress, iter_batches
+from distributed_anomaly.data.loader import iter_batches
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.progress import Progress
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.frozen import FrozenPatches, OpenVinoTeacher, patch_runtime, teacher_runtime, torch_beside

@@ -16,7 +16,8 @@ from distributed_anomaly.fileio import atomic_write, write_json
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.irformat import is_ir_dir
 from distributed_anomaly.postprocess import TASKS
-from distributed_anomaly.runner import ModelRunner, TorchRunner, predict_images
+from distributed_anomaly.runner import ModelRunner, predict_images
+from distributed_anomaly.torch_runner import TorchRunner
 from distributed_anomaly.visualize import render_overlay
 
 

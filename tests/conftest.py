@@ -244,6 +244,25 @@ def ray_local():
                 pass
 
 
+@pytest.fixture(scope="session")
+def serve_http(ray_local) -> int:
+    """Serve on the session's Ray, its HTTP proxy on 127.0.0.1:PORT (yields PORT), started once for every test
+    that deploys an application: start_server joins a running Serve and each test's application is deleted when
+    it is done, as on a shared cluster (one application at a time: they all take the route prefix /). Starting
+    and stopping Serve per module cost ~8 s each. Shut down before the session's Ray."""
+    from ray import serve
+    from ray_cluster import free_ports
+
+    from distributed_anomaly.serve.settings import DEFAULT_REQUEST_TIMEOUT_S
+
+    port = free_ports(1)[0]
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": DEFAULT_REQUEST_TIMEOUT_S})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+
+
 # --- two nodes: one `ray start` cluster for the session's multi-node tests ---
 
 

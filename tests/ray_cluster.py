@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
-STOP_GRACE_S = 5
+STOP_GRACE_S = 2
 
 
 @dataclass

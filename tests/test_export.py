@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distributed_anomaly import metrics, predict, runner
+from distributed_anomaly import metrics, predict, torch_runner
 from distributed_anomaly.data.images import read_image, to_tensor
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
 from distributed_anomaly.errors import RunDirError, UserError
@@ -83,7 +83,7 @@ def test_split(demo_category: Path):
 @pytest.fixture(scope="module")
 def torch_maps(runs, test_split) -> dict[str, np.ndarray]:
     images, _ = test_split
-    return {m: runner.TorchRunner.from_run(runs[m]).raw_maps(to_tensor(images, SIZES[m])) for m in runs}
+    return {m: torch_runner.TorchRunner.from_run(runs[m]).raw_maps(to_tensor(images, SIZES[m])) for m in runs}
 
 
 def _image_auroc(maps: np.ndarray, labels: np.ndarray) -> float:
@@ -102,7 +102,7 @@ def test_fp32_scores_like_torch(model, runs, exports, test_split, torch_maps) ->
     assert abs(_image_auroc(got, labels) - _image_auroc(ref, labels)) <= AUROC_TOL["fp32"]  # no excuses
     # Whole predictions (in the images' own 128 px coordinates) through the shared post-processing.
     ours = inf.predict(images)
-    theirs = runner.predict_arrays(*_torch_model(runs[model]), images, size)
+    theirs = torch_runner.predict_arrays(*_torch_model(runs[model]), images, size)
     assert len(ours) == len(theirs) == len(images)
     for a, b in zip(ours, theirs):
         assert a.label == b.label
@@ -139,7 +139,7 @@ def test_reduced_precision_within_tolerance(model, precision, exports, test_spli
     assert_auroc_close(ref_scores, got_scores, labels, AUROC_TOL[precision], SCORE_TOL[precision] * scale)
     if model == "padim":  # separable: the tolerance above is the plain one, and labels agree
         assert metrics.auroc(got_scores, labels) == pytest.approx(metrics.auroc(ref_scores, labels), abs=0.01)
-        torch_post = runner.TorchRunner.from_run(exports.runs[model]).postprocessor
+        torch_post = torch_runner.TorchRunner.from_run(exports.runs[model]).postprocessor
         assert [p.label for p in inf.postprocessor.predict_batch(got)] == [
             p.label for p in torch_post.predict_batch(ref)
         ]

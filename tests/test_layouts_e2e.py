@@ -139,7 +139,7 @@ def test_non_square_model_trains_exports_and_predicts(wide) -> None:
 
     from distributed_anomaly.data.images import read_image, to_tensor
     from distributed_anomaly.inference import OpenVINOInferencer
-    from distributed_anomaly.runner import TorchRunner
+    from distributed_anomaly.torch_runner import TorchRunner
     from distributed_anomaly.training import evaluate_run
 
     assert json.loads((wide["run"] / "config.json").read_text())["model"]["image_size"] == list(WIDE)
@@ -163,10 +163,9 @@ def test_non_square_model_trains_exports_and_predicts(wide) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_serve_answers_a_non_square_model_in_the_image_size(ray_local, wide) -> None:
+def test_serve_answers_a_non_square_model_in_the_image_size(serve_http, wide) -> None:
     """Over HTTP, a wide image scored by the 64x128 model: the answer is the inferencer's, mask in 128 x 256."""
     import io
-    import socket
 
     import httpx
 
@@ -175,9 +174,6 @@ def test_serve_answers_a_non_square_model_in_the_image_size(ray_local, wide) -> 
     from distributed_anomaly.serve import registry, requests, responses, settings
     from distributed_anomaly.serve.server import start_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     buf = io.BytesIO()
     Image.fromarray(_wide_image(wide["test"])).save(buf, format="PNG")
     entry = registry.discover_models([f"wide={wide['ir']}"])["wide"]
@@ -185,7 +181,7 @@ def test_serve_answers_a_non_square_model_in_the_image_size(ray_local, wide) -> 
     pred = predict_images(OpenVINOInferencer(wide["ir"], num_threads=1), [img], [shape])[0]
     expected = responses.prediction_response(pred, "segmentation", entry, shape)
     srv = start_server(
-        settings.AppConfig(models=[f"wide={wide['ir']}"], replicas=1, cpus_per_replica=1), "127.0.0.1", port
+        settings.AppConfig(models=[f"wide={wide['ir']}"], replicas=1, cpus_per_replica=1), "127.0.0.1", serve_http
     )
     try:
         r = httpx.post(f"{srv.url}/predict", content=buf.getvalue(), timeout=120)

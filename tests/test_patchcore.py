@@ -168,7 +168,7 @@ def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category
 
     from distributed_anomaly.export import export_run
     from distributed_anomaly.inference import OpenVINOInferencer
-    from distributed_anomaly.runner import TorchRunner
+    from distributed_anomaly.torch_runner import TorchRunner
 
     ir = export_run(fitted, tmp_path / "ir")
     meta = json.loads((ir / "metadata.json").read_text())

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from bad_images import eps_bytes, header_only_png, psd_bytes
 from PIL import Image
+from ray_cluster import free_ports
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
@@ -51,12 +52,6 @@ def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(fields: dict[str, tuple | str], boundary: str = "XyZb0und4ry") -> tuple[bytes, str]:
@@ -434,16 +429,19 @@ def test_serve_forever_stops_cleanly_on_either_signal(monkeypatch, stop_signal) 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path) -> None:
-    """`distributed-anomaly serve` as a user runs it (joining this session's cluster, so no second Ray):
-    prints a live URL, answers with the key from --api-key-file, and on a service manager's SIGTERM (whose
-    handler ray.init replaces) removes Serve and its application and exits 0; both signals without Ray in
-    test_serve_forever_stops_cleanly_on_either_signal. Runs before the module's server, which needs Serve not
-    to be running yet (Serve has one HTTP port per cluster)."""
-    from distributed_anomaly.serve.server import _serve_client
+def test_cli_serves_until_interrupted(serve_http, irs, images, tmp_path) -> None:
+    """`distributed-anomaly serve` as a user runs it on a shared cluster (this session's, where Serve already
+    runs): it joins Serve's proxy and says so, prints a live URL, answers with the key from --api-key-file, and
+    on a service manager's SIGTERM (whose handler ray.init replaces) deletes its application -- only it: Serve
+    keeps running for the cluster's other users -- and exits 0. Both signals without Ray in
+    test_serve_forever_stops_cleanly_on_either_signal; what stop undoes in each case (Serve, Ray) in
+    test_serve_guards.py::test_stop_undoes_exactly_what_start_did."""
+    import ray
 
-    assert _serve_client() is None, "Serve already runs on the test cluster: this test must run first"
-    port = free_port()
+    from distributed_anomaly.serve.deployments import APP_NAME
+    from distributed_anomaly.serve.server import serve_client
+
+    port = free_ports(1)[0]  # does not apply: the proxy already runs on serve_http (the banner says so)
     env = {k: v for k, v in os.environ.items() if k != settings.API_KEY_ENV}
     (tmp_path / "key").write_text("env-key\n")
     key_args = ["--api-key-file", str(tmp_path / "key")]
@@ -458,7 +456,7 @@ def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path) -> None:
             "--port",
             str(port),
             "--address",
-            ray_local.get_runtime_context().gcs_address,
+            ray.get_runtime_context().gcs_address,
             *key_args,
         ],
         cwd=ROOT,
@@ -477,8 +475,9 @@ def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path) -> None:
             assert time.monotonic() < deadline, "no URL printed in 180 s:\n" + "".join(lines)
             time.sleep(0.2)
         out = "".join(lines)
-        url = f"http://127.0.0.1:{port}"
-        assert f"URL      {url}" in out and "serving 1 model(s): product; requests need the API key" in out
+        url = f"http://127.0.0.1:{serve_http}"
+        assert f"URL      {url} (Serve was already running on this cluster" in out, out
+        assert "serving 1 model(s): product; requests need the API key" in out
         _, data = images["washer"][2]
         r = httpx.post(f"{url}/predict?task=classification", content=data, headers={"X-API-Key": "env-key"}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "product", r.text
@@ -491,16 +490,12 @@ def test_cli_serves_until_interrupted(ray_local, irs, images, tmp_path) -> None:
             proc.wait()
     reader.join(timeout=5)
     assert "stopped" in "".join(lines)
-    deadline = time.monotonic() + 30
-    while _serve_client() is not None and time.monotonic() < deadline:  # the CLI shut Serve down
-        time.sleep(0.5)
-    assert _serve_client() is None
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/healthz", timeout=5)
+    assert APP_NAME not in serve_client().get_serve_details()["applications"]  # its application, deleted
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 404  # by a proxy that still answers
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, irs):
+def server(serve_http, irs):
     from distributed_anomaly.serve.server import start_server
 
     cfg = settings.AppConfig(
@@ -512,8 +507,8 @@ def server(ray_local, irs):
         max_body_bytes=MAX_BODY,
         api_key=KEY,
     )
-    srv = start_server(cfg, "127.0.0.1", free_port())
-    assert srv.started_serve and not srv.started_ray  # Ray is the session's; Serve is ours
+    srv = start_server(cfg, "127.0.0.1", serve_http)
+    assert not srv.started_serve and not srv.started_ray  # Ray and Serve are the session's: joined
     try:
         yield srv
     finally:
@@ -741,6 +736,23 @@ def test_python_handles(server, images, reference) -> None:
     with pytest.raises(requests.BadRequest, match="2 models are served"):
         model.predict.remote(rgb).result()
     assert server.handle.predict.remote(rgb, "classification", "washer").result()["model"] == "washer"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_replicas_run_openvino_without_torch(server, client, images) -> None:
+    """Both deployments' replicas (after real requests) have OpenVINO's library mapped and torch's not: the
+    replicas import no torch (pyproject's import contract says the same of their modules, statically)."""
+    from distributed_anomaly.serve.server import serve_client
+
+    assert client.post("/predict?model=tile", content=images["tile"][0][1]).status_code == 200
+    deployments = serve_client().get_serve_details()["applications"][server.app_name]["deployments"]
+    libraries = {}
+    for name, deployment in deployments.items():
+        for replica in deployment["replicas"]:
+            maps = Path(f"/proc/{replica['pid']}/maps").read_text()
+            libraries[name] = {lib for lib in ("libtorch_cpu", "libopenvino.so") if lib in maps}
+    assert libraries == {"AnomalyIngress": set(), "AnomalyModel": {"libopenvino.so"}}, libraries
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from ray import serve
 from starlette.requests import Request
 
@@ -25,7 +24,7 @@ from distributed_anomaly.serve.registry import ModelEntry
 
 SIZE = 16
 POISON = 7  # an image whose pixels are all this value makes the fake network fail
-POISON_RED = (POISON / 255.0 - 0.485) / 0.229  # its red channel once ImageNet-normalised (data.images.to_tensor)
+POISON_RED = (POISON / 255.0 - 0.485) / 0.229  # its red channel once ImageNet-normalised (data.decode.normalise)
 
 
 class FakeNetwork:
@@ -37,11 +36,11 @@ class FakeNetwork:
         self.postprocessor = PostProcessor(1.0, 1.0, 0.0, 2.0, "user")
         self.calls: list[int] = []
 
-    def raw_maps(self, batch: torch.Tensor) -> np.ndarray:
+    def raw_maps(self, batch: np.ndarray) -> np.ndarray:
         self.calls.append(len(batch))
-        if any(torch.allclose(x[0], torch.full_like(x[0], POISON_RED), atol=1e-4) for x in batch):
+        if any(np.allclose(x[0], POISON_RED, atol=1e-4) for x in batch):
             raise RuntimeError("ActorID(ffff0001) on node 10.1.2.3: OpenVINO exception at s3://bucket/ir?key=secret")
-        return batch.mean(dim=1).numpy().clip(0.0, 2.0)
+        return batch.mean(axis=1).clip(0.0, 2.0)
 
 
 @pytest.fixture(autouse=True)
@@ -234,3 +233,28 @@ def test_the_application_is_built_with_queue_limits_and_health_checks(tmp_path: 
     assert config.health_check_period_s == deployments.HEALTH_CHECK["health_check_period_s"]
     assert config.health_check_timeout_s == deployments.HEALTH_CHECK["health_check_timeout_s"]
     assert ingress.init_args[-1] == 1234 and model.init_args[-1] == 1234  # the pixel limit reaches both
+
+
+@pytest.mark.parametrize(
+    ("started_ray", "started_serve", "local_ray", "undone"),
+    [
+        (False, False, False, ["delete app"]),  # joined the caller's Ray and a running Serve: the app only
+        (False, True, False, ["serve.shutdown"]),  # the caller's Ray, Serve started here
+        (True, False, False, ["delete app", "ray.shutdown"]),  # joined a cluster (--address) where Serve runs
+        (True, True, False, ["serve.shutdown", "ray.shutdown"]),  # joined a cluster, Serve started here
+        (True, True, True, ["ray.shutdown"]),  # a local Ray of its own: stopping it stops everything on it
+    ],
+)
+def test_stop_undoes_exactly_what_start_did(monkeypatch, started_ray, started_serve, local_ray, undone) -> None:
+    """RunningServer.stop on a shared cluster removes only what start_server added (the real process in
+    test_serve.py::test_cli_serves_until_interrupted takes the third path: --address, Serve already running)."""
+    import ray
+
+    from distributed_anomaly.serve.server import RunningServer
+
+    calls: list[str] = []
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"delete {name}"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    RunningServer("http://x", "app", None, [], started_ray, started_serve, local_ray).stop()
+    assert calls == undone

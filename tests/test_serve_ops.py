@@ -9,7 +9,6 @@ a per-request threshold, and the metrics scraped from the node's Prometheus endp
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -170,12 +169,6 @@ def test_grafana_dashboard_plots_our_metrics() -> None:
 # One application on the session's local Ray.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory, demo_root: Path) -> Path:
     """PADIM on resnet18 (random seeded weights) at 64 px on the demo washer, exported fp32."""
@@ -196,7 +189,7 @@ def images(demo_root: Path) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, ir):
+def server(serve_http, ir):
     from distributed_anomaly.serve.server import start_server
 
     cfg = settings.AppConfig(
@@ -206,7 +199,7 @@ def server(ray_local, ir):
         cpus_per_replica=1,
         max_batch_size=4,
     )
-    srv = start_server(cfg, "127.0.0.1", free_port())
+    srv = start_server(cfg, "127.0.0.1", serve_http)  # joins the session's Serve
     try:
         yield srv
     finally:

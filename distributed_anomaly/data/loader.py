@@ -6,13 +6,11 @@ dataset size.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from distributed_anomaly.data.images import image_shape, read_image, read_mask, resize_mask, to_tensor
 from distributed_anomaly.data.mvtec import Record
@@ -68,37 +66,3 @@ def load_masks(records: Sequence[Record], image_size: ImageSize) -> np.ndarray:
                 )
             out[i] = resize_mask(mask, image_size)
     return out
-
-
-class Progress:
-    """Progress of a pass over images on stderr (images done, images/s), through tqdm."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True, min_interval: float = 1.0) -> None:
-        self._bar = tqdm(
-            total=total,
-            desc=what,
-            disable=not enabled,
-            mininterval=min_interval,
-            file=sys.stderr,
-            unit=" images",
-            bar_format="{desc}: {n}/{total} images, {rate_noinv_fmt}{postfix}",
-            dynamic_ncols=True,
-            leave=True,
-        )
-
-    @property
-    def done(self) -> int:
-        return int(self._bar.n)
-
-    @property
-    def rate(self) -> float:
-        elapsed = self._bar.format_dict["elapsed"]
-        return self.done / max(elapsed, 1e-9)
-
-    def update(self, n: int, extra: str = "") -> None:
-        if extra:
-            self._bar.set_postfix_str(extra, refresh=False)
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()

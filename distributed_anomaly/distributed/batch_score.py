@@ -26,7 +26,7 @@ import ray
 from distributed_anomaly import batch_scoring as bs
 from distributed_anomaly import storage
 from distributed_anomaly.config import ScoreJob
-from distributed_anomaly.data.loader import Progress
+from distributed_anomaly.data.progress import Progress
 from distributed_anomaly.distributed.cpus import score_ray_cpus
 from distributed_anomaly.distributed.pool import check_cluster_cpus, quiet_data_context, resolve
 from distributed_anomaly.distributed.ray_setup import ray_session

@@ -43,8 +43,8 @@ import torch
 from distributed_anomaly import engine
 from distributed_anomaly.config import DEFAULT_RUNTIME
 from distributed_anomaly.data.decode import decode_batch
-from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.progress import Progress
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.distributed.node_fit import (
     NodePartials,

@@ -15,8 +15,8 @@ import ray
 import torch
 
 from distributed_anomaly.config import DEFAULT_RUNTIME
-from distributed_anomaly.data.loader import Progress
 from distributed_anomaly.data.mvtec import Record
+from distributed_anomaly.data.progress import Progress
 from distributed_anomaly.data.sizes import ImageSize, as_hw
 from distributed_anomaly.distributed.payload import build_from_payload, model_payload, set_threads
 from distributed_anomaly.distributed.pool import (

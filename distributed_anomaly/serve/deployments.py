@@ -32,11 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import torch
 from ray import serve
 
 from distributed_anomaly import __version__
-from distributed_anomaly.data.images import shrink_to, to_tensor
+from distributed_anomaly.data.decode import normalise, shrink_to
 from distributed_anomaly.data.sizes import canonical
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.runner import predict_images
@@ -112,7 +111,6 @@ class AnomalyModel:
         self.max_pixels = max_pixels  # for encoded bytes sent through the handle (HTTP bodies: the ingress)
         self.num_cpus = _assigned_cpus()
         self.num_threads = threads_for_cpus(self.num_cpus)
-        torch.set_num_threads(self.num_threads)  # to_tensor's resize and the map resize run in torch
         # One worker thread: inference leaves the event loop free to queue the next batch, and batches of
         # one replica never compete for its cores.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino")
@@ -262,7 +260,7 @@ class AnomalyModel:
         marks the replica unhealthy; Serve replaces it."""
         name = self._stats["compiled"][-1] if self._stats["compiled"] else self.names[0]
         inferencer = await self._load(name)
-        probe = to_tensor(np.zeros((8, 8, 3), dtype=np.uint8), inferencer.image_size)
+        probe = normalise(np.zeros((8, 8, 3), dtype=np.uint8), inferencer.image_size)
         maps = await asyncio.get_running_loop().run_in_executor(self._pool, inferencer.raw_maps, probe)
         if maps.shape[0] != 1 or not np.isfinite(maps).all():
             raise RuntimeError(f"health check: model {name} gave no finite anomaly map")

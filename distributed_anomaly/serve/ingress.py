@@ -17,7 +17,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from fastapi import Header, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -81,7 +80,6 @@ class AnomalyIngress:
         }
         self._handles: dict[str, DeploymentHandle] = {}
         self.metrics = IngressMetrics()
-        torch.set_num_threads(1)  # the resize to the model's size: one thread, the cores are the model's
 
     def _size(self, name: str) -> Any:
         size = self.entries[name].info.get("image_size")

@@ -20,7 +20,7 @@ from distributed_anomaly.serve.operating import KEYS, OperatingPoint
 from distributed_anomaly.serve.settings import AppConfig
 
 IMPORT_PATH = "distributed_anomaly.serve:app"
-MODEL_DEPLOYMENT = "AnomalyModel"  # deployments.MODEL_DEPLOYMENT (not imported: that module loads torch)
+MODEL_DEPLOYMENT = "AnomalyModel"  # deployments.MODEL_DEPLOYMENT (not imported: that module loads Ray Serve)
 POLL_S = 0.2
 
 

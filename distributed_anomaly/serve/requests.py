@@ -18,7 +18,7 @@ import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from distributed_anomaly.data.images import load_image, shrink_to
+from distributed_anomaly.data.decode import load_image, shrink_to
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.errors import ImageReadError, ImageTooLargeError, UserError
 from distributed_anomaly.postprocess import DEFAULT_TASK, TASKS
