@@ -23,7 +23,7 @@ import numpy as np
 from distributed_anomaly import rundir
 from distributed_anomaly.calibration import calibrate
 from distributed_anomaly.data.dataset import load_dataset
-from distributed_anomaly.data.images import read_image, to_tensor
+from distributed_anomaly.data.decode import normalise, read_image
 from distributed_anomaly.data.layout import DataLayout
 from distributed_anomaly.data.loader import iter_batches
 from distributed_anomaly.data.mvtec import Record, records_of_split, split_train_val
@@ -102,7 +102,7 @@ def calibration_batches(
     out = []
     for i in pick:
         img = read_image(train[i].path)
-        out += [to_tensor(img, image_size).numpy(), to_tensor(paste_patches(img, rng)[0], image_size).numpy()]
+        out += [normalise(img, image_size), normalise(paste_patches(img, rng)[0], image_size)]
     return out
 
 

@@ -1,8 +1,8 @@
 """OpenVINO inference of an exported IR folder (see `export`), through the same post-processing as torch.
 
     inf = OpenVINOInferencer("ir/tile_padim", num_threads=2)
-    preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as runner.predict_arrays
-    maps = inf.anomaly_maps(to_tensor(images, inf.image_size))   # (B, H, W) raw maps
+    preds = inf.predict([read_image("x.png")])      # list[postprocess.Prediction], as torch_runner.predict_arrays
+    maps = inf.anomaly_maps(normalise(images, inf.image_size))   # (B, H, W) raw maps (data.decode.normalise)
 
 The network is compiled once. `num_threads` sets OpenVINO's INFERENCE_NUM_THREADS (give each Ray Serve
 replica its share of the cores); None leaves OpenVINO's default (all cores). On CPU and GPU the inference
@@ -125,7 +125,7 @@ class OpenVINOInferencer:
         return req
 
     def anomaly_maps(self, batch) -> np.ndarray:
-        """(B, 3, H, W) float32 normalised batch (torch tensor or numpy, as `to_tensor` gives) -> (B, H, W) raw maps."""
+        """(B, 3, H, W) float32 normalised batch (numpy as `normalise` gives, or a tensor) -> (B, H, W) raw maps."""
         x = batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
         x = np.ascontiguousarray(x, dtype=np.float32)
         height, width = as_hw(self.image_size)

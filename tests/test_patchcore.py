@@ -199,8 +199,11 @@ def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
     ray_local, fitted: Path, demo_category: Path
 ) -> None:
     """Shard coresets on 1 and 2 Ray workers merged on the driver. The demo's patches fit in one chunk, so both
-    are the exact greedy coreset (the streaming reduction of shards is tested in process above)."""
+    are the exact greedy coreset (the streaming reduction of shards is tested in process above). The 2-worker
+    bank's test split is scored on Ray Data too (nearest-neighbour maps on a pool, as `train --workers` scores):
+    the same maps as in process."""
     from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
+    from distributed_anomaly.distributed.scoring import anomaly_maps_ray
 
     _, model, _ = rundir.load_model(fitted)
     records = load_dataset(demo_category)
@@ -213,6 +216,9 @@ def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
         assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
         assert len(info["workers"]) == workers and info["coreset"]["bank_size"] == result.bank.shape[0]
         maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
+        if workers == 2:
+            on_ray = anomaly_maps_ray(model, test, SIZE, batch_size=4, workers=2, progress=False, runtime="torch")
+            np.testing.assert_allclose(on_ray, maps, rtol=1e-5, atol=1e-5)
         auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
         banks[workers] = {tuple(row) for row in result.bank.tolist()}
     assert abs(auroc[1] - auroc[2]) <= 0.005
