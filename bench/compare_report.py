@@ -109,21 +109,25 @@ def bank(r: Row) -> str:
 
 def speed(rows: list[Row]) -> str:
     """anomalib's figures over ours for each pair of one run (measured minutes apart, under the same load)."""
-    pairs: dict[tuple, dict[str, Row]] = {}
+    # Each run_pair gives ours then anomalib: pair them in order (the same category and size may appear twice,
+    # e.g. the demo data and the scaling runs).
+    pending: dict[tuple, Row] = {}
+    pairs: list[tuple[Row, Row]] = []
     for r in rows:
-        pairs.setdefault((r.category, r.model, r.backbone, r.seed, r.n_train), {})[r.tool] = r
+        key = (r.category, r.model, r.backbone, r.seed, r.n_train)
+        if r.tool == "ours":
+            pending[key] = r
+        elif key in pending:
+            pairs.append((pending.pop(key), r))
     lines = [
         "| category | model | train imgs | bank ours / anomalib | fit wall s ours / anomalib (×) "
         "| fit CPU s ours / anomalib (×) | fit img/s ours / anomalib | infer img/s ours / anomalib (×) "
         "| peak mem MB ours / anomalib |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (cat, model, _, _, n), t in pairs.items():
-        if "ours" not in t or "anomalib" not in t:
-            continue
-        o, m = t["ours"], t["anomalib"]
+    for o, m in pairs:
         lines.append(
-            f"| {cat} | {model} | {n} | {bank(o)} / {bank(m)} "
+            f"| {o.category} | {o.model} | {o.n_train} | {bank(o)} / {bank(m)} "
             f"| {o.fit_s:.1f} / {m.fit_s:.1f} ({m.fit_s / o.fit_s:.2f}×) "
             f"| {o.fit_cpu_s:.1f} / {m.fit_cpu_s:.1f} ({m.fit_cpu_s / o.fit_cpu_s:.2f}×) | {o.fit_img_s:.2f} / "
             f"{m.fit_img_s:.2f} | {o.infer_img_s:.2f} / {m.infer_img_s:.2f} ({o.infer_img_s / m.infer_img_s:.2f}×) "
