@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/compare_anomalib.py                      # demo data (tile, washer), everything
     .venv/bin/python bench/compare_anomalib.py --data DIR [--image-size 256] [--backbone mobilenet_v2 resnet18]
-        [--models padim stfpm] [--epochs E] [--seeds 0 1 2] [--scale-n 60] [--json results.json]
+        [--models padim stfpm patchcore] [--epochs E] [--seeds 0 1 2] [--coreset-ratio 0.1]
+        [--scale-n 60] [--scale-factors 1 4] [--json results.json]
 
 Run with the project's venv. The first run creates bench/.anomalib-venv (anomalib from PyPI with pip; the
 torch build is the same 2.14.1 as ours) — a few minutes, cached afterwards.
@@ -16,6 +17,12 @@ What is held equal (and checked, not assumed):
   saved to a file, taps layer1/2/3. anomalib gets the same torchvision network (its TimmFeatureExtractor
   accepts an nn.Module); the input tensors and feature maps of one test image are compared bit for bit
   before anything is timed.
+* PatchCore: the same two taps (features.6/13, layer2/3), 3x3 neighbourhood average, coreset ratio and
+  neighbours of the image-score reweighting; anomalib's pre-processor is its PADIM one (resize + ImageNet
+  normalisation, as ours), not PatchCore's default resize-then-center-crop. Coreset selection is each tool's own
+  (anomalib: exact greedy k-center over every patch on a sparse random projection; ours: the streaming coreset,
+  exact while the patches fit one chunk). The image score is each tool's own: anomalib's pred_score, ours the
+  maximum of its map (the paper's reweighted score, see models/patchcore.py).
 * PADIM: same n_features and the same random channel subset (ours, read from the run's model.safetensors,
   is written into anomalib's `idx` buffer).
 * STFPM: same teacher, same initial student weights (a torchvision network initialised exactly as ours),
@@ -49,6 +56,7 @@ from compare_setup import (
     log,
     run_monitored,
     student_init,
+    taps,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -67,27 +75,30 @@ def ground_truth(data: Path, image_size: int) -> tuple[list[str], np.ndarray, np
     return paths, np.array([r.label for r in test], dtype=int), load_masks(test, image_size)
 
 
-def load_maps(maps_file: Path, paths: list[str]) -> np.ndarray:
-    """(N, S, S) raw maps of one tool, in the order of `paths`."""
+def load_maps(maps_file: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, S, S) raw maps of one tool, in the order of `paths`, and its own image scores (N,) where it wrote
+    them (anomalib's PatchCore: its pred_score is not the maximum of its map)."""
     z = np.load(maps_file)
     where = {p: i for i, p in enumerate(z["paths"].tolist())}
     missing = [p for p in paths if p not in where]
     if missing:
         raise RuntimeError(f"{maps_file}: no map for {missing[0]} (+{len(missing) - 1})")
-    return z["maps"][[where[p] for p in paths]]
+    order = [where[p] for p in paths]
+    return z["maps"][order], (z["scores"][order] if "scores" in z.files else None)
 
 
-def aurocs(maps: np.ndarray, gt: tuple[list[str], np.ndarray, np.ndarray]) -> tuple[float, float]:
-    """scikit-learn AUROC on raw maps (pixel) and their maxima (image), for either tool alike."""
+def aurocs(
+    maps: np.ndarray, gt: tuple[list[str], np.ndarray, np.ndarray], scores: np.ndarray | None = None
+) -> tuple[float, float]:
+    """scikit-learn AUROC on raw maps (pixel) and the image scores (the maps' maxima unless given), for either
+    tool alike."""
     from sklearn.metrics import roc_auc_score
 
     _, labels, masks = gt
     if maps.shape != masks.shape:
         raise RuntimeError(f"maps {maps.shape} vs masks {masks.shape}")
-    return (
-        float(roc_auc_score(labels, maps.reshape(len(maps), -1).max(1))),
-        float(roc_auc_score(masks.ravel(), maps.ravel())),
-    )
+    image = maps.reshape(len(maps), -1).max(1) if scores is None else scores
+    return float(roc_auc_score(labels, image)), float(roc_auc_score(masks.ravel(), maps.ravel()))
 
 
 # --------------------------------------------------------------------------- feature check
@@ -150,50 +161,47 @@ def check_features(
 # --------------------------------------------------------------------------- runs
 
 
+def commands(
+    a: argparse.Namespace, apy: Path, data: Path, model: str, bb: str, weights: Path, seed: int, work: Path, tag: str
+) -> dict[str, list[str]]:
+    """The command line of each tool's run (bench/anomalib_side/) for one category, model, backbone and seed."""
+    common = ["--data", str(data), "--model", model, "--backbone", bb, "--weights", str(weights)]
+    common += ["--layers", taps(model, bb), "--image-size", str(a.image_size), "--seed", str(seed)]
+    common += ["--batch-size", str(a.batch_size)] + (["--threads", str(a.threads)] if a.threads else [])
+    ours = [sys.executable, str(SIDE / "run_ours.py"), *common, "--out", str(work / "ours" / tag)]
+    anom = [str(apy), str(SIDE / "run_anomalib.py"), *common, "--out", str(work / "anomalib" / tag)]
+    anom += ["--workers", str(a.anomalib_workers)]
+    if model == "padim":
+        ours += ["--n-features", str(a.n_features)]
+        anom += ["--n-features", str(a.n_features), "--idx", str(work / "ours" / tag / "idx.npy")]
+    elif model == "patchcore":
+        both = ["--coreset-ratio", str(a.coreset_ratio), "--num-neighbors", str(a.num_neighbors)]
+        ours, anom = ours + both, anom + both
+    else:
+        ours += ["--epochs", str(a.epochs)]
+        if a.ours_weight_decay is not None:
+            ours += ["--weight-decay", str(a.ours_weight_decay)]
+        anom += ["--epochs", str(a.epochs), "--student-init", str(student_init(bb, work, seed))]
+    return {"ours": ours, "anomalib": anom}
+
+
+def run_env(a: argparse.Namespace) -> dict | None:
+    """Both tools' environment: glibc's fixed mmap threshold when --malloc-mmap-threshold is given. By default
+    glibc raises its threshold to the size of each freed block (up to 32 MiB), so anomalib's greedy coreset, which
+    allocates an (N x d) temporary per step, keeps those in the heap, where they fragment: 60 images at 128 px
+    grew to 15.9 GB (a 4 MiB threshold: 1.1 GB). At 256 px the temporaries of 20 images fall in the same band."""
+    if not a.malloc_mmap_threshold:
+        return None
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(a.malloc_mmap_threshold)}
+
+
 def run_pair(
     a: argparse.Namespace, apy: Path, data: Path, model: str, backbone: str, weights: Path, seed: int, work: Path, gt
 ) -> list[Row]:
     tag = f"{data.parent.name}_{data.name}_{model}_{backbone}_s{seed}"
-    common = [
-        "--data",
-        str(data),
-        "--model",
-        model,
-        "--backbone",
-        backbone,
-        "--weights",
-        str(weights),
-        "--layers",
-        LAYERS[backbone],
-        "--image-size",
-        str(a.image_size),
-        "--seed",
-        str(seed),
-        "--batch-size",
-        str(a.batch_size),
-    ]
-    if a.threads:
-        common += ["--threads", str(a.threads)]
-    ours_cmd = [sys.executable, str(SIDE / "run_ours.py"), *common, "--out", str(work / "ours" / tag)]
-    anom_cmd = [
-        str(apy),
-        str(SIDE / "run_anomalib.py"),
-        *common,
-        "--out",
-        str(work / "anomalib" / tag),
-        "--workers",
-        str(a.anomalib_workers),
-    ]
-    if model == "padim":
-        ours_cmd += ["--n-features", str(a.n_features)]
-        anom_cmd += ["--n-features", str(a.n_features), "--idx", str(work / "ours" / tag / "idx.npy")]
-    else:
-        ours_cmd += ["--epochs", str(a.epochs)]
-        if a.ours_weight_decay is not None:
-            ours_cmd += ["--weight-decay", str(a.ours_weight_decay)]
-        anom_cmd += ["--epochs", str(a.epochs), "--student-init", str(student_init(backbone, work, seed))]
+    cmds = commands(a, apy, data, model, backbone, weights, seed, work, tag)
     rows, maps = [], []
-    for tool, cmd in (("ours", ours_cmd), ("anomalib", anom_cmd)):
+    for tool in ("ours", "anomalib"):
         if tool not in a.tools:
             continue
         done = work / tool / tag / "result_monitored.json"
@@ -202,13 +210,14 @@ def run_pair(
             r = json.loads(done.read_text())
         else:
             log(f"[{time.strftime('%H:%M:%S')}] {tool}: {data.name} {model} {backbone} seed {seed}")
-            r = run_monitored(cmd, work / tool / tag)
-        maps.append(load_maps(work / tool / tag / "maps.npz", gt[0]))
-        auc = aurocs(maps[-1], gt)
+            r = run_monitored(cmds[tool], work / tool / tag, env=run_env(a))
+        tool_maps, scores = load_maps(work / tool / tag / "maps.npz", gt[0])
+        maps.append(tool_maps)
+        auc = aurocs(tool_maps, gt, scores)
         rows.append(to_row(data.name, model, backbone, seed, r, auc))
         log(
             f"    image AUROC {auc[0]:.4f}  pixel AUROC {auc[1]:.4f}  fit {r['fit_seconds']:.1f} s  "
-            f"peak {r['peak_mem_mb']:.0f} MB"
+            f"peak {r['peak_mem_mb']:.0f} MB" + (f"  bank {r['bank_size']}" if "bank_size" in r else "")
         )
     if len(maps) < 2:
         return rows
@@ -226,101 +235,112 @@ def run_pair(
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--data",
-        nargs="*",
-        type=Path,
-        help="MVTec-format category folder(s); default: demo data "
-        "generated with `distributed-anomaly synth` (tile, washer)",
-    )
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--backbone", nargs="+", default=["mobilenet_v2", "resnet18"], choices=sorted(LAYERS))
-    p.add_argument("--models", nargs="+", default=["padim", "stfpm"], choices=("padim", "stfpm"))
-    p.add_argument("--epochs", type=int, default=10, help="STFPM epochs, the same for both tools (default 10)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="STFPM seeds (PADIM uses the first)")
-    p.add_argument("--n-features", type=int, default=100, help="PADIM channel subset for both tools")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random ResNet18 weights file")
-    p.add_argument(
+    add = p.add_argument
+    add("--data", nargs="*", type=Path, help="MVTec-format category folder(s); default: demo data (--categories)")
+    add("--categories", nargs="+", default=["tile", "washer"], help="demo categories when --data is not given")
+    add("--image-size", type=int, default=256)
+    add("--backbone", nargs="+", default=["mobilenet_v2", "resnet18"], choices=sorted(LAYERS))
+    add("--models", nargs="+", default=["padim", "stfpm"], choices=("padim", "stfpm", "patchcore"))
+    add("--epochs", type=int, default=10, help="STFPM epochs, the same for both tools (default 10)")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="STFPM seeds (PADIM and PatchCore use the first)")
+    add("--n-features", type=int, default=100, help="PADIM channel subset for both tools")
+    add("--coreset-ratio", type=float, default=0.1, help="PatchCore bank share of the patches, both tools")
+    add("--num-neighbors", type=int, default=9, help="PatchCore image-score reweighting neighbours, both tools")
+    add("--batch-size", type=int, default=32)
+    add("--weights-seed", type=int, default=0, help="seed of the random ResNet18 weights file")
+    add(
         "--scale-n",
         type=int,
         default=60,
-        help="PADIM memory scaling: fit on N and 4N generated training images (mobilenet_v2, category tile); 0 skips",
+        help="memory scaling of PADIM and PatchCore (those in --models): fit on the --scale-factors multiples of N "
+        "generated training images (mobilenet_v2, category tile); 0 skips",
     )
-    p.add_argument("--scale-factors", type=int, nargs="+", default=[1, 4], help="multiples of --scale-n to fit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in every run (default: torch's default)")
-    p.add_argument("--anomalib-workers", type=int, default=0, help="anomalib DataLoader worker processes")
-    p.add_argument("--ours-weight-decay", type=float, help="STFPM weight decay for ours (default: package default)")
-    p.add_argument("--anomalib-version", default=ANOMALIB_VERSION)
-    p.add_argument("--anomalib-venv", type=Path, default=DEFAULT_VENV)
-    p.add_argument("--work", type=Path, default=Path("/tmp/compare_anomalib"), help="scratch folder")
-    p.add_argument("--json", type=Path, help="also write all rows and checks as JSON")
-    p.add_argument("--skip-feature-check", action="store_true")
-    p.add_argument(
+    add("--scale-factors", type=int, nargs="+", default=[1, 4], help="multiples of --scale-n to fit")
+    add("--threads", type=int, default=0, help="torch threads in every run (default: torch's default)")
+    add("--malloc-mmap-threshold", type=int, default=0, help="bytes; glibc's fixed mmap threshold for both tools")
+    add("--anomalib-workers", type=int, default=0, help="anomalib DataLoader worker processes")
+    add("--ours-weight-decay", type=float, help="STFPM weight decay for ours (default: package default)")
+    add("--anomalib-version", default=ANOMALIB_VERSION)
+    add("--anomalib-venv", type=Path, default=DEFAULT_VENV)
+    add("--work", type=Path, default=Path("/tmp/compare_anomalib"), help="scratch folder")
+    add("--json", type=Path, help="also write all rows and checks as JSON")
+    add("--skip-feature-check", action="store_true")
+    add(
         "--tools",
         nargs="+",
         default=["ours", "anomalib"],
         choices=("ours", "anomalib"),
         help="run only these sides (split a comparison over processes; merge with --report)",
     )
-    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --work")
-    p.add_argument(
-        "--report",
-        type=Path,
-        nargs="+",
-        metavar="JSON",
-        help="only print the combined tables of earlier --json outputs (runs split across processes)",
-    )
-    a = p.parse_args(argv)
+    add("--reuse", action="store_true", help="reuse finished runs found in --work")
+    add("--report", type=Path, nargs="+", metavar="JSON", help="only print the tables of earlier --json outputs")
+    return p.parse_args(argv)
+
+
+def feature_checks(a: argparse.Namespace, apy: Path, data: Path, weights: dict, work: Path) -> list[dict]:
+    checks = []
+    for bb in a.backbone:
+        st = student_init(bb, work, a.seeds[0]) if "stfpm" in a.models else None
+        c = check_features(apy, data, bb, weights[bb], st, a.image_size, work)
+        c["backbone"] = bb
+        checks.append(c)
+        log(f"feature check {bb}: {c}")
+        if c["input_max_abs_diff"] > 1e-6 or c["teacher_max_abs_diff"] > 1e-4:
+            log("WARNING: anomalib does not see the same input/features as ours; results are not like for like")
+    return checks
+
+
+def all_pairs(a: argparse.Namespace, apy: Path, datas: list[Path], weights: dict, work: Path) -> list[Row]:
+    rows: list[Row] = []
+    for data in datas:
+        gt = ground_truth(data, a.image_size)
+        for bb in a.backbone:
+            for model in ("padim", "patchcore", "stfpm"):
+                if model in a.models:
+                    for seed in a.seeds if model == "stfpm" else a.seeds[:1]:
+                        rows += run_pair(a, apy, data, model, bb, weights[bb], seed, work, gt)
+    return rows
+
+
+def scaling(a: argparse.Namespace, apy: Path, weights: dict, work: Path) -> list[Row]:
+    """Memory (and time) against the training-set size: generated tile data at N x each scale factor."""
+    from distributed_anomaly.data.demo import generate
+
+    rows: list[Row] = []
+    bb = "mobilenet_v2"
+    w = weights.get(bb) or backbone_weights(bb, work, a.weights_seed)
+    for model in (m for m in ("padim", "patchcore") if m in a.models and a.scale_n):
+        for n in (a.scale_n * f for f in a.scale_factors):
+            d = generate(work / f"scale_n{n}", 0, categories=["tile"], n_train=n)[0].resolve()
+            rows += run_pair(a, apy, d, model, bb, w, a.seeds[0], work, ground_truth(d, a.image_size))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     if a.report:
         return 0 if report([json.loads(f.read_text()) for f in a.report]) else 1
-
     try:
         import psutil  # noqa: F401
         import sklearn  # noqa: F401
     except ImportError as exc:
         need = f"{exc.name} is needed in the project venv: .venv/bin/pip install -e '.[test]' psutil"
         raise SystemExit(need) from exc
+    load_start = os.getloadavg()[0]
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     apy = ensure_anomalib_venv(a.anomalib_venv.resolve(), a.anomalib_version)
 
     from distributed_anomaly.data.demo import generate
 
-    datas = [d.resolve() for d in a.data] if a.data else generate(work / "demo", 0)
+    datas = a.data if a.data else generate(work / "demo", 0, categories=a.categories)
     datas = [Path(d).resolve() for d in datas]
     weights = {bb: backbone_weights(bb, work, a.weights_seed) for bb in a.backbone}
-
-    checks = []
-    if not a.skip_feature_check:
-        for bb in a.backbone:
-            st = student_init(bb, work, a.seeds[0]) if "stfpm" in a.models else None
-            c = check_features(apy, datas[0], bb, weights[bb], st, a.image_size, work)
-            c["backbone"] = bb
-            checks.append(c)
-            log(f"feature check {bb}: {c}")
-            if c["input_max_abs_diff"] > 1e-6 or c["teacher_max_abs_diff"] > 1e-4:
-                log("WARNING: anomalib does not see the same input/features as ours; results are not like for like")
-
-    rows: list[Row] = []
-    for data in datas:
-        gt = ground_truth(data, a.image_size)
-        for bb in a.backbone:
-            if "padim" in a.models:
-                rows += run_pair(a, apy, data, "padim", bb, weights[bb], a.seeds[0], work, gt)
-            if "stfpm" in a.models:
-                for seed in a.seeds:
-                    rows += run_pair(a, apy, data, "stfpm", bb, weights[bb], seed, work, gt)
-
-    scale_rows: list[Row] = []
-    if a.scale_n and "padim" in a.models:
-        bb = "mobilenet_v2"
-        w = weights.get(bb) or backbone_weights(bb, work, a.weights_seed)
-        for n in (a.scale_n * f for f in a.scale_factors):
-            d = generate(work / f"scale_n{n}", 0, categories=["tile"], n_train=n)[0].resolve()
-            scale_rows += run_pair(a, apy, d, "padim", bb, w, a.seeds[0], work, ground_truth(d, a.image_size))
+    checks = [] if a.skip_feature_check else feature_checks(a, apy, datas[0], weights, work)
+    rows = all_pairs(a, apy, datas, weights, work)
+    scale_rows = scaling(a, apy, weights, work)
 
     import platform
 
@@ -328,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"default threads, load average {os.getloadavg()[0]:.1f} at the end"
+        f"default threads, load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     results = {
         "rows": [r.__dict__ for r in rows],

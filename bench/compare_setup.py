@@ -15,6 +15,13 @@ REPO = HERE.parent
 DEFAULT_VENV = HERE / ".anomalib-venv"
 ANOMALIB_VERSION = "2.7.0"
 LAYERS = {"mobilenet_v2": "features.3,features.6,features.13", "resnet18": "layer1,layer2,layer3"}
+# PatchCore's two middle taps (strides 8 and 16), as models/specs.py's patchcore_layers: the paper's layer2 + layer3.
+PATCHCORE_LAYERS = {"mobilenet_v2": "features.6,features.13", "resnet18": "layer2,layer3"}
+
+
+def taps(model: str, backbone: str) -> str:
+    """The comma-separated taps both tools use for `model` on `backbone`."""
+    return (PATCHCORE_LAYERS if model == "patchcore" else LAYERS)[backbone]
 
 
 def log(msg: str) -> None:

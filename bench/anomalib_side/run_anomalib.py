@@ -1,6 +1,6 @@
 """anomalib's side of bench/compare_anomalib.py: runs INSIDE the anomalib venv (bench/.anomalib-venv).
 
-Fits anomalib's own PADIM or STFPM (its Lightning module, torch model, loss, optimizer, data module,
+Fits anomalib's own PADIM, PatchCore or STFPM (its Lightning module, torch model, loss, optimizer, data module,
 pre-processor and Engine) with a torchvision backbone whose weights come from a state-dict file, so both
 tools see bit-identical features. Writes OUT/result.json (timings) and OUT/maps.npz (raw anomaly maps of
 the test split, keyed by image path) for the orchestrator, which computes every metric the same way for
@@ -16,7 +16,8 @@ What is swapped in, and why:
 * STFPM's student: anomalib builds it from the same backbone *name* with random timm init; with an
   nn.Module backbone it would share the teacher's parameters, so it is replaced by a torchvision network of
   the same architecture initialised from --student-init (the exact initial weights of our student).
-Everything else (training loop, loss, optimizer hyper-parameters, scoring) is anomalib's own code.
+Everything else (training loop, loss, optimizer hyper-parameters, PatchCore's embedding, k-center-greedy coreset
+and scoring) is anomalib's own code.
 """
 
 from __future__ import annotations
@@ -113,16 +114,18 @@ class FitTimer:
         return self.cpu_end - self.cpu_start
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
-    p.add_argument("--model", choices=("padim", "stfpm"), required=True)
+    p.add_argument("--model", choices=("padim", "stfpm", "patchcore"), required=True)
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", required=True, help="torchvision state dict of the (teacher) backbone")
     p.add_argument("--layers", required=True)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--n-features", type=int)
     p.add_argument("--idx", help=".npy with PADIM's channel index to use instead of anomalib's randperm")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset_sampling_ratio")
+    p.add_argument("--num-neighbors", type=int, default=9, help="PatchCore's num_neighbors")
     p.add_argument("--student-init", help="torchvision state dict of the initial STFPM student")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
@@ -131,28 +134,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--check-features", action="store_true")
-    a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    layers = [x for x in a.layers.split(",") if x]
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("anomalib").setLevel(logging.ERROR)
-    if a.check_features:
-        check_features(a, layers)
-        return 0
+    return p.parse_args()
 
-    import anomalib
-    from anomalib.callbacks.checkpoint import ModelCheckpoint
-    from anomalib.engine import Engine
-    from anomalib.models import Padim, Stfpm
+
+def build_model(a: argparse.Namespace, layers: list[str]):
+    """anomalib's Lightning module for --model with the shared backbone swapped in; (model, max_epochs)."""
+    from anomalib.models import Padim, Patchcore, Stfpm
     from anomalib.models.components import TimmFeatureExtractor
-    from lightning.pytorch import seed_everything
 
-    seed_everything(a.seed, workers=True, verbose=False)
+    # PADIM's pre-processor (resize + ImageNet normalisation) for every model: ours' too. PatchCore's own default
+    # is the same without a center crop, so this changes nothing there; it is named to make that explicit.
     pre = Padim.configure_pre_processor((a.image_size, a.image_size))
     common = dict(pre_processor=pre, post_processor=False, evaluator=False, visualizer=False)
     teacher = build_backbone(a.backbone, a.weights)
@@ -163,24 +154,40 @@ def main() -> int:
             if idx.numel() != model.model.idx.numel():
                 raise SystemExit(f"--idx has {idx.numel()} entries, model expects {model.model.idx.numel()}")
             model.model.idx = idx
-        max_epochs = 1
-    else:
-        model = Stfpm(backbone=teacher, layers=layers, **common)
-        student = (
-            build_backbone(a.backbone, a.student_init)
-            if a.student_init
-            else getattr(torchvision.models, a.backbone)(weights=None)
+        return model, 1
+    if a.model == "patchcore":
+        model = Patchcore(
+            backbone=teacher,
+            layers=layers,
+            pre_trained=False,
+            coreset_sampling_ratio=a.coreset_ratio,
+            num_neighbors=a.num_neighbors,
+            **common,
         )
-        # Train mode, as anomalib's own timm student is created. Lightning >= 2.2 no longer calls .train() on
-        # the module at fit start (it only warns about submodules in eval mode), so a student left in eval
-        # mode would train with frozen batch-norm statistics: a different algorithm from anomalib's.
-        student.train()
-        # A fresh torchvision student (see the module docstring); anomalib's own code trains it.
-        model.model.student_model = TimmFeatureExtractor(
-            backbone=student, layers=layers, pre_trained=False, requires_grad=True
-        )
-        max_epochs = a.epochs
-    dm = make_datamodule(Path(a.data), a.batch_size, a.workers, a.seed)
+        return model, 1
+    model = Stfpm(backbone=teacher, layers=layers, **common)
+    student = (
+        build_backbone(a.backbone, a.student_init)
+        if a.student_init
+        else getattr(torchvision.models, a.backbone)(weights=None)
+    )
+    # Train mode, as anomalib's own timm student is created. Lightning >= 2.2 no longer calls .train() on
+    # the module at fit start (it only warns about submodules in eval mode), so a student left in eval
+    # mode would train with frozen batch-norm statistics: a different algorithm from anomalib's.
+    student.train()
+    # A fresh torchvision student (see the module docstring); anomalib's own code trains it.
+    model.model.student_model = TimmFeatureExtractor(
+        backbone=student, layers=layers, pre_trained=False, requires_grad=True
+    )
+    return model, a.epochs
+
+
+def fit(a: argparse.Namespace, model, max_epochs: int, dm, out: Path) -> tuple:
+    """anomalib's Engine.fit, timed by a callback (train start..end: for PatchCore that holds the coreset
+    selection, which MemoryBankMixin runs at the end of the training epoch); (engine, timer, wall s with setup)."""
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+    from anomalib.engine import Engine
+
     timer = FitTimer()
     # save_top_k=0: anomalib's default checkpoint (written at the end of fit) is disk I/O, not fitting.
     no_ckpt = ModelCheckpoint(dirpath=str(out / "anomalib_results"), save_top_k=0)
@@ -196,25 +203,56 @@ def main() -> int:
     )
     t0 = time.perf_counter()
     engine.fit(model=model, train_dataloaders=dm.train_dataloader())
-    fit_total = time.perf_counter() - t0
-    fit_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return engine, timer, time.perf_counter() - t0
 
+
+def predict(a: argparse.Namespace, engine, model, dm, out: Path) -> tuple[int, float, float]:
+    """Score the test split; write OUT/maps.npz (and anomalib's own image scores where they are not the maps'
+    maxima: PatchCore's pred_score). Returns (images, wall s, CPU s)."""
     t0, c0 = time.perf_counter(), time.process_time()
     preds = engine.predict(model=model, dataloaders=dm.test_dataloader(), return_predictions=True)
     infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0
-    paths, maps = [], []
+    paths, maps, scores = [], [], []
     for batch in preds:
         paths += [str(Path(p).resolve()) for p in batch.image_path]
         maps.append(
             batch.anomaly_map.detach().reshape(len(batch.image_path), a.image_size, a.image_size).float().numpy()
         )
-    np.savez(out / "maps.npz", paths=np.array(paths), maps=np.concatenate(maps).astype(np.float32))
+        scores.append(batch.pred_score.detach().reshape(-1).float().numpy())
+    extra = {"scores": np.concatenate(scores)} if a.model == "patchcore" else {}
+    np.savez(out / "maps.npz", paths=np.array(paths), maps=np.concatenate(maps).astype(np.float32), **extra)
+    return len(paths), infer_s, infer_cpu
+
+
+def main() -> int:
+    a = parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    layers = [x for x in a.layers.split(",") if x]
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "anomalib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if a.check_features:
+        check_features(a, layers)
+        return 0
+
+    import anomalib
+    from lightning.pytorch import seed_everything
+
+    seed_everything(a.seed, workers=True, verbose=False)
+    model, max_epochs = build_model(a, layers)
+    dm = make_datamodule(Path(a.data), a.batch_size, a.workers, a.seed)
+    engine, timer, fit_total = fit(a, model, max_epochs, dm, out)
+    fit_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n_test, infer_s, infer_cpu = predict(a, engine, model, dm, out)
     result = {
         "tool": f"anomalib {anomalib.__version__}",
         "model": a.model,
         "backbone": a.backbone,
         "num_train_images": len(dm.train_data),
-        "num_test_images": len(paths),
+        "num_test_images": n_test,
         "fit_seconds": timer.seconds,
         "fit_cpu_seconds": timer.cpu_seconds,
         "fit_seconds_with_setup": fit_total,
@@ -229,6 +267,8 @@ def main() -> int:
     if a.model == "stfpm":
         opt = model.configure_optimizers()
         result["optimizer"] = {k: v for k, v in opt.defaults.items() if isinstance(v, (int, float, bool))}
+    if a.model == "patchcore":
+        result["bank_size"] = int(model.model.memory_bank.shape[0])
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -1,8 +1,9 @@
 """Our side of bench/compare_anomalib.py: runs in the project venv, through the package's Python API.
 
-Builds the model with `rundir.build_model` and fits it with `engine.fit_padim` / `engine.train_stfpm`, the
-calls `distributed-anomaly train` makes, timing the fit step alone (wall and CPU); then scores the test
-split with `engine.anomaly_maps` and writes the raw maps to OUT/maps.npz and the timings to OUT/result.json.
+Builds the model with `rundir.build_model` and fits it with `training.fit_model` (PADIM's Gaussians, PatchCore's
+streaming coreset bank, STFPM's student: the call `distributed-anomaly train` makes), timing the fit step alone
+(wall and CPU); then scores the test split with `engine.anomaly_maps` and writes the raw maps to OUT/maps.npz and
+the timings to OUT/result.json.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import numpy as np
 import torch
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
-    p.add_argument("--model", choices=("padim", "stfpm"), required=True)
+    p.add_argument("--model", choices=("padim", "stfpm", "patchcore"), required=True)
     p.add_argument("--backbone", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--layers", required=True)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--n-features", type=int)
+    p.add_argument("--coreset-ratio", type=float, help="PatchCore: bank share of the patch embeddings")
+    p.add_argument("--num-neighbors", type=int, help="PatchCore: neighbours of the image-score reweighting")
     p.add_argument("--epochs", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.0)
@@ -35,21 +38,23 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return p.parse_args()
 
-    from distributed_anomaly import engine, rundir
-    from distributed_anomaly.config import Execution, ModelConfig, TrainConfig
-    from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
-    from distributed_anomaly.training import fit_model
 
-    # The fit of distributed_anomaly.training.train (what `distributed-anomaly train` runs), minus
-    # calibration/evaluation/saving, which would only add inference passes that anomalib's side does not do.
+def configs(a: argparse.Namespace) -> tuple:
+    """The ModelConfig and resolved TrainConfig `distributed-anomaly train` would build from these options."""
+    from distributed_anomaly.config import ModelConfig, TrainConfig
+
     layers = tuple(x for x in a.layers.split(",") if x)
-    cfg = ModelConfig(a.model, a.backbone, layers, a.n_features if a.model == "padim" else None, a.image_size, a.seed)
+    cfg = ModelConfig(
+        a.model,
+        a.backbone,
+        layers,
+        a.n_features if a.model == "padim" else None,
+        a.image_size,
+        a.seed,
+        **({"coreset_ratio": a.coreset_ratio, "num_neighbors": a.num_neighbors} if a.model == "patchcore" else {}),
+    )
     extra = {} if a.weight_decay is None else {"weight_decay": a.weight_decay}
     tcfg = TrainConfig(
         epochs=a.epochs,
@@ -59,6 +64,24 @@ def main() -> int:
         bn_recompute=not a.no_bn_recompute,
         **extra,
     ).resolved(cfg.model)
+    return cfg, tcfg
+
+
+def main() -> int:
+    a = parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from distributed_anomaly import engine, rundir
+    from distributed_anomaly.config import Execution
+    from distributed_anomaly.data.mvtec import load_dataset, records_of_split, split_train_val
+    from distributed_anomaly.training import fit_model
+
+    # The fit of distributed_anomaly.training.train (what `distributed-anomaly train` runs), minus
+    # calibration/evaluation/saving, which would only add inference passes that anomalib's side does not do.
+    cfg, tcfg = configs(a)
     records = load_dataset(a.data)
     test = records_of_split(records, "test")
     fit_records, val = split_train_val(records, tcfg.val_fraction, cfg.seed)
@@ -101,6 +124,8 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "optimizer": {"lr": tcfg.lr, "momentum": tcfg.momentum, "weight_decay": tcfg.weight_decay},
     }
+    if a.model == "patchcore":  # the bank's size and the streaming coreset's record (exact or merged, radius bound)
+        result.update(bank_size=fit_info["coreset"]["bank_size"], coreset=fit_info["coreset"])
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0
 
