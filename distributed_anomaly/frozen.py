@@ -243,8 +243,8 @@ class OpenVinoPatches:
     def stream(
         self, batches: Iterable[torch.Tensor], shift: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(deviations, sum) per batch in order (frozen_ir.CompiledPatches.stream): each pair views OpenVINO's
-        output buffers and is valid until the next one is requested."""
+        """(deviations, sum) per chunk of at most SUB_BATCH images, in order (frozen_ir.CompiledPatches.stream):
+        each pair views OpenVINO's output buffers and is valid until the next one is requested."""
         arrays = (x.numpy() for x in batches)
         for dev, total in self.compiled.stream(arrays, shift.float().numpy()):
             yield torch.from_numpy(dev), torch.from_numpy(total)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_anomaly import engine, frozen
+from distributed_anomaly import engine, frozen, frozen_ir
 from distributed_anomaly.data.loader import iter_batches
 from distributed_anomaly.data.mvtec import load_category, records_of_split
 from distributed_anomaly.metrics import auroc
@@ -90,6 +90,22 @@ def test_openvino_patches_equal_torch_patches(small_model: Padim) -> None:
     assert _rel(sum_o, sum_t) < 1e-4
     streamed = [d.clone() for d, _ in frozen.OpenVinoPatches(small_model).stream([images[:2], images[2:]], shift)]
     assert _rel(torch.cat(streamed), dev_t) < 1e-4
+
+
+def test_openvino_runs_large_batches_in_sub_batches(small_model: Padim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch larger than SUB_BATCH runs a few images per OpenVINO call (the network's buffers stay small): the
+    same deviations and sum as in one call; a stream yields the chunks in order."""
+    images = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    shift = torch.randn(small_model.n_positions, small_model.n_features)
+    whole = frozen.OpenVinoPatches(small_model, threads=1)(images, shift)
+    monkeypatch.setattr(frozen_ir.CompiledPatches, "SUB_BATCH", 3)
+    split = frozen.OpenVinoPatches(small_model, threads=1)
+    dev, total = split(images, shift)
+    assert dev.shape == whole[0].shape and _rel(dev, whole[0]) < 1e-6 and _rel(total, whole[1]) < 1e-6
+    chunks = [(d.clone(), t.clone()) for d, t in split.stream([images[:5], images[5:]], shift)]
+    assert [len(d) for d, _ in chunks] == [3, 2, 2]
+    assert _rel(torch.cat([d for d, _ in chunks]), whole[0]) < 1e-6
+    assert _rel(sum(t for _, t in chunks), whole[1]) < 1e-6
 
 
 def test_the_converted_extractor_is_cached_per_weights(
