@@ -46,6 +46,12 @@ def _student(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.student.state_dict().items()}
 
 
+def _local_run(tcfg: TrainConfig, fit, val, storage: Path, run_name: str, **options):
+    """A new run in Ray Train's local mode (workers=0: the loop in this process), checkpoints in STORAGE/RUN_NAME."""
+    options.update(storage=str(storage), run_name=run_name, resume_from=None, progress=False)
+    return train_stfpm_ray(CFG, tcfg, fit, val, workers=0, **options)
+
+
 def test_local_mode_step_equals_the_in_process_step(ray_local, normal_images, tmp_path):
     """One SGD step of the Ray Train loop in Ray Train's local mode (W=0) x 8 images == the in-process step.
 
@@ -71,19 +77,7 @@ def test_local_mode_step_equals_the_in_process_step(ray_local, normal_images, tm
     opt.step()
     expected = _student(reference)
 
-    model, info = train_stfpm_ray(
-        CFG,
-        tcfg,
-        fit,
-        val,
-        workers=0,
-        storage=str(tmp_path),
-        run_name="w0",
-        resume_from=None,
-        progress=False,
-        batch_norm="frozen",
-        decode_tasks=1,
-    )
+    model, info = _local_run(tcfg, fit, val, tmp_path, "w0", batch_norm="frozen", decode_tasks=1)
     assert info["per_worker_batch_size"] == 8 and info["workers"] == 0
     assert info["images_per_epoch"] == [8] and info["epochs_run"] == 1
     got = _student(model)
@@ -224,23 +218,10 @@ def test_in_process_run_resumes(ray_local, normal_images, tmp_path):
     tcfg = TrainConfig(epochs=4, batch_size=6, pretrained=False)
     fail = FaultPlan((Fault(rank=0, epoch=2, action="raise", marker=str(tmp_path / "interrupted")),))
     with pytest.raises(RuntimeError, match="resume_from"):
-        train_stfpm_ray(
-            CFG,
-            tcfg,
-            fit,
-            val,
-            workers=0,
-            storage=str(tmp_path),
-            run_name="run",
-            resume_from=None,
-            progress=False,
-            fault_hook=fail,
-        )
+        _local_run(tcfg, fit, val, tmp_path, "run", fault_hook=fail)
     assert (tmp_path / "interrupted").is_file()
     with pytest.raises(UserError, match="already exists"):
-        train_stfpm_ray(
-            CFG, tcfg, fit, val, workers=0, storage=str(tmp_path), run_name="run", resume_from=None, progress=False
-        )
+        _local_run(tcfg, fit, val, tmp_path, "run")
     with pytest.raises(UserError, match="workers=0"):  # a checkpoint kind the other mode cannot continue
         train_stfpm_ray(CFG, tcfg, fit, val, workers=1, resume_from=str(tmp_path / "run"), progress=False)
     model, info = train_stfpm_ray(CFG, tcfg, fit, val, workers=0, resume_from=str(tmp_path / "run"), progress=False)
