@@ -77,7 +77,7 @@ class CompiledPatches:
 
     MAX_STREAMS = 4
     # Images per OpenVINO call, whatever the caller's batch: each stream's intermediate buffers grow with it
-    # (MobileNetV2 at 256 px: ~0.8 GB more peak RSS for 2 streams at 32 than at 8) while the cores are already
+    # (MobileNetV2 at 256 px: ~0.9 GB more peak RSS for 2 streams at 32 than at 8) while the cores are already
     # busy at 8 (bench/results/padim_fit_subbatch.txt).
     SUB_BATCH = 8
 
