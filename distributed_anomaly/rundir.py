@@ -38,31 +38,13 @@ POSTPROCESS = POSTPROCESS_FILE
 def build_model(
     cfg: ModelConfig, *, pretrained: bool = True, weights_file: str | None = None
 ) -> Padim | Stfpm | PatchCore:
+    weights = {"pretrained": pretrained, "weights_file": weights_file, "seed": cfg.seed}
+    features = (cfg.backbone, cfg.layers, cfg.n_features, cfg.image_size)
     if cfg.model == "patchcore":
-        return PatchCore(
-            cfg.backbone,
-            cfg.layers,
-            cfg.n_features,
-            cfg.image_size,
-            coreset_ratio=cfg.coreset_ratio,
-            num_neighbors=cfg.num_neighbors,
-            pretrained=pretrained,
-            weights_file=weights_file,
-            seed=cfg.seed,
-        )
+        return PatchCore(*features, coreset_ratio=cfg.coreset_ratio, num_neighbors=cfg.num_neighbors, **weights)
     if cfg.model == "padim":
-        return Padim(
-            cfg.backbone,
-            cfg.layers,
-            cfg.n_features,
-            cfg.image_size,
-            pretrained=pretrained,
-            weights_file=weights_file,
-            seed=cfg.seed,
-        )
-    return Stfpm(
-        cfg.backbone, cfg.layers, cfg.image_size, pretrained=pretrained, weights_file=weights_file, seed=cfg.seed
-    )
+        return Padim(*features, **weights)
+    return Stfpm(cfg.backbone, cfg.layers, cfg.image_size, **weights)
 
 
 def save_weights(path: str | os.PathLike, module: torch.nn.Module) -> None:

@@ -168,11 +168,11 @@ def test_serve_answers_a_non_square_model_in_the_image_size(serve_http, wide) ->
     import io
 
     import httpx
+    from serving import deployed
 
     from distributed_anomaly.inference import OpenVINOInferencer
     from distributed_anomaly.runner import predict_images
     from distributed_anomaly.serve import registry, requests, responses, settings
-    from distributed_anomaly.serve.server import start_server
 
     buf = io.BytesIO()
     Image.fromarray(_wide_image(wide["test"])).save(buf, format="PNG")
@@ -180,16 +180,11 @@ def test_serve_answers_a_non_square_model_in_the_image_size(serve_http, wide) ->
     img, shape = requests.decode_for_model(buf.getvalue(), None, WIDE)  # as the ingress decodes and resizes
     pred = predict_images(OpenVINOInferencer(wide["ir"], num_threads=1), [img], [shape])[0]
     expected = responses.prediction_response(pred, "segmentation", entry, shape)
-    srv = start_server(
-        settings.AppConfig(models=[f"wide={wide['ir']}"], replicas=1, cpus_per_replica=1), "127.0.0.1", serve_http
-    )
-    try:
+    with deployed(settings.AppConfig(models=[f"wide={wide['ir']}"], replicas=1, cpus_per_replica=1), serve_http) as srv:
         r = httpx.post(f"{srv.url}/predict", content=buf.getvalue(), timeout=120)
         assert r.status_code == 200, r.text
         got = r.json()
         meta = httpx.get(f"{srv.url}/metadata", timeout=60).json()
-    finally:
-        srv.stop()
     assert got == expected and (got["width"], got["height"]) == (256, 128)
     assert responses.decode_mask(got["mask"]).shape == (128, 256)
     assert meta["models"][0]["image_size"] == list(WIDE)

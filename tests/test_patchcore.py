@@ -213,6 +213,7 @@ def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
         assert result.patches == len(fit) * 64 and info["images"] == len(fit) and result.exact
         assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
         assert len(info["workers"]) == workers and info["coreset"]["bank_size"] == result.bank.shape[0]
+        assert info["decode_in_actors"]  # as PADIM's fit on a node of few CPUs (the session's Ray has 4)
         maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
         auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
         banks[workers] = {tuple(row) for row in result.bank.tolist()}

@@ -30,6 +30,7 @@ import pytest
 from bad_images import eps_bytes, header_only_png, psd_bytes
 from PIL import Image
 from ray_cluster import free_ports
+from serving import deployed
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
@@ -496,8 +497,6 @@ def test_cli_serves_until_interrupted(serve_http, irs, images, tmp_path) -> None
 
 @pytest.fixture(scope="module")
 def server(serve_http, irs):
-    from distributed_anomaly.serve.server import start_server
-
     cfg = settings.AppConfig(
         models=[str(irs["washer"]), str(irs["tile"])],
         replicas=1,
@@ -507,12 +506,8 @@ def server(serve_http, irs):
         max_body_bytes=MAX_BODY,
         api_key=KEY,
     )
-    srv = start_server(cfg, "127.0.0.1", serve_http)
-    assert not srv.started_serve and not srv.started_ray  # Ray and Serve are the session's: joined
-    try:
+    with deployed(cfg, serve_http) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from serving import deployed
 
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
@@ -190,8 +191,6 @@ def images(demo_root: Path) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def server(serve_http, ir):
-    from distributed_anomaly.serve.server import start_server
-
     cfg = settings.AppConfig(
         models=[str(ir)],
         autoscale=(1, 2),
@@ -199,11 +198,8 @@ def server(serve_http, ir):
         cpus_per_replica=1,
         max_batch_size=4,
     )
-    srv = start_server(cfg, "127.0.0.1", serve_http)  # joins the session's Serve
-    try:
+    with deployed(cfg, serve_http) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -225,12 +225,14 @@ class FitTally:
 
 
 def fold_on_pool(
-    tally: FitTally, pool: tuple, udf: type, ctor_args: tuple, progress: bool, decode_in_actors: bool = False
-) -> None:
+    tally: FitTally, pool: tuple, udf: type, ctor_args: tuple, progress: bool, decode_in_actors: bool | None = None
+) -> bool:
     """Run the fit's pipeline (pool: image size, batch size, workers, CPUs per worker) with pool actors `udf`
-    (decoding their own images if `decode_in_actors`), accounting for every row in `tally`; checks that every
-    image came back."""
+    (decoding their own images if `decode_in_actors`; None: on nodes with few CPUs, pool.decode_in_actors_default),
+    accounting for every row in `tally`; checks that every image came back. Returns where decoding ran."""
     records, workers = tally.records, pool[2]
+    if decode_in_actors is None:
+        decode_in_actors = decode_in_actors_default()
     bar = Progress(len(records), f"fit {tally.model.lower()} (ray, {workers} workers)", progress)
     with pool_pipeline(records, *pool, udf, ctor_args, decode_in_actors) as batches:
         for out in batches:
@@ -240,6 +242,7 @@ def fold_on_pool(
     tally.check_complete()
     if tally.skipped:
         warn(f"{len(tally.skipped)} of {len(records)} training images were unreadable and left out of the fit")
+    return decode_in_actors
 
 
 def fit_padim_ray(
@@ -277,13 +280,11 @@ def fit_padim_ray(
     model.eval()
     acc = engine.empty_stats(model)
     threads = default_threads(cpus_per_worker, threads_per_worker)
-    if decode_in_actors is None:
-        decode_in_actors = decode_in_actors_default()
     dtype = str(acc.dtype).replace("torch.", "")
     with partial_registry(NodePartials, model.n_positions, model.n_features, dtype, threads) as registry:
         udf, args = _pool_actor(model, registry, threads, runtime, precision)
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
-        fold_on_pool(tally, pool, udf, args, progress, decode_in_actors)
+        decode_in_actors = fold_on_pool(tally, pool, udf, args, progress, decode_in_actors)
         _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
     model.set_gaussian(acc)
     return acc, tally.info(

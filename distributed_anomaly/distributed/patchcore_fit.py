@@ -115,9 +115,11 @@ def fit_patchcore_ray(
     runtime: str = DEFAULT_RUNTIME,
     chunk_patches: int = CHUNK_PATCHES,
     precision: str = "f32",
+    decode_in_actors: bool | None = None,
 ) -> tuple[CoresetResult, dict]:
     """PatchCore's memory bank on a Ray cluster (Ray initialised: see ensure_ray): per-worker streaming coresets
-    merged by one greedy pass here. Sets the model's bank; returns (result, info) with info as fit_padim_ray's."""
+    merged by one greedy pass here. Sets the model's bank; returns (result, info); the arguments and info as
+    fit_padim_ray's."""
     if not records:
         raise UserError("PatchCore needs at least 1 training image")
     require_ray()
@@ -126,13 +128,14 @@ def fit_patchcore_ray(
     model.eval()
     threads = default_threads(cpus_per_worker, threads_per_worker)
     payload = ray.put(model_payload(model, with_gaussian=False))
-    args = (model.coreset_ratio, model.n_features, model.seed, chunk_patches, threads)
-    with partial_registry(NodeCoresets, *args) as registry:
+    store_args = (model.coreset_ratio, model.n_features, model.seed, chunk_patches, threads)
+    with partial_registry(NodeCoresets, *store_args) as registry:
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
-        fold_on_pool(tally, pool, PatchCoreEmbedder, (payload, registry, threads, runtime, precision), progress)
+        args = (payload, registry, threads, runtime, precision)
+        decode_in_actors = fold_on_pool(tally, pool, PatchCoreEmbedder, args, progress, decode_in_actors)
         parts = _gather(registry, tally, model.n_positions)
     with torch.inference_mode():
         result = merge_candidates(parts, model.coreset_ratio, model.projection())
     model.set_bank(result.bank)
     images = sum(tally.rows_per_worker.values())
-    return result, tally.info(images, coreset=result.summary())
+    return result, tally.info(images, coreset=result.summary(), decode_in_actors=decode_in_actors)

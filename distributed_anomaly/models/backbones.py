@@ -17,7 +17,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from distributed_anomaly.data.sizes import ImageSize, as_hw, size_text
+from distributed_anomaly.data.sizes import ImageSize, as_hw, canonical, size_text
 from distributed_anomaly.errors import UserError, WeightsUnavailableError
 from distributed_anomaly.models.specs import DEFAULT_BACKBONE, BackboneSpec, get_spec, validate_layers
 
@@ -149,3 +149,28 @@ def offline_mobilenet_weights() -> Path | None:
         return None
     path = Path(next(iter(found.submodule_search_locations))) / "weights" / "mobilenet_v2-b0353104.pth"
     return path if path.is_file() else None
+
+
+class FrozenBackboneModel(nn.Module):
+    """What PADIM and PatchCore share: a frozen FeatureExtractor (eval mode, no gradients), the input size and the
+    grid of patch positions its first tap gives at that size."""
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str] | None,
+        image_size: ImageSize,
+        *,
+        pretrained: bool,
+        weights_file: str | os.PathLike | None,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
+        self.extractor.eval().requires_grad_(False)
+        self.image_size = canonical(image_size)
+        self.grid = self.extractor.patch_grid(image_size)
+
+    @property
+    def n_positions(self) -> int:
+        return self.grid[0] * self.grid[1]

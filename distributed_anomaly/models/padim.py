@@ -14,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from distributed_anomaly.data.sizes import ImageSize, canonical
-from distributed_anomaly.models.backbones import FeatureExtractor, get_spec
+from distributed_anomaly.data.sizes import ImageSize
+from distributed_anomaly.models.backbones import FrozenBackboneModel, get_spec
 from distributed_anomaly.models.specs import check_n_features
 from distributed_anomaly.stats import COVARIANCE_EPS, GaussianStats
 
@@ -91,7 +90,7 @@ def mahalanobis_blocks(dev: torch.Tensor, blocks: list[tuple[int, torch.Tensor]]
     return dist.sqrt().transpose(0, 1)
 
 
-class Padim(nn.Module):
+class Padim(FrozenBackboneModel):
     """Feature extractor + random channel index + per-position Gaussian (mean, inverse covariance)."""
 
     def __init__(
@@ -105,27 +104,17 @@ class Padim(nn.Module):
         weights_file: str | os.PathLike | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        spec = get_spec(backbone)
-        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
-        self.extractor.eval().requires_grad_(False)
-        self.image_size = canonical(image_size)
-        self.grid = self.extractor.patch_grid(image_size)
+        super().__init__(backbone, layers, image_size, pretrained=pretrained, weights_file=weights_file, seed=seed)
         n_total = sum(self.extractor.channels)
-        n_features = n_features if n_features is not None else min(spec.default_n_features, n_total)
+        n_features = n_features if n_features is not None else min(get_spec(backbone).default_n_features, n_total)
         self.n_features = check_n_features(n_features, n_total, self.extractor.layers, backbone)
         generator = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n_total, generator=generator)[: self.n_features].sort().values
         # Stored as buffers so a saved model repeats its channel choice exactly.
         self.register_buffer("idx", idx)
-        n_pos = self.grid[0] * self.grid[1]
-        self.register_buffer("mean", torch.zeros(n_pos, self.n_features))
-        self.register_buffer("inv_cov", torch.zeros(n_pos, self.n_features, self.n_features))
+        self.register_buffer("mean", torch.zeros(self.n_positions, self.n_features))
+        self.register_buffer("inv_cov", torch.zeros(self.n_positions, self.n_features, self.n_features))
         self.register_load_state_dict_post_hook(Padim._refresh_head)
-
-    @property
-    def n_positions(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, n_features, P) embeddings."""

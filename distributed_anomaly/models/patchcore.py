@@ -23,10 +23,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from distributed_anomaly.data.sizes import ImageSize, canonical
-from distributed_anomaly.models.backbones import FeatureExtractor
+from distributed_anomaly.data.sizes import ImageSize
+from distributed_anomaly.models.backbones import FrozenBackboneModel
 from distributed_anomaly.models.coreset import projection
 from distributed_anomaly.models.padim import gaussian_blur
 from distributed_anomaly.models.specs import (
@@ -68,7 +67,7 @@ def nearest(x: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return best.clamp_min(0), index
 
 
-class PatchCore(nn.Module):
+class PatchCore(FrozenBackboneModel):
     """Feature extractor + channel pooling + memory bank (set by a fit: `set_bank`)."""
 
     def __init__(
@@ -84,13 +83,8 @@ class PatchCore(nn.Module):
         weights_file: str | os.PathLike | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        spec = get_spec(backbone)
-        layers = tuple(layers or default_layers(spec, "patchcore"))
-        self.extractor = FeatureExtractor(backbone, layers, pretrained=pretrained, weights_file=weights_file, seed=seed)
-        self.extractor.eval().requires_grad_(False)
-        self.image_size = canonical(image_size)
-        self.grid = self.extractor.patch_grid(image_size)
+        layers = tuple(layers or default_layers(get_spec(backbone), "patchcore"))
+        super().__init__(backbone, layers, image_size, pretrained=pretrained, weights_file=weights_file, seed=seed)
         n_total = sum(self.extractor.channels)
         n_features = n_features if n_features is not None else patchcore_dim(n_total)
         self.n_features = check_n_features(n_features, n_total, self.extractor.layers, backbone)
@@ -100,10 +94,6 @@ class PatchCore(nn.Module):
         pool = channel_pool(n_total, self.n_features) if self.n_features < n_total else None
         self.register_buffer("pool", pool, persistent=False)  # derived from the shapes: never stored
         self.register_buffer("memory_bank", torch.zeros(0, self.n_features))
-
-    @property
-    def n_positions(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def projection(self) -> torch.Tensor | None:
         """The coreset's seeded random projection for this embedding dimension."""
