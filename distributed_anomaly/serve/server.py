@@ -113,9 +113,6 @@ def serve_client():
         return None
 
 
-_serve_client = serve_client  # the name the tests knew
-
-
 def _local_cpus(config: AppConfig) -> int:
     """Logical CPUs of the local Ray `serve` starts: enough for every replica, up to autoscale's MAX
     (distributed.cpus)."""
