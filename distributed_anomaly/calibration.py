@@ -34,6 +34,23 @@ def in_process_scorer(
     )
 
 
+def scored_once(score: Scorer, records: Sequence[Record], what: str = "score") -> Scorer:
+    """`score` run once over `records` (each path once); the returned scorer answers any subset of them from
+    that pass. On Ray each call of a scorer starts a pool (processes, imports, the model): calibration and
+    test then cost one start, not two."""
+    unique = list({r.path: r for r in records}.values())
+    maps = score(unique, what)
+    row = {r.path: i for i, r in enumerate(unique)}
+
+    def answer(subset: Sequence[Record], _what: str) -> np.ndarray:
+        missing = [r.path for r in subset if r.path not in row]
+        if missing:
+            raise KeyError(f"{missing[0]} was not in the scored records ({len(missing)} missing)")
+        return maps[[row[r.path] for r in subset]]
+
+    return answer
+
+
 def calibrate(
     model,
     cfg: ModelConfig,

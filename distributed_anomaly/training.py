@@ -14,7 +14,7 @@ import numpy as np
 
 from distributed_anomaly import engine, rundir
 from distributed_anomaly import storage as shared
-from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model, in_process_scorer
+from distributed_anomaly.calibration import Scorer, calibrate, evaluate_model, in_process_scorer, scored_once
 from distributed_anomaly.config import (
     DEFAULT_RUNTIME,
     FROZEN_FIT_MODELS,
@@ -133,12 +133,12 @@ def _calibrate_and_evaluate(model, cfg: ModelConfig, tcfg: TrainConfig, run: Exe
         logger.warning(
             "--calibrate-on-test fits thresholds on the test images; threshold-dependent metrics are optimistic"
         )
-    score = (
-        _ray_scorer(model, cfg, tcfg, run, progress)
-        if run.uses_ray
-        else in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime, run.precision)
-    )
-    post = calibrate(model, cfg, tcfg, test if tcfg.calibrate_on_test else val, fit_records, progress, score)
+    calib = test if tcfg.calibrate_on_test else val
+    if run.uses_ray:  # one pool for both splits (calibrate scores the training images when there is no calib)
+        score = scored_once(_ray_scorer(model, cfg, tcfg, run, progress), [*(calib or fit_records), *test])
+    else:
+        score = in_process_scorer(model, cfg.image_size, tcfg.batch_size, progress, run.runtime, run.precision)
+    post = calibrate(model, cfg, tcfg, calib, fit_records, progress, score)
     metrics, maps, masks = evaluate_model(model, cfg, post, test, tcfg.batch_size, progress, score)
     return post, metrics, maps, masks
 

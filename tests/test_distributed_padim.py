@@ -71,17 +71,6 @@ def test_ray_fit_equals_in_process_fit(ray_local, train_records, reference, work
     assert f"{len(train_records)}/{len(train_records)} images" in err and "images/s" in err  # progress line
 
 
-def test_ray_anomaly_maps_equal_in_process_maps(ray_local, demo_category, reference):
-    from distributed_anomaly.distributed import anomaly_maps_ray
-
-    _, model = reference
-    test = records_of_split(load_category(demo_category), "test")
-    maps = anomaly_maps_ray(model, test, 64, batch_size=4, workers=2, progress=False)
-    expected = engine.anomaly_maps(model, test, 64, batch_size=4, progress=False)
-    assert maps.shape == (len(test), 64, 64)
-    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-5)  # same order as the records
-
-
 def test_models_travel_as_constructor_args_plus_state_dict():
     """What the actors rebuild from (no weight download) computes exactly what the driver's model computes."""
     from distributed_anomaly.distributed.payload import build_from_payload, model_payload
@@ -193,10 +182,23 @@ def test_two_node_cluster_fit_equals_in_process(two_nodes, train_records, demo_c
     assert rel_err(m2 / (len(train_records) - 1), ref_stats.covariance()) < RTOL
 
 
-def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path):
-    """`train --workers 2`: Ray Data fit, calibration and test scoring give the in-process run's model and metrics."""
+def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, monkeypatch):
+    """`train --workers 2`: Ray Data fit, calibration and test scoring give the in-process run's model and metrics.
+    Calibration and test images are scored in one Ray Data pass (one pool start), whose maps, in record order,
+    are the ones the run's model computes in this process."""
     from distributed_anomaly import rundir
     from distributed_anomaly.cli import main
+    from distributed_anomaly.distributed import scoring
+
+    passes = []
+    real = scoring.anomaly_maps_ray
+
+    def recorded(model, records, *args, **kwargs):
+        maps = real(model, records, *args, **kwargs)
+        passes.append((list(records), maps))
+        return maps
+
+    monkeypatch.setattr(scoring, "anomaly_maps_ray", recorded)
 
     common = [
         "train",
@@ -215,6 +217,12 @@ def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path):
         assert on_ray[key] == pytest.approx(local[key], abs=1e-6), key
     _, _, info = rundir.load_config(tmp_path / "ray")
     assert info["ray"] and info["images_counted"] == info["num_train_images"]
+    assert len(passes) == 1 and info["num_val_images"] > 0
+    records, maps = passes[0]
+    assert len(records) == info["num_val_images"] + on_ray["num_test_images"]
+    cfg, model, _ = rundir.load_model(tmp_path / "ray")
+    expected = engine.anomaly_maps(model, records, cfg.image_size, batch_size=5, progress=False)
+    np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-5)
     assert info["ray_fit"]["num_skipped"] == 0
     assert sum(w["images"] for w in info["ray_fit"]["workers"]) == info["num_train_images"]
     post_local = json.loads((tmp_path / "local" / rundir.POSTPROCESS).read_text())

@@ -107,3 +107,25 @@ def test_normal_only_masks_keep_the_core_of_the_response() -> None:
     assert pred.label == 1 and pred.mask.sum() == 1 and pred.boxes[:, :4].tolist() == [[4, 4, 5, 5]]
     labelled = fit_postprocessor(np.array([0.1, 0.9]), np.array([0, 1], bool), np.ones((2, 4, 4)))
     assert labelled.mask_peak_fraction == 0.0  # F1-optimal thresholds already say where to cut
+
+
+def test_scored_once_answers_each_split_from_one_pass() -> None:
+    """Calibration and test maps from one scoring pass (one Ray pool start): each path scored once, any subset
+    answered in its own order, an unscored record refused."""
+    from distributed_anomaly.calibration import scored_once
+    from distributed_anomaly.data.mvtec import Record
+
+    records = [Record(f"/img/{i}.png", "test", i % 2, "good", "c") for i in range(5)]
+    calls = []
+
+    def score(recs, what):
+        calls.append(([r.path for r in recs], what))
+        return np.stack([np.full((2, 2), float(r.path[5]), np.float32) for r in recs])
+
+    answer = scored_once(score, [*records[:2], *records[1:]])  # records[1] in both splits: scored once
+    assert calls == [([r.path for r in records], "score")]
+    assert answer([records[3], records[0]], "evaluate")[:, 0, 0].tolist() == [3.0, 0.0]
+    assert answer([], "evaluate").shape == (0, 2, 2)
+    with pytest.raises(KeyError, match="/img/9.png"):
+        answer([Record("/img/9.png", "test", 0, "good", "c")], "evaluate")
+    assert len(calls) == 1
