@@ -3,7 +3,8 @@
 * demo data (`demo_root`, `demo_category`) and the offline MobileNetV2 weights (`mobilenet_weights`);
 * trained runs and their OpenVINO exports, shared by every file that only reads them: `padim_run` (PADIM,
   MobileNetV2, 128 px, trained through the CLI), `stfpm_run` (STFPM, MobileNetV2, 64 px, one epoch) and
-  `exports(model, precision)`. They are read-only: a test that changes a run copies it first (`copy_run`);
+  `exports(model, precision)`, and `serving_irs` (two small PADIM exports the Serve tests deploy). They are
+  read-only: a test that changes a run copies it first (`copy_run`);
 * `ray_local`: one local Ray for the session (4 logical CPUs whatever the machine has), used by the Ray, Serve
   and Tune tests, including the `tune` CLI subprocesses, which join it;
 * `two_nodes`: one two-node Ray cluster (tests/ray_cluster.py) for the session's multi-node tests, up (both
@@ -47,6 +48,7 @@ FIXTURE_MARKERS = {
     "padim_run": "slow",
     "stfpm_run": "slow",
     "exports": "slow",
+    "serving_irs": "slow",
 }
 
 
@@ -98,6 +100,8 @@ def demo_category(demo_root: Path) -> Path:
 
 
 # --- trained runs and exports, shared across files (read-only: copy_run before changing one) ---
+
+SERVING_SIZE = 64  # serving_irs' image size
 
 # A PADIM small enough for a run per test: seeded random resnet18, two taps, 20 features, 64 px.
 TINY_PADIM_TRAIN_ARGS = [
@@ -181,6 +185,24 @@ def exports(padim_run: Path, stfpm_run: Path, tmp_path_factory: pytest.TempPathF
 
     get.runs = runs
     return get
+
+
+@pytest.fixture(scope="session")
+def serving_irs(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> dict[str, Path]:
+    """{washer, tile}: PADIM on resnet18 (random seeded weights, layer1+layer2) at 64 px, exported fp32 -- the
+    small models the Serve tests deploy (read-only, like the runs above)."""
+    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly.export import export_run
+    from distributed_anomaly.training import train
+
+    root = tmp_path_factory.mktemp("serving_irs")
+    out = {}
+    for cat in ("washer", "tile"):
+        run = root / "runs" / cat
+        model = ModelConfig("padim", "resnet18", ("layer1", "layer2"), image_size=SERVING_SIZE)
+        train(demo_root / cat, run, model, TrainConfig(pretrained=False), progress=False)
+        out[cat] = export_run(run, root / "ir" / cat)
+    return out
 
 
 # --- Ray: one local cluster per test session (only started if a test asks for it), shut down at the end. ---

@@ -28,22 +28,20 @@ import httpx
 import numpy as np
 import pytest
 from bad_images import eps_bytes, header_only_png, psd_bytes
+from conftest import SERVING_SIZE
 from PIL import Image
 from ray_cluster import free_ports
 from serving import deployed
 
-from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.export import export_run
 from distributed_anomaly.inference import OpenVINOInferencer
 from distributed_anomaly.irformat import BIN_SHA256, FORMAT
 from distributed_anomaly.postprocess import PostProcessor
 from distributed_anomaly.runner import predict_images
 from distributed_anomaly.serve import registry, requests, responses, settings
-from distributed_anomaly.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 64
+SIZE = SERVING_SIZE  # the image size of conftest.serving_irs
 KEY = "test-key-123"
 MAX_BODY = 1_000_000  # the integration server's limit (the default, 20 MB, is checked in the unit tests)
 
@@ -353,21 +351,9 @@ def test_server_start_checks() -> None:
 
 
 @pytest.fixture(scope="module")
-def irs(tmp_path_factory, demo_root: Path) -> dict[str, Path]:
-    """washer and tile: PADIM on resnet18 (random seeded weights) at 64 px, exported fp32."""
-    root = tmp_path_factory.mktemp("serve")
-    out = {}
-    for cat in ("washer", "tile"):
-        run = root / "runs" / cat
-        train(
-            demo_root / cat,
-            run,
-            ModelConfig("padim", "resnet18", ("layer1", "layer2"), image_size=SIZE),
-            TrainConfig(pretrained=False),
-            progress=False,
-        )
-        out[cat] = export_run(run, root / "ir" / cat)
-    return out
+def irs(serving_irs) -> dict[str, Path]:
+    """washer and tile: PADIM on resnet18 (random seeded weights) at 64 px, exported fp32 (conftest's)."""
+    return serving_irs
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import SERVING_SIZE
 from serving import deployed
 
-from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.config import TrainConfig
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.fileio import read_json
 from distributed_anomaly.postprocess import PostProcessor, fit_postprocessor, threshold_for_fpr
 from distributed_anomaly.serve import live, operating, requests, settings
 
-SIZE = 64
+SIZE = SERVING_SIZE  # the image size of conftest.serving_irs
 METRICS_TIMEOUT_S = 60.0  # Ray exports a worker's metrics every few seconds; a loaded machine is slower
 
 
@@ -171,15 +172,9 @@ def test_grafana_dashboard_plots_our_metrics() -> None:
 
 
 @pytest.fixture(scope="module")
-def ir(tmp_path_factory, demo_root: Path) -> Path:
-    """PADIM on resnet18 (random seeded weights) at 64 px on the demo washer, exported fp32."""
-    from distributed_anomaly.export import export_run
-    from distributed_anomaly.training import train
-
-    root = tmp_path_factory.mktemp("serve_ops")
-    model = ModelConfig("padim", "resnet18", ("layer1", "layer2"), image_size=SIZE)
-    train(demo_root / "washer", root / "run", model, TrainConfig(pretrained=False), progress=False)
-    return export_run(root / "run", root / "washer")
+def ir(serving_irs) -> Path:
+    """PADIM on resnet18 (random seeded weights) at 64 px on the demo washer, exported fp32 (conftest's)."""
+    return serving_irs["washer"]
 
 
 @pytest.fixture(scope="module")
