@@ -37,7 +37,8 @@ def in_process_scorer(
 def scored_once(score: Scorer, records: Sequence[Record], what: str = "score") -> Scorer:
     """`score` run once over `records` (each path once); the returned scorer answers any subset of them from
     that pass. On Ray each call of a scorer starts a pool (processes, imports, the model): calibration and
-    test then cost one start, not two."""
+    test then cost one start, not two. The price: both splits' maps are held together (a split asked for in
+    the order it was scored is a view, not a copy)."""
     unique = list({r.path: r for r in records}.values())
     maps = score(unique, what)
     row = {r.path: i for i, r in enumerate(unique)}
@@ -46,7 +47,10 @@ def scored_once(score: Scorer, records: Sequence[Record], what: str = "score") -
         missing = [r.path for r in subset if r.path not in row]
         if missing:
             raise KeyError(f"{missing[0]} was not in the scored records ({len(missing)} missing)")
-        return maps[[row[r.path] for r in subset]]
+        rows = [row[r.path] for r in subset]
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            return maps[rows[0] : rows[0] + len(rows)]
+        return maps[rows]
 
     return answer
 

@@ -125,6 +125,8 @@ def test_scored_once_answers_each_split_from_one_pass() -> None:
     answer = scored_once(score, [*records[:2], *records[1:]])  # records[1] in both splits: scored once
     assert calls == [([r.path for r in records], "score")]
     assert answer([records[3], records[0]], "evaluate")[:, 0, 0].tolist() == [3.0, 0.0]
+    in_order = answer(records[1:4], "evaluate")
+    assert in_order[:, 0, 0].tolist() == [1.0, 2.0, 3.0] and in_order.base is not None  # a view of the pass
     assert answer([], "evaluate").shape == (0, 2, 2)
     with pytest.raises(KeyError, match="/img/9.png"):
         answer([Record("/img/9.png", "test", 0, "good", "c")], "evaluate")
