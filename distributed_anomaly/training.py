@@ -56,10 +56,12 @@ def _maybe_ray(run: Execution, model: str):
     """The Ray session a run needs: none in process; a local Ray sized to the fit; or the cluster at the address."""
     if not run.uses_ray:
         return contextlib.nullcontext()
+    import ray
+
     from distributed_anomaly.distributed.ray_setup import ray_session
 
     num_cpus = None
-    if not run.address:
+    if not run.address and not ray.is_initialized():  # else this process's Ray is used, whatever its size
         num_cpus = local_ray_cpus(model, run.workers)
         logger.info(
             f"starting a local Ray with {num_cpus} logical CPUs for {max(run.workers, 1)} worker(s) and "

@@ -182,10 +182,11 @@ def test_two_node_cluster_fit_equals_in_process(two_nodes, train_records, demo_c
     assert rel_err(m2 / (len(train_records) - 1), ref_stats.covariance()) < RTOL
 
 
-def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, monkeypatch):
+def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, monkeypatch, capsys):
     """`train --workers 2`: Ray Data fit, calibration and test scoring give the in-process run's model and metrics.
     Calibration and test images are scored in one Ray Data pass (one pool start), whose maps, in record order,
-    are the ones the run's model computes in this process."""
+    are the ones the run's model computes in this process. The command uses this process's Ray, and does not
+    claim to start one."""
     from distributed_anomaly import rundir
     from distributed_anomaly.cli import main
     from distributed_anomaly.distributed import scoring
@@ -210,7 +211,9 @@ def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, 
         "--quiet",
     ]
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    assert "starting a local Ray" not in capsys.readouterr().err
     local = json.loads((tmp_path / "local" / rundir.METRICS).read_text())
     on_ray = json.loads((tmp_path / "ray" / rundir.METRICS).read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1"):
