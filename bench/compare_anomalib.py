@@ -245,6 +245,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--models", nargs="+", default=["padim", "stfpm"], choices=("padim", "stfpm", "patchcore"))
     add("--epochs", type=int, default=10, help="STFPM epochs, the same for both tools (default 10)")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2], help="STFPM seeds (PADIM and PatchCore use the first)")
+    add(
+        "--seeds-all-models",
+        action="store_true",
+        help="PADIM and PatchCore run every --seeds too (their channel subset, coreset start and projection are "
+        "seeded): the parity table then averages them as it does STFPM's",
+    )
     add("--n-features", type=int, default=100, help="PADIM channel subset for both tools")
     add("--coreset-ratio", type=float, default=0.1, help="PatchCore bank share of the patches, both tools")
     add("--num-neighbors", type=int, default=9, help="PatchCore image-score reweighting neighbours, both tools")
@@ -299,7 +305,7 @@ def all_pairs(a: argparse.Namespace, apy: Path, datas: list[Path], weights: dict
         for bb in a.backbone:
             for model in ("padim", "patchcore", "stfpm"):
                 if model in a.models:
-                    for seed in a.seeds if model == "stfpm" else a.seeds[:1]:
+                    for seed in a.seeds if model == "stfpm" or a.seeds_all_models else a.seeds[:1]:
                         rows += run_pair(a, apy, data, model, bb, weights[bb], seed, work, gt)
     return rows
 
