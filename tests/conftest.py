@@ -2,7 +2,8 @@
 
 * demo data (`demo_root`, `demo_category`) and the offline MobileNetV2 weights (`mobilenet_weights`);
 * trained runs and their OpenVINO exports, shared by every file that only reads them: `padim_run` (PADIM,
-  MobileNetV2, 128 px, trained through the CLI), `stfpm_run` (STFPM, MobileNetV2, 64 px, one epoch) and
+  MobileNetV2, 128 px, trained through the CLI), `stfpm_run` (STFPM, MobileNetV2, 64 px, one epoch),
+  `patchcore_run` (PatchCore, MobileNetV2, 64 px) and
   `exports(model, precision)`, and `serving_irs` (two small PADIM exports the Serve tests deploy). They are
   read-only: a test that changes a run copies it first (`copy_run`);
 * `ray_local`: one local Ray for the session (4 logical CPUs whatever the machine has), used by the Ray, Serve
@@ -47,6 +48,7 @@ FIXTURE_MARKERS = {
     "chromium": "browser",
     "padim_run": "slow",
     "stfpm_run": "slow",
+    "patchcore_run": "slow",
     "exports": "slow",
     "serving_irs": "slow",
 }
@@ -163,6 +165,19 @@ def stfpm_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mob
         TrainConfig(epochs=1, weights_file=str(mobilenet_weights)),
         progress=False,
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def patchcore_run(tmp_path_factory: pytest.TempPathFactory, demo_category: Path, mobilenet_weights: Path) -> Path:
+    """`train` of PatchCore on MobileNetV2 (offline ImageNet weights) at 64 px on the demo washer: test_patchcore
+    reads it, test_cluster_fits fits its model again on Ray."""
+    from distributed_anomaly.config import ModelConfig, TrainConfig
+    from distributed_anomaly.training import train
+
+    out = tmp_path_factory.mktemp("shared_runs") / "patchcore"
+    cfg = ModelConfig("patchcore", "mobilenet_v2", image_size=64)
+    train(demo_category, out, cfg, TrainConfig(weights_file=str(mobilenet_weights)), progress=False)
     return out
 
 

@@ -1,40 +1,26 @@
 """Distributed PADIM: Ray Data shards the images, workers accumulate exact Gaussian statistics.
 
 The Ray fit must give the in-process engine.fit_padim's Gaussians (to float64 rounding) for any number of
-workers and batch size, count every image exactly once, stop on a corrupt image with a message naming it
-(or skip it when asked, saying so), and work across real nodes (a 2-node `ray start` cluster with token
-authentication, driven from a subprocess).
+workers and batch size, count every image exactly once, and stop on a corrupt image with a message naming it
+(or skip it when asked, saying so). Across real nodes: test_cluster_fits.py.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_PADIM_TRAIN_ARGS
+from fits import RTOL, rel_err, tiny_padim
 
 from distributed_anomaly import engine
 from distributed_anomaly.data.mvtec import Record, load_category, records_of_split
 from distributed_anomaly.errors import ImageReadError
 from distributed_anomaly.models.padim import Padim
-
-RTOL = 1e-6
-
-
-def tiny_padim() -> Padim:
-    return Padim("resnet18", ["layer1", "layer2"], n_features=20, image_size=64, pretrained=False, seed=0)
-
-
-def rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -131,55 +117,6 @@ def test_skip_corrupt_skips_with_warning_and_counts(ray_local, corrupt_records, 
 
 
 # ----------------------------------------------------------------------------------------- two real nodes
-
-DRIVER = textwrap.dedent("""
-    import json, sys, time
-    import numpy as np, ray
-    from distributed_anomaly.data.mvtec import load_category, records_of_split
-    from distributed_anomaly.distributed import ensure_ray, fit_padim_ray
-    from distributed_anomaly.models.padim import Padim
-
-    address, data, out = sys.argv[1:4]
-    ensure_ray(address)
-    deadline = time.monotonic() + 120
-    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-        assert time.monotonic() < deadline, "second node never joined"
-        time.sleep(0.5)
-    train = records_of_split(load_category(data), "train")
-    model = Padim("resnet18", ["layer1", "layer2"], n_features=20, image_size=64, pretrained=False, seed=0)
-    # 2 CPUs per worker on 3-CPU nodes: each node can hold only one pool actor, so both nodes must work.
-    stats, info = fit_padim_ray(model, train, batch_size=3, workers=2, cpus_per_worker=2, threads_per_worker=1,
-                                progress=False)
-    np.savez(out + "/stats.npz", mean=stats.mean.numpy(), m2=stats.m2.numpy(), count=stats.count)
-    info["cluster_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    json.dump(info, open(out + "/info.json", "w"))
-    ray.shutdown()
-""")
-
-
-@pytest.mark.slow
-def test_two_node_cluster_fit_equals_in_process(two_nodes, train_records, demo_category, reference, tmp_path):
-    # The driver gets only the token: ensure_ray must turn token mode on itself (Ray does not, for an
-    # explicit address).
-    driver = subprocess.run(
-        [sys.executable, "-c", DRIVER, two_nodes.address, str(demo_category), str(tmp_path)],
-        env=two_nodes.client_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    info = json.loads((tmp_path / "info.json").read_text())
-    saved = np.load(tmp_path / "stats.npz")
-
-    ref_stats, _ = reference
-    assert int(saved["count"]) == info["images"] == len(train_records)
-    assert len(info["cluster_nodes"]) == 2
-    assert sorted(info["nodes"]) == sorted(info["cluster_nodes"])  # both nodes ran a worker ...
-    assert len(info["workers"]) == 2 and all(w["images"] > 0 for w in info["workers"])  # ... that did work
-    mean, m2 = torch.from_numpy(saved["mean"]), torch.from_numpy(saved["m2"])
-    assert rel_err(mean, ref_stats.mean) < RTOL
-    assert rel_err(m2 / (len(train_records) - 1), ref_stats.covariance()) < RTOL
 
 
 def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed_anomaly import engine, metrics, rundir
-from distributed_anomaly.config import ModelConfig, TrainConfig
+from distributed_anomaly.config import ModelConfig
 from distributed_anomaly.data.dataset import load_dataset
 from distributed_anomaly.data.images import read_image, to_tensor
 from distributed_anomaly.data.mvtec import records_of_split
@@ -22,7 +22,6 @@ from distributed_anomaly.errors import UserError
 from distributed_anomaly.models import coreset, patchcore
 from distributed_anomaly.models.coreset import StreamingCoreset, coverage_radius, greedy_coreset, merge_candidates
 from distributed_anomaly.models.patchcore import PatchCore, channel_pool, nearest
-from distributed_anomaly.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -132,29 +131,15 @@ def test_options_are_checked() -> None:
     assert ModelConfig("patchcore").layers == ("layer2", "layer3")
 
 
-@pytest.fixture(scope="module")
-def fitted(demo_category: Path, mobilenet_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`train` of PatchCore on MobileNetV2 (ImageNet weights) at 64 px on the demo washer."""
-    out = tmp_path_factory.mktemp("patchcore") / "run"
-    train(
-        demo_category,
-        out,
-        ModelConfig("patchcore", "mobilenet_v2", image_size=SIZE),
-        TrainConfig(weights_file=str(mobilenet_weights)),
-        progress=False,
-    )
-    return out
-
-
 @pytest.mark.slow
-def test_fit_end_to_end_and_runtimes_agree(fitted: Path, demo_category: Path) -> None:
-    info = json.loads((fitted / "config.json").read_text())["info"]
+def test_fit_end_to_end_and_runtimes_agree(patchcore_run: Path, demo_category: Path) -> None:
+    info = json.loads((patchcore_run / "config.json").read_text())["info"]
     bank = info["coreset"]
     # 21 training images x 8 x 8 patches, 10 % of them, the exact greedy coreset (one chunk).
     assert bank["patches"] == info["num_train_images"] * 64 and bank["exact"]
     assert bank["bank_size"] == math.ceil(0.1 * bank["patches"])
-    assert json.loads((fitted / "metrics.json").read_text())["image_auroc"] >= 0.9
-    _, model, _ = rundir.load_model(fitted)
+    assert json.loads((patchcore_run / "metrics.json").read_text())["image_auroc"] >= 0.9
+    _, model, _ = rundir.load_model(patchcore_run)
     assert model.memory_bank.shape == (bank["bank_size"], 128)  # 32 + 96 channels, not pooled
     test = records_of_split(load_dataset(demo_category), "test")
     ov = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="openvino")
@@ -163,14 +148,14 @@ def test_fit_end_to_end_and_runtimes_agree(fitted: Path, demo_category: Path) ->
 
 
 @pytest.mark.slow
-def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category: Path, tmp_path: Path) -> None:
+def test_export_holds_the_bank_and_scores_like_torch(patchcore_run: Path, demo_category: Path, tmp_path: Path) -> None:
     import openvino as ov
 
     from distributed_anomaly.export import export_run
     from distributed_anomaly.inference import OpenVINOInferencer
     from distributed_anomaly.torch_runner import TorchRunner
 
-    ir = export_run(fitted, tmp_path / "ir")
+    ir = export_run(patchcore_run, tmp_path / "ir")
     meta = json.loads((ir / "metadata.json").read_text())
     assert meta["model"] == "patchcore" and meta["memory_bank"]["in_graph"] and meta["num_neighbors"] == 9
     graph = ov.Core().read_model(ir / "model.xml")
@@ -178,7 +163,7 @@ def test_export_holds_the_bank_and_scores_like_torch(fitted: Path, demo_category
     assert graph.get_rt_info(["model_info", "model_type"]).astype(str) == "AnomalyDetection"  # what Model API reads
     records = records_of_split(load_dataset(demo_category), "test")
     images = [read_image(r.path) for r in records]
-    ref = TorchRunner.from_run(fitted).raw_maps(to_tensor(images, SIZE))
+    ref = TorchRunner.from_run(patchcore_run).raw_maps(to_tensor(images, SIZE))
     got = OpenVINOInferencer(ir, num_threads=2).anomaly_maps(to_tensor(images, SIZE))
     assert np.abs(got - ref).max() <= 1e-3 * (ref.max() - ref.min())
     labels = np.array([r.label for r in records], dtype=bool)
@@ -194,34 +179,7 @@ def test_search_space_loads_and_every_combination_is_valid() -> None:
     space.validate()
 
 
-@pytest.mark.slow
-def test_ray_fit_with_one_or_two_workers_gives_banks_of_equal_quality(
-    ray_local, fitted: Path, demo_category: Path
-) -> None:
-    """Shard coresets on 1 and 2 Ray workers merged on the driver. The demo's patches fit in one chunk, so both
-    are the exact greedy coreset (the streaming reduction of shards is tested in process above). How the test
-    split is then scored on Ray Data: test_ray_scoring_actor_gives_the_in_process_maps."""
-    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
-
-    _, model, _ = rundir.load_model(fitted)
-    records = load_dataset(demo_category)
-    fit, test = records_of_split(records, "train"), records_of_split(records, "test")
-    labels = np.array([r.label for r in test], dtype=bool)
-    auroc, banks = {}, {}
-    for workers in (1, 2):
-        result, info = fit_patchcore_ray(model, fit, batch_size=4, workers=workers, progress=False)
-        assert result.patches == len(fit) * 64 and info["images"] == len(fit) and result.exact
-        assert result.bank.shape[0] == math.ceil(0.1 * result.patches)
-        assert len(info["workers"]) == workers and info["coreset"]["bank_size"] == result.bank.shape[0]
-        assert info["decode_in_actors"]  # as PADIM's fit on a node of few CPUs (the session's Ray has 4)
-        maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
-        auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
-        banks[workers] = {tuple(row) for row in result.bank.tolist()}
-    assert abs(auroc[1] - auroc[2]) <= 0.005
-    assert len(banks[1] & banks[2]) >= 0.95 * len(banks[1])  # the same set, but for float near-ties
-
-
-def test_ray_scoring_actor_gives_the_in_process_maps(fitted: Path, demo_category: Path) -> None:
+def test_ray_scoring_actor_gives_the_in_process_maps(patchcore_run: Path, demo_category: Path) -> None:
     """`train --workers N` scores PatchCore's test split on the Ray Data pool that scores PADIM's
     (distributed.scoring, tested on Ray in test_distributed_padim.py): its actor, rebuilt from the payload the
     driver puts in the object store (the bank travels in it), gives engine.anomaly_maps' nearest-neighbour maps,
@@ -229,7 +187,7 @@ def test_ray_scoring_actor_gives_the_in_process_maps(fitted: Path, demo_category
     from distributed_anomaly.distributed.payload import model_payload
     from distributed_anomaly.distributed.scoring import ModelScorer
 
-    _, model, _ = rundir.load_model(fitted)
+    _, model, _ = rundir.load_model(patchcore_run)
     test = records_of_split(load_dataset(demo_category), "test")[:5]
     want = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
     pixels = to_tensor([read_image(r.path) for r in test], SIZE).numpy()

@@ -1,0 +1,131 @@
+"""Fits on a real two-node Ray cluster (the session's `two_nodes`: `ray start` nodes with token authentication,
+3 logical CPUs each), each driven from a subprocess as a user's driver would be, with 2 CPUs per worker so that
+each node holds one pool actor and both must work: PADIM's statistics equal the in-process fit's; PatchCore's
+bank, built from the two nodes' shard coresets, scores like the one built on one worker. (Beside
+test_cluster_e2e.py, so the cluster's tests run one after the other and the cluster stops after them.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fits import RTOL, rel_err, tiny_padim
+
+from distributed_anomaly import engine, metrics, rundir
+from distributed_anomaly.data.dataset import load_dataset
+from distributed_anomaly.data.mvtec import records_of_split
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
+SIZE = 64  # conftest.patchcore_run's image size
+
+# Both drivers: connect (the driver gets only the token: ensure_ray must turn token mode on itself, Ray does not
+# for an explicit address), fit with 2 workers of 2 CPUs on the 3-CPU nodes, write the result and the fit's info
+# with the cluster's live nodes.
+PADIM_DRIVER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, ray
+    from fits import tiny_padim
+    from distributed_anomaly.data.dataset import load_dataset
+    from distributed_anomaly.data.mvtec import records_of_split
+    from distributed_anomaly.distributed import ensure_ray, fit_padim_ray
+
+    address, data, out = sys.argv[1:4]
+    ensure_ray(address)
+    train = records_of_split(load_dataset(data), "train")
+    stats, info = fit_padim_ray(tiny_padim(), train, batch_size=3, workers=2, cpus_per_worker=2,
+                                threads_per_worker=1, progress=False)
+    np.savez(out + "/stats.npz", mean=stats.mean.numpy(), m2=stats.m2.numpy(), count=stats.count)
+    info["cluster_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    json.dump(info, open(out + "/info.json", "w"))
+    ray.shutdown()
+""")
+
+PATCHCORE_DRIVER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, ray
+    from distributed_anomaly import rundir
+    from distributed_anomaly.data.dataset import load_dataset
+    from distributed_anomaly.data.mvtec import records_of_split
+    from distributed_anomaly.distributed import ensure_ray
+    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
+
+    address, run, data, out = sys.argv[1:5]
+    ensure_ray(address)
+    _, model, _ = rundir.load_model(run)
+    train = records_of_split(load_dataset(data), "train")
+    result, info = fit_patchcore_ray(model, train, batch_size=4, workers=2, cpus_per_worker=2,
+                                     threads_per_worker=1, progress=False)
+    np.save(out + "/bank.npy", result.bank.numpy())
+    info.update(exact=result.exact, patches=result.patches)
+    info["cluster_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    json.dump(info, open(out + "/info.json", "w"), default=str)
+    ray.shutdown()
+""")
+
+
+def _drive(script: str, cluster, *args: str | Path) -> dict:
+    """Run `script` as a driver of the two-node cluster; its info, after checking both nodes worked."""
+    out = Path(args[-1])
+    tests = str(Path(__file__).parent)  # the drivers import tests/fits.py
+    driver = subprocess.run(
+        [sys.executable, "-c", script, cluster.address, *map(str, args)],
+        env={**cluster.client_env, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    info = json.loads((out / "info.json").read_text())
+    assert len(info["cluster_nodes"]) == 2
+    assert sorted(info["nodes"]) == sorted(info["cluster_nodes"])  # both nodes ran a worker ...
+    assert len(info["workers"]) == 2 and all(w["images"] > 0 for w in info["workers"])  # ... that did work
+    return info
+
+
+def test_padim_fit_on_two_nodes_equals_in_process(two_nodes, demo_category: Path, tmp_path: Path) -> None:
+    train = records_of_split(load_dataset(demo_category), "train")
+    ref = engine.fit_padim(tiny_padim(), train, batch_size=8, progress=False)
+    info = _drive(PADIM_DRIVER, two_nodes, demo_category, tmp_path)
+    saved = np.load(tmp_path / "stats.npz")
+    assert int(saved["count"]) == info["images"] == len(train)
+    mean, m2 = torch.from_numpy(saved["mean"]), torch.from_numpy(saved["m2"])
+    assert rel_err(mean, ref.mean) < RTOL
+    assert rel_err(m2 / (len(train) - 1), ref.covariance()) < RTOL
+
+
+def test_patchcore_bank_from_two_nodes_scores_like_one_workers(
+    ray_local, two_nodes, patchcore_run: Path, demo_category: Path, tmp_path: Path
+) -> None:
+    """Shard coresets merged on the driver: 1 worker on this session's Ray, 2 across the two nodes. The demo's
+    patches fit in one chunk, so both are the exact greedy coreset (the streaming reduction of shards:
+    test_patchcore.py, in process). How the test split is then scored on Ray Data:
+    test_patchcore.py::test_ray_scoring_actor_gives_the_in_process_maps."""
+    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
+
+    _, model, _ = rundir.load_model(patchcore_run)
+    records = load_dataset(demo_category)
+    train, test = records_of_split(records, "train"), records_of_split(records, "test")
+    labels = np.array([r.label for r in test], dtype=bool)
+    result, info = fit_patchcore_ray(model, train, batch_size=4, workers=1, progress=False)
+    assert info["decode_in_actors"]  # as PADIM's fit on a node of few CPUs (the session's Ray has 4)
+    info.update(exact=result.exact, patches=result.patches)
+    across = _drive(PATCHCORE_DRIVER, two_nodes, patchcore_run, demo_category, tmp_path)
+    auroc, banks = {}, {}
+    for run, bank in ((info, result.bank), (across, torch.from_numpy(np.load(tmp_path / "bank.npy")))):
+        assert run["patches"] == len(train) * 64 and run["images"] == len(train) and run["exact"]
+        assert bank.shape[0] == math.ceil(0.1 * run["patches"]) == run["coreset"]["bank_size"]
+        model.set_bank(bank)
+        maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
+        workers = len(run["workers"])
+        auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
+        banks[workers] = {tuple(row) for row in bank.tolist()}
+    assert sorted(auroc) == [1, 2] and abs(auroc[1] - auroc[2]) <= 0.005
+    assert len(banks[1] & banks[2]) >= 0.95 * len(banks[1])  # the same set, but for float near-ties
