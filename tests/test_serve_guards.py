@@ -229,6 +229,8 @@ def test_the_application_is_built_with_queue_limits_and_health_checks(tmp_path: 
     for deployment in (ingress, model):
         assert deployment.max_queued_requests == 7
         assert deployment.backpressure_config.retry_after_s == settings.RETRY_AFTER_S
+        wait_loop = deployment._deployment_config.graceful_shutdown_wait_loop_s  # stops take 0.25 s, not 2 s
+        assert wait_loop == deployments.SHUTDOWN["graceful_shutdown_wait_loop_s"] < 2.0
     config = model._deployment_config
     assert config.health_check_period_s == deployments.HEALTH_CHECK["health_check_period_s"]
     assert config.health_check_timeout_s == deployments.HEALTH_CHECK["health_check_timeout_s"]

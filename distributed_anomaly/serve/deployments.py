@@ -67,6 +67,10 @@ MODEL_DEPLOYMENT = "AnomalyModel"
 # Serve's replica health check: every 10 s (Serve's default) a tiny inference; 3 failures in a row and Serve
 # replaces the replica. The timeout leaves room for a full batch queued ahead of the probe on 1 CPU.
 HEALTH_CHECK = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0}
+# A replica that stops (the application deleted or redeployed, autoscaling down) first waits for its ongoing
+# requests, sleeping this long before each check; Serve's default, 2 s, makes every stop of an idle replica take
+# 2 s. Requests in flight are still waited for (up to Serve's graceful_shutdown_timeout_s), checked more often.
+SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.25}
 
 # Ray Serve's own request-path settings, the replica half of its RAY_SERVE_THROUGHPUT_OPTIMIZED mode (direct
 # ingress left off: it would move the HTTP port): our code runs on the replica's event loop instead of a second
@@ -295,6 +299,7 @@ def build_app(config: AppConfig | Mapping[str, Any]):
         max_ongoing_requests=max(32, 4 * cfg.max_batch_size),
         **queue,
         **HEALTH_CHECK,
+        **SHUTDOWN,
     ).bind(
         models,
         cfg.max_batch_size,
@@ -313,7 +318,7 @@ def build_app(config: AppConfig | Mapping[str, Any]):
         "version": __version__,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    ingress = AnomalyIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}, **queue)
+    ingress = AnomalyIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}, **queue, **SHUTDOWN)
     return ingress.bind(model, models, cfg.max_body_bytes, cfg.api_key, settings, cfg.max_pixels)
 
 
