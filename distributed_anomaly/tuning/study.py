@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import TrialState
 
 from distributed_anomaly.tuning.request import STUDY_DB, STUDY_NAME
@@ -37,6 +36,9 @@ def importances(out: Path) -> tuple[dict[str, float] | None, str]:
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if n < 2:
         return None, f"parameter importance needs at least 2 completed trials ({n} so far)"
+    # Here, not at the top: optuna.importance imports scikit-learn (~1 s), which nothing else of a search needs.
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
     try:
         with warnings.catch_warnings():  # "some regimes have less than 2 trials": said in the report instead
             warnings.simplefilter("ignore")
