@@ -63,17 +63,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(marker)
 
 
+# Session services stopped as soon as no later test needs them (their idle processes would hold memory and some
+# CPU while the rest of the suite runs): after the last test of the last module that uses them (a module's own
+# fixtures, e.g. an application deployed on Serve, are torn down by then).
+_STOP_EARLY: dict[str, dict] = {
+    name: {"stack": contextlib.ExitStack(), "last_module": None} for name in ("two_nodes", "serve_http")
+}
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k selection: the items that will run
 def pytest_collection_finish(session: pytest.Session) -> None:
-    users = [item.nodeid for item in session.items if "two_nodes" in getattr(item, "fixturenames", ())]
-    _TWO_NODES["last_user"] = users[-1] if users else None
+    for name, service in _STOP_EARLY.items():
+        users = [item for item in session.items if name in getattr(item, "fixturenames", ())]
+        service["last_module"] = users[-1].module if users else None
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     result = yield
-    if item.nodeid == _TWO_NODES["last_user"]:  # no test after this one needs the cluster: stop it now
-        _TWO_NODES["stack"].close()
+    for service in _STOP_EARLY.values():
+        module = getattr(item, "module", None)
+        if module is not None and module is service["last_module"] and getattr(nextitem, "module", None) is not module:
+            service["stack"].close()  # no later test needs it: stop it now
     return result
 
 
@@ -286,7 +297,8 @@ def serve_http(ray_local) -> int:
     """Serve on the session's Ray, its HTTP proxy on 127.0.0.1:PORT (yields PORT), started once for every test
     that deploys an application: start_server joins a running Serve and each test's application is deleted when
     it is done, as on a shared cluster (one application at a time: they all take the route prefix /). Starting
-    and stopping Serve per module cost ~8 s each. Shut down before the session's Ray."""
+    and stopping Serve per module cost ~8 s each. Shut down after the last module that uses it (_STOP_EARLY),
+    before the session's Ray."""
     from ray import serve
     from ray_cluster import free_ports
 
@@ -294,16 +306,13 @@ def serve_http(ray_local) -> int:
 
     port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": DEFAULT_REQUEST_TIMEOUT_S})
-    try:
+    stack = _STOP_EARLY["serve_http"]["stack"]
+    stack.callback(serve.shutdown)
+    with stack:  # closed after the last module that deploys on it, or here at the end of the session
         yield port
-    finally:
-        serve.shutdown()
 
 
 # --- two nodes: one `ray start` cluster for the session's multi-node tests ---
-
-
-_TWO_NODES: dict = {"stack": contextlib.ExitStack(), "last_user": None}
 
 
 @pytest.fixture(scope="session")
@@ -316,7 +325,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):
     from ray_cluster import two_node_cluster
 
     path_env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    stack = _TWO_NODES["stack"]
+    stack = _STOP_EARLY["two_nodes"]["stack"]
     with stack:
         yield stack.enter_context(
             two_node_cluster(tmp_path_factory.mktemp("two_nodes"), cpus=3, dashboard=True, extra_env=path_env)
