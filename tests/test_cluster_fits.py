@@ -1,7 +1,7 @@
 """Fits on a real two-node Ray cluster (the session's `two_nodes`: `ray start` nodes with token authentication,
 3 logical CPUs each), each driven from a subprocess as a user's driver would be, with 2 CPUs per worker so that
 each node holds one pool actor and both must work: PADIM's statistics equal the in-process fit's; PatchCore's
-bank, built from the two nodes' shard coresets, is the one a single process builds. (Beside
+bank from 2 workers on the two nodes agrees with the bank of 1 Ray worker. (Beside
 test_cluster_e2e.py, so the cluster's tests run one after the other and the cluster stops after them.)"""
 
 from __future__ import annotations
@@ -101,31 +101,33 @@ def test_padim_fit_on_two_nodes_equals_in_process(two_nodes, demo_category: Path
     assert rel_err(m2 / (len(train) - 1), ref.covariance()) < RTOL
 
 
-def test_patchcore_bank_from_two_nodes_scores_like_the_in_process_bank(
-    two_nodes, patchcore_run: Path, demo_category: Path, tmp_path: Path
+def test_patchcore_banks_of_one_ray_worker_and_of_two_across_nodes_agree(
+    ray_local, two_nodes, patchcore_run: Path, demo_category: Path, tmp_path: Path
 ) -> None:
-    """Shard coresets of 2 workers on the two nodes, merged by the driver, against the same images' bank fitted in
-    one process. The demo's patches fit in one chunk, so both are the exact greedy coreset, the same set for any
-    number of workers (the streaming reduction of shards: test_patchcore.py, in process); float near-ties aside
-    (1 OpenVINO thread in the actors, 2 here), the banks agree and score alike. How the test split is then scored
-    on Ray Data: test_patchcore.py::test_ray_scoring_actor_gives_the_in_process_maps."""
+    """Shard coresets merged by the driver: 1 worker on this session's Ray, 2 workers across the cluster's two
+    nodes. The demo's patches fit in one chunk, so both are the exact greedy coreset, the same set for any number
+    of workers (the streaming reduction of shards: test_patchcore.py, in process): float near-ties aside, the
+    banks agree and score alike (image AUROC within 0.005). How the test split is then scored on Ray Data:
+    test_patchcore.py::test_ray_scoring_actor_gives_the_in_process_maps."""
+    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
+
     _, model, _ = rundir.load_model(patchcore_run)
     records = load_dataset(demo_category)
     train, test = records_of_split(records, "train"), records_of_split(records, "test")
     labels = np.array([r.label for r in test], dtype=bool)
-    here = engine.fit_patchcore(model, train, batch_size=4, progress=False)
-    across = _drive(PATCHCORE_DRIVER, two_nodes, patchcore_run, demo_category, tmp_path)
-    assert across["decode_in_actors"]  # as PADIM's fit on nodes of few CPUs
-    assert across["patches"] == here.patches == len(train) * 64 and across["images"] == len(train)
-    assert across["exact"] and here.exact
-    bank = torch.from_numpy(np.load(tmp_path / "bank.npy"))
-    assert bank.shape == here.bank.shape and bank.shape[0] == math.ceil(0.1 * here.patches)
-    assert across["coreset"]["bank_size"] == bank.shape[0]
+    result, one = fit_patchcore_ray(model, train, batch_size=4, workers=1, progress=False)
+    one.update(exact=result.exact, patches=result.patches)
+    two = _drive(PATCHCORE_DRIVER, two_nodes, patchcore_run, demo_category, tmp_path)
+    banks = {1: result.bank, 2: torch.from_numpy(np.load(tmp_path / "bank.npy"))}
     auroc = {}
-    for where, fitted in (("here", here.bank), ("across", bank)):
-        model.set_bank(fitted)
+    for workers, info in ((1, one), (2, two)):
+        assert len(info["workers"]) == workers and info["decode_in_actors"]  # as PADIM's, on nodes of few CPUs
+        assert info["patches"] == len(train) * 64 and info["images"] == len(train) and info["exact"]
+        assert banks[workers].shape == (math.ceil(0.1 * info["patches"]), model.n_features)
+        assert info["coreset"]["bank_size"] == banks[workers].shape[0]
+        model.set_bank(banks[workers])
         maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
-        auroc[where] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
-    assert abs(auroc["here"] - auroc["across"]) <= 0.005
-    rows = {tuple(row) for row in here.bank.tolist()}
-    assert len(rows & {tuple(row) for row in bank.tolist()}) >= 0.95 * len(rows)  # the same set, but for near-ties
+        auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
+    assert abs(auroc[1] - auroc[2]) <= 0.005, auroc
+    rows = {tuple(row) for row in banks[1].tolist()}
+    assert len(rows & {tuple(row) for row in banks[2].tolist()}) >= 0.95 * len(rows)  # the same set, near-ties aside

@@ -347,3 +347,28 @@ def test_epoch_checkpoint_and_fault_modules_import_no_ray():
     code = f"import sys, {modules}; assert not [m for m in sys.modules if m.split('.')[0] == 'ray'], 'ray imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_each_rank_restores_from_its_own_copy_of_a_remote_checkpoint(s3_bucket, tmp_path):
+    """Ray's Checkpoint.as_directory() shares one download per node between the node's ranks, and a rank arriving
+    after the download re-downloads into the folder another rank is reading (a restart from S3 once failed on a
+    half-rewritten state.pt). Each rank gets a private copy of a remote checkpoint, removed afterwards; a local
+    checkpoint is read in place."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from distributed_anomaly.distributed.stfpm_worker import _private_copy
+
+    src = tmp_path / "checkpoint"
+    src.mkdir()
+    (src / "state.pt").write_bytes(bytes(range(256)) * 64)
+    fs, path = pyarrow.fs.FileSystem.from_uri(s3_bucket("restore-copy"))
+    pyarrow.fs.copy_files(str(src), path, destination_filesystem=fs)
+    remote = Checkpoint(path, filesystem=fs)
+    with _private_copy(remote) as rank0, _private_copy(remote) as rank1:
+        assert rank0 != rank1 and remote._get_temporary_checkpoint_dir() not in (rank0, rank1)
+        for folder in (rank0, rank1):
+            assert (Path(folder) / "state.pt").read_bytes() == (src / "state.pt").read_bytes()
+    assert not Path(rank0).exists() and not Path(rank1).exists()
+    with _private_copy(Checkpoint.from_directory(str(src))) as local:
+        assert local == str(src)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -158,7 +159,7 @@ def _restored_progress(
     """Ray's latest checkpoint (after a worker failure, or a resumed run) or, in-process, ours; else a start."""
     checkpoint = ray.train.get_checkpoint()
     folder = (
-        checkpoint.as_directory()
+        _private_copy(checkpoint)
         if checkpoint is not None
         else contextlib.nullcontext(store.latest() if store is not None else None)
     )
@@ -166,6 +167,19 @@ def _restored_progress(
         if ckpt_dir is None:
             return TrainProgress(engine.EarlyStopping(cfg.patience))
         return restore(load_state(ckpt_dir), model, optimizer, cfg.patience, cfg.fit_id)
+
+
+@contextlib.contextmanager
+def _private_copy(checkpoint: Checkpoint) -> Iterator[str]:
+    """The checkpoint's folder for this rank alone. Ray's as_directory() downloads a remote checkpoint once per node
+    into a folder the node's ranks share, and a rank that arrives after the download re-downloads into it while
+    another rank reads: on a restart from S3 a rank then read a half-rewritten state.pt ("PytorchStreamReader
+    failed reading file"). A local checkpoint is read in place."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="stfpm-restore-") as tmp:
+        yield checkpoint.to_directory(tmp)
 
 
 def _fault_point(cfg: StfpmLoopConfig, rank: int, epoch: int) -> None:
