@@ -164,7 +164,7 @@ def report(results: list[dict]) -> bool:
         print(f"machine: {m}  ")
     print()
     print(fmt_table(rows))
-    print("\n### Parity (ours − anomalib; STFPM averaged over seeds)\n")
+    print("\n### Parity (ours − anomalib; a pair run with several seeds: their means)\n")
     print(ptab)
     print("\n### Fit speed and memory, ours / anomalib (× = anomalib's time over ours, ours' rate over anomalib's)\n")
     print(speed(rows + scale_rows))

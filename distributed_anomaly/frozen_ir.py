@@ -104,16 +104,17 @@ class CompiledPatches:
                 yield x[i : i + self.SUB_BATCH]
 
     def __call__(self, images: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(deviations, sum) of one batch (run SUB_BATCH images at a time): copies the caller may keep."""
-        request, shift = self._requests[0], np.ascontiguousarray(shift, dtype=np.float32)
-        devs, total = [], None
-        for x in self._split([images]):
-            self._start(request, x, shift)
-            request.wait()
-            dev, part = self._outputs(request)
-            devs.append(dev.copy())
+        """(deviations, sum) of one batch, its SUB_BATCH chunks streamed: arrays the caller may keep."""
+        if not len(images):
+            raise ValueError("CompiledPatches needs at least one image")
+        devs, total, row = None, None, 0
+        for dev, part in self.stream([images], shift):
+            if devs is None:
+                devs = np.empty((len(images), *dev.shape[1:]), dtype=dev.dtype)
+            devs[row : row + len(dev)] = dev
+            row += len(dev)
             total = part.copy() if total is None else total + part
-        return np.concatenate(devs), total
+        return devs, total
 
     def stream(self, batches: Iterable[np.ndarray], shift: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(deviations, sum) per SUB_BATCH images in order (a batch's rows in its chunks), up to one chunk per

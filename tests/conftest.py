@@ -3,9 +3,8 @@
 * demo data (`demo_root`, `demo_category`) and the offline MobileNetV2 weights (`mobilenet_weights`);
 * trained runs and their OpenVINO exports, shared by every file that only reads them: `padim_run` (PADIM,
   MobileNetV2, 128 px, trained through the CLI), `stfpm_run` (STFPM, MobileNetV2, 64 px, one epoch),
-  `patchcore_run` (PatchCore, MobileNetV2, 64 px) and
-  `exports(model, precision)`, and `serving_irs` (two small PADIM exports the Serve tests deploy). They are
-  read-only: a test that changes a run copies it first (`copy_run`);
+  `patchcore_run` (PatchCore, MobileNetV2, 64 px), `exports(model, precision)` and `serving_irs` (two small PADIM
+  exports the Serve tests deploy). They are read-only: a test that changes a run copies it first (`copy_run`);
 * `ray_local`: one local Ray for the session (4 logical CPUs whatever the machine has), used by the Ray, Serve
   and Tune tests, including the `tune` CLI subprocesses, which join it;
 * `two_nodes`: one two-node Ray cluster (tests/ray_cluster.py) for the session's multi-node tests, up (both
@@ -81,10 +80,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     result = yield
-    for service in _STOP_EARLY.values():
-        module = getattr(item, "module", None)
-        if module is not None and module is service["last_module"] and getattr(nextitem, "module", None) is not module:
-            service["stack"].close()  # no later test needs it: stop it now
+    module = getattr(item, "module", None)
+    if module is not None and getattr(nextitem, "module", None) is not module:  # the module's last test
+        for service in _STOP_EARLY.values():
+            if service["last_module"] is module:
+                service["stack"].close()  # no later test needs it: stop it now
     return result
 
 

@@ -24,7 +24,6 @@ from distributed_anomaly.data.dataset import load_dataset
 from distributed_anomaly.data.mvtec import records_of_split
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
-SIZE = 64  # conftest.patchcore_run's image size
 
 # Both drivers: connect (the driver gets only the token: ensure_ray must turn token mode on itself, Ray does not
 # for an explicit address), fit with 2 workers of 2 CPUs on the 3-CPU nodes, write the result and the fit's info
@@ -122,11 +121,11 @@ def test_patchcore_banks_of_one_ray_worker_and_of_two_across_nodes_agree(
     auroc = {}
     for workers, info in ((1, one), (2, two)):
         assert len(info["workers"]) == workers and info["decode_in_actors"]  # as PADIM's, on nodes of few CPUs
-        assert info["patches"] == len(train) * 64 and info["images"] == len(train) and info["exact"]
-        assert banks[workers].shape == (math.ceil(0.1 * info["patches"]), model.n_features)
+        assert info["patches"] == len(train) * model.n_positions and info["images"] == len(train) and info["exact"]
+        assert banks[workers].shape == (math.ceil(model.coreset_ratio * info["patches"]), model.n_features)
         assert info["coreset"]["bank_size"] == banks[workers].shape[0]
         model.set_bank(banks[workers])
-        maps = engine.anomaly_maps(model, test, SIZE, 8, progress=False, runtime="torch")
+        maps = engine.anomaly_maps(model, test, model.image_size, 8, progress=False, runtime="torch")
         auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
     assert abs(auroc[1] - auroc[2]) <= 0.005, auroc
     rows = {tuple(row) for row in banks[1].tolist()}

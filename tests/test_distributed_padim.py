@@ -116,9 +116,6 @@ def test_skip_corrupt_skips_with_warning_and_counts(ray_local, corrupt_records, 
     assert rel_err(stats.covariance(), ref.covariance()) < RTOL
 
 
-# ----------------------------------------------------------------------------------------- two real nodes
-
-
 def test_cli_train_on_ray_equals_in_process(ray_local, demo_category, tmp_path, monkeypatch, capsys):
     """`train --workers 2`: Ray Data fit, calibration and test scoring give the in-process run's model and metrics.
     Calibration and test images are scored in one Ray Data pass (one pool start), whose maps, in record order,

@@ -1,6 +1,6 @@
 """PatchCore: the coreset (exact greedy against a reference, streaming within its bound), the model's pieces
 against plain formulas, a fit end to end on both runtimes, the export with the bank in the IR, the search
-space, and the Ray fit (1 vs 2 workers)."""
+space, and the Ray scoring actor (the Ray fit, on 1 worker and on 2 across two nodes: test_cluster_fits.py)."""
 
 from __future__ import annotations
 

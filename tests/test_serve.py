@@ -351,12 +351,6 @@ def test_server_start_checks() -> None:
 
 
 @pytest.fixture(scope="module")
-def irs(serving_irs) -> dict[str, Path]:
-    """washer and tile: PADIM on resnet18 (random seeded weights) at 64 px, exported fp32 (conftest's)."""
-    return serving_irs
-
-
-@pytest.fixture(scope="module")
 def images(demo_root: Path) -> dict[str, list[tuple[str, bytes]]]:
     """(name, PNG bytes) per category: two normal and four defective test images."""
     out = {}
@@ -370,9 +364,9 @@ def images(demo_root: Path) -> dict[str, list[tuple[str, bytes]]]:
 
 
 @pytest.fixture(scope="module")
-def reference(irs):
+def reference(serving_irs):
     """What the inferencer answers for an image, through the same response builder as the server."""
-    entries = registry.discover_models([irs["washer"], irs["tile"]])
+    entries = registry.discover_models([serving_irs["washer"], serving_irs["tile"]])
     inferencers = {name: OpenVINOInferencer(e.path, num_threads=1) for name, e in entries.items()}
 
     def answer(model: str, data: bytes, task: str) -> dict:
@@ -416,7 +410,7 @@ def test_serve_forever_stops_cleanly_on_either_signal(monkeypatch, stop_signal) 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cli_serves_until_interrupted(serve_http, irs, images, tmp_path) -> None:
+def test_cli_serves_until_interrupted(serve_http, serving_irs, images, tmp_path) -> None:
     """`distributed-anomaly serve` as a user runs it on a shared cluster (this session's, where Serve already
     runs): it joins Serve's proxy and says so, prints a live URL, answers with the key from --api-key-file, and
     on a service manager's SIGTERM (whose handler ray.init replaces) deletes its application -- only it: Serve
@@ -439,7 +433,7 @@ def test_cli_serves_until_interrupted(serve_http, irs, images, tmp_path) -> None
             "distributed_anomaly",
             "serve",
             "--model",
-            f"product={irs['washer']}",
+            f"product={serving_irs['washer']}",
             "--port",
             str(port),
             "--address",
@@ -482,9 +476,9 @@ def test_cli_serves_until_interrupted(serve_http, irs, images, tmp_path) -> None
 
 
 @pytest.fixture(scope="module")
-def server(serve_http, irs):
+def server(serve_http, serving_irs):
     cfg = settings.AppConfig(
-        models=[str(irs["washer"]), str(irs["tile"])],
+        models=[str(serving_irs["washer"]), str(serving_irs["tile"])],
         replicas=1,
         cpus_per_replica=1,
         max_batch_size=4,
@@ -737,7 +731,7 @@ def test_replicas_run_openvino_without_torch(server, client, images) -> None:
 
 
 @pytest.mark.slow
-def test_builder_and_deploy_config(irs) -> None:
+def test_builder_and_deploy_config(serving_irs) -> None:
     """`serve run distributed_anomaly.serve:app models=...` and cluster/serve_config.yaml build the same app."""
     import yaml
     from ray.serve import Application
@@ -745,14 +739,15 @@ def test_builder_and_deploy_config(irs) -> None:
 
     from distributed_anomaly import serve as da_serve
 
-    app = da_serve.app({"models": f"{irs['washer']},{irs['tile']}", "max_batch_size": "4"})  # `serve run` strings
+    washer, tile = serving_irs["washer"], serving_irs["tile"]
+    app = da_serve.app({"models": f"{washer},{tile}", "max_batch_size": "4"})  # `serve run` strings
     assert isinstance(app, Application)
     config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     spec = schema.applications[0]
     module, attr = spec.import_path.split(":")
     assert (module, attr) == ("distributed_anomaly.serve", "app") and spec.route_prefix == "/"
-    args = {**spec.args, "models": [str(irs["washer"]), str(irs["tile"])]}  # the file's paths are the cluster's
+    args = {**spec.args, "models": [str(washer), str(tile)]}  # the file's paths are the cluster's
     assert isinstance(getattr(__import__(module, fromlist=[attr]), attr)(args), Application)
     deployed = settings.AppConfig.from_args(spec.args)
     assert deployed.max_body_bytes == settings.DEFAULT_MAX_BODY_BYTES
