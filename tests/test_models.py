@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from distributed_anomaly.errors import UserError
+from distributed_anomaly.models.maps import gaussian_blur, upsample_blur
 from distributed_anomaly.models.padim import (
     Padim,
-    gaussian_blur,
     mahalanobis,
     mahalanobis_blocks,
     mahalanobis_deviations,
@@ -82,6 +82,33 @@ def test_gaussian_blur_preserves_constants_and_mass_centre() -> None:
     spike[0, 0, 20, 20] = 1.0
     out = gaussian_blur(spike)
     assert out.argmax() == 20 * 41 + 20 and abs(float(out.sum()) - 1.0) < 1e-5
+
+
+def _blur_reference(maps: torch.Tensor, pad_mode: str) -> torch.Tensor:
+    """sigma 4 Gaussian (33 taps) along each axis of padded maps, written out here and not shared with the code."""
+    taps = torch.arange(-16, 17, dtype=maps.dtype)
+    kernel = torch.exp(-(taps**2) / 32.0)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (16, 16, 16, 16), mode=pad_mode)
+    return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "dtype", "pad_mode"),
+    [
+        ((64, 64), (256, 256), torch.float32, "reflect"),  # the demo's PADIM map
+        ((6, 10), (24, 40), torch.float64, "reflect"),  # non-square
+        ((4, 4), (16, 16), torch.float32, "replicate"),  # smaller than the blur's radius
+    ],
+)
+def test_upsample_blur_equals_interpolate_then_blur(grid, size, dtype, pad_mode) -> None:
+    maps = torch.rand(3, 1, *grid, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    expected = _blur_reference(upsampled, pad_mode)
+    got = upsample_blur(maps, size)
+    assert got.dtype == dtype and got.shape == (3, 1, *size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gaussian_blur(upsampled), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_stfpm_loss_and_map_match_paper_formulas() -> None:

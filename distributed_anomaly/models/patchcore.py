@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from distributed_anomaly.data.sizes import ImageSize
 from distributed_anomaly.models.backbones import FrozenBackboneModel
 from distributed_anomaly.models.coreset import projection
-from distributed_anomaly.models.padim import gaussian_blur
+from distributed_anomaly.models.maps import upsample_blur
 from distributed_anomaly.models.specs import (
     PATCHCORE_CORESET_RATIO,
     PATCHCORE_NUM_NEIGHBORS,
@@ -156,8 +156,7 @@ class PatchCore(FrozenBackboneModel):
         """Patch embeddings (B, P, D) -> anomaly maps (B, 1, H, W) at `size`, scaled by the image weights."""
         scores, index = self.patch_scores(emb)
         weights = self.image_weights(emb, scores, index)
-        maps = F.interpolate(scores.reshape(-1, 1, *self.grid), size=tuple(size), mode="bilinear", align_corners=False)
-        return gaussian_blur(maps) * weights[:, None, None, None]
+        return upsample_blur(scores.reshape(-1, 1, *self.grid), size) * weights[:, None, None, None]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> anomaly maps (B, 1, H, W)."""
