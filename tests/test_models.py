@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distributed_anomaly.data.sizes import as_hw
 from distributed_anomaly.errors import UserError
 from distributed_anomaly.models.maps import gaussian_blur, upsample_blur
 from distributed_anomaly.models.padim import (
@@ -58,6 +59,21 @@ def test_padim_embedding_layout_and_seeded_channels() -> None:
     with torch.no_grad():
         emb = a.embed(torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 20, (32 // 4) ** 2)
+
+
+@pytest.mark.parametrize("size", [64, (48, 80)])
+def test_padim_embedding_equals_a_gather_from_the_full_concatenation(size) -> None:
+    torch.manual_seed(0)
+    model = Padim("resnet18", ("layer1", "layer2", "layer3"), 40, image_size=size, pretrained=False).eval()
+    x = torch.randn(2, 3, *as_hw(size))
+    with torch.no_grad():
+        feats = model.extractor(x)
+        maps = [feats[name] for name in model.extractor.layers]
+        grid = maps[0].shape[-2:]
+        full = torch.cat([maps[0]] + [F.interpolate(m, size=grid, mode="nearest") for m in maps[1:]], dim=1)
+        expected = full.index_select(1, model.idx).flatten(2)
+        assert torch.equal(model.embed(x), expected)
+        assert torch.equal(model.embed_positions(x), expected.permute(2, 0, 1))
 
 
 def test_padim_validates_n_features_and_image_size() -> None:
