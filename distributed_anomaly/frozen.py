@@ -134,17 +134,6 @@ def taps_model_path(model: FrozenModel) -> Path:
     return entry / "taps.xml"
 
 
-def _tap_selections(model: Padim) -> list[np.ndarray]:
-    """PADIM's sorted global channel choice split into local indices per tap (same order as cat + select)."""
-    idx = model.idx.numpy()
-    out, start = [], 0
-    for channels in model.extractor.channels:
-        local = idx[(idx >= start) & (idx < start + channels)] - start
-        out.append(local.astype(np.int64))
-        start += channels
-    return out
-
-
 def patch_graph(model: Padim, taps_xml: Path):
     """The taps IR with PADIM's tail appended: inputs (image, shift (P, C)) -> (deviations (B, P, C), sum (P, C))."""
     import openvino as ov
@@ -157,7 +146,8 @@ def patch_graph(model: Padim, taps_xml: Path):
         taps_model.remove_result(r)
     grid_h, grid_w = model.grid
     parts = []
-    for i, sel in enumerate(_tap_selections(model)):
+    for i, (_, sel) in enumerate(model.tap_channels()):
+        sel = sel.numpy()
         if len(sel) == 0:
             continue
         part = ops.gather(taps[i], ops.constant(sel), ops.constant(np.int64(1)))

@@ -126,19 +126,19 @@ class Padim(FrozenBackboneModel):
         no layout change precedes a gather over the whole concatenation. With `upsample_blur`, the exported IR
         (MobileNetV2, 256 px, batch 8) went from 176 to 231 images/s (bench/ir_ab.py, one run)."""
         feats = self.extractor(images)
-        parts = [
-            _positions_on_grid(feats[layer].index_select(1, sel), self.grid) for layer, sel in self._tap_channels()
-        ]
+        parts = [_positions_on_grid(feats[layer].index_select(1, sel), self.grid) for layer, sel in self.tap_channels()]
         emb = torch.cat([p for p in parts if p.shape[-1]], dim=-1)  # (h, w, B, C)
         return emb.reshape(self.n_positions, -1, self.n_features)
 
-    def _tap_channels(self) -> list[tuple[str, torch.Tensor]]:
-        """(tap, its channels in idx) per tap, from the current idx: constants when the export traces `embed`."""
+    def tap_channels(self) -> list[tuple[str, torch.Tensor]]:
+        """(tap, its local channel indices) per tap: the sorted idx split by tap, the order of a gather from the
+        full concatenation. From the current idx; constants when the export traces `embed`."""
         key = (self.idx._version, self.idx.data_ptr())
         if getattr(self, "_taps_key", None) != key:
             chosen, taps, start = self.idx.tolist(), [], 0
             for layer, n in zip(self.extractor.layers, self.extractor.channels):
-                taps.append((layer, torch.tensor([i - start for i in chosen if start <= i < start + n])))
+                local = [i - start for i in chosen if start <= i < start + n]
+                taps.append((layer, torch.tensor(local, dtype=torch.long)))
                 start += n
             self._taps, self._taps_key = taps, key
         return self._taps
