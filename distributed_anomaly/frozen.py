@@ -147,24 +147,22 @@ def patch_graph(model: Padim, taps_xml: Path):
     grid_h, grid_w = model.grid
     parts = []
     for i, (_, sel) in enumerate(model.tap_channels()):
-        sel = sel.numpy()
-        if len(sel) == 0:
+        if not sel.numel():
             continue
-        part = ops.gather(taps[i], ops.constant(sel), ops.constant(np.int64(1)))
+        part = ops.gather(taps[i], ops.constant(sel.numpy()), ops.constant(np.int64(1)))
+        # Channels-last per tap, then deeper taps repeated onto the grid (torch's mode="nearest" at the integer
+        # factors image sizes guarantee): a transpose of the whole concatenation instead cost OpenVINO a reorder
+        # as well (fit graph, MobileNetV2 256 px, one thread: tail 1.96 -> 0.61 ms/img, all 7.88 -> 6.55).
+        part = ops.transpose(part, ops.constant(np.array([0, 2, 3, 1], dtype=np.int64)))  # (B, h, w, c)
         factor = model.extractor.strides[i] // model.extractor.strides[0]
-        if factor > 1:  # torch's mode="nearest" at integer factors: floor of the asymmetric source index
-            part = ops.interpolate(
-                part,
-                ops.constant(np.array([grid_h, grid_w], dtype=np.int64)),
-                mode="nearest",
-                shape_calculation_mode="sizes",
-                coordinate_transformation_mode="asymmetric",
-                nearest_mode="floor",
-                axes=ops.constant(np.array([2, 3], dtype=np.int64)),
-            )
+        if factor > 1:
+            h, w, c = grid_h // factor, grid_w // factor, len(sel)
+            part = ops.reshape(part, ops.constant(np.array([0, h, 1, w, 1, c], dtype=np.int64)), True)
+            repeat = ops.constant(np.array([1, 1, factor, 1, factor, 1], dtype=np.int64))
+            part = ops.broadcast(part, repeat, broadcast_spec="BIDIRECTIONAL")
+            part = ops.reshape(part, ops.constant(np.array([0, grid_h, grid_w, c], dtype=np.int64)), True)
         parts.append(part)
-    emb = ops.concat(parts, 1) if len(parts) > 1 else parts[0]
-    emb = ops.transpose(emb, ops.constant(np.array([0, 2, 3, 1], dtype=np.int64)))
+    emb = ops.concat(parts, 3) if len(parts) > 1 else parts[0]
     emb = ops.reshape(emb, ops.constant(np.array([0, grid_h * grid_w, model.n_features], dtype=np.int64)), True)
     shift = ops.parameter([grid_h * grid_w, model.n_features], np.float32, name="shift")
     dev = ops.subtract(emb, shift)

@@ -48,6 +48,24 @@ def test_accumulator_equals_a_float64_pass_for_any_batching() -> None:
         assert _rel(stats.covariance(), reference.covariance()) < 1e-4
 
 
+def test_accumulator_keeps_copies_of_deviations_in_a_reused_buffer() -> None:
+    """The OpenVINO stream hands over views of its output buffers, refilled by the next chunk: what the
+    accumulator stages for a later fold must be its own copy."""
+    x = _patches(41).numpy()
+    acc = MomentAccumulator(6, 4)
+    acc.add_patches(x[:1])
+    buffer = np.empty((3, 6, 4), dtype=np.float32)
+    for start in range(1, 41, 3):
+        dev = buffer[: len(x[start : start + 3])]
+        dev[:] = x[start : start + 3] - acc.shift
+        acc.add_deviations(dev, dev.sum(0))
+        buffer.fill(np.nan)  # the next chunk overwrites it
+    reference = GaussianStats.from_batch(torch.from_numpy(x).double().transpose(1, 2))
+    stats = gaussian_from_moments(acc)
+    assert stats.count == 41
+    assert _rel(stats.covariance(), reference.covariance()) < 1e-4
+
+
 def test_partials_of_different_shifts_merge_exactly() -> None:
     """Two workers, each shifted by its own first batch, merged as GaussianStats: one pass over all."""
     x = _patches(120, seed=1)
