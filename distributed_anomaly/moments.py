@@ -4,11 +4,10 @@ stats.GaussianStats merges batches with Chan's formula: two passes over the (P, 
 transpose of the embeddings, which on a CPU cost more than the backbone. Here the shift K (the first batch's
 mean, close to the final mean) is fixed, the caller (the frozen network's graph) hands in deviations d = x - K
 laid out (B, P, C), and every FOLD_IMAGES images cost one batched product into S2 += d^T d (S1 += sum(d) per
-batch). Exact in
-exact arithmetic: mean = K + S1 / n, M2 = S2 - S1 S1^T / n. Because d is centred near zero, float32 S2 keeps the
-covariance close to a float64 pass (tests/test_frozen.py bounds it by 1e-4 relative, with means 50x the spread):
-half the bytes per batch of float64. Partials of different shifts combine exactly once converted to float64
-statistics (stats.gaussian_from_moments, GaussianStats.merge_).
+batch). Exact in exact arithmetic: mean = K + S1 / n, M2 = S2 - S1 S1^T / n. Because d is centred near zero,
+float32 S2 keeps the covariance close to a float64 pass (tests/test_frozen.py bounds it by 1e-4 relative, with
+means 50x the spread): half the bytes per batch of float64. Partials of different shifts combine exactly once
+converted to float64 statistics (stats.gaussian_from_moments, GaussianStats.merge_).
 
 Numpy rather than torch so that a Ray node folding its workers' deviations (distributed/node_fit.py) never loads
 torch; the in-process fit uses the same class. The product runs POSITION_CHUNK positions at a time into a
@@ -17,6 +16,8 @@ per batch of 8 at P=4096, C=100, one thread).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class MomentAccumulator:
     """count, shift K (P, C) float32, S1 = sum(d) (P, C) float64 and S2 = sum(d^T d) (P, C, C) float32.
 
     Deviations wait in a stage of FOLD_IMAGES images before they are folded into S2; reading `s2` (or
-    `stats_chunk`) folds what is staged first, so readers always see every image counted."""
+    `stats_chunk`) folds what is staged first, so readers always see every image counted. Staging and folding
+    hold a lock: a Ray node's threaded store actor reads several chunks of one partial at once."""
 
     def __init__(self, n_positions: int, n_features: int) -> None:
         self.count = 0
@@ -42,6 +44,7 @@ class MomentAccumulator:
         self._buffer = np.empty((min(POSITION_CHUNK, n_positions), n_features, n_features), dtype=np.float32)
         self._stage: np.ndarray | None = None  # (FOLD_IMAGES, P, C), made at the first staged batch
         self._staged = 0
+        self._lock = threading.Lock()
 
     @property
     def s2(self) -> np.ndarray:
@@ -73,20 +76,25 @@ class MomentAccumulator:
             p, c = self.s1.shape
             raise ValueError(f"deviations must be (batch, {p}, {c}), got {tuple(dev.shape)}")
         n = int(dev.shape[0])
-        if self._staged + n > FOLD_IMAGES:
-            self.flush()
-        if n >= FOLD_IMAGES:
-            self._fold(dev)
-        else:
-            if self._stage is None:
-                self._stage = np.empty((FOLD_IMAGES, *self.s1.shape), dtype=np.float32)
-            self._stage[self._staged : self._staged + n] = dev
-            self._staged += n
-        self.s1 += np.asarray(dev_sum, dtype=np.float64)
-        self.count += n
+        with self._lock:
+            if self._staged + n > FOLD_IMAGES:
+                self._fold_stage()
+            if n >= FOLD_IMAGES:
+                self._fold(dev)
+            else:
+                if self._stage is None:
+                    self._stage = np.empty((FOLD_IMAGES, *self.s1.shape), dtype=np.float32)
+                self._stage[self._staged : self._staged + n] = dev
+                self._staged += n
+            self.s1 += np.asarray(dev_sum, dtype=np.float64)
+            self.count += n
 
     def flush(self) -> None:
         """Fold the staged deviations into S2."""
+        with self._lock:
+            self._fold_stage()
+
+    def _fold_stage(self) -> None:
         if self._staged:
             self._fold(self._stage[: self._staged])
             self._staged = 0

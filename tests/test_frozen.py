@@ -7,6 +7,8 @@ converted extractor is cached per backbone, taps, image size and weights, and a 
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,25 @@ def test_accumulator_keeps_copies_of_deviations_in_a_reused_buffer() -> None:
     stats = gaussian_from_moments(acc)
     assert stats.count == 41
     assert _rel(stats.covariance(), reference.covariance()) < 1e-4
+
+
+def test_staged_deviations_fold_once_when_chunks_are_read_concurrently() -> None:
+    """A Ray node's store actor is threaded: the driver asks for several position chunks of one partial at once,
+    and each read folds what is staged. The stage must be folded exactly once."""
+    x = _patches(9, p=512, c=32, seed=2).numpy()
+    for _ in range(5):
+        acc = MomentAccumulator(512, 32)
+        acc.add_patches(x)  # 9 images: staged, not folded
+        barrier = threading.Barrier(4)
+
+        def read(p0: int, acc=acc, barrier=barrier) -> np.ndarray:
+            barrier.wait()
+            return acc.stats_chunk(p0, p0 + 128)[2]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            m2 = np.concatenate(list(pool.map(read, range(0, 512, 128))))
+        reference = GaussianStats.from_batch(torch.from_numpy(x).double().transpose(1, 2))
+        assert _rel(torch.from_numpy(m2), reference.m2) < 1e-4
 
 
 def test_partials_of_different_shifts_merge_exactly() -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from distributed_anomaly.data.sizes import as_hw
 from distributed_anomaly.errors import UserError
-from distributed_anomaly.models.maps import gaussian_blur, upsample_blur
+from distributed_anomaly.models.maps import upsample_blur
 from distributed_anomaly.models.padim import (
     Padim,
     mahalanobis,
@@ -48,7 +48,7 @@ def test_padim_map_equals_naive_mahalanobis() -> None:
             d = emb_test[b, :, p] - mu
             dist[b, p] = np.sqrt(d @ inv @ d)
     naive = torch.from_numpy(dist).float().reshape(2, 1, *model.grid)
-    naive = gaussian_blur(F.interpolate(naive, size=(32, 32), mode="bilinear", align_corners=False))
+    naive = _blur_reference(F.interpolate(naive, size=(32, 32), mode="bilinear", align_corners=False), "reflect")
     torch.testing.assert_close(got, naive, rtol=1e-4, atol=1e-4)
 
 
@@ -61,10 +61,12 @@ def test_padim_embedding_layout_and_seeded_channels() -> None:
     assert emb.shape == (2, 20, (32 // 4) ** 2)
 
 
-@pytest.mark.parametrize("size", [64, (48, 80)])
-def test_padim_embedding_equals_a_gather_from_the_full_concatenation(size) -> None:
+@pytest.mark.parametrize(("size", "n_features"), [(64, 40), ((48, 80), 40), (64, 2)])  # 2: a tap with none
+def test_padim_embedding_equals_a_gather_from_the_full_concatenation(size, n_features) -> None:
     torch.manual_seed(0)
-    model = Padim("resnet18", ("layer1", "layer2", "layer3"), 40, image_size=size, pretrained=False).eval()
+    model = Padim("resnet18", ("layer1", "layer2", "layer3"), n_features, image_size=size, pretrained=False).eval()
+    if n_features == 2:
+        assert min(int(sel.numel()) for _, sel in model.tap_channels()) == 0
     x = torch.randn(2, 3, *as_hw(size))
     with torch.no_grad():
         feats = model.extractor(x)
@@ -91,12 +93,12 @@ def test_mahalanobis_with_identity_covariance_is_euclidean() -> None:
     torch.testing.assert_close(mahalanobis(emb, mean, inv), expected)
 
 
-def test_gaussian_blur_preserves_constants_and_mass_centre() -> None:
+def test_map_blur_preserves_constants_and_mass_centre() -> None:
     const = torch.full((1, 1, 40, 40), 3.0)
-    torch.testing.assert_close(gaussian_blur(const), const)
+    torch.testing.assert_close(upsample_blur(const, (40, 40)), const)  # same size: the blur alone
     spike = torch.zeros(1, 1, 41, 41)
     spike[0, 0, 20, 20] = 1.0
-    out = gaussian_blur(spike)
+    out = upsample_blur(spike, (41, 41))
     assert out.argmax() == 20 * 41 + 20 and abs(float(out.sum()) - 1.0) < 1e-5
 
 
@@ -124,7 +126,6 @@ def test_upsample_blur_equals_interpolate_then_blur(grid, size, dtype, pad_mode)
     got = upsample_blur(maps, size)
     assert got.dtype == dtype and got.shape == (3, 1, *size)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gaussian_blur(upsampled), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_stfpm_loss_and_map_match_paper_formulas() -> None:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 BLUR_SIGMA = 4.0
 
@@ -28,18 +27,8 @@ def _kernel(sigma: float, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
 
 
 def _pad_mode(height: int, width: int, radius: int) -> str:
-    """Reflect padding needs pad < size on both axes: tiny maps fall back to replicate (on both)."""
+    """The blur's padding: reflect needs pad < size on both axes; tiny maps fall back to replicate (on both)."""
     return "reflect" if min(height, width) - 1 >= radius else "replicate"
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, H, W) maps, kernel 2*int(4*sigma+0.5)+1, reflect padding."""
-    radius, kernel = _kernel(sigma, x.dtype)
-    kernel = kernel.to(x.device)
-    mode = _pad_mode(int(x.shape[-2]), int(x.shape[-1]), radius)
-    x = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))
 
 
 @functools.lru_cache(maxsize=32)
@@ -69,7 +58,7 @@ def _axis_operator(n_in: int, n_out: int, mode: str, sigma: float) -> np.ndarray
 def upsample_blur_operators(
     grid: Sequence[int], size: Sequence[int], sigma: float = BLUR_SIGMA
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_h, A_w^T) float32 with A_h @ m @ A_w^T = gaussian_blur(interpolate(m, size, bilinear)) for (h, w) maps."""
+    """(A_h, A_w^T) float32: A_h @ m @ A_w^T is the blurred bilinear upsampling of an (h, w) map m to `size`."""
     (h, w), (height, width) = (int(g) for g in grid), (int(s) for s in size)
     radius, _ = _kernel(sigma, torch.float64)
     mode = _pad_mode(height, width, radius)
@@ -79,7 +68,9 @@ def upsample_blur_operators(
 
 
 def upsample_blur(maps: torch.Tensor, size: Sequence[int], sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """(B, 1, h, w) patch-grid maps -> (B, 1, H, W) at `size`: bilinear upsampling then `gaussian_blur`."""
+    """(B, 1, h, w) patch-grid maps -> (B, 1, H, W) at `size`: bilinear upsampling (align_corners=False), then
+    a separable Gaussian blur (kernel 2 * int(4 * sigma + 0.5) + 1 taps; reflect padding, replicate for maps
+    smaller than the kernel's radius)."""
     rows, cols = upsample_blur_operators(maps.shape[-2:], size, sigma)
     rows, cols = rows.to(maps.dtype), cols.to(maps.dtype)
     return torch.matmul(torch.matmul(rows, maps), cols)

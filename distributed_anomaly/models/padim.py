@@ -126,8 +126,8 @@ class Padim(FrozenBackboneModel):
         no layout change precedes a gather over the whole concatenation. With `upsample_blur`, the exported IR
         (MobileNetV2, 256 px, batch 8) went from 176 to 231 images/s (bench/ir_ab.py, one run)."""
         feats = self.extractor(images)
-        parts = [_positions_on_grid(feats[layer].index_select(1, sel), self.grid) for layer, sel in self.tap_channels()]
-        emb = torch.cat([p for p in parts if p.shape[-1]], dim=-1)  # (h, w, B, C)
+        taps = [(feats[layer], sel) for layer, sel in self.tap_channels() if sel.numel()]  # a tap may have none
+        emb = torch.cat([_positions_on_grid(t.index_select(1, sel), self.grid) for t, sel in taps], dim=-1)
         return emb.reshape(self.n_positions, -1, self.n_features)
 
     def tap_channels(self) -> list[tuple[str, torch.Tensor]]:
