@@ -101,7 +101,10 @@ def test_train_and_evaluate_detect_and_keep_the_layout(layouts, fmt: str, tmp_pa
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--json", "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["image_auroc"] == metrics["image_auroc"] and again["pixel_auroc"] == metrics["pixel_auroc"]
+    # `train` scores with the fit's own Cholesky factor, `evaluate` with the one a loaded model derives from the
+    # stored Sigma^-1 (padim.whitening_factor): maps agree to ~1e-7 relative, which can reorder near-equal pixels.
+    assert again["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
     assert main(["evaluate", "--run", str(run), "--format", "mvtec"]) == 2  # refused without --data, not ignored
     assert "give --data too" in capsys.readouterr().err
 

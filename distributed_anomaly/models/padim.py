@@ -39,7 +39,8 @@ HEAD_BLOCKS = 2
 def whitening_factor(inv_cov: torch.Tensor) -> torch.Tensor | None:
     """W lower triangular with W^T W = Sigma^-1 (per position), for a model loaded with inv_cov only: the
     Cholesky factor of Sigma^-1 with rows and columns reversed (that of J Sigma^-1 J, J the reversal), which is
-    the L^-1 a fit computes (the factor is unique). None if Sigma^-1 is not positive definite (unfitted)."""
+    the L^-1 a fit computes (the factor is unique; computed this other way it differs by float rounding, ~1e-7
+    relative in the maps). None if Sigma^-1 is not positive definite (unfitted)."""
     try:
         flipped = torch.linalg.cholesky(inv_cov.double().flip(-1, -2))
     except torch.linalg.LinAlgError:
