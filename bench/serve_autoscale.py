@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -30,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from serve_load import prepare, test_images  # noqa: E402
+from serve_load import add_model_arguments, free_port, model_and_images, test_images  # noqa: E402
 
 
 class Load:
@@ -110,10 +109,7 @@ def windows(samples: list[dict], done: list[tuple[float, float]], t0: float, wid
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="IR folder to serve (default: the demo export under --work)")
-    ap.add_argument("--images", type=Path, help="category folder whose test/ PNGs are sent (default: the demo's)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/da_bench"))
-    ap.add_argument("--size", type=int, default=256)
+    add_model_arguments(ap)
     ap.add_argument("--autoscale", default="1,2", help="MIN,MAX model replicas (default 1,2)")
     ap.add_argument("--cpus-per-replica", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -126,16 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_anomaly.serve.server import start_server
     from distributed_anomaly.serve.settings import AppConfig, parse_autoscale
 
-    ir, category = prepare(a.work, a.size) if a.model is None else (a.model, a.images)
-    if category is None:
-        ap.error("--images CATEGORY_DIR is needed with --model")
+    ir, category = model_and_images(ap, a)
     low, high = parse_autoscale(a.autoscale)
     cfg = AppConfig(models=[str(ir)], autoscale=(low, high), cpus_per_replica=a.cpus_per_replica)
     print(f"autoscaling options: {cfg.scaling_options()}", file=sys.stderr, flush=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = start_server(cfg, "127.0.0.1", port, num_cpus=max(2, int(high * a.cpus_per_replica + 0.999)))
+    server = start_server(cfg, "127.0.0.1", free_port(), num_cpus=max(2, int(high * a.cpus_per_replica + 0.999)))
     images = test_images(category)
     samples: list[dict] = []
     try:

@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from proc_cpu import snapshot  # noqa: E402
-from serve_load import in_process, load, test_images  # noqa: E402
+from serve_load import free_port, in_process, load, test_images  # noqa: E402
 
 GROUPS = (
     ("proxy", "ProxyActor"),
@@ -105,11 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AppConfig(
         models=[str(a.model)], cpus_per_replica=a.cpus_per_replica, max_batch_size=a.max_batch_size, replicas=1
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     threads = max(1, int(a.cpus_per_replica))
-    server = start_server(cfg, "127.0.0.1", port, num_cpus=max(os.cpu_count() or 1, threads))
+    server = start_server(cfg, "127.0.0.1", free_port(), num_cpus=max(os.cpu_count() or 1, threads))
     try:
         load(server.url, images, 4 * a.concurrency, a.concurrency, a.task, 300)  # warm-up, not counted
         load_before = os.getloadavg()[0]

@@ -78,6 +78,29 @@ def prepare(work: Path, size: int) -> tuple[Path, Path]:
     return ir, data / CATEGORY
 
 
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model / --images (default: the demo export and category under --work, made if missing), --work, --size."""
+    ap.add_argument("--model", type=Path, help="IR folder to serve (default: the demo export under --work)")
+    ap.add_argument("--images", type=Path, help="category folder whose test/ PNGs are sent (default: the demo's)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/da_bench"))
+    ap.add_argument("--size", type=int, default=256)
+
+
+def model_and_images(ap: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Path, Path]:
+    """(IR folder, category folder) from add_model_arguments' arguments."""
+    if a.model is None:
+        return prepare(a.work, a.size)
+    if a.images is None:
+        ap.error("--images CATEGORY_DIR is needed with --model")
+    return a.model, a.images
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_images(category: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((category / "test").rglob("*.png"))]
 
@@ -163,10 +186,7 @@ def summarize(latencies: list[float], errors: list[str], wall: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help="IR folder to serve (default: the demo export under --work)")
-    ap.add_argument("--images", type=Path, help="category folder whose test/ PNGs are sent (default: the demo's)")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/da_bench"))
-    ap.add_argument("--size", type=int, default=256)
+    add_model_arguments(ap)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-batch-size", type=int, default=8)
@@ -190,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed_anomaly.serve.server import start_server
     from distributed_anomaly.serve.settings import AppConfig
 
-    ir, category = prepare(a.work, a.size) if a.model is None else (a.model, a.images)
-    if category is None:
-        ap.error("--images CATEGORY_DIR is needed with --model")
+    ir, category = model_and_images(ap, a)
     images = test_images(category)
     threads = max(1, int(a.replicas * a.cpus_per_replica))
     b = a.max_batch_size
@@ -214,11 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=b,
         batch_wait_timeout_s=a.batch_wait_ms / 1000,
     )
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     t = time.perf_counter()
-    server = start_server(cfg, "127.0.0.1", port, num_cpus=max(os.cpu_count() or 1, threads))
+    server = start_server(cfg, "127.0.0.1", free_port(), num_cpus=max(os.cpu_count() or 1, threads))
     print(f"server up in {time.perf_counter() - t:.1f}s at {server.url}", file=sys.stderr, flush=True)
     rounds = []
     sizes = [a.requests // a.rounds + (1 if r < a.requests % a.rounds else 0) for r in range(a.rounds)]
