@@ -74,10 +74,12 @@ SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.25}
 
 # Ray Serve's own request-path settings, the replica half of its RAY_SERVE_THROUGHPUT_OPTIMIZED mode (direct
 # ingress left off: it would move the HTTP port): our code runs on the replica's event loop instead of a second
-# thread, the ingress calls the model over gRPC instead of Ray actor calls, and request-path log lines are
-# buffered (flushed at 1000 lines or at an error) and not copied to stderr; the replica log files keep them.
-# On 2 cores they raised Serve's throughput from 23 to 33 req/s (README, bench/serve_load.py). Set in the replicas'
-# runtime_env; a value in the deploying process's environment wins.
+# thread, the replicas take gRPC calls, and request-path log lines are buffered (flushed at 1000 lines or at an
+# error) and not copied to stderr; the replica log files keep them. With the whole local cluster's environment set
+# they raised Serve's throughput from 23 to 33 req/s on 2 cores (README, bench/serve_load.py). Set in the replicas'
+# runtime_env; a value in the deploying process's environment wins. The ingress's handle to the model is built by
+# the deploying process, so it keeps Ray's actor calls (seen in a py-spy profile of the ingress, 2026-12-02); on
+# gRPC (`_by_reference=False`) an A/B of Serve's own CPU per request showed no difference (bench/serve_cpu.py).
 REPLICA_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
