@@ -63,6 +63,10 @@ def _max_pixels_runtime_env() -> dict | None:
     return None if MAX_PIXELS_ENV in job_vars else {"env_vars": {MAX_PIXELS_ENV: value}}
 
 
+INLINE_ARGUMENT_BYTES = 256 * 1024
+INLINE_ARGUMENT_ENV = "RAY_max_direct_call_object_size"  # Ray's config name, in the case Ray reads it
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Make this process a Ray driver. Returns True if this call started/joined Ray (the caller shuts it down).
 
@@ -80,6 +84,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         # Ray Train gives a worker group 60 s to start; on a small, busy machine importing torch in new worker
         # processes can take longer, which would count as a failure. A local node inherits this environment.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        # Arguments up to this size travel inside the call instead of through the object store (Ray's default:
+        # 100 KiB). A 256 x 256 RGB image, what Serve's ingress sends its model replica, is 192 KiB: with it
+        # inline, Ray's own processes spent 1.2-1.5 instead of 4.1-5.6 core-ms per request and Serve's own CPU
+        # fell to 13.4-14.8 core-ms (bench/serve_cpu.py, A B A B). Larger images still go through the store.
+        os.environ.setdefault(INLINE_ARGUMENT_ENV, str(INLINE_ARGUMENT_BYTES))
         ray.init(
             address="local",
             num_cpus=num_cpus,
