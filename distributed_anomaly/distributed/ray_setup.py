@@ -23,6 +23,9 @@ from distributed_anomaly.data.limits import MAX_PIXELS_ENV
 from distributed_anomaly.errors import UserError
 
 LOCAL_ADDRESSES = (None, "", "local")
+# A local Ray passes call arguments up to this size inside the call (see ensure_ray). Ray reads the limit per node.
+INLINE_ARGUMENT_BYTES = 256 * 1024
+INLINE_ARGUMENT_ENV = "RAY_max_direct_call_object_size"  # Ray's config name, in the case Ray reads it
 
 
 def _token_available() -> bool:
@@ -61,10 +64,6 @@ def _max_pixels_runtime_env() -> dict | None:
     except ValueError:
         job_vars = {}
     return None if MAX_PIXELS_ENV in job_vars else {"env_vars": {MAX_PIXELS_ENV: value}}
-
-
-INLINE_ARGUMENT_BYTES = 256 * 1024
-INLINE_ARGUMENT_ENV = "RAY_max_direct_call_object_size"  # Ray's config name, in the case Ray reads it
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> bool:
