@@ -93,6 +93,7 @@ def test_padim_fit_on_two_nodes_equals_in_process(two_nodes, demo_category: Path
     train = records_of_split(load_dataset(demo_category), "train")
     ref = engine.fit_padim(tiny_padim(), train, batch_size=8, progress=False)
     info = _drive(PADIM_DRIVER, two_nodes, demo_category, tmp_path)
+    assert info["partials"] == 2  # one per node: the driver merged both nodes' partials
     saved = np.load(tmp_path / "stats.npz")
     assert int(saved["count"]) == info["images"] == len(train)
     mean, m2 = torch.from_numpy(saved["mean"]), torch.from_numpy(saved["m2"])

@@ -48,6 +48,7 @@ def test_ray_fit_equals_in_process_fit(ray_local, train_records, reference, work
     assert stats.count == len(train_records)
     assert sum(w["images"] for w in info["workers"]) == len(train_records)
     assert info["num_skipped"] == 0 and info["images_per_s"] > 0
+    assert info["partials"] == 1  # one node: its workers fold into one partial, the driver merges one
     assert rel_err(stats.mean, ref_stats.mean) < RTOL
     assert rel_err(stats.covariance(), ref_stats.covariance()) < RTOL
     # The model is finalised once, from the merged statistics.

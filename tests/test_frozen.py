@@ -102,6 +102,30 @@ def test_partials_of_different_shifts_merge_exactly() -> None:
     assert _rel(merged.mean, reference.mean) < 1e-6
 
 
+def test_workers_of_a_node_fold_into_one_partial_from_the_node_shift() -> None:
+    """NodePartials (the store actor's class, called here in process): the first worker's batch mean fixes the
+    node's shift, a second worker with a far-off first batch takes its deviations from that shift too, and
+    the one partial equals a float64 pass over every image, with each worker's count kept for the driver."""
+    from distributed_anomaly.distributed.node_fit import NodePartials
+
+    x = _patches(90, seed=2).numpy()
+    node = NodePartials(6, 4, "float64", threads=1)
+    shift_a = node.node_shift(x[:10].mean(0))
+    shift_b = node.node_shift(x[10:12].mean(0) + 5.0)
+    assert np.array_equal(shift_a, shift_b) and np.allclose(shift_a, x[:10].mean(0))
+    for worker, lo, hi in (("a", 0, 10), ("b", 10, 12), ("a", 12, 50), ("b", 50, 90)):
+        dev = x[lo:hi] - shift_a
+        node.update(worker, dev, dev.sum(0))
+    assert node.worker_counts() == {"a": 48, "b": 42}
+    count, mean, m2 = node.chunk(0, 6)
+    reference = GaussianStats.from_batch(torch.from_numpy(x).double().transpose(1, 2))
+    assert count == 90 and mean.dtype == np.float64
+    assert _rel(torch.from_numpy(m2), reference.m2) < 1e-4
+    assert _rel(torch.from_numpy(mean), reference.mean) < 1e-6
+    node.drop()
+    assert node.acc is None
+
+
 def test_accumulator_refuses_deviations_without_a_shift_and_wrong_shapes() -> None:
     acc = MomentAccumulator(6, 4)
     with pytest.raises(ValueError, match="first batch"):

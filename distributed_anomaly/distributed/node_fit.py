@@ -2,7 +2,7 @@
 
     pool actor (OpenVinoEmbedder):  paths -> decode + normalise (data.decode, numpy and Pillow)
                                     -> PADIM's patched IR (frozen_ir.CompiledPatches) -> deviations (B, P, C)
-    NodePartials (one per node):    deviations -> moments.MomentAccumulator of that worker (numpy, float32)
+    NodePartials (one per node):    deviations of all its workers -> one moments.MomentAccumulator (numpy, float32)
 
 Torch, torchvision and the model classes are loaded by the driver only: it converts the frozen network once
 (frozen.patch_blob, cached on its disk) and ships the IR as bytes through the object store. An actor process
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,33 +35,47 @@ from distributed_anomaly.moments import MomentAccumulator
 
 
 class NodePartials:
-    """The partial statistics of the pool actors on one node, one MomentAccumulator per worker (a threaded
-    actor). Created by the PartialRegistry, so owned by the fit, not by Ray Data's pool: the partials outlive
-    the pool actors."""
+    """The partial statistics of one node: a single MomentAccumulator that every pool actor on the node folds
+    into (a threaded actor; the accumulator's lock orders the folds), and each worker's image count for the
+    driver's accounting. One partial per node rather than one per worker: a node holds one S2 (P, C, C) and one
+    stage whatever its worker count, and the driver pulls one partial from it. Created by the PartialRegistry,
+    so owned by the fit, not by Ray Data's pool: the partial outlives the pool actors."""
 
     def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
         threadpool_limits(max(1, int(threads)), user_api="blas")  # the node's share, not all its cores
-        self.shape = (n_positions, n_features)
+        self.acc: MomentAccumulator | None = MomentAccumulator(n_positions, n_features)
         self.dtype = np.dtype(dtype)
-        self.partials: dict[str, MomentAccumulator] = {}
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
-    def update(self, worker: str, dev: np.ndarray, dev_sum: np.ndarray, shift: np.ndarray | None) -> int:
-        """Fold a batch of deviations (B, P, C) from `worker`'s shift (sent with its first batch) into its
-        partial. Each worker calls this serially."""
-        acc = self.partials.get(worker)
-        if acc is None:
-            acc = self.partials.setdefault(worker, MomentAccumulator(*self.shape))
-        if shift is not None:
-            acc.set_shift(shift)
-        acc.add_deviations(dev, dev_sum)
-        return acc.count
+    def node_shift(self, first_mean: np.ndarray) -> np.ndarray:
+        """The shift every worker on this node takes its deviations from: the first caller's batch mean fixes
+        it (any shift is exact; one near the mean keeps float32 S2 accurate, and normal images' means are
+        close to each other)."""
+        with self._lock:
+            if self.acc.shift is None:
+                self.acc.set_shift(first_mean)
+            return self.acc.shift
 
-    def chunk(self, worker: str, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Positions [p0, p1) of `worker`'s partial as (count, mean, m2), in the accumulation dtype."""
-        return self.partials[worker].stats_chunk(p0, p1, self.dtype)
+    def update(self, worker: str, dev: np.ndarray, dev_sum: np.ndarray) -> int:
+        """Fold `worker`'s batch of deviations (B, P, C) from the node's shift; returns the node's count."""
+        self.acc.add_deviations(dev, dev_sum)
+        with self._lock:
+            self.counts[worker] += int(dev.shape[0])
+        return self.acc.count
 
-    def drop(self, worker: str) -> None:
-        self.partials.pop(worker, None)
+    def worker_counts(self) -> dict[str, int]:
+        """{worker: images it folded}: the driver checks them against the rows each worker reported."""
+        with self._lock:
+            return dict(self.counts)
+
+    def chunk(self, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Positions [p0, p1) of the node's partial as (count, mean, m2), in the accumulation dtype."""
+        return self.acc.stats_chunk(p0, p1, self.dtype)
+
+    def drop(self) -> None:
+        """Free the partial once the driver has merged it."""
+        self.acc = None
 
 
 class PartialRegistry:
@@ -129,8 +145,8 @@ def folded_rows(batch: dict[str, np.ndarray], ok: np.ndarray, worker_id: str, no
 
 class PatchEmbedder:
     """Pool actor (map_batches callable class): runs the frozen network on its share of the images and folds
-    the deviations of their embeddings into its own partial (in its node's NodePartials), waiting for each fold
-    before it reports the images. Batches hold decoded `pixels`, or only `path`s when it decodes them itself.
+    the deviations of their embeddings into its node's partial (NodePartials), waiting for each fold before it
+    reports the images. Batches hold decoded `pixels`, or only `path`s when it decodes them itself.
 
     Subclasses set `self.frozen`: numpy (images, shift) -> (deviations, sum), like frozen_ir.CompiledPatches."""
 
@@ -142,25 +158,25 @@ class PatchEmbedder:
         self._store_ref = registry.store_for.remote(self.worker_id, self.node_id)  # starts while the model loads
         self.shape = (n_positions, n_features)
         self.image_size = image_size
-        self.shift: np.ndarray | None = None  # this worker's: the mean of its first batch
+        self.shift: np.ndarray | None = None  # its node's (NodePartials.node_shift), asked for at the first batch
 
-    def _deviations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _deviations(self, x: np.ndarray, store: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.shift is not None:
-            return (*self.frozen(x, self.shift), None)
+            return self.frozen(x, self.shift)
         patches, _ = self.frozen(x, np.zeros(self.shape, dtype=np.float32))
-        self.shift = patches.mean(0, dtype=np.float32)
+        self.shift = ray.get(store.node_shift.remote(patches.mean(0, dtype=np.float32)))
         dev = patches - self.shift
-        return dev, dev.sum(0), self.shift
+        return dev, dev.sum(0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "pixels" not in batch:
             batch = decode_batch(batch, self.image_size)
         ok = np.asarray(batch["ok"], dtype=bool)
         if ok.any():
-            dev, dev_sum, shift = self._deviations(np.ascontiguousarray(batch["pixels"][ok]))
             store = ray.get(self._store_ref)[0]
+            dev, dev_sum = self._deviations(np.ascontiguousarray(batch["pixels"][ok]), store)
             # Folded before these rows are reported: exact accounting.
-            ray.get(store.update.remote(self.worker_id, dev, dev_sum, shift))
+            ray.get(store.update.remote(self.worker_id, dev, dev_sum))
         return folded_rows(batch, ok, self.worker_id, self.node_id)
 
 

@@ -1,7 +1,7 @@
 """PADIM fitting as a Ray Data pipeline: exact statistics, memory independent of the dataset.
 
     driver: manifest (paths) --from_items--> [decode tasks, or the actors themselves: data.decode]
-            --> [actor pool: frozen backbone] --deviations--> [NodePartials actor of that node: one partial per worker]
+            --> [actor pool: frozen backbone] --deviations--> [NodePartials actor of that node: one partial per node]
             --> one small row per image back to the driver; at the end the driver merges the partials.
 
 What runs on the nodes (node_fit.py: the OpenVINO pool actor, NodePartials, PartialRegistry) imports no torch;
@@ -10,17 +10,18 @@ the driver converts the frozen network once and ships it as an IR. The torch run
 Getting state out of a Ray Data actor pool: a callable class gets no "end of input" call and Ray Data retires
 the actors itself, so the partial statistics do not live in the pool actors. Each pool actor, when it starts,
 asks the fit's PartialRegistry (an actor owned by the driver) for the NodePartials actor of its own node, and
-folds each batch's deviations into its partial there (exact moment updates, moments.MomentAccumulator), waiting
-for the fold before it returns the batch's rows. The partials thus outlive the pool, and the driver reads them back with
+folds each batch's deviations into the node's partial there (exact moment updates, moments.MomentAccumulator;
+every worker of a node takes deviations from the node's shift), waiting for the fold before it returns the
+batch's rows. The partials thus outlive the pool, and the driver reads them back, one per node, with
 ordinary method calls, one chunk of patch positions at a time, merging into one accumulator. Flushing from the
 pool actor's `__del__` does not work: objects it creates there (ray.put, large task arguments) get the same
 ObjectID in every actor (nil task context at shutdown, Ray 2.60), so partials silently overwrite each other.
 
 Nothing is trusted blindly: every image must come back exactly once as a row naming the worker that folded
-it, and each worker's partial must hold exactly that many images, else the fit fails with a message (never a
-silently smaller fit). Memory: the driver holds the manifest, one row per image, one accumulator (P, C, C)
-and two chunks (<= CHUNK_BYTES each); a node holds its workers' backbones and partials and a batch of
-embeddings per worker; Ray Data's object-store budget for decoded batches is capped
+it, and each node's partial must count exactly that many images of each of its workers, else the fit fails with
+a message (never a silently smaller fit). Memory: the driver holds the manifest, one row per image, one
+accumulator (P, C, C) and two chunks (<= CHUNK_BYTES each); a node holds its workers' backbones, one partial
+and a batch of embeddings per worker; Ray Data's object-store budget for decoded batches is capped
 (pool.object_store_budget) and decoding runs in the actors or in at most workers + 1 tasks. None of this grows with the
 number of images. See README.md, "Distributed PADIM fitting".
 
@@ -270,7 +271,7 @@ def fit_padim_ray(
     info: images (counted), manifest_images, skipped (paths), num_skipped, workers [{worker, node, images,
     torch_loaded}],
     nodes, seconds, images_per_s (end to end), startup_s (until the first batch), steady_images_per_s, dtype,
-    runtime, precision, decode_in_actors.
+    runtime, precision, decode_in_actors, partials (merged by the driver: one per node).
     """
     if len(records) < 2:
         raise UserError(f"PADIM needs at least 2 training images, got {len(records)}")
@@ -285,15 +286,21 @@ def fit_padim_ray(
         udf, args = _pool_actor(model, registry, threads, runtime, precision)
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
         decode_in_actors = fold_on_pool(tally, pool, udf, args, progress, decode_in_actors)
-        _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
+        partials = _merge_partials(registry, tally.rows_per_worker, tally.node_of, acc)
     model.set_gaussian(acc)
     return acc, tally.info(
-        acc.count, dtype=dtype, runtime=runtime, precision=precision, decode_in_actors=decode_in_actors
+        acc.count,
+        dtype=dtype,
+        runtime=runtime,
+        precision=precision,
+        decode_in_actors=decode_in_actors,
+        partials=partials,
     )
 
 
-def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, str], acc: GaussianStats) -> None:
-    """Merge every worker's partial into `acc` (empty), one chunk of positions at a time, checking counts.
+def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, str], acc: GaussianStats) -> int:
+    """Merge every node's partial into `acc` (empty), one chunk of positions at a time, checking counts; returns
+    how many partials were merged (one per node that folded images).
 
     Each chunk is the return value of an ordinary method call, so the driver owns it; at most two chunks
     (the one merged and the next, prefetched) exist at once.
@@ -303,30 +310,49 @@ def _merge_partials(registry: Any, rows_per_worker: Counter, node_of: dict[str, 
     missing = sorted(set(expected) - set(stores))
     if missing:
         raise RuntimeError(f"worker {missing[0]} on node {node_of[missing[0]]} has no statistics store")
-    bounds = chunk_bounds(acc.mean.shape[0], acc.mean.shape[1], acc.dtype)
+    nodes: dict[str, dict[str, int]] = {}
+    for worker, n in expected.items():
+        nodes.setdefault(stores[worker][0], {})[worker] = n
     total = 0
-    for worker, n in sorted(expected.items()):
-        store = stores[worker][1][0]
-        refs = [store.chunk.remote(worker, p0, p1) for p0, p1 in bounds[:2]]
-        for i, (p0, p1) in enumerate(bounds):
-            try:
-                count, mean, m2 = ray.get(refs[i])
-            except ray.exceptions.RayActorError as exc:
-                raise RuntimeError(
-                    f"the statistics of worker {worker} on node {node_of[worker]} ({n} images) were lost: {exc}"
-                ) from exc
-            refs[i] = None  # release the chunk once merged
-            if i + 2 < len(bounds):
-                refs.append(store.chunk.remote(worker, *bounds[i + 2]))
-            if count != n:
-                raise RuntimeError(
-                    f"worker {worker} on node {node_of[worker]} reported {n} images but its "
-                    f"statistics count {count}: the fit is inconsistent"
-                )
-            part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
-            del mean, m2
-            # A view of the accumulator's positions [p0, p1): merge_ updates it in place.
-            GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1]).merge_(part)
-        store.drop.remote(worker)  # free it on its node as soon as it is merged
+    for node, rows in sorted(nodes.items()):
+        store = stores[next(iter(rows))][1][0]
+        n = _merge_node(store, node, rows, acc, total)
+        store.drop.remote()  # free it on its node as soon as it is merged
         total += n
     acc.count = total
+    return len(nodes)
+
+
+def _merge_node(store: Any, node: str, rows: dict[str, int], acc: GaussianStats, total: int) -> int:
+    """Merge one node's partial (its workers reported `rows` images each) into `acc`, which holds `total`."""
+    try:
+        counts = ray.get(store.worker_counts.remote())
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"the statistics of node {node} ({sum(rows.values())} images) were lost: {exc}") from exc
+    for worker, n in sorted(rows.items()):
+        if counts.get(worker, 0) != n:
+            raise RuntimeError(
+                f"worker {worker} on node {node} reported {n} images but its node's statistics count "
+                f"{counts.get(worker, 0)} of them: the fit is inconsistent"
+            )
+    n = sum(rows.values())
+    bounds = chunk_bounds(acc.mean.shape[0], acc.mean.shape[1], acc.dtype)
+    refs = [store.chunk.remote(p0, p1) for p0, p1 in bounds[:2]]
+    for i, (p0, p1) in enumerate(bounds):
+        try:
+            count, mean, m2 = ray.get(refs[i])
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"the statistics of node {node} ({n} images) were lost: {exc}") from exc
+        refs[i] = None  # release the chunk once merged
+        if i + 2 < len(bounds):
+            refs.append(store.chunk.remote(*bounds[i + 2]))
+        if count != n:
+            raise RuntimeError(
+                f"the workers on node {node} reported {n} images but its statistics count {count}: "
+                "the fit is inconsistent"
+            )
+        part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
+        del mean, m2
+        # A view of the accumulator's positions [p0, p1): merge_ updates it in place.
+        GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1]).merge_(part)
+    return n
