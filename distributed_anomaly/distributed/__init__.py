@@ -7,9 +7,9 @@
 
 Modules: ray_setup (start or join Ray), pool (the Ray Data actor-pool pipeline and its checks), payload (models
 as constructor args + state dict), padim_fit (the PADIM fit), patchcore_fit (PatchCore's shard
-coresets), scoring (batch inference), stfpm_train (the STFPM
-driver), stfpm_worker (its Ray Train loop), stfpm_steps (its Ray-free epoch), checkpoints (its checkpoints),
-faults (fault hooks). payload, stfpm_steps, checkpoints and faults never import Ray.
+coresets), scoring (batch inference), stfpm_train (the STFPM driver), stfpm_worker (its Ray Train loop),
+stfpm_steps (its Ray-free epoch), shards (how Ray Train splits its data, torch-free), checkpoints (its
+checkpoints), faults (fault hooks). payload, stfpm_steps, checkpoints and faults never import Ray.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from typing import Any
 import ray
 import torch
 from ray.data import RandomSeedConfig
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
@@ -62,6 +62,7 @@ from distributed_anomaly.distributed.checkpoints import LocalStore, best_state, 
 from distributed_anomaly.distributed.cpus import STFPM_DECODE_CPUS, stfpm_decode_tasks
 from distributed_anomaly.distributed.payload import model_payload
 from distributed_anomaly.distributed.pool import check_cluster_cpus
+from distributed_anomaly.distributed.shards import NoDropDataConfig
 from distributed_anomaly.distributed.stfpm_steps import BATCH_NORM_MODES
 from distributed_anomaly.distributed.stfpm_worker import StfpmLoopConfig, train_loop_per_worker
 from distributed_anomaly.errors import UserError
@@ -107,27 +108,6 @@ def _datasets(
     if val_records:
         out["val"] = build(val_records, False)
     return out
-
-
-class NoDropDataConfig(DataConfig):
-    """Ray Train's DataConfig, but streaming_split(equal=False): no image dropped to even out the shards.
-
-    preserve_order makes the split deterministic: Ray Data's splitter gives each block, in order, to the
-    rank with the fewest rows so far.
-    """
-
-    def configure(
-        self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
-    ) -> list[dict]:
-        output: list[dict] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            options = self._resolve_execution_options(name)
-            options.preserve_order = True
-            ds.context.execution_options = options
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                output[i][name] = split
-        return output
 
 
 # --------------------------------------------------------------------------------------------- driver
