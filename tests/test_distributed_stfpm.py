@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray._private import state as ray_state  # the GCS actor table: the session's Ray has no dashboard
 
 from distributed_anomaly import engine, rundir
 from distributed_anomaly.config import ModelConfig, TrainConfig
@@ -158,6 +159,10 @@ def test_two_workers_with_replica_batch_norm_over_epochs(ray_local, normal_image
         decode_tasks=1,
     )
     assert info["batch_norm"] == "replica" and info["per_worker_batch_size"] == 2
+    # On the local Ray that ensure_ray started, Ray Train starts no preemption watcher (ray_setup): its actor table
+    # holds this run's controller and workers, and no PreemptionWatcher.
+    classes = {a["ActorClassName"] for a in ray_state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= classes and "PreemptionWatcher" not in classes
     # 2 input blocks of 2 shuffle into 2 blocks of 2: each rank 2 images, one step, no empty step
     assert info["images_per_epoch"] == [4, 4, 4] and info["empty_steps_per_epoch"] == [0, 0, 0]
     states = {s["epoch"]: s for s in (load_state(p.parent) for p in (storage / "replica").glob("*/state.pt"))}

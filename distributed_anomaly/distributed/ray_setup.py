@@ -26,6 +26,7 @@ LOCAL_ADDRESSES = (None, "", "local")
 # A local Ray passes call arguments up to this size inside the call (see ensure_ray). Ray reads the limit per node.
 INLINE_ARGUMENT_BYTES = 256 * 1024
 INLINE_ARGUMENT_ENV = "RAY_max_direct_call_object_size"  # Ray's config name, in the case Ray reads it
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch (on by default)
 
 
 def _token_available() -> bool:
@@ -88,6 +89,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, dashboar
         # inline, Ray's own processes spent 1.2-1.5 instead of 4.1-5.6 core-ms per request and Serve's own CPU
         # fell to 13.4-14.8 core-ms (bench/serve_cpu.py, A B A B). Larger images still go through the store.
         os.environ.setdefault(INLINE_ARGUMENT_ENV, str(INLINE_ARGUMENT_BYTES))
+        # One machine has no other node to drain or preempt: Ray Train's preemption watcher, an actor process it
+        # starts with every worker group (restarts included), would only cost its start here.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(
             address="local",
             num_cpus=num_cpus,
