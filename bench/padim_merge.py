@@ -3,10 +3,11 @@
     .venv/bin/python bench/padim_merge.py                       # mobilenet_v2 / 100 features at 256 px: P=4096, C=100
     .venv/bin/python bench/padim_merge.py --positions 4096 --features 550
 
-For one worker's partial (moments.MomentAccumulator, float32 S2) it measures, in CPU seconds (the machine may be
-shared: CPU time, not wall time): the node's conversion to statistics chunks (stats_chunk: float32 -> float64,
-mean correction), and the driver's Chan merge of those chunks into its accumulator (GaussianStats.merge_), and
-prints the bytes each partial sends (in the accumulation dtype, as padim_fit._merge_partials pulls it).
+For one node's partial (moments.MomentAccumulator, float32 S2) it measures, in CPU seconds (the machine may be
+shared: CPU time, not wall time): the node's copy of its raw chunks (raw_chunk: shift, S1, float32 S2 -- what
+serialising them costs) and the driver's padim_fit._merge_chunk over them (moments_to_stats: float32 -> float64
+with the mean correction, then the Chan merge GaussianStats.merge_), and prints the bytes each partial sends
+(raw, as padim_fit._merge_node pulls it; before 2026-12-02 the node sent float64 statistics).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed_anomaly.distributed.padim_fit import chunk_bounds
+from distributed_anomaly.distributed.padim_fit import _merge_chunk, chunk_bounds
 from distributed_anomaly.moments import MomentAccumulator
 from distributed_anomaly.stats import GaussianStats, accumulation_dtype
 
@@ -50,27 +51,27 @@ def main() -> int:
         accs.append(acc)
     bounds = chunk_bounds(p, c, dtype)
     total = GaussianStats.empty(p, c, dtype)
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    convert, merge = [], []
+    ship, merge = [], []
+    buffer = GaussianStats.empty(bounds[0][1] - bounds[0][0], c, dtype)
     for acc in accs:
-        chunks: list = []
-        convert.append(cpu(lambda a=acc, out=chunks: out.extend(a.stats_chunk(p0, p1, np_dtype) for p0, p1 in bounds)))
+        raw: list = []
+        ship.append(cpu(lambda a=acc, out=raw: out.extend([np.array(x) for x in a.raw_chunk(*b)] for b in bounds)))
 
-        def fold(chunks=chunks, count=total.count) -> None:
-            for (p0, p1), (n, mean, m2) in zip(bounds, chunks):
-                part = GaussianStats(n, torch.from_numpy(mean), torch.from_numpy(m2))
-                GaussianStats(count, total.mean[p0:p1], total.m2[p0:p1]).merge_(part)
+        def fold(raw=raw, count=total.count) -> None:  # as the driver does it: convert, then Chan merge
+            for (p0, p1), chunk in zip(bounds, raw):
+                _merge_chunk(total, count, p0, p1, tuple(chunk), buffer if count else None)
 
         merge.append(cpu(fold))
         total.count += acc.count
-    sent = p * c * c * torch.empty((), dtype=dtype).element_size() + p * c * 8
+    sent = p * c * c * 4 + p * c * (8 + 4)
     print(
         f"P={p}, C={c}, accumulation {str(dtype).replace('torch.', '')}, {len(bounds)} chunks; "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     )
     print(f"bytes sent per partial: {sent / 1e6:.0f} MB (S2 held on the node: {p * c * c * 4 / 1e6:.0f} MB float32)")
-    print(f"node, stats_chunk over one partial: {np.mean(convert):.3f} CPU s (mean of {len(convert)})")
-    print(f"driver, Chan merge of one partial: {np.mean(merge[1:]):.3f} CPU s (mean of {len(merge) - 1}; first copies)")
+    print(f"node, copy of its raw chunks into fresh memory: {np.mean(ship):.3f} CPU s (mean of {len(ship)})")
+    print(f"driver, the first partial converted into the accumulator: {merge[0]:.3f} CPU s")
+    print(f"driver, a later partial converted and merged: {np.mean(merge[1:]):.3f} CPU s (mean of {len(merge) - 1})")
     return 0
 
 

@@ -27,13 +27,16 @@ POSITION_CHUNK = 64  # positions per batched product: a (64, C, C) float32 buffe
 # P = 4096, C = 100: 3.5-5.4 CPU ms per image folding 8 at a time, 1.9 at 16, 1.7-2.0 at 32 (the stage costs
 # 16 x P x C float32: 26 MB here).
 FOLD_IMAGES = 16
+# Positions converted to float64 statistics at a time (moments_to_stats): a (16, C, C) float64 block is 1.3 MB at
+# C = 100, so each block is read, corrected and written while in cache.
+CONVERT_POSITIONS = 16
 
 
 class MomentAccumulator:
     """count, shift K (P, C) float32, S1 = sum(d) (P, C) float64 and S2 = sum(d^T d) (P, C, C) float32.
 
-    Deviations wait in a stage of FOLD_IMAGES images before they are folded into S2; reading `s2` (or
-    `stats_chunk`) folds what is staged first, so readers always see every image counted. Staging and folding
+    Deviations wait in a stage of FOLD_IMAGES images before they are folded into S2; reading `s2` (or a
+    chunk) folds what is staged first, so readers always see every image counted. Staging and folding
     hold a lock: a Ray node's threaded store actor reads several chunks of one partial at once."""
 
     def __init__(self, n_positions: int, n_features: int) -> None:
@@ -108,14 +111,42 @@ class MomentAccumulator:
             np.matmul(left[p0:p1], right[p0:p1], out=buf)
             self._s2[p0:p1] += buf
 
+    def raw_chunk(self, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(count, shift, S1, S2) of positions [p0, p1) as accumulated (float32, float64, float32): what a Ray node
+        ships, half the bytes of float64 statistics; moments_to_stats turns them into statistics where they land."""
+        s2 = self.s2  # folds what is staged
+        shift = self.shift if self.shift is not None else np.zeros(self.s1.shape, np.float32)
+        return self.count, shift[p0:p1], self.s1[p0:p1], s2[p0:p1]
+
     def stats_chunk(self, p0: int, p1: int, dtype=np.float64) -> tuple[int, np.ndarray, np.ndarray]:
-        """(count, mean (p1 - p0, C), M2 (p1 - p0, C, C)) of positions [p0, p1) in `dtype`, computed in float64
-        (the Ray fit ships a partial in such chunks)."""
-        c = self.s1.shape[1]
-        if self.count == 0 or self.shift is None:
-            return 0, np.zeros((p1 - p0, c), dtype), np.zeros((p1 - p0, c, c), dtype)
-        offset = self.s1[p0:p1] / self.count  # mean - shift, float64
-        m2 = self.s2[p0:p1].astype(np.float64)
-        m2 -= self.count * offset[:, :, None] * offset[:, None, :]
-        mean = self.shift[p0:p1].astype(np.float64) + offset
-        return self.count, mean.astype(dtype, copy=False), m2.astype(dtype, copy=False)
+        """(count, mean (p1 - p0, C), M2 (p1 - p0, C, C)) of positions [p0, p1) in `dtype`, computed in float64."""
+        count, shift, s1, s2 = self.raw_chunk(p0, p1)
+        return (count, *moments_to_stats(count, shift, s1, s2, dtype))
+
+
+def moments_to_stats(
+    count: int,
+    shift: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    dtype=np.float64,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, M2) in `dtype` from moments around `shift`, computed in float64: mean = K + S1 / n,
+    M2 = S2 - n (S1 / n)(S1 / n)^T; zeros for an empty partial. `out`: arrays (of `dtype`) to write them into,
+    e.g. the caller's accumulator, rather than new ones (fresh memory is paid again at every first touch)."""
+    mean, m2 = out if out is not None else (np.empty(s1.shape, dtype), np.empty(s2.shape, dtype))
+    if count == 0:
+        mean.fill(0)
+        m2.fill(0)
+        return mean, m2
+    offset = np.asarray(s1, dtype=np.float64) / count  # mean - shift
+    mean[...] = np.asarray(shift).astype(np.float64) + offset
+    block = np.empty((min(CONVERT_POSITIONS, len(offset)), *s2.shape[1:]), np.float64)
+    for p0 in range(0, len(offset), CONVERT_POSITIONS):  # a block at a time, in cache: one pass over memory
+        p1 = min(p0 + CONVERT_POSITIONS, len(offset))
+        out, o = block[: p1 - p0], offset[p0:p1]
+        np.multiply(o[:, :, None], o[:, None, :] * -count, out=out)
+        out += s2[p0:p1]
+        m2[p0:p1] = out
+    return mean, m2

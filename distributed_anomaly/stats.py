@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distributed_anomaly.moments import MomentAccumulator
+from distributed_anomaly.moments import MomentAccumulator, moments_to_stats
 
 # Regularisation added to every covariance (PADIM paper, Sec. 3: Sigma + eps I with eps = 0.01).
 COVARIANCE_EPS = 0.01
@@ -138,11 +138,10 @@ def gaussian_from_moments(
     second float64 copy of the co-moment)."""
     n_pos, c = acc.s1.shape
     out = GaussianStats.empty(n_pos, c, dtype)
+    mean, m2 = out.mean.numpy(), out.m2.numpy()  # views: converted in place
     for p0 in range(0, n_pos, chunk_positions):
         p1 = min(p0 + chunk_positions, n_pos)
-        _, mean, m2 = acc.stats_chunk(p0, p1)
-        out.mean[p0:p1] = torch.from_numpy(mean)
-        out.m2[p0:p1] = torch.from_numpy(m2)
+        moments_to_stats(*acc.raw_chunk(p0, p1), mean.dtype, out=(mean[p0:p1], m2[p0:p1]))
     out.count = acc.count
     return out
 

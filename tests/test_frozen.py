@@ -20,7 +20,7 @@ from distributed_anomaly.data.loader import iter_batches
 from distributed_anomaly.data.mvtec import load_category, records_of_split
 from distributed_anomaly.metrics import auroc
 from distributed_anomaly.models.padim import Padim
-from distributed_anomaly.moments import MomentAccumulator
+from distributed_anomaly.moments import MomentAccumulator, moments_to_stats
 from distributed_anomaly.stats import GaussianStats, gaussian_from_moments
 
 
@@ -109,7 +109,7 @@ def test_workers_of_a_node_fold_into_one_partial_from_the_node_shift() -> None:
     from distributed_anomaly.distributed.node_fit import NodePartials
 
     x = _patches(90, seed=2).numpy()
-    node = NodePartials(6, 4, "float64", threads=1)
+    node = NodePartials(6, 4, threads=1)
     shift_a = node.node_shift(x[:10].mean(0))
     shift_b = node.node_shift(x[10:12].mean(0) + 5.0)
     assert np.array_equal(shift_a, shift_b) and np.allclose(shift_a, x[:10].mean(0))
@@ -117,13 +117,38 @@ def test_workers_of_a_node_fold_into_one_partial_from_the_node_shift() -> None:
         dev = x[lo:hi] - shift_a
         node.update(worker, dev, dev.sum(0))
     assert node.worker_counts() == {"a": 48, "b": 42}
-    count, mean, m2 = node.chunk(0, 6)
+    count, shift, s1, s2 = node.chunk(0, 6)  # shipped as accumulated: S2 in float32
+    assert count == 90 and s2.dtype == np.float32 and s1.dtype == np.float64 and np.array_equal(shift, shift_a)
+    mean, m2 = moments_to_stats(count, shift, s1, s2)  # where it lands, in float64
+    assert (mean.dtype, m2.dtype) == (np.float64, np.float64)
     reference = GaussianStats.from_batch(torch.from_numpy(x).double().transpose(1, 2))
-    assert count == 90 and mean.dtype == np.float64
     assert _rel(torch.from_numpy(m2), reference.m2) < 1e-4
     assert _rel(torch.from_numpy(mean), reference.mean) < 1e-6
     node.drop()
     assert node.acc is None
+
+
+def test_the_driver_merges_raw_node_chunks_like_one_pass() -> None:
+    """padim_fit._merge_chunk as the driver runs it: two nodes' raw moments (different shifts) pulled in chunks
+    of positions, the first converted into the accumulator, the second through a reused buffer and merged."""
+    from distributed_anomaly.distributed.padim_fit import _merge_chunk
+
+    x = _patches(70, seed=4).numpy()
+    nodes = [MomentAccumulator(6, 4), MomentAccumulator(6, 4)]
+    nodes[0].add_patches(x[:30])
+    nodes[1].add_patches(x[30:31] - 3.0)
+    nodes[1].add_patches(x[31:])
+    data = np.concatenate([x[:30], x[30:31] - 3.0, x[31:]])
+    acc = GaussianStats.empty(6, 4, torch.float64)
+    buffer = GaussianStats.empty(4, 4, torch.float64)  # larger than a chunk: views of it are used
+    total = 0
+    for node in nodes:
+        for p0, p1 in ((0, 3), (3, 5), (5, 6)):
+            _merge_chunk(acc, total, p0, p1, node.raw_chunk(p0, p1), buffer if total else None)
+        total += node.count
+    acc.count = total
+    reference = GaussianStats.from_batch(torch.from_numpy(data).double().transpose(1, 2))
+    assert _rel(acc.mean, reference.mean) < 1e-6 and _rel(acc.m2, reference.m2) < 1e-4
 
 
 def test_accumulator_refuses_deviations_without_a_shift_and_wrong_shapes() -> None:

@@ -41,10 +41,9 @@ class NodePartials:
     stage whatever its worker count, and the driver pulls one partial from it. Created by the PartialRegistry,
     so owned by the fit, not by Ray Data's pool: the partial outlives the pool actors."""
 
-    def __init__(self, n_positions: int, n_features: int, dtype: str, threads: int) -> None:
+    def __init__(self, n_positions: int, n_features: int, threads: int) -> None:
         threadpool_limits(max(1, int(threads)), user_api="blas")  # the node's share, not all its cores
         self.acc: MomentAccumulator | None = MomentAccumulator(n_positions, n_features)
-        self.dtype = np.dtype(dtype)
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -69,9 +68,10 @@ class NodePartials:
         with self._lock:
             return dict(self.counts)
 
-    def chunk(self, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Positions [p0, p1) of the node's partial as (count, mean, m2), in the accumulation dtype."""
-        return self.acc.stats_chunk(p0, p1, self.dtype)
+    def chunk(self, p0: int, p1: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Positions [p0, p1) of the node's partial as accumulated: (count, shift, S1, S2 float32). The driver
+        turns them into statistics (moments.moments_to_stats): half the bytes of float64 statistics on the wire."""
+        return self.acc.raw_chunk(p0, p1)
 
     def drop(self) -> None:
         """Free the partial once the driver has merged it."""

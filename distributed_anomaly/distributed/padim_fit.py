@@ -20,10 +20,11 @@ ObjectID in every actor (nil task context at shutdown, Ray 2.60), so partials si
 Nothing is trusted blindly: every image must come back exactly once as a row naming the worker that folded
 it, and each node's partial must count exactly that many images of each of its workers, else the fit fails with
 a message (never a silently smaller fit). Memory: the driver holds the manifest, one row per image, one
-accumulator (P, C, C) and two chunks (<= CHUNK_BYTES each); a node holds its workers' backbones, one partial
-and a batch of embeddings per worker; Ray Data's object-store budget for decoded batches is capped
-(pool.object_store_budget) and decoding runs in the actors or in at most workers + 1 tasks. None of this grows with the
-number of images. See README.md, "Distributed PADIM fitting".
+accumulator (P, C, C), two raw chunks (float32 S2, half of CHUNK_BYTES each) and a conversion buffer (<=
+CHUNK_BYTES): a node ships its partial as accumulated and the driver converts it. A node holds its workers'
+backbones, one partial and a batch of embeddings per worker; Ray Data's object-store budget for decoded batches
+is capped (pool.object_store_budget) and decoding runs in the actors or in at most workers + 1 tasks. None of
+this grows with the number of images. See docs/distributed.md and docs/scaling.md.
 
 The pipeline itself (pool.py) is shared with scoring (scoring.py); models travel as payloads (payload.py).
 """
@@ -67,9 +68,11 @@ from distributed_anomaly.distributed.pool import (
 from distributed_anomaly.errors import ImageReadError, UserError
 from distributed_anomaly.frozen import TorchPatches, patch_blob, patch_runtime
 from distributed_anomaly.models.padim import Padim
+from distributed_anomaly.moments import moments_to_stats
 from distributed_anomaly.stats import GaussianStats
 
-# A partial moves in chunks of whole patch positions of at most this many bytes (m2 dominates).
+# A partial moves in chunks of whole patch positions whose float64 co-moment is at most this many bytes (the raw
+# float32 chunk on the wire is half of it).
 CHUNK_BYTES = 64 << 20
 
 
@@ -282,7 +285,7 @@ def fit_padim_ray(
     acc = engine.empty_stats(model)
     threads = default_threads(cpus_per_worker, threads_per_worker)
     dtype = str(acc.dtype).replace("torch.", "")
-    with partial_registry(NodePartials, model.n_positions, model.n_features, dtype, threads) as registry:
+    with partial_registry(NodePartials, model.n_positions, model.n_features, threads) as registry:
         udf, args = _pool_actor(model, registry, threads, runtime, precision)
         pool = (model.image_size, batch_size, workers, cpus_per_worker)
         decode_in_actors = fold_on_pool(tally, pool, udf, args, progress, decode_in_actors)
@@ -337,22 +340,34 @@ def _merge_node(store: Any, node: str, rows: dict[str, int], acc: GaussianStats,
             )
     n = sum(rows.values())
     bounds = chunk_bounds(acc.mean.shape[0], acc.mean.shape[1], acc.dtype)
+    buffer = GaussianStats.empty(bounds[0][1] - bounds[0][0], acc.mean.shape[1], acc.dtype) if total else None
     refs = [store.chunk.remote(p0, p1) for p0, p1 in bounds[:2]]
     for i, (p0, p1) in enumerate(bounds):
         try:
-            count, mean, m2 = ray.get(refs[i])
+            raw = ray.get(refs[i])  # (count, shift, S1, S2 float32)
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(f"the statistics of node {node} ({n} images) were lost: {exc}") from exc
         refs[i] = None  # release the chunk once merged
         if i + 2 < len(bounds):
             refs.append(store.chunk.remote(*bounds[i + 2]))
-        if count != n:
+        if raw[0] != n:
             raise RuntimeError(
-                f"the workers on node {node} reported {n} images but its statistics count {count}: "
+                f"the workers on node {node} reported {n} images but its statistics count {raw[0]}: "
                 "the fit is inconsistent"
             )
-        part = GaussianStats(count, torch.from_numpy(np.array(mean)), torch.from_numpy(np.array(m2)))
-        del mean, m2
-        # A view of the accumulator's positions [p0, p1): merge_ updates it in place.
-        GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1]).merge_(part)
+        _merge_chunk(acc, total, p0, p1, raw, buffer)
+        del raw
     return n
+
+
+def _merge_chunk(acc: GaussianStats, total: int, p0: int, p1: int, raw: tuple, buffer: GaussianStats | None) -> None:
+    """Positions [p0, p1) of a node's raw moments into `acc` (holding `total` images): the first partial is
+    converted straight into the accumulator, later ones into `buffer` (reused: no fresh memory per chunk) and
+    merged (Chan) into the accumulator's view of those positions."""
+    if total == 0:
+        moments_to_stats(*raw, out=(acc.mean[p0:p1].numpy(), acc.m2[p0:p1].numpy()))
+        return
+    k = p1 - p0
+    part = GaussianStats(raw[0], buffer.mean[:k], buffer.m2[:k])
+    moments_to_stats(*raw, out=(part.mean.numpy(), part.m2.numpy()))
+    GaussianStats(total, acc.mean[p0:p1], acc.m2[p0:p1]).merge_(part)
