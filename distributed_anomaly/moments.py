@@ -118,11 +118,6 @@ class MomentAccumulator:
         shift = self.shift if self.shift is not None else np.zeros(self.s1.shape, np.float32)
         return self.count, shift[p0:p1], self.s1[p0:p1], s2[p0:p1]
 
-    def stats_chunk(self, p0: int, p1: int, dtype=np.float64) -> tuple[int, np.ndarray, np.ndarray]:
-        """(count, mean (p1 - p0, C), M2 (p1 - p0, C, C)) of positions [p0, p1) in `dtype`, computed in float64."""
-        count, shift, s1, s2 = self.raw_chunk(p0, p1)
-        return (count, *moments_to_stats(count, shift, s1, s2, dtype))
-
 
 def moments_to_stats(
     count: int,
@@ -145,8 +140,8 @@ def moments_to_stats(
     block = np.empty((min(CONVERT_POSITIONS, len(offset)), *s2.shape[1:]), np.float64)
     for p0 in range(0, len(offset), CONVERT_POSITIONS):  # a block at a time, in cache: one pass over memory
         p1 = min(p0 + CONVERT_POSITIONS, len(offset))
-        out, o = block[: p1 - p0], offset[p0:p1]
-        np.multiply(o[:, :, None], o[:, None, :] * -count, out=out)
-        out += s2[p0:p1]
-        m2[p0:p1] = out
+        part, o = block[: p1 - p0], offset[p0:p1]
+        np.multiply(o[:, :, None], o[:, None, :] * -count, out=part)
+        part += s2[p0:p1]
+        m2[p0:p1] = part
     return mean, m2

@@ -131,17 +131,12 @@ class GaussianStats:
         return cls(int(state["count"]), state["mean"], state["m2"])
 
 
-def gaussian_from_moments(
-    acc: MomentAccumulator, dtype: torch.dtype = torch.float64, chunk_positions: int = 512
-) -> GaussianStats:
-    """All positions of a moments.MomentAccumulator as GaussianStats in `dtype`, converted a chunk at a time (no
-    second float64 copy of the co-moment)."""
+def gaussian_from_moments(acc: MomentAccumulator, dtype: torch.dtype = torch.float64) -> GaussianStats:
+    """All positions of a moments.MomentAccumulator as GaussianStats in `dtype`, converted in place into the
+    result's own memory (moments_to_stats works a cache-sized block at a time: no second copy of the co-moment)."""
     n_pos, c = acc.s1.shape
     out = GaussianStats.empty(n_pos, c, dtype)
-    mean, m2 = out.mean.numpy(), out.m2.numpy()  # views: converted in place
-    for p0 in range(0, n_pos, chunk_positions):
-        p1 = min(p0 + chunk_positions, n_pos)
-        moments_to_stats(*acc.raw_chunk(p0, p1), mean.dtype, out=(mean[p0:p1], m2[p0:p1]))
+    moments_to_stats(*acc.raw_chunk(0, n_pos), out=(out.mean.numpy(), out.m2.numpy()))
     out.count = acc.count
     return out
 

@@ -44,10 +44,25 @@ def test_accumulator_equals_a_float64_pass_for_any_batching() -> None:
         for size in sizes:
             acc.add_patches(x[start : start + size])
             start += size
-        stats = gaussian_from_moments(acc, chunk_positions=4)  # two chunks, one partial
+        stats = gaussian_from_moments(acc)
         assert stats.count == 301
         assert _rel(stats.mean, reference.mean) < 1e-6
         assert _rel(stats.covariance(), reference.covariance()) < 1e-4
+
+
+def test_moments_to_stats_equals_the_plain_formula_across_blocks() -> None:
+    """37 positions: two full conversion blocks and a partial one, into new arrays and into given ones."""
+    rng = np.random.default_rng(5)
+    count, shift = 11, rng.standard_normal((37, 5)).astype(np.float32)
+    s1, s2 = rng.standard_normal((37, 5)), rng.standard_normal((37, 5, 5)).astype(np.float32)
+    offset = s1 / count
+    want_m2 = s2.astype(np.float64) - count * offset[:, :, None] * offset[:, None, :]
+    mean, m2 = moments_to_stats(count, shift, s1, s2)
+    np.testing.assert_allclose(mean, shift + offset, rtol=1e-12)
+    np.testing.assert_allclose(m2, want_m2, rtol=1e-12, atol=1e-12)
+    out = (np.full((37, 5), np.nan), np.full((37, 5, 5), np.nan))
+    assert moments_to_stats(count, shift, s1, s2, out=out)[1] is out[1]
+    np.testing.assert_array_equal(out[1], m2)
 
 
 def test_accumulator_keeps_copies_of_deviations_in_a_reused_buffer() -> None:
@@ -79,7 +94,7 @@ def test_staged_deviations_fold_once_when_chunks_are_read_concurrently() -> None
 
         def read(p0: int, acc=acc, barrier=barrier) -> np.ndarray:
             barrier.wait()
-            return acc.stats_chunk(p0, p0 + 128)[2]
+            return moments_to_stats(*acc.raw_chunk(p0, p0 + 128))[1]  # a node's chunk, converted as the driver does
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             m2 = np.concatenate(list(pool.map(read, range(0, 512, 128))))
