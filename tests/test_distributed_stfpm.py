@@ -27,7 +27,7 @@ from distributed_anomaly import engine, rundir
 from distributed_anomaly.config import ModelConfig, TrainConfig
 from distributed_anomaly.data.loader import load_batch
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
-from distributed_anomaly.distributed import stfpm_train
+from distributed_anomaly.distributed import shards, stfpm_train
 from distributed_anomaly.distributed.checkpoints import load_state
 from distributed_anomaly.distributed.faults import Fault, FaultPlan
 from distributed_anomaly.distributed.stfpm_train import train_stfpm_ray
@@ -51,6 +51,50 @@ def _local_run(tcfg: TrainConfig, fit, val, storage: Path, run_name: str, **opti
     """A new run in Ray Train's local mode (workers=0: the loop in this process), checkpoints in STORAGE/RUN_NAME."""
     options.update(storage=str(storage), run_name=run_name, resume_from=None, progress=False)
     return train_stfpm_ray(CFG, tcfg, fit, val, workers=0, **options)
+
+
+def test_epoch_order_is_a_seeded_permutation_cut_into_blocks() -> None:
+    """shards.shuffled_blocks: the blocks of one execution put together are every image once, in the order
+    epoch_order gives for (seed, execution); another execution or seed gives another order, the same ones the
+    same order."""
+    from ray.data import DataContext
+
+    paths = [f"img_{i:02d}.png" for i in range(11)]
+    ctx = DataContext.get_current()
+    saved = ctx._execution_idx
+    try:
+        orders = []
+        for execution in (0, 1, 0):
+            ctx._execution_idx = execution
+            rows = [shards.shuffled_blocks({"block": [b]}, paths, seed=3, block_size=4) for b in range(3)]
+            assert [len(r["idx"]) for r in rows] == [4, 4, 3]
+            idx = [int(i) for r in rows for i in r["idx"]]
+            assert sorted(idx) == list(range(11))
+            assert [p for r in rows for p in r["path"]] == [paths[i] for i in idx]
+            assert idx == shards.epoch_order(11, 3, execution).tolist()
+            orders.append(idx)
+        assert orders[0] == orders[2] and orders[0] != orders[1]
+        assert shards.epoch_order(11, 4, 0).tolist() != orders[0]
+        both = shards.shuffled_blocks({"block": [2, 0]}, paths, seed=3, block_size=4)  # a batch of two blocks
+        assert both["idx"].tolist() == orders[0][8:] + orders[0][:4]
+    finally:
+        ctx._execution_idx = saved
+
+
+def test_training_pipeline_reshuffles_every_epoch_and_keeps_every_image(ray_local, normal_images) -> None:
+    """stfpm_train's training dataset, executed three times as Ray Train does once per epoch: each epoch holds
+    every image once, the epochs' orders differ, and the same seed gives the same orders again."""
+    fit = normal_images[:10]
+
+    def epochs(seed: int) -> list[list[int]]:
+        ds = stfpm_train._datasets(fit, [], 32, per_worker=4, seed=seed, decode_tasks=1)["train"]
+        return [[int(i) for b in ds.iter_batches(batch_size=None) for i in b["idx"]] for _ in range(3)]
+
+    first = epochs(0)
+    assert all(sorted(order) == list(range(10)) for order in first)
+    assert len({tuple(order) for order in first}) == 3
+    assert first == [shards.epoch_order(10, 0, e).tolist() for e in range(3)]
+    assert epochs(0) == first and epochs(1) != first
 
 
 def test_local_mode_step_equals_the_in_process_step(ray_local, normal_images, tmp_path):

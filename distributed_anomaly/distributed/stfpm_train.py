@@ -1,7 +1,7 @@
 """STFPM data-parallel training on Ray Train (V2): DDP student, frozen teacher, fault tolerant, resumable.
 
-    driver: manifest (paths) --Ray Data--> [seeded per-epoch shuffle of the paths] --> [decode tasks:
-            data.images.decode_batch] --streaming_split(W, equal=False)-->
+    driver: manifest (paths) --Ray Data--> [each block: its share of the epoch's seeded permutation, shards.py]
+            --> [decode tasks: data.images.decode_batch] --streaming_split(W, equal=False)-->
     rank r: stfpm_worker.train_loop_per_worker(StfpmLoopConfig)
             ray.train.get_dataset_shard("train") -> stfpm_steps.run_epoch (engine.stfpm_epoch, DDP student)
             ray.train.get_dataset_shard("val")   -> engine.stfpm_val_loss -> all-reduced -> early stopping
@@ -47,7 +47,6 @@ from typing import Any
 
 import ray
 import torch
-from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
@@ -62,7 +61,7 @@ from distributed_anomaly.distributed.checkpoints import LocalStore, best_state, 
 from distributed_anomaly.distributed.cpus import STFPM_DECODE_CPUS, stfpm_decode_tasks
 from distributed_anomaly.distributed.payload import model_payload
 from distributed_anomaly.distributed.pool import check_cluster_cpus
-from distributed_anomaly.distributed.shards import NoDropDataConfig
+from distributed_anomaly.distributed.shards import NoDropDataConfig, shuffled_blocks
 from distributed_anomaly.distributed.stfpm_steps import BATCH_NORM_MODES
 from distributed_anomaly.distributed.stfpm_worker import StfpmLoopConfig, train_loop_per_worker
 from distributed_anomaly.errors import UserError
@@ -84,13 +83,22 @@ def _datasets(
     """Ray Data pipelines of decoded images: training paths reshuffled every epoch (seeded), validation in order."""
 
     def build(records: Sequence[Record], shuffle: bool) -> ray.data.Dataset:
-        items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_worker)))
+        n_blocks = max(1, math.ceil(len(records) / per_worker))
         if shuffle:
-            # Only paths are shuffled (an all-to-all over a few bytes per image); decoding streams after it.
-            ds = ds.random_shuffle(
-                seed=RandomSeedConfig(seed=seed, reseed_after_execution=True), num_cpus=STFPM_DECODE_CPUS
+            # Each block takes its share of the epoch's seeded permutation (shards.shuffled_blocks): a new order
+            # every epoch with no all-to-all exchange; decoding streams after it.
+            blocks = ray.data.from_items([{"block": b} for b in range(n_blocks)], override_num_blocks=n_blocks)
+            ds = blocks.map_batches(
+                shuffled_blocks,
+                fn_kwargs={"paths": [r.path for r in records], "seed": seed, "block_size": per_worker},
+                batch_size=None,
+                batch_format="numpy",
+                num_cpus=STFPM_DECODE_CPUS,
+                concurrency=decode_tasks,  # as the decode tasks: Ray Data fuses the two into one task per block
             )
+        else:
+            items = [{"idx": i, "path": r.path} for i, r in enumerate(records)]
+            ds = ray.data.from_items(items, override_num_blocks=n_blocks)
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"image_size": image_size},
