@@ -18,12 +18,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CHILD = r"""
 import json, math, sys, time
 import psutil, ray
 from distributed_anomaly.data.decode import decode_batch
-from distributed_anomaly.data.demo import generate
 from distributed_anomaly.data.mvtec import load_dataset, records_of_split
 from distributed_anomaly.distributed import ensure_ray, stfpm_train
 from distributed_anomaly.distributed.cpus import STFPM_DECODE_CPUS
@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of both ways, in turns")
     ap.add_argument("--work", default="/tmp/distributed_anomaly_bench/stfpm_epoch_data")
     a = ap.parse_args(argv)
-    from pathlib import Path
-
     from distributed_anomaly.data.demo import generate
 
     root = Path(a.work) / f"demo_{a.images}"

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from ray.data import DataContext
+from ray.data import DataContext, RandomSeedConfig
 from ray.train import DataConfig
 
 
@@ -63,13 +63,13 @@ def epoch_order(n: int, seed: int, execution: int) -> np.ndarray:
 
 
 def execution_index() -> int:
-    """Which execution of its dataset the calling Ray Data task belongs to (one per epoch of training). Ray Data
-    counts executions in the DataContext it ships with every task; its own `random_shuffle(seed=
-    RandomSeedConfig(reseed_after_execution=True))` reseeds from the same counter."""
-    try:
-        return int(DataContext.get_current()._execution_idx)
-    except AttributeError as exc:  # a Ray Data that counts no executions: refuse rather than repeat one order
-        raise RuntimeError("Ray Data's DataContext has no execution index: cannot reshuffle every epoch") from exc
+    """Which execution of its dataset the calling Ray Data task belongs to (one per epoch of training), as Ray
+    Data's own reseeding reads it (`RandomSeedConfig(reseed_after_execution=True)`, what its `random_shuffle`
+    uses): Ray Data counts executions in the DataContext it ships with every task."""
+    seeded = RandomSeedConfig(seed=0, reseed_after_execution=True).get_seed_tuple(
+        data_context=DataContext.get_current()
+    )
+    return int(seeded.execution_idx)
 
 
 def shuffled_blocks(
