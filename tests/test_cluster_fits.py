@@ -1,7 +1,7 @@
 """Fits on a real two-node Ray cluster (the session's `two_nodes`: `ray start` nodes with token authentication,
 3 logical CPUs each), each driven from a subprocess as a user's driver would be, with 2 CPUs per worker so that
 each node holds one pool actor and both must work: PADIM's statistics equal the in-process fit's; PatchCore's
-bank from 2 workers on the two nodes agrees with the bank of 1 Ray worker. (Beside
+bank from 2 workers on the two nodes agrees with the in-process fit's. (Beside
 test_cluster_e2e.py, so the cluster's tests run one after the other and the cluster stops after them.)"""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fits import RTOL, rel_err, tiny_padim
 
 from distributed_anomaly import engine, metrics, rundir
 from distributed_anomaly.data.dataset import load_dataset
-from distributed_anomaly.data.mvtec import records_of_split
+from distributed_anomaly.data.mvtec import records_of_split, split_train_val
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
@@ -52,14 +52,15 @@ PATCHCORE_DRIVER = textwrap.dedent("""
     import numpy as np, ray
     from distributed_anomaly import rundir
     from distributed_anomaly.data.dataset import load_dataset
-    from distributed_anomaly.data.mvtec import records_of_split
+    from distributed_anomaly.data.mvtec import split_train_val
     from distributed_anomaly.distributed import ensure_ray
     from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
 
     address, run, data, out = sys.argv[1:5]
     ensure_ray(address)
+    cfg, tcfg, _ = rundir.load_config(run)
     _, model, _ = rundir.load_model(run)
-    train = records_of_split(load_dataset(data), "train")
+    train, _ = split_train_val(load_dataset(data), tcfg.val_fraction, cfg.seed)  # the images the run fit on
     result, info = fit_patchcore_ray(model, train, batch_size=4, workers=2, cpus_per_worker=2,
                                      threads_per_worker=1, progress=False)
     np.save(out + "/bank.npy", result.bank.numpy())
@@ -101,33 +102,39 @@ def test_padim_fit_on_two_nodes_equals_in_process(two_nodes, demo_category: Path
     assert rel_err(m2 / (len(train) - 1), ref.covariance()) < RTOL
 
 
-def test_patchcore_banks_of_one_ray_worker_and_of_two_across_nodes_agree(
-    ray_local, two_nodes, patchcore_run: Path, demo_category: Path, tmp_path: Path
+def test_patchcore_bank_of_two_workers_across_nodes_agrees_with_the_in_process_fit(
+    two_nodes, patchcore_run: Path, demo_category: Path, tmp_path: Path
 ) -> None:
-    """Shard coresets merged by the driver: 1 worker on this session's Ray, 2 workers across the cluster's two
-    nodes. The demo's patches fit in one chunk, so both are the exact greedy coreset, the same set for any number
-    of workers (the streaming reduction of shards: test_patchcore.py, in process): float near-ties aside, the
-    banks agree and score alike (image AUROC within 0.005). How the test split is then scored on Ray Data:
+    """Shard coresets merged by the driver: 2 workers across the cluster's two nodes, against the bank the
+    in-process fit (`train`, the session's `patchcore_run`) kept. The demo's patches fit in one chunk, so both are
+    the exact greedy coreset, the same set for any number of workers (the streaming reduction of shards:
+    test_patchcore.py, in process): float near-ties aside, the banks agree and score alike (image AUROC within
+    0.005). How the test split is then scored on Ray Data:
     test_patchcore.py::test_ray_scoring_actor_gives_the_in_process_maps."""
-    from distributed_anomaly.distributed.patchcore_fit import fit_patchcore_ray
-
     _, model, _ = rundir.load_model(patchcore_run)
+    cfg, tcfg, run_info = rundir.load_config(patchcore_run)
     records = load_dataset(demo_category)
-    train, test = records_of_split(records, "train"), records_of_split(records, "test")
+    train, test = split_train_val(records, tcfg.val_fraction, cfg.seed)[0], records_of_split(records, "test")
     labels = np.array([r.label for r in test], dtype=bool)
-    result, one = fit_patchcore_ray(model, train, batch_size=4, workers=1, progress=False)
-    one.update(exact=result.exact, patches=result.patches)
-    two = _drive(PATCHCORE_DRIVER, two_nodes, patchcore_run, demo_category, tmp_path)
-    banks = {1: result.bank, 2: torch.from_numpy(np.load(tmp_path / "bank.npy"))}
+    info = _drive(PATCHCORE_DRIVER, two_nodes, patchcore_run, demo_category, tmp_path)
+    assert info["decode_in_actors"]  # as PADIM's, on nodes of few CPUs
+    assert info["patches"] == run_info["coreset"]["patches"] == len(train) * model.n_positions
+    assert info["images"] == len(train) and info["exact"] and run_info["coreset"]["exact"]
+    banks = {"in process": model.memory_bank.clone(), "2 workers": torch.from_numpy(np.load(tmp_path / "bank.npy"))}
+    assert (
+        banks["2 workers"].shape
+        == banks["in process"].shape
+        == (
+            math.ceil(model.coreset_ratio * info["patches"]),
+            model.n_features,
+        )
+    )
+    assert info["coreset"]["bank_size"] == run_info["coreset"]["bank_size"] == banks["2 workers"].shape[0]
     auroc = {}
-    for workers, info in ((1, one), (2, two)):
-        assert len(info["workers"]) == workers and info["decode_in_actors"]  # as PADIM's, on nodes of few CPUs
-        assert info["patches"] == len(train) * model.n_positions and info["images"] == len(train) and info["exact"]
-        assert banks[workers].shape == (math.ceil(model.coreset_ratio * info["patches"]), model.n_features)
-        assert info["coreset"]["bank_size"] == banks[workers].shape[0]
-        model.set_bank(banks[workers])
+    for name, bank in banks.items():
+        model.set_bank(bank)
         maps = engine.anomaly_maps(model, test, model.image_size, 8, progress=False, runtime="torch")
-        auroc[workers] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
-    assert abs(auroc[1] - auroc[2]) <= 0.005, auroc
-    rows = {tuple(row) for row in banks[1].tolist()}
-    assert len(rows & {tuple(row) for row in banks[2].tolist()}) >= 0.95 * len(rows)  # the same set, near-ties aside
+        auroc[name] = metrics.auroc(maps.reshape(len(maps), -1).max(1), labels)
+    assert abs(auroc["in process"] - auroc["2 workers"]) <= 0.005, auroc
+    rows = {tuple(row) for row in banks["in process"].tolist()}
+    assert len(rows & {tuple(row) for row in banks["2 workers"].tolist()}) >= 0.95 * len(rows)  # near-ties aside
