@@ -13,7 +13,6 @@
 
 Markers (pyproject.toml): `ray`, `cluster`, `browser`, `slow`. The fast lane for development leaves them out:
     python -m pytest -q -m "not (ray or cluster or browser or slow)"
-The whole suite (CI): bash tests/run_suite.sh, the Ray lane and, beside it at low priority, the tests without Ray.
 """
 
 from __future__ import annotations
@@ -61,10 +60,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in used and marker not in {m.name for m in item.iter_markers()}:
                 item.add_marker(marker)
-    # The two-node cluster's tests last (in collection order among themselves): tests/run_suite.sh runs the tests
-    # without Ray beside the Ray lane, which is usually done by then, and the cluster's Ray job is the test a busy
-    # CPU slows most (69 -> 101 s measured with the fast lane beside it).
-    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
 # Session services stopped as soon as no later test needs them (their idle processes would hold memory and some
