@@ -121,14 +121,8 @@ def test_patchcore_bank_of_two_workers_across_nodes_agrees_with_the_in_process_f
     assert info["patches"] == run_info["coreset"]["patches"] == len(train) * model.n_positions
     assert info["images"] == len(train) and info["exact"] and run_info["coreset"]["exact"]
     banks = {"in process": model.memory_bank.clone(), "2 workers": torch.from_numpy(np.load(tmp_path / "bank.npy"))}
-    assert (
-        banks["2 workers"].shape
-        == banks["in process"].shape
-        == (
-            math.ceil(model.coreset_ratio * info["patches"]),
-            model.n_features,
-        )
-    )
+    expected = (math.ceil(model.coreset_ratio * info["patches"]), model.n_features)
+    assert banks["2 workers"].shape == banks["in process"].shape == expected
     assert info["coreset"]["bank_size"] == run_info["coreset"]["bank_size"] == banks["2 workers"].shape[0]
     auroc = {}
     for name, bank in banks.items():
