@@ -15,8 +15,8 @@ images) and takes its block's share, so no data moves and the order is the same 
 uniform permutation of all the images, a new one every epoch). Run with the decode tasks' concurrency, Ray Data
 fuses it with decoding (its plan: MapBatches(shuffled_blocks)->MapBatches(decode_batch), one task per block).
 On a local Ray that had not run it yet, three epochs of 24 images went from 5.4-7.6 s
-(10-14 CPU-seconds, 7 task processes started) to 2.3-2.7 s (4-5 CPU-seconds, 2 started); on a warm one from
-0.8-1.2 to 0.5-0.6 s (bench/stfpm_epoch_data.py, bench/results/stfpm_epoch_data.txt).
+(10.1-14.0 CPU-seconds, 11 Ray processes afterwards) to 2.3-2.7 s (3.8-4.6 CPU-seconds, 6 processes); on a warm
+one from 0.8-1.2 to 0.5-0.6 s (bench/stfpm_epoch_data.py, bench/results/stfpm_epoch_data.txt).
 The price: every decode task process holds the list of paths (about 100 bytes an image, 100 MB at a million)
 and draws the permutation once per epoch (cached per process).
 """
