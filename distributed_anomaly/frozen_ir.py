@@ -51,12 +51,18 @@ def read_blob(blob: dict[str, Any]):
 
 
 def compile_frozen(model, threads: int, precision: str, hints: dict):
-    """A frozen network (ov.Model or IR path) compiled for the CPU at `precision` with `threads` threads."""
+    """A frozen network (ov.Model or IR path) compiled for the CPU at `precision` with `threads` threads, its
+    threads not pinned to cores. OpenVINO pins them by default, as if its process owned the machine: the two
+    pool actors of a Ray fit on a 2-core node then both pinned their one inference thread to core 0 and shared it
+    (seen with `taskset -p` on their threads), as two Ray Train workers' teachers would. Unpinned, the OS spreads
+    them: the Ray fit's steady rate 72.5-75.5 -> 87.6-96.2 images/s, in-process unchanged
+    (bench/results/padim_fit_unpinned_ab.txt). The exported model's inferencer does the same (inference.py)."""
     import openvino as ov
 
     config = {
         "INFERENCE_PRECISION_HINT": check_precision(precision),
         "INFERENCE_NUM_THREADS": max(1, int(threads)),
+        "ENABLE_CPU_PINNING": False,
         **hints,
     }
     return ov.Core().compile_model(model, "CPU", config)

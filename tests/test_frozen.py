@@ -195,6 +195,15 @@ def test_openvino_patches_equal_torch_patches(small_model: Padim) -> None:
     assert _rel(torch.cat(streamed), dev_t) < 1e-4
 
 
+def test_frozen_networks_leave_their_threads_unpinned(small_model: Padim) -> None:
+    """Several processes on a node run a frozen network (a Ray fit's pool actors, Ray Train workers' teachers):
+    OpenVINO's default pinning put all of them on the same core."""
+    patches = frozen.OpenVinoPatches(small_model, threads=1).compiled.compiled
+    teacher = frozen.OpenVinoTeacher(small_model, threads=1).compiled.compiled
+    assert patches.get_property("ENABLE_CPU_PINNING") is False
+    assert teacher.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_openvino_runs_large_batches_in_sub_batches(small_model: Padim, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch larger than SUB_BATCH runs a few images per OpenVINO call (the network's buffers stay small): the
     same deviations and sum as in one call; a stream yields the chunks in order."""
