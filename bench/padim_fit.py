@@ -4,12 +4,14 @@
     .venv/bin/python bench/padim_fit.py --n 200 --workers 1,2,4 --num-cpus 8
     .venv/bin/python bench/padim_fit.py --n 250 --workers 2 --decode actors,tasks   # where the Ray fit decodes
 
-Each configuration runs in a fresh subprocess, so memory figures do not mix. Peak memory is sampled every
-0.5 s over the process and all its descendants (for Ray: the driver plus the local cluster it started --
-gcs, raylet, agents, pool actors, statistics actors, decode workers): the sum of RSS (counts shared
-object-store pages once per process that maps them) and the sum of PSS (shared pages split between the
-processes: the honest total). "delta" is the peak minus the same sum just before the fit call (for Ray:
-the idle cluster). Throughput: images / seconds of the fit call ("e2e": includes Ray Data start-up,
+Each configuration runs twice, each time in a fresh subprocess: once for speed, once for memory. The speed
+pass samples nothing: one sample of a Ray fit's ~12 processes cost the driver ~0.085 CPU-s (~14 % of a core
+at one sample per 0.5 s), one of the in-process fit 0.013 CPU-s, so sampling slowed the Ray rows more. The
+memory pass samples peak memory every 0.5 s over the process and all its descendants (for Ray: the driver plus
+the local cluster it started -- gcs, raylet, agents, pool actors, statistics actors, decode workers): the sum
+of RSS (counts shared object-store pages once per process that maps them) and the sum of PSS (shared pages
+split between the processes: the honest total). "delta" is the peak minus the same sum just before the fit
+call (for Ray: the idle cluster). Throughput: images / seconds of the fit call ("e2e": includes Ray Data start-up,
 actor start and model load in the actors) and, for Ray, the steady rate after the first batch is out and the
 start-up (the call until the first batch is out, on a running cluster). "torch" says whether any pool actor
 loaded torch (the OpenVINO actors should not: distributed/node_fit.py). Speeds are only comparable within one
@@ -98,14 +100,15 @@ def run_one(args: argparse.Namespace) -> dict:
     records = sorted(records_of_split(load_category(args.data), "train"), key=lambda r: r.path)[: args.images]
     model, backbone = build_model(args.image_size)
     result = {"mode": args.one, "images": len(records), "workers": args.workers, "backbone": backbone}
+    sampler = PeakSampler() if args.memory else None
     if args.one == "inproc":
         base = tree_memory(psutil.Process())
-        sampler = PeakSampler()
-        sampler.start()
+        if sampler:
+            sampler.start()
         t = time.perf_counter()
         stats = engine.fit_padim(model, records, args.batch_size, progress=False)
         seconds = time.perf_counter() - t
-        peak = sampler.finish()
+        peak = sampler.finish() if sampler else (0, 0)
         result.update(count=stats.count, seconds=seconds, images_per_s=len(records) / seconds, steady=None)
     else:
         import ray
@@ -115,8 +118,8 @@ def run_one(args: argparse.Namespace) -> dict:
         ensure_ray(None, args.num_cpus)
         time.sleep(2)  # let the idle cluster settle before taking its baseline
         base = tree_memory(psutil.Process())
-        sampler = PeakSampler()
-        sampler.start()
+        if sampler:
+            sampler.start()
         stats, info = fit_padim_ray(
             model,
             records,
@@ -126,7 +129,7 @@ def run_one(args: argparse.Namespace) -> dict:
             threads_per_worker=max(1, args.threads // args.workers),
             decode_in_actors={"actors": True, "tasks": False, "auto": None}[args.decode],
         )
-        peak = sampler.finish()
+        peak = sampler.finish() if sampler else (0, 0)
         result.update(
             count=stats.count,
             seconds=info["seconds"],
@@ -158,6 +161,7 @@ def main() -> int:
     ap.add_argument("--data", default="/tmp/distributed_anomaly_bench", help="where the demo images are generated")
     ap.add_argument("--one", choices=["inproc", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--images", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         args.workers = int(args.workers)
@@ -208,12 +212,16 @@ def main() -> int:
                 "--decode",
                 decode if mode == "ray" else "auto",
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
+            passes = {}
+            for name, extra in (("speed", []), ("memory", ["--memory"])):
+                out = subprocess.run(cmd + extra, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    return 1
+                passes[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            memory_keys = ("peak_rss", "peak_pss", "delta_pss", "base_pss")
+            r = {**passes["speed"], **{k: passes["memory"][k] for k in memory_keys}}
+            rows.append(r)
             r["decode_asked"] = decode
             print(f"  {mode} w={workers} {decode} n={images}: {r['images_per_s']:.1f} images/s", file=sys.stderr)
     mib = 1 << 20

@@ -56,7 +56,8 @@ def compile_frozen(model, threads: int, precision: str, hints: dict):
     pool actors of a Ray fit on a 2-core node then both pinned their one inference thread to core 0 and shared it
     (seen with `taskset -p` on their threads), as two Ray Train workers' teachers would. Unpinned, the OS spreads
     them: the Ray fit's steady rate 72.5-75.5 -> 87.6-96.2 images/s, in-process unchanged
-    (bench/results/padim_fit_unpinned_ab.txt). The exported model's inferencer does the same (inference.py)."""
+    (bench/results/padim_fit_unpinned_ab.txt); a 2-worker STFPM epoch 2.09-2.36 -> 1.77-1.86 s
+    (stfpm_unpinned_ab.txt). The exported model's inferencer does the same (inference.py)."""
     import openvino as ov
 
     config = {
