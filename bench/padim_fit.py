@@ -140,7 +140,8 @@ def run_one(args: argparse.Namespace) -> dict:
             torch_in_actors=any(w["torch_loaded"] for w in info["workers"]),
         )
         ray.shutdown()
-    result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
+    if sampler:  # the memory pass only: the speed pass reports no memory
+        result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
     return result
 
 
