@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from distributed_anomaly import frozen, rundir, torch_runner  # noqa: E402
 from distributed_anomaly.export import export_run  # noqa: E402
+from distributed_anomaly.frozen_ir import compile_frozen  # noqa: E402
 from distributed_anomaly.inference import OpenVINOInferencer  # noqa: E402
 
 CATEGORY = "washer"
@@ -82,12 +83,9 @@ class BackboneOnly:
     against this (issue 17: the PADIM IR >= 0.7x its backbone-only throughput at batch 8)."""
 
     def __init__(self, run: Path, threads: int) -> None:
-        import openvino as ov
-
         _, module, _ = rundir.load_model(run)
-        # As OpenVINOInferencer compiles the IRs (threads unpinned), so the two differ only in the graph.
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
-        self.request = ov.Core().compile_model(frozen.taps_model_path(module), "CPU", config).create_infer_request()
+        # Compiled as OpenVINOInferencer compiles the IRs (f32, threads unpinned), so the two differ only in the graph.
+        self.request = compile_frozen(frozen.taps_model_path(module), threads, "f32", {}).create_infer_request()
 
     def raw_maps(self, x: torch.Tensor) -> None:
         self.request.infer({0: x.numpy()})

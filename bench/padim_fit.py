@@ -24,12 +24,14 @@ with pretrained weights if cached (`distributed-anomaly weights`), else a seeded
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -89,6 +91,23 @@ def build_model(image_size: int):
     return Padim("resnet18", image_size=image_size, pretrained=False, seed=0), "resnet18 (random, seed 0)"
 
 
+@contextlib.contextmanager
+def peak_memory(result: dict, enabled: bool) -> Iterator[None]:
+    """In the memory pass, the peak of this process tree over the block, and its baseline before, into `result`;
+    in the speed pass nothing (sampling costs the Ray rows more CPU than the in-process ones)."""
+    if not enabled:
+        yield
+        return
+    base = tree_memory(psutil.Process())
+    sampler = PeakSampler()
+    sampler.start()
+    try:
+        yield
+    finally:
+        rss, pss = sampler.finish()
+    result.update(peak_rss=rss, peak_pss=pss, delta_pss=pss - base[1], base_pss=base[1])
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration, in this (fresh) process; returns the measurements."""
     import torch
@@ -100,15 +119,11 @@ def run_one(args: argparse.Namespace) -> dict:
     records = sorted(records_of_split(load_category(args.data), "train"), key=lambda r: r.path)[: args.images]
     model, backbone = build_model(args.image_size)
     result = {"mode": args.one, "images": len(records), "workers": args.workers, "backbone": backbone}
-    sampler = PeakSampler() if args.memory else None
     if args.one == "inproc":
-        base = tree_memory(psutil.Process())
-        if sampler:
-            sampler.start()
-        t = time.perf_counter()
-        stats = engine.fit_padim(model, records, args.batch_size, progress=False)
-        seconds = time.perf_counter() - t
-        peak = sampler.finish() if sampler else (0, 0)
+        with peak_memory(result, args.memory):
+            t = time.perf_counter()
+            stats = engine.fit_padim(model, records, args.batch_size, progress=False)
+            seconds = time.perf_counter() - t
         result.update(count=stats.count, seconds=seconds, images_per_s=len(records) / seconds, steady=None)
     else:
         import ray
@@ -117,19 +132,16 @@ def run_one(args: argparse.Namespace) -> dict:
 
         ensure_ray(None, args.num_cpus)
         time.sleep(2)  # let the idle cluster settle before taking its baseline
-        base = tree_memory(psutil.Process())
-        if sampler:
-            sampler.start()
-        stats, info = fit_padim_ray(
-            model,
-            records,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            progress=False,
-            threads_per_worker=max(1, args.threads // args.workers),
-            decode_in_actors={"actors": True, "tasks": False, "auto": None}[args.decode],
-        )
-        peak = sampler.finish() if sampler else (0, 0)
+        with peak_memory(result, args.memory):
+            stats, info = fit_padim_ray(
+                model,
+                records,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                progress=False,
+                threads_per_worker=max(1, args.threads // args.workers),
+                decode_in_actors={"actors": True, "tasks": False, "auto": None}[args.decode],
+            )
         result.update(
             count=stats.count,
             seconds=info["seconds"],
@@ -140,8 +152,6 @@ def run_one(args: argparse.Namespace) -> dict:
             torch_in_actors=any(w["torch_loaded"] for w in info["workers"]),
         )
         ray.shutdown()
-    if sampler:  # the memory pass only: the speed pass reports no memory
-        result.update(peak_rss=peak[0], peak_pss=peak[1], delta_pss=peak[1] - base[1], base_pss=base[1])
     return result
 
 

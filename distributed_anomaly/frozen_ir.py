@@ -21,6 +21,13 @@ import numpy as np
 FROZEN_PRECISIONS = ("f32", "bf16")
 
 
+# OpenVINO pins its CPU threads to cores by default, as if its process owned the machine. Ours share nodes: two
+# Ray pool actors on a 2-core node both pinned their inference thread to core 0 (`taskset -p`), and two 1-thread
+# Serve replicas ran 29 instead of 58 images/s each (bench/openvino_pinning.py); unpinned, the OS spreads them
+# (docs/benchmarks.md). Every CPU compile of ours uses it: the frozen networks here, the exported model's inferencer.
+UNPINNED = {"ENABLE_CPU_PINNING": False}
+
+
 def check_precision(precision: str) -> str:
     if precision not in FROZEN_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(FROZEN_PRECISIONS)}")
@@ -51,19 +58,14 @@ def read_blob(blob: dict[str, Any]):
 
 
 def compile_frozen(model, threads: int, precision: str, hints: dict):
-    """A frozen network (ov.Model or IR path) compiled for the CPU at `precision` with `threads` threads, its
-    threads not pinned to cores. OpenVINO pins them by default, as if its process owned the machine: the two
-    pool actors of a Ray fit on a 2-core node then both pinned their one inference thread to core 0 and shared it
-    (seen with `taskset -p` on their threads), as two Ray Train workers' teachers would. Unpinned, the OS spreads
-    them: the Ray fit's steady rate 72.5-75.5 -> 87.6-96.2 images/s, in-process unchanged
-    (bench/results/padim_fit_unpinned_ab.txt); a 2-worker STFPM epoch 2.09-2.36 -> 1.77-1.86 s
-    (stfpm_unpinned_ab.txt). The exported model's inferencer does the same (inference.py)."""
+    """A frozen network (ov.Model or IR path) compiled for the CPU at `precision` with `threads` threads, not
+    pinned to cores (UNPINNED)."""
     import openvino as ov
 
     config = {
         "INFERENCE_PRECISION_HINT": check_precision(precision),
         "INFERENCE_NUM_THREADS": max(1, int(threads)),
-        "ENABLE_CPU_PINNING": False,
+        **UNPINNED,
         **hints,
     }
     return ov.Core().compile_model(model, "CPU", config)

@@ -25,7 +25,7 @@ import numpy as np
 from distributed_anomaly.data.sizes import as_hw, canonical
 from distributed_anomaly.errors import RunDirError, UserError
 from distributed_anomaly.fileio import read_json
-from distributed_anomaly.frozen_ir import compiled_precision
+from distributed_anomaly.frozen_ir import UNPINNED, compiled_precision
 from distributed_anomaly.irformat import (
     BIN,
     INPUT_NAME,
@@ -89,11 +89,7 @@ class OpenVINOInferencer:
         if device.split(".")[0] in ("CPU", "GPU"):
             props["INFERENCE_PRECISION_HINT"] = precision or inference_precision(self.metadata)
         if device.split(".")[0] == "CPU":
-            # OpenVINO pins its threads to cores by default, as if it owned the machine: two processes on one
-            # node (two Serve replicas, a replica and a Ray worker) then pin to the same cores and each runs at
-            # half speed (bench/openvino_pinning.py: 2 x 1 thread on 2 cores, 29 vs 58 img/s each). The OS
-            # scheduler spreads unpinned threads.
-            props["ENABLE_CPU_PINNING"] = False
+            props.update(UNPINNED)  # several processes share a node (frozen_ir.UNPINNED)
         if num_threads is not None:
             props["INFERENCE_NUM_THREADS"] = int(num_threads)
         props.update(config or {})
